@@ -1,0 +1,24 @@
+# `make run` and `make test` do all set-up on a fresh Debian/Ubuntu machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := docker.io docker-registry skopeo containerd
+
+.PHONY: run test venv system-packages
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: venv
+	$(VENV)/bin/cargohold serve $(if $(CONFIG),--config $(CONFIG))
+
+system-packages:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+	fi
+
+test: system-packages venv
+	$(PY) -m pytest tests/unit -q

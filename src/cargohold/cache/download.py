@@ -1,0 +1,193 @@
+"""Blob downloads that many readers follow while they are written.
+
+One `Download` per digest at a time: the upstream body goes to a temp file (write and hash run in
+a worker thread), readers read the same file through a shared descriptor at their own pace, and
+the file is renamed into the store only after its size and digest check out. The last byte is
+held back from readers until then, so no client ever receives a complete body of bad content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+
+from cargohold.cache.index import Index
+from cargohold.cache.store import BlobStore
+from cargohold.digests import Digest
+from cargohold.errors import UpstreamInvalid
+
+log = logging.getLogger("cargohold.cache")
+
+CHUNK = 1 << 20
+Opener = Callable[[], Awaitable[aiohttp.ClientResponse]]
+
+
+class DownloadFailed(Exception):
+    """The download a reader was following failed; its client gets a cut connection."""
+
+
+class Download:
+    """One upstream fetch of one blob into a temp file, readable while it grows."""
+
+    def __init__(self, digest: Digest, store: BlobStore, index: Index) -> None:
+        self.digest = digest
+        self.size: int | None = None
+        self.written = 0
+        self.verified = False
+        self.error: BaseException | None = None
+        self.finished = False
+        self._store = store
+        self._index = index
+        self._fd, self.temp = store.new_temp()
+        self._read_fd = os.open(self.temp, os.O_RDONLY)
+        self._readers = 0
+        self._progress = asyncio.Event()
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def run(self, open_upstream: Opener) -> None:
+        """Fetch, write, verify, commit. Runs as its own task: no client can cancel it."""
+        loop = asyncio.get_running_loop()
+        hasher = self.digest.hasher()
+        response: aiohttp.ClientResponse | None = None
+        try:
+            response = await open_upstream()
+            self.size = response.content_length
+            self.ready.set_result(None)
+            async for chunk in response.content.iter_chunked(CHUNK):
+                await loop.run_in_executor(None, self._write, chunk, hasher)
+                self.written += len(chunk)
+                self._notify()
+            if self.size is not None and self.written != self.size:
+                raise UpstreamInvalid("upstream sent a blob of the wrong length", {"digest": str(self.digest)})
+            if hasher.hexdigest() != self.digest.hex:
+                raise UpstreamInvalid("upstream sent a blob that does not match its digest", {"digest": str(self.digest)})
+            self.size = self.written
+            await loop.run_in_executor(None, self._commit)
+            self.verified = True
+            await self._index.put_blob(str(self.digest), self.written)
+        except asyncio.CancelledError as exc:
+            self._fail(exc)
+            raise
+        except Exception as exc:
+            self._fail(exc)
+            if response is not None:
+                log.warning("download of %s failed after %d bytes: %s", self.digest, self.written, exc or type(exc).__name__)
+        finally:
+            self.finished = True
+            self._notify()
+            if response is not None:
+                response.release()
+            self._close_read_fd_if_unused()
+
+    def _write(self, chunk: bytes, hasher: hashlib._Hash) -> None:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self._fd, view):]
+        hasher.update(chunk)
+
+    def _commit(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        self._store.commit(self.temp, self.digest)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+        self._abandon()
+
+    def _abandon(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._store.discard(self.temp)
+
+    def _notify(self) -> None:
+        self._progress.set()
+        self._progress.clear()
+
+    def _close_read_fd_if_unused(self) -> None:
+        if self.finished and self._readers == 0 and self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
+
+    def _readable(self) -> int:
+        """Bytes a reader may send now: all once verified, else all but the last."""
+        if self.verified or self.size is None:
+            return self.written
+        return min(self.written, self.size - 1)
+
+    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes `[start, end)` as they arrive; raises DownloadFailed if the download fails first."""
+        self._readers += 1
+        position = start
+        try:
+            while end is None or position < end:
+                if self.error is not None:
+                    raise DownloadFailed(str(self.digest))
+                available = self._readable()
+                if position < available:
+                    want = min(CHUNK, available - position, (end - position) if end is not None else CHUNK)
+                    data = os.pread(self._read_fd, want, position)
+                    if not data:
+                        raise DownloadFailed(str(self.digest))
+                    position += len(data)
+                    yield data
+                elif self.finished:
+                    if self.verified:
+                        return
+                    raise DownloadFailed(str(self.digest))
+                else:
+                    await self._progress.wait()
+        finally:
+            self._readers -= 1
+            self._close_read_fd_if_unused()
+
+
+class Downloads:
+    """The downloads in progress, one per digest: later askers join the running one."""
+
+    def __init__(self, store: BlobStore, index: Index) -> None:
+        self._store = store
+        self._index = index
+        self._active: dict[str, Download] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.started = 0
+        self.joins = 0
+
+    def active(self, digest: Digest) -> Download | None:
+        return self._active.get(str(digest))
+
+    async def join(self, digest: Digest, open_upstream: Opener) -> Download:
+        """The running download of `digest`, or a new one; returns once its size is known."""
+        key = str(digest)
+        download = self._active.get(key)
+        if download is None:
+            download = Download(digest, self._store, self._index)
+            self._active[key] = download
+            self.started += 1
+            task = asyncio.create_task(download.run(open_upstream), name=f"download {key}")
+            self._tasks.add(task)
+            task.add_done_callback(lambda t: self._done(key, download, t))
+        else:
+            self.joins += 1
+        await asyncio.shield(download.ready)
+        return download
+
+    def _done(self, key: str, download: Download, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._active.get(key) is download:
+            del self._active[key]
+
+    async def close(self) -> None:
+        """Stop every download (at shutdown); their temp files are removed."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,227 @@
+"""Typed settings: YAML file < CARGOHOLD_* environment < command line.
+
+Every problem (unknown key, bad value) becomes one `ConfigError` line that names the key,
+raised before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "CARGOHOLD_"
+DOCKER_HUB = "docker.io"
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded as one line that names the key."""
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `90`, `"90s"`, `"10m"`, `"1h30m"` or `"2d"`."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 10m, 1h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value).strip())
+        if not match or not any(match.groups()):
+            raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 10m, 1h30m, 2d)")
+        days, hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = days * 86400 + hours * 3600 + minutes * 60 + secs
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors, values are never coerced silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamConfig(Strict):
+    """One registry that cargohold pulls through."""
+
+    name: str = Field(description="the registry host clients think of, e.g. docker.io")
+    url: str
+    username: str | None = None
+    password: SecretStr | None = None
+    tag_ttl: Duration = 600.0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?", value):
+            raise ValueError(f"invalid registry name {value!r} (expected a host name like ghcr.io)")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"invalid url {value!r} (expected http(s)://host[:port])")
+        if parts.username or parts.password:
+            raise ValueError("put credentials in username/password, not in the url")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _credentials(self) -> UpstreamConfig:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        return self
+
+
+def _default_upstreams() -> list[UpstreamConfig]:
+    return [UpstreamConfig(name=DOCKER_HUB, url="https://registry-1.docker.io")]
+
+
+class Settings(Strict):
+    """The whole configuration of one cargohold instance."""
+
+    listen: str = "127.0.0.1:5000"
+    data_dir: Path = Path("./data")
+    upstreams: list[UpstreamConfig] = Field(default_factory=_default_upstreams, min_length=1)
+    default_upstream: str | None = None
+    log_level: str = "info"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("expected one of debug, info, warning, error")
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _upstream_names(self) -> Settings:
+        names = [u.name for u in self.upstreams]
+        duplicates = {n for n in names if names.count(n) > 1}
+        if duplicates:
+            raise ValueError(f"upstream names must be unique, repeated: {', '.join(sorted(duplicates))}")
+        if self.default_upstream is not None and self.default_upstream not in names:
+            raise ValueError(f"default_upstream {self.default_upstream!r} is not the name of an upstream")
+        return self
+
+    @property
+    def default(self) -> UpstreamConfig:
+        """The upstream for names without a registry host: docker.io unless configured."""
+        wanted = self.default_upstream or DOCKER_HUB
+        return next((u for u in self.upstreams if u.name == wanted), self.upstreams[0])
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """`host:port` (IPv6 in brackets) into its parts; ValueError with a clear word otherwise."""
+    match = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", value.strip())
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(f"invalid listen address {value!r} (expected host:port)")
+    return match.group(1) or "0.0.0.0", int(match.group(2))
+
+
+def _env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
+    """CARGOHOLD_A__B__0__C=value -> (["a","b","0","c"], yaml-parsed value)."""
+    found = []
+    for key, raw in sorted(environ.items()):
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        path = [part.lower() for part in key[len(ENV_PREFIX):].split("__")]
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        found.append((path, value))
+    return found
+
+
+def _apply(raw: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
+    """Set one nested key of the raw config, creating dicts and list items as needed."""
+    node: Any = raw
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise ConfigError(f"{origin}: {'.'.join(path[:depth])} is a list; expected an index, got {part!r}")
+            index = int(part)
+            while len(node) <= index:
+                node.append({})
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{origin}: {'.'.join(path[:depth])} is not a section")
+        if last:
+            node[part] = value
+        else:
+            if part not in node or node[part] is None:
+                node[part] = [] if path[depth + 1].isdigit() else {}
+            node = node[part]
+
+
+def _upstreams_as_dicts(raw: dict[str, Any]) -> None:
+    """Environment overrides of upstreams need the defaults spelled out to patch them."""
+    if "upstreams" not in raw:
+        raw["upstreams"] = [u.model_dump(exclude_none=True) for u in _default_upstreams()]
+
+
+def _format(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{key}: {message}")
+    return "; ".join(problems)
+
+
+def load_settings(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read the YAML file (optional), apply CARGOHOLD_* variables, then command-line overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top")
+        raw = loaded or {}
+    env = _env_overrides(os.environ if environ is None else environ)
+    if any(p[0] == "upstreams" for p, _ in env):
+        _upstreams_as_dicts(raw)
+    for key_path, value in env:
+        _apply(raw, key_path, value, ENV_PREFIX + "__".join(key_path).upper())
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = value
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc)) from None

@@ -1,0 +1,103 @@
+"""GET/HEAD /v2/<name>/blobs/<digest>, with Range: sendfile from cache, or follow a download."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from aiohttp import hdrs, web
+
+from cargohold.cache.download import Download, DownloadFailed
+from cargohold.digests import Digest
+from cargohold.errors import RangeInvalid
+from cargohold.handlers.target import proxy_of, target_of
+
+log = logging.getLogger("cargohold.blobs")
+
+
+class BlobFileResponse(web.FileResponse):
+    """A cache hit sent with sendfile; its ETag is the digest, not aiohttp's mtime-size tag."""
+
+    def __init__(self, path: Path, digest: Digest) -> None:
+        super().__init__(path, headers={"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"})
+        self._digest_etag = f'"{digest}"'
+
+    @property
+    def etag(self) -> None:  # type: ignore[override]
+        return None
+
+    @etag.setter
+    def etag(self, value: object) -> None:
+        self._headers[hdrs.ETAG] = self._digest_etag
+
+
+def requested_range(request: web.Request, size: int | None) -> tuple[int, int] | None:
+    """The single byte range asked for as `[start, end)`, None for the whole blob; 416 if unusable."""
+    if hdrs.RANGE not in request.headers:
+        return None
+    try:
+        wanted = request.http_range
+    except ValueError:
+        raise RangeInvalid("malformed Range header", {"range": request.headers[hdrs.RANGE][:100]}) from None
+    if wanted.start is None and wanted.stop is None:
+        return None
+    if size is None:
+        return None  # size not known yet: send it all, which a Range client must accept
+    start, stop = wanted.start or 0, wanted.stop
+    if start < 0:  # suffix range: the last N bytes
+        start, stop = max(size + start, 0), size
+    stop = size if stop is None else min(stop, size)
+    if start >= size or start >= stop:
+        raise RangeInvalid("requested range not satisfiable", {"size": size}, {"Content-Range": f"bytes */{size}"})
+    return start, stop
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    target = target_of(request)
+    digest = Digest.parse(request.match_info["digest"])
+    proxy = proxy_of(request)
+    if request.method == hdrs.METH_HEAD:
+        size, request["cache"] = await proxy.blob_size(target, digest)
+        requested_range(request, size)
+        return web.Response(
+            headers={
+                "Content-Length": str(size),
+                "Docker-Content-Digest": str(digest),
+                "Content-Type": "application/octet-stream",
+                "ETag": f'"{digest}"',
+                "Accept-Ranges": "bytes",
+            }
+        )
+    found = await proxy.blob(target, digest)
+    if isinstance(found, Path):
+        request["cache"] = "hit"
+        requested_range(request, found.stat().st_size)
+        return BlobFileResponse(found, digest)
+    request["cache"] = "miss"
+    return await _follow(request, found, digest)
+
+
+async def _follow(request: web.Request, download: Download, digest: Digest) -> web.StreamResponse:
+    """Stream a blob from the download in progress, at this client's own pace."""
+    span = requested_range(request, download.size)
+    response = web.StreamResponse(
+        status=206 if span else 200,
+        headers={"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream", "ETag": f'"{digest}"'},
+    )
+    start, end = span if span else (0, download.size)
+    if span:
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{download.size}"
+    if end is not None:
+        response.content_length = end - start
+    await response.prepare(request)
+    try:
+        async for chunk in download.read(start, end):
+            await response.write(chunk)
+    except DownloadFailed:
+        # Headers are gone already: the only honest signal left is a cut connection.
+        log.warning("cutting off a client of failed download %s", digest)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response

@@ -1,0 +1,20 @@
+"""What every registry handler needs first: the proxy and the resolved target of the request."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from cargohold.keys import PROXY
+from cargohold.proxy import PullThrough
+from cargohold.upstream.routes import Target
+
+
+def proxy_of(request: web.Request) -> PullThrough:
+    return request.app[PROXY]
+
+
+def target_of(request: web.Request) -> Target:
+    """Route `<name>` (and containerd's `?ns=`) to an upstream repository."""
+    target = proxy_of(request).router.resolve(request.match_info["name"], request.query.get("ns"))
+    request["target"] = target
+    return target

@@ -1,0 +1,24 @@
+"""Repository names and tags, validated by the distribution spec's grammar."""
+
+from __future__ import annotations
+
+import re
+
+from cargohold.errors import NameInvalid, TagInvalid
+
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_NAME = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+_TAG = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+MAX_NAME = 255
+
+
+def check_name(name: str) -> str:
+    if len(name) > MAX_NAME or not _NAME.match(name):
+        raise NameInvalid("invalid repository name", {"name": name[:MAX_NAME]})
+    return name
+
+
+def check_tag(tag: str) -> str:
+    if not _TAG.match(tag):
+        raise TagInvalid("invalid tag", {"tag": tag[:128]})
+    return tag

@@ -1,0 +1,243 @@
+"""The pull-through rules: what comes from cache, what goes upstream, and what happens when upstream fails."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import aiohttp
+
+from cargohold.cache.download import Download, Downloads
+from cargohold.cache.index import Index, TagEntry
+from cargohold.cache.store import BlobStore
+from cargohold.digests import Digest, looks_like_digest
+from cargohold.errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamUnavailable,
+)
+from cargohold.flight import SingleFlight
+from cargohold.mediatypes import FULL_ACCEPT, KNOWN, accepts, media_type_of, takes_everything
+from cargohold.names import check_tag
+from cargohold.upstream.client import BLOB_TIMEOUT
+from cargohold.upstream.routes import Router, Target
+
+log = logging.getLogger("cargohold.proxy")
+
+MAX_MANIFEST = 4 << 20
+MAX_TAG_LIST = 16 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A manifest ready to send, and how it was obtained (hit, miss or stale) for the access log."""
+
+    body: bytes
+    media_type: str
+    digest: str
+    cache: str
+
+
+@dataclass(frozen=True, slots=True)
+class TagList:
+    body: bytes
+    link: str | None
+
+
+def _upstream_failure(resp: aiohttp.ClientResponse, unknown: type[RegistryError], what: str) -> RegistryError:
+    """The error for a non-success upstream answer; only 404/401/403 mean "it does not exist"."""
+    detail = {"upstream": str(resp.url.host), "status": resp.status}
+    if resp.status in (401, 403, 404):
+        return unknown(f"{what} not found upstream", detail)
+    if resp.status == 429:
+        retry = resp.headers.get("Retry-After")
+        return UpstreamUnavailable(f"upstream is rate limiting us while fetching {what}", detail, {"Retry-After": retry} if retry else None)
+    if resp.status >= 500:
+        return UpstreamUnavailable(f"upstream failed while fetching {what}", detail)
+    return UpstreamInvalid(f"unexpected upstream answer while fetching {what}", detail)
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The whole body, refusing anything over `limit` bytes without reading it all."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise UpstreamInvalid(f"upstream {what} is too large", {"size": resp.content_length, "limit": limit})
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(65536):
+        body += chunk
+        if len(body) > limit:
+            raise UpstreamInvalid(f"upstream {what} is too large", {"limit": limit})
+    return bytes(body)
+
+
+class PullThrough:
+    """Serves manifests, blobs and tag lists from cache, going upstream only when the rules say so."""
+
+    def __init__(self, router: Router, store: BlobStore, index: Index, downloads: Downloads) -> None:
+        self.router = router
+        self.store = store
+        self.index = index
+        self.downloads = downloads
+        self._manifests: SingleFlight[Manifest] = SingleFlight()
+        self._tags: SingleFlight[TagEntry] = SingleFlight()
+
+    # manifests
+
+    async def manifest(self, target: Target, reference: str, accept: frozenset[str]) -> Manifest:
+        if looks_like_digest(reference):
+            return await self._by_digest(target, Digest.parse(reference))
+        return await self._by_tag(target, check_tag(reference), accept)
+
+    async def _by_tag(self, target: Target, tag: str, accept: frozenset[str]) -> Manifest:
+        key = (target.upstream.name, target.repository, tag)
+        entry = await self.index.get_tag(*key)
+        if entry is None and not takes_everything(accept):
+            return await self._fetch_tag(target, tag, accept, remember=False)
+        if entry is None:
+            manifest = await self._manifests.run(("tag",) + key, lambda: self._fetch_tag(target, tag, None, remember=True))
+            if not accepts(accept, manifest.media_type):
+                return await self._fetch_tag(target, tag, accept, remember=False)
+            return manifest
+        if not accepts(accept, entry.media_type):
+            return await self._fetch_tag(target, tag, accept, remember=False)
+        self.index.touch_tag(*key)
+        if time.time() - entry.checked_at < target.upstream.config.tag_ttl:
+            return await self._by_digest(target, Digest.parse(entry.digest))
+        try:
+            fresh = await self._tags.run(key, lambda: self._revalidate(target, tag, entry))
+        except UpstreamError as exc:
+            log.warning("serving stale %s/%s:%s (%s): %s", *key, entry.digest, exc.message)
+            return replace(await self._by_digest(target, Digest.parse(entry.digest)), cache="stale")
+        manifest = await self._by_digest(target, Digest.parse(fresh.digest))
+        return manifest if fresh.digest == entry.digest else replace(manifest, cache="miss")
+
+    async def _revalidate(self, target: Target, tag: str, entry: TagEntry) -> TagEntry:
+        """HEAD the tag upstream (free under Docker Hub's pull limit); GET only if the digest moved."""
+        key = (target.upstream.name, target.repository, tag)
+        resp = await target.upstream.open(
+            "HEAD", target.repository, f"/v2/{target.repository}/manifests/{tag}", {"Accept": FULL_ACCEPT}
+        )
+        async with resp:
+            if resp.status != 200:
+                error = _upstream_failure(resp, ManifestUnknown, "manifest")
+                if isinstance(error, ManifestUnknown):
+                    await self.index.drop_tag(*key)
+                raise error
+            digest = resp.headers.get("Docker-Content-Digest")
+            content_type = resp.headers.get("Content-Type", "").split(";", 1)[0].strip()
+        if digest == entry.digest:
+            await self.index.mark_checked(*key)
+            return entry
+        if not digest or content_type not in KNOWN:
+            manifest = await self._fetch_tag(target, tag, None, remember=True)
+            return TagEntry(manifest.digest, manifest.media_type, time.time())
+        Digest.parse(digest)
+        log.info("tag %s/%s:%s moved from %s to %s", *key, entry.digest, digest)
+        await self.index.put_tag(*key, digest, content_type)
+        return TagEntry(digest, content_type, time.time())
+
+    async def _fetch_tag(self, target: Target, tag: str, accept: frozenset[str] | None, remember: bool) -> Manifest:
+        """GET a manifest by tag; `remember` records the tag (only for answers to the full Accept)."""
+        accept_header = FULL_ACCEPT if accept is None else ", ".join(sorted(accept))
+        resp = await target.upstream.open(
+            "GET", target.repository, f"/v2/{target.repository}/manifests/{tag}", {"Accept": accept_header}
+        )
+        async with resp:
+            if resp.status != 200:
+                raise _upstream_failure(resp, ManifestUnknown, "manifest")
+            body = await _read_limited(resp, MAX_MANIFEST, "manifest")
+            claimed = resp.headers.get("Docker-Content-Digest")
+            content_type = resp.headers.get("Content-Type")
+        digest = Digest.of(body, Digest.parse(claimed).algorithm if claimed else "sha256")
+        if claimed and claimed != str(digest):
+            raise UpstreamInvalid("upstream manifest does not match its Docker-Content-Digest", {"claimed": claimed, "actual": str(digest)})
+        manifest = await self._keep_manifest(digest, body, content_type)
+        if remember:
+            await self.index.put_tag(target.upstream.name, target.repository, tag, manifest.digest, manifest.media_type)
+        return manifest
+
+    async def _by_digest(self, target: Target, digest: Digest) -> Manifest:
+        entry = await self.index.get_manifest(str(digest))
+        if entry is not None:
+            body = self.store.read(digest)
+            if body is not None:
+                self.index.touch("manifests", str(digest))
+                return Manifest(body, entry.media_type, str(digest), "hit")
+        return await self._manifests.run(("digest", str(digest)), lambda: self._fetch_digest(target, digest))
+
+    async def _fetch_digest(self, target: Target, digest: Digest) -> Manifest:
+        resp = await target.upstream.open(
+            "GET", target.repository, f"/v2/{target.repository}/manifests/{digest}", {"Accept": FULL_ACCEPT}
+        )
+        async with resp:
+            if resp.status != 200:
+                raise _upstream_failure(resp, ManifestUnknown, "manifest")
+            body = await _read_limited(resp, MAX_MANIFEST, "manifest")
+            content_type = resp.headers.get("Content-Type")
+        if Digest.of(body, digest.algorithm) != digest:
+            raise UpstreamInvalid("upstream manifest does not match the requested digest", {"digest": str(digest)})
+        return await self._keep_manifest(digest, body, content_type)
+
+    async def _keep_manifest(self, digest: Digest, body: bytes, content_type: str | None) -> Manifest:
+        """Store a verified manifest by digest and index its media type."""
+        try:
+            media_type = media_type_of(content_type, body)
+        except ValueError:
+            raise UpstreamInvalid("upstream sent a manifest that is not a JSON object", {"digest": str(digest)}) from None
+        self.store.write(digest, body)
+        await self.index.put_manifest(str(digest), media_type, len(body))
+        return Manifest(body, media_type, str(digest), "miss")
+
+    # blobs
+
+    async def blob(self, target: Target, digest: Digest) -> Path | Download:
+        """The cached file, or the (joined) download that is fetching it now."""
+        path = self.store.local_path(digest)
+        if path is not None:
+            self.index.touch("blobs", str(digest))
+            return path
+        return await self.downloads.join(digest, lambda: self._open_blob(target, digest))
+
+    async def _open_blob(self, target: Target, digest: Digest) -> aiohttp.ClientResponse:
+        resp = await target.upstream.open(
+            "GET", target.repository, f"/v2/{target.repository}/blobs/{digest}", timeout=BLOB_TIMEOUT
+        )
+        if resp.status != 200:
+            resp.release()
+            raise _upstream_failure(resp, BlobUnknown, "blob")
+        return resp
+
+    async def blob_size(self, target: Target, digest: Digest) -> tuple[int, str]:
+        """Size of a blob for HEAD, without downloading it; also says where the answer came from."""
+        path = self.store.local_path(digest)
+        if path is not None:
+            return path.stat().st_size, "hit"
+        active = self.downloads.active(digest)
+        if active is not None and active.size is not None:
+            return active.size, "miss"
+        resp = await target.upstream.open("HEAD", target.repository, f"/v2/{target.repository}/blobs/{digest}")
+        async with resp:
+            if resp.status != 200:
+                raise _upstream_failure(resp, BlobUnknown, "blob")
+            if resp.content_length is None:
+                raise UpstreamInvalid("upstream gave no blob size", {"digest": str(digest)})
+            return resp.content_length, "miss"
+
+    # tags
+
+    async def tags(self, target: Target, n: str | None, last: str | None) -> TagList:
+        """The upstream's tag list, passed through (tags change too often to be worth caching)."""
+        params = {k: v for k, v in (("n", n), ("last", last)) if v is not None}
+        resp = await target.upstream.open(
+            "GET", target.repository, f"/v2/{target.repository}/tags/list", params=params
+        )
+        async with resp:
+            if resp.status != 200:
+                raise _upstream_failure(resp, NameUnknown, "repository")
+            body = await _read_limited(resp, MAX_TAG_LIST, "tag list")
+            return TagList(body, resp.headers.get("Link"))
