@@ -45,7 +45,9 @@ def fake_hub(counts: Counter) -> web.Application:
 
     async def blob(request: web.Request) -> web.StreamResponse:
         authorized(request)
-        counts["GET blob"] += 1
+        counts[f"{request.method} blob"] += 1
+        if request.method == "HEAD":
+            return web.Response(headers={"Content-Length": str(len(BLOB))})
         response = web.StreamResponse(headers={"Content-Length": str(len(BLOB))})
         await response.prepare(request)
         for i in range(0, len(BLOB), 65536):
@@ -119,3 +121,12 @@ async def test_errors_are_oci_json(mirror) -> None:
         assert (await resp.json())["errors"][0]["code"] == code
     resp = await client.put("/v2/app/manifests/latest", data=b"{}")
     assert resp.status == 405 and (await resp.json())["errors"][0]["code"] == "UNSUPPORTED"
+
+
+async def test_head_of_uncached_blob_gives_size_without_caching(mirror) -> None:
+    client, _, data_dir = mirror
+    resp = await client.head(f"/v2/app/blobs/{BLOB_DIGEST}")
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(len(BLOB))
+    assert resp.headers["Docker-Content-Digest"] == BLOB_DIGEST
+    assert not (data_dir / "blobs" / "sha256" / BLOB_DIGEST[7:9] / BLOB_DIGEST[7:]).exists()
