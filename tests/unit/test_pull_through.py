@@ -130,3 +130,26 @@ async def test_head_of_uncached_blob_gives_size_without_caching(mirror) -> None:
     assert resp.headers["Content-Length"] == str(len(BLOB))
     assert resp.headers["Docker-Content-Digest"] == BLOB_DIGEST
     assert not (data_dir / "blobs" / "sha256" / BLOB_DIGEST[7:9] / BLOB_DIGEST[7:]).exists()
+
+
+async def test_expired_tag_is_revalidated_with_head_and_served_stale_when_upstream_is_down(tmp_path: Path) -> None:
+    counts: Counter = Counter()
+    hub = TestServer(fake_hub(counts), host="127.0.0.1")
+    await hub.start_server()
+    settings = Settings.model_validate(
+        {"data_dir": str(tmp_path), "upstreams": [{"name": "docker.io", "url": str(hub.make_url("")), "tag_ttl": 0}]}
+    )
+    client = TestClient(TestServer(build_app(settings), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        assert (await client.get("/v2/app/manifests/latest")).status == 200
+        assert (await client.get("/v2/app/manifests/latest")).status == 200
+        assert counts["GET manifest"] == 1 and counts["HEAD manifest"] == 1
+        await hub.close()
+        resp = await client.get("/v2/app/manifests/latest")
+        assert resp.status == 200 and await resp.read() == MANIFEST
+        missing = await client.get("/v2/app/manifests/never-seen")
+        assert missing.status == 503
+        assert (await missing.json())["errors"][0]["code"] == "UNAVAILABLE"
+    finally:
+        await client.close()
