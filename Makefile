@@ -21,4 +21,4 @@ system-packages:
 	fi
 
 test: system-packages venv
-	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests -q
