@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -85,6 +86,12 @@ class UpstreamConfig(Strict):
         return self
 
 
+class RateLimitConfig(Strict):
+    """Request limits; `trusted_proxies` also decides whose X-Forwarded-For is believed."""
+
+    trusted_proxies: list[IPv4Network | IPv6Network] = Field(default_factory=list)
+
+
 def _default_upstreams() -> list[UpstreamConfig]:
     return [UpstreamConfig(name=DOCKER_HUB, url="https://registry-1.docker.io")]
 
@@ -97,6 +104,7 @@ class Settings(Strict):
     upstreams: list[UpstreamConfig] = Field(default_factory=_default_upstreams, min_length=1)
     default_upstream: str | None = None
     log_level: str = "info"
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
 
     @field_validator("listen")
     @classmethod

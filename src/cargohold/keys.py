@@ -6,6 +6,12 @@ from aiohttp import web
 
 from cargohold.config import Settings
 from cargohold.proxy import PullThrough
+from cargohold.upstream.routes import Target
 
 SETTINGS = web.AppKey("settings", Settings)
 PROXY = web.AppKey("proxy", PullThrough)
+
+# Per request: its id, how the cache answered (hit/miss/stale, for the access log), its target.
+REQUEST_ID = web.RequestKey("request_id", str)
+CACHE = web.RequestKey("cache", str)
+TARGET = web.RequestKey("target", Target)

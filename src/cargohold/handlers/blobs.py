@@ -11,6 +11,7 @@ from cargohold.cache.download import Download, DownloadFailed
 from cargohold.digests import Digest
 from cargohold.errors import RangeInvalid
 from cargohold.handlers.target import proxy_of, target_of
+from cargohold.keys import CACHE
 
 log = logging.getLogger("cargohold.blobs")
 
@@ -57,7 +58,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     digest = Digest.parse(request.match_info["digest"])
     proxy = proxy_of(request)
     if request.method == hdrs.METH_HEAD:
-        size, request["cache"] = await proxy.blob_size(target, digest)
+        size, request[CACHE] = await proxy.blob_size(target, digest)
         requested_range(request, size)
         return web.Response(
             headers={
@@ -70,10 +71,10 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         )
     found = await proxy.blob(target, digest)
     if isinstance(found, Path):
-        request["cache"] = "hit"
+        request[CACHE] = "hit"
         requested_range(request, found.stat().st_size)
         return BlobFileResponse(found, digest)
-    request["cache"] = "miss"
+    request[CACHE] = "miss"
     return await _follow(request, found, digest)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from cargohold.handlers.target import proxy_of, target_of
+from cargohold.keys import CACHE
 from cargohold.mediatypes import parse_accept
 
 
@@ -13,7 +14,7 @@ async def get_manifest(request: web.Request) -> web.Response:
     manifest = await proxy.manifest(
         target_of(request), request.match_info["reference"], parse_accept(request.headers.getall("Accept", []))
     )
-    request["cache"] = manifest.cache
+    request[CACHE] = manifest.cache
     return web.Response(
         body=manifest.body,
         headers={

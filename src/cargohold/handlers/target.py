@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from cargohold.keys import PROXY
+from cargohold.keys import PROXY, TARGET
 from cargohold.proxy import PullThrough
 from cargohold.upstream.routes import Target
 
@@ -14,7 +14,7 @@ def proxy_of(request: web.Request) -> PullThrough:
 
 
 def target_of(request: web.Request) -> Target:
-    """Route `<name>` (and containerd's `?ns=`) to an upstream repository."""
-    target = proxy_of(request).router.resolve(request.match_info["name"], request.query.get("ns"))
-    request["target"] = target
-    return target
+    """Route `<name>` (and containerd's `?ns=`) to an upstream repository, once per request."""
+    if TARGET not in request:
+        request[TARGET] = proxy_of(request).router.resolve(request.match_info["name"], request.query.get("ns"))
+    return request[TARGET]
