@@ -1,0 +1,248 @@
+"""The scenarios of issue 3, each run through every system it applies to, once per run.
+
+A run goes: cold pull (caches wiped first), warm blob with one client, with eight, the herd, warm
+manifests. Peak RSS is taken around scenarios 2, 3 and 4 from the processes' high-water marks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rig.hub import Hub
+from rig.images import ACCEPT_ALL, Image
+
+from bench.load import Auth, token
+from bench.report import CARGOHOLD, REPLACED, Metric, Results, Target
+from bench.systems import System, peak_rss_mib, reset_peak_rss, rss_mib
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NGINX_FILE, UPSTREAM, IDEAL = "nginx-file", "upstream", "ideal"
+RSS_LIMIT_MIB = 150
+
+
+@dataclass
+class Options:
+    runs: int = 3
+    layer_mib: int = 256
+    herd_layer_kib: int = 1024
+    herd_clients: int = 20
+    herd_layers: int = 21
+    warm_reads: int = 3
+    warm_clients: int = 8
+    manifest_seconds: float = 5.0
+    manifest_connections: int = 32
+
+
+@dataclass
+class Bench:
+    """What the scenarios share: the hub, the systems by name, the pushed images, the results."""
+
+    hub: Hub
+    systems: dict[str, System]
+    options: Options
+    big: Image
+    warm: Image
+    herds: dict[tuple[int, str], Image]
+    results: Results
+    log: Callable[[str], None] = print
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def among(self, *names: str) -> list[System]:
+        return [self.systems[n] for n in names if n in self.systems]
+
+
+def _at_least(share: float) -> Target:
+    return Target(f">= {share:.0%} of reference", lambda v, ref: ref is not None and v >= share * ref)
+
+
+METRICS = [
+    Metric("warm1", "1. warm blob, 1 client", "MB/s", NGINX_FILE, _at_least(0.8)),
+    Metric("warm8", "2. warm blob, 8 clients", "MB/s", NGINX_FILE, _at_least(0.8)),
+    Metric("cold", "3. cold pull, big layer", "MB/s", UPSTREAM, _at_least(0.9)),
+    Metric("herd_gets", "4. herd, upstream blob GETs", "GETs", IDEAL, Target("== 1 per blob", lambda v, ref: v == ref)),
+    Metric("herd_seconds", "4. herd, wall time", "s", None, None, 2),
+    Metric("manifest_rps", "5. warm manifest by tag", "req/s", REPLACED, Target(">= 10x replaced", lambda v, ref: ref is not None and v >= 10 * ref)),
+    Metric("manifest_p99", "5. warm manifest p99", "ms", None, None, 1),
+    Metric("manifest_upstream", "5. upstream requests in the run", "requests", None, Target("== 0", lambda v, ref: v == 0)),
+    Metric("rss_idle", "6. RSS at start of a run", "MiB", None, None, 1),
+    Metric("rss_warm8", "6. peak RSS in scenario 2", "MiB", None, None, 1),
+    Metric("rss_cold", "6. peak RSS in scenario 3", "MiB", None, Target(f"< {RSS_LIMIT_MIB} MiB (flat)", lambda v, ref: v < RSS_LIMIT_MIB), 1),
+    Metric("rss_herd", "6. peak RSS in scenario 4", "MiB", None, Target(f"< {RSS_LIMIT_MIB} MiB", lambda v, ref: v < RSS_LIMIT_MIB), 1),
+]
+
+
+def load(spec: dict[str, Any], timeout: float = 900) -> dict[str, float]:
+    """Run one load generator in its own process (see bench/load.py) and return its figures."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.load", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise RuntimeError(f"load generator failed ({proc.returncode}): {proc.stderr[-3000:]}") from None
+    if "error" in result:
+        raise RuntimeError(f"load generator: {result['error']}")
+    return result
+
+
+def _auth(system: System) -> dict[str, Any]:
+    return system.auth.__dict__
+
+
+def _mb_per_s(result: dict[str, float]) -> float:
+    return result["bytes"] / result["seconds"] / 1e6
+
+
+def _with_peak_rss(system: System, fn: Callable[[], dict[str, float]]) -> tuple[dict[str, float], float]:
+    pids = system.pids()
+    reset_peak_rss(pids)
+    result = fn()
+    return result, peak_rss_mib(pids)
+
+
+def _big_layer(b: Bench) -> str:
+    return b.big.layers[-1].digest
+
+
+def cold_pull(b: Bench, run: int) -> None:
+    """3. Pull the big image with empty caches: MB/s over all its blobs."""
+    assert b.big.repo and b.big.tag
+    for system in b.among(UPSTREAM, REPLACED, CARGOHOLD):
+        system.wipe()
+        if system.pids():
+            b.results.add("rss_idle", system.name, rss_mib(system.pids()))
+        spec = {"op": "pull", "base": system.url, "repo": b.big.repo, "ref": b.big.tag, "auth": _auth(system)}
+        result, peak = _with_peak_rss(system, lambda: load(spec))
+        b.results.add("cold", system.name, _mb_per_s(result))
+        if system.pids():
+            b.results.add("rss_cold", system.name, peak)
+        b.log(f"  run {run + 1} cold pull    {system.name:15} {_mb_per_s(result):9,.0f} MB/s")
+
+
+def _read_big(b: Bench, system: System, clients: int, repeat: int) -> dict[str, float]:
+    path = f"/v2/{b.big.repo}/blobs/{_big_layer(b)}"
+    return load({"op": "read_blob", "base": system.url, "path": path, "clients": clients, "repeat": repeat, "auth": _auth(system)})
+
+
+def warm_blob_one(b: Bench, run: int) -> None:
+    """1. One client reads the cached big layer `warm_reads` times on one connection."""
+    for system in b.among(NGINX_FILE, REPLACED, CARGOHOLD):
+        mbs = _mb_per_s(_read_big(b, system, 1, b.options.warm_reads))
+        b.results.add("warm1", system.name, mbs)
+        b.log(f"  run {run + 1} warm blob x1 {system.name:15} {mbs:9,.0f} MB/s")
+
+
+def warm_blob_many(b: Bench, run: int) -> None:
+    """2. `warm_clients` clients read the cached big layer at once: aggregate MB/s."""
+    for system in b.among(NGINX_FILE, REPLACED, CARGOHOLD):
+        result, peak = _with_peak_rss(system, lambda: _read_big(b, system, b.options.warm_clients, 1))
+        b.results.add("warm8", system.name, _mb_per_s(result))
+        b.results.add("rss_warm8", system.name, peak)
+        b.log(f"  run {run + 1} warm blob x{b.options.warm_clients} {system.name:15} {_mb_per_s(result):9,.0f} MB/s")
+
+
+def herd(b: Bench, run: int) -> None:
+    """4. `herd_clients` clients pull the same uncached image at once: upstream blob GETs, wall time."""
+    for system in b.among(REPLACED, CARGOHOLD):
+        image = b.herds[(run, system.name)]
+        assert image.repo and image.tag
+        b.hub.reset_counts()
+        spec = {
+            "op": "pull",
+            "base": system.url,
+            "repo": image.repo,
+            "ref": image.tag,
+            "clients": b.options.herd_clients,
+            "auth": _auth(system),
+        }
+        result, peak = _with_peak_rss(system, lambda: load(spec))
+        gets = b.hub.count("GET", rf"^/v2/{re.escape(image.repo)}/blobs/")
+        b.results.add("herd_gets", system.name, gets)
+        b.results.add("herd_seconds", system.name, result["seconds"])
+        b.results.add("rss_herd", system.name, peak)
+        b.log(f"  run {run + 1} herd         {system.name:15} {gets} upstream blob GETs, {result['seconds']:.2f} s")
+    b.results.add("herd_gets", IDEAL, len(b.herds[(run, CARGOHOLD)].blobs))
+
+
+@dataclass(frozen=True)
+class AbResult:
+    rps: float
+    p99_ms: float
+
+
+def ab(url: str, *, seconds: float, connections: int, headers: dict[str, str], basic: tuple[str, str] | None) -> AbResult:
+    """ApacheBench with keep-alive for a bounded time; refuses results with failed or non-2xx answers."""
+    cmd = ["ab", "-q", "-k", "-c", str(connections), "-t", str(seconds), "-n", "100000000", "-s", "30"]
+    for name, value in headers.items():
+        cmd += ["-H", f"{name}: {value}"]
+    if basic:
+        cmd += ["-A", f"{basic[0]}:{basic[1]}"]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=seconds + 120, stdin=subprocess.DEVNULL)
+    if out.returncode != 0:
+        raise RuntimeError(f"ab failed: {out.stderr[-2000:]}")
+    text = out.stdout
+    bad = re.search(r"Non-2xx responses:\s+(\d+)", text)
+    failed = re.search(r"Failed requests:\s+(\d+)", text)
+    if bad or (failed and int(failed.group(1))):
+        raise RuntimeError(f"ab saw failures against {url}:\n{text}")
+    rps = re.search(r"Requests per second:\s+([\d.]+)", text)
+    p99 = re.search(r"^\s*99%\s+(\d+)", text, re.M)
+    if not rps or not p99:
+        raise RuntimeError(f"cannot read ab's output:\n{text}")
+    return AbResult(float(rps.group(1)), float(p99.group(1)))
+
+
+def _manifest_variants(system: System, repo: str) -> list[tuple[str, dict[str, str], tuple[str, str] | None]]:
+    """(label, extra headers, Basic credentials) for each way a client authenticates to `system`."""
+    auth = system.auth
+    if auth.mode == "basic":
+        assert auth.user and auth.password
+        return [(f"{system.name}", {}, (auth.user, auth.password))]
+    if auth.mode == "bearer" and auth.user:
+        return [(f"{system.name} (bearer)", {"Authorization": f"Bearer {token(system.url, repo, auth)}"}, None)]
+    return [(system.name, {}, None)]
+
+
+def manifests(b: Bench, run: int) -> None:
+    """5. Warm manifest by tag with `manifest_connections` keep-alive connections: req/s, p99, upstream requests."""
+    assert b.warm.repo and b.warm.tag
+    path = f"/v2/{b.warm.repo}/manifests/{b.warm.tag}"
+    for system in b.among(NGINX_FILE, REPLACED, CARGOHOLD):
+        for label, headers, basic in _manifest_variants(system, b.warm.repo):
+            if system.name != NGINX_FILE:  # warm its cache first
+                load({"op": "pull", "base": system.url, "repo": b.warm.repo, "ref": b.warm.tag, "auth": _auth(system)})
+            b.hub.reset_counts()
+            result = ab(
+                system.url + path,
+                seconds=b.options.manifest_seconds,
+                connections=b.options.manifest_connections,
+                headers={"Accept": ACCEPT_ALL, **headers},
+                basic=basic,
+            )
+            upstream = len(b.hub.requests)
+            b.results.add("manifest_rps", label, result.rps)
+            b.results.add("manifest_p99", label, result.p99_ms)
+            if system.name != NGINX_FILE:
+                b.results.add("manifest_upstream", label, upstream)
+            b.log(f"  run {run + 1} manifests    {label:15} {result.rps:9,.0f} req/s p99 {result.p99_ms:.0f} ms, {upstream} upstream requests")
+
+
+SCENARIOS: dict[str, Callable[[Bench, int], None]] = {
+    "cold": cold_pull,
+    "warm1": warm_blob_one,
+    "warm8": warm_blob_many,
+    "herd": herd,
+    "manifests": manifests,
+}

@@ -1,0 +1,310 @@
+"""The systems under test, each started on loopback in its own work dir.
+
+- `Upstream`: the rig's hub itself (a pull straight from it is the reference for cold pulls).
+- `NginxFile`: nginx serving the blob and manifest files statically with sendfile: the practical limit.
+- `ReplacedStack`: what cargohold replaces: nginx (limit_req/limit_conn set far above the load)
+  in front of Debian's docker-registry in proxy mode with htpasswd (bcrypt) auth.
+- `CargoholdSystem`: cargohold itself (tests/rig/server.py).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Protocol
+
+import yaml
+from rig.hub import Hub
+from rig.server import Cargohold
+from rig.util import free_port, http_request, run, start_process, stop_process, tail, wait_until
+
+from bench.load import Auth
+
+USER, PASSWORD = "bench", "benchpass"
+NGINX = "/usr/sbin/nginx"
+
+
+class System(Protocol):
+    """What a scenario needs from a system under test."""
+
+    name: str
+    url: str
+    auth: Auth
+
+    def wipe(self) -> None:
+        """Forget everything cached (a restart with an empty cache)."""
+
+    def pids(self) -> list[int]:
+        """The processes whose memory counts as this system's."""
+
+    def stop(self) -> None: ...
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants (nginx's workers, for instance)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def reset_peak_rss(pids: list[int]) -> None:
+    """Start a new high-water mark (VmHWM) for each process (Linux: clear_refs 5)."""
+    for pid in pids:
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def _status_kib(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss_mib(pids: list[int]) -> float:
+    """Sum of the processes' RSS high-water marks since the last reset, MiB."""
+    return sum(_status_kib(pid, "VmHWM") for pid in pids) / 1024
+
+
+def rss_mib(pids: list[int]) -> float:
+    return sum(_status_kib(pid, "VmRSS") for pid in pids) / 1024
+
+
+class Nginx:
+    """One nginx master (workers: one per core) with every path in its own work dir."""
+
+    def __init__(self, workdir: Path, server_block: str, *, access_log: bool, http_block: str = "") -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.server_block = server_block
+        self.http_block = http_block
+        self.access_log = access_log
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def config(self) -> str:
+        w = self.workdir
+        temps = "\n".join(f"  {kind}_temp_path {w}/tmp-{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        log = f"access_log {w}/access.log;" if self.access_log else "access_log off;"
+        user = "user root;" if os.geteuid() == 0 else ""
+        return f"""{user}
+worker_processes auto;
+pid {w}/nginx.pid;
+error_log {w}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  sendfile on;
+  tcp_nopush on;
+  tcp_nodelay on;
+  keepalive_timeout 65;
+  keepalive_requests 10000000;
+  types {{ }}
+  default_type application/octet-stream;
+{temps}
+  {log}
+{self.http_block}
+  server {{
+    listen 127.0.0.1:{self.port};
+{self.server_block}
+  }}
+}}
+"""
+
+    def start(self) -> Nginx:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "nginx.conf"
+        conf.write_text(self.config())
+        cmd = [NGINX, "-p", str(self.workdir), "-c", str(conf), "-e", str(self.workdir / "error.log"), "-g", "daemon off;"]
+        self._proc = start_process(cmd, self.workdir / "nginx.out")
+        wait_until(
+            lambda: http_request("GET", f"{self.url}/nginx-ready", timeout=2).status > 0,
+            timeout=20,
+            what="nginx",
+            alive=lambda: None if self._proc is None or self._proc.poll() is None else tail(self.workdir / "error.log"),
+        )
+        return self
+
+    def stop(self) -> None:
+        stop_process(self._proc)
+        self._proc = None
+
+    def pids(self) -> list[int]:
+        return process_tree(self._proc.pid) if self._proc else []
+
+
+class Upstream:
+    """The hub: pulling straight from it is what a client does without any mirror."""
+
+    name = "upstream"
+
+    def __init__(self, hub: Hub) -> None:
+        self.url = hub.url
+        self.auth = Auth("bearer")
+
+    def wipe(self) -> None:
+        pass
+
+    def pids(self) -> list[int]:
+        return []
+
+    def stop(self) -> None:
+        pass
+
+
+class NginxFile:
+    """nginx serving files laid out under www/ by their registry paths: the practical limit."""
+
+    name = "nginx-file"
+
+    def __init__(self, workdir: Path) -> None:
+        self.www = workdir / "www"
+        self.www.mkdir(parents=True, exist_ok=True)
+        block = f"    root {self.www};\n    location /v2/ {{ }}"
+        self.nginx = Nginx(workdir, block, access_log=False).start()
+        self.url = self.nginx.url
+        self.auth = Auth()
+
+    def publish(self, path: str, source: Path | bytes) -> None:
+        """Serve `source` (a file, linked; or bytes) at `path`."""
+        target = self.www / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        if isinstance(source, bytes):
+            target.write_bytes(source)
+        else:
+            target.symlink_to(source)
+
+    def wipe(self) -> None:
+        pass
+
+    def pids(self) -> list[int]:
+        return self.nginx.pids()
+
+    def stop(self) -> None:
+        self.nginx.stop()
+
+
+class ReplacedStack:
+    """nginx (rate limits set far above the load) -> docker-registry proxy with htpasswd auth."""
+
+    name = "registry+nginx"
+
+    def __init__(self, workdir: Path, upstream_url: str) -> None:
+        self.workdir = workdir
+        self.upstream_url = upstream_url
+        self.registry_port = free_port()
+        self.auth = Auth("basic", USER, PASSWORD)
+        self._registry: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        htpasswd = run(["htpasswd", "-Bbn", USER, PASSWORD]).stdout.strip()
+        (workdir / "htpasswd").write_text(htpasswd + "\n")
+        self._start_registry()
+        # The reverse-proxy recipe of the registry's docs, plus the rate limits this stack exists for.
+        block = f"""    client_max_body_size 0;
+    chunked_transfer_encoding on;
+    location /v2/ {{
+      limit_req zone=perip burst=1000000 nodelay;
+      limit_conn conns 60000;
+      proxy_pass http://registry;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      proxy_set_header X-Real-IP $remote_addr;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_read_timeout 900;
+    }}"""
+        limits = f"""  limit_req_zone $binary_remote_addr zone=perip:10m rate=1000000r/s;
+  limit_conn_zone $binary_remote_addr zone=conns:10m;
+  upstream registry {{ server 127.0.0.1:{self.registry_port}; keepalive 64; }}"""
+        try:
+            self.nginx = Nginx(workdir / "nginx", block, access_log=True, http_block=limits).start()
+        except BaseException:
+            stop_process(self._registry)
+            raise
+        self.url = self.nginx.url
+
+    @property
+    def storage(self) -> Path:
+        return self.workdir / "storage"
+
+    def _start_registry(self) -> None:
+        config = {
+            "version": 0.1,
+            "log": {"level": "info", "formatter": "text"},
+            "storage": {"filesystem": {"rootdirectory": str(self.storage)}, "delete": {"enabled": True}},
+            "http": {"addr": f"127.0.0.1:{self.registry_port}", "secret": secrets.token_hex(16)},
+            "auth": {"htpasswd": {"realm": "bench", "path": str(self.workdir / "htpasswd")}},
+            "proxy": {"remoteurl": self.upstream_url},
+        }
+        path = self.workdir / "registry.yml"
+        path.write_text(yaml.safe_dump(config))
+        log = self.workdir / "registry.log"
+        self._registry = start_process(["docker-registry", "serve", str(path)], log)
+        proc = self._registry
+        wait_until(
+            lambda: http_request("GET", f"http://127.0.0.1:{self.registry_port}/v2/", timeout=2).status == 401,
+            timeout=20,
+            what="docker-registry (proxy)",
+            alive=lambda: None if proc.poll() is None else tail(log),
+        )
+
+    def wipe(self) -> None:
+        stop_process(self._registry)
+        shutil.rmtree(self.storage, ignore_errors=True)
+        self._start_registry()
+
+    def pids(self) -> list[int]:
+        registry = process_tree(self._registry.pid) if self._registry else []
+        return registry + self.nginx.pids()
+
+    def stop(self) -> None:
+        self.nginx.stop()
+        stop_process(self._registry)
+        self._registry = None
+
+
+class CargoholdSystem:
+    """cargohold with its default settings (tag_ttl 10m)."""
+
+    name = "cargohold"
+
+    def __init__(self, workdir: Path, upstream_url: str) -> None:
+        self.server = Cargohold(workdir, upstream_url, upstream={"tag_ttl": "10m"}).start()
+        self.url = self.server.url
+        self.auth = Auth()
+
+    def wipe(self) -> None:
+        self.server.stop()
+        shutil.rmtree(self.server.data_dir, ignore_errors=True)
+        self.server.start()
+
+    def pids(self) -> list[int]:
+        return process_tree(self.server.pid) if self.server.pid else []
+
+    def stop(self) -> None:
+        self.server.stop()
