@@ -25,6 +25,9 @@ from cargohold.upstream.routes import Router
 log = logging.getLogger("cargohold.app")
 
 FLUSH_INTERVAL = 5.0
+# How much of an upstream body may wait in memory: large enough that the socket keeps being
+# read while a chunk is written to disk (aiohttp's 64 KiB default stalls blob downloads).
+UPSTREAM_READ_BUFFER = 1 << 20
 
 
 def build_app(settings: Settings) -> web.Application:
@@ -49,6 +52,7 @@ async def _pull_through(app: web.Application) -> AsyncIterator[None]:
             connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
             headers={"User-Agent": f"cargohold/{__version__}"},
             auto_decompress=False,
+            read_bufsize=UPSTREAM_READ_BUFFER,
         )
         for _ in settings.upstreams
     ]
