@@ -1,9 +1,9 @@
 # `make run` and `make test` do all set-up on a fresh Debian/Ubuntu machine.
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := docker.io docker-registry skopeo containerd
+APT_PACKAGES := docker.io docker-registry skopeo containerd nginx apache2-utils
 
-.PHONY: run test venv system-packages
+.PHONY: run test venv system-packages bench
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,3 +22,7 @@ system-packages:
 
 test: system-packages venv
 	$(PY) -m pytest tests -q
+
+# Side-by-side figures against nginx + docker-registry (see docs/performance.md); BENCH_ARGS=--quick for a smoke run.
+bench: system-packages venv
+	$(PY) -m bench.run $(BENCH_ARGS)

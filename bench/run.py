@@ -26,7 +26,7 @@ from bench.scenarios import METRICS, NGINX_FILE, SCENARIOS, Bench, Options
 from bench.systems import CargoholdSystem, NginxFile, ReplacedStack, System, Upstream
 
 QUICK = Options(
-    runs=1, layer_mib=4, herd_layer_kib=4, herd_clients=20, warm_reads=2, warm_clients=8, manifest_seconds=1.0
+    runs=1, layer_mib=2, herd_layer_kib=4, herd_clients=20, warm_reads=1, warm_clients=8, manifest_seconds=1
 )
 
 
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one run: a smoke test of the bench itself")
     p.add_argument("--runs", type=int, help="runs per scenario; the median is reported (default 3)")
     p.add_argument("--layer-mib", type=int, help="size of the big layer (default 256)")
-    p.add_argument("--manifest-seconds", type=float, help="length of each manifest load (default 5)")
+    p.add_argument("--manifest-seconds", type=int, help="length of each manifest load (default 5)")
     p.add_argument("--only", action="append", choices=list(SCENARIOS), help="run only these scenarios")
     p.add_argument("--json", type=Path, help="also write samples, medians and targets here")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs of every system)")

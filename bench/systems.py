@@ -87,6 +87,18 @@ def peak_rss_mib(pids: list[int]) -> float:
     return sum(_status_kib(pid, "VmHWM") for pid in pids) / 1024
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pids: list[int]) -> float:
     return sum(_status_kib(pid, "VmRSS") for pid in pids) / 1024
 

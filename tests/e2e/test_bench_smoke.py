@@ -1,0 +1,51 @@
+"""`python -m bench.run --quick`: the benchmark still runs end to end, and the outcomes that are not
+timings hold (one upstream GET per blob in the herd, no upstream request for warm manifests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SYSTEMS = {"nginx-file", "registry+nginx", "cargohold"}
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the bench's nginx runs workers as root to read the hub's files"),
+]
+
+
+def test_quick_bench_runs_every_scenario_through_every_system(tmp_path: Path) -> None:
+    for tool in ("nginx", "ab", "htpasswd", "docker-registry"):
+        assert shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists(), f"{tool} is not installed (make test installs it)"
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--json", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    medians = report["medians"]
+
+    for metric in ("warm1", "warm8", "manifest_rps"):
+        assert set(medians[metric]) >= SYSTEMS, metric
+        assert all(v > 0 for v in medians[metric].values()), metric
+    assert set(medians["cold"]) == {"upstream", "registry+nginx", "cargohold"}
+    assert medians["herd_gets"]["cargohold"] == medians["herd_gets"]["ideal"] == 22  # config + 21 layers
+    assert medians["herd_failed"]["cargohold"] == 0
+    assert medians["manifest_upstream"]["cargohold"] == 0
+    assert medians["manifest_upstream"]["registry+nginx"] > 0  # the replaced stack asks upstream every time
+    assert 0 < medians["rss_herd"]["cargohold"] < 150
+    assert "cargohold" in proc.stdout and "target" in proc.stdout  # the table was printed
+    for machine_fact in ("cpu", "cores", "ram", "kernel", "python", "aiohttp"):
+        assert report["machine"][machine_fact]
