@@ -1,15 +1,15 @@
 """Blob downloads that many readers follow while they are written.
 
-One `Download` per digest at a time: the upstream body goes to a temp file (write and hash run in
-a worker thread), readers read the same file through a shared descriptor at their own pace, and
-the file is renamed into the store only after its size and digest check out. The last byte is
-held back from readers until then, so no client ever receives a complete body of bad content.
+One `Download` per digest at a time: the upstream body goes to a temp file (write and hash run on
+worker threads, the hash up to one chunk behind), readers read the same file through a shared
+descriptor at their own pace (sendfile or pread), and the file is renamed into the store only
+after its size and digest check out. The last byte is held back from readers until the digest
+checks out, so no client ever receives a complete body of bad content; the fsync and rename follow.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -60,10 +60,18 @@ class Download:
             response = await open_upstream()
             self.size = response.content_length
             self.ready.set_result(None)
+            # Readers need a chunk written, not hashed: the hash of one chunk runs (on another
+            # worker thread) while the next is read and written, at most one chunk behind.
+            hashing: asyncio.Future[None] | None = None
             async for chunk in response.content.iter_chunked(CHUNK):
-                await loop.run_in_executor(None, self._write, chunk, hasher)
+                await loop.run_in_executor(None, self._write, chunk)
                 self.written += len(chunk)
                 self._notify()
+                if hashing is not None:
+                    await hashing
+                hashing = loop.run_in_executor(None, hasher.update, chunk)
+            if hashing is not None:
+                await hashing
             if self.size is not None and self.written != self.size:
                 raise UpstreamInvalid("upstream sent a blob of the wrong length", {"digest": str(self.digest)})
             if hasher.hexdigest() != self.digest.hex:
@@ -89,11 +97,10 @@ class Download:
                 response.release()
             self._close_reader_if_unused()
 
-    def _write(self, chunk: bytes, hasher: hashlib._Hash) -> None:
+    def _write(self, chunk: bytes) -> None:
         view = memoryview(chunk)
         while view:
             view = view[os.write(self._fd, view):]
-        hasher.update(chunk)
 
     def _commit(self) -> None:
         os.fsync(self._fd)
