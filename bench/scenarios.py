@@ -217,14 +217,17 @@ def ab(url: str, *, seconds: int, connections: int, headers: dict[str, str], bas
 
 
 def _manifest_variants(system: System, repo: str) -> list[tuple[str, dict[str, str], tuple[str, str] | None]]:
-    """(label, extra headers, Basic credentials) for each way a client authenticates to `system`."""
-    auth = system.auth
-    if auth.mode == "basic":
-        assert auth.user and auth.password
-        return [(f"{system.name}", {}, (auth.user, auth.password))]
-    if auth.mode == "bearer" and auth.user:
-        return [(f"{system.name} (bearer)", {"Authorization": f"Bearer {token(system.url, repo, auth)}"}, None)]
-    return [(system.name, {}, None)]
+    """(label, extra headers, Basic credentials) for each way clients authenticate to `system` (`auths`)."""
+    variants = []
+    for auth in system.auths:
+        if auth.mode == "basic" and auth.user and auth.password:
+            variants.append((system.name if len(system.auths) == 1 else f"{system.name} (basic)", {}, (auth.user, auth.password)))
+        elif auth.mode == "bearer" and auth.user:
+            bearer = {"Authorization": f"Bearer {token(system.url, repo, auth)}"}
+            variants.append((f"{system.name} (bearer)", bearer, None))
+        else:
+            variants.append((system.name, {}, None))
+    return variants
 
 
 def manifests(b: Bench, run: int) -> None:

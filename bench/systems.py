@@ -32,7 +32,8 @@ class System(Protocol):
 
     name: str
     url: str
-    auth: Auth
+    auth: Auth  # how the pulls of the scenarios authenticate
+    auths: list[Auth]  # every way scenario 5 measures (one row each)
 
     def wipe(self) -> None:
         """Forget everything cached (a restart with an empty cache)."""
@@ -176,6 +177,7 @@ class Upstream:
     def __init__(self, hub: Hub) -> None:
         self.url = hub.url
         self.auth = Auth("bearer")
+        self.auths = [self.auth]
 
     def wipe(self) -> None:
         pass
@@ -199,6 +201,7 @@ class NginxFile:
         self.nginx = Nginx(workdir, block, access_log=False).start()
         self.url = self.nginx.url
         self.auth = Auth()
+        self.auths = [self.auth]
 
     def publish(self, path: str, source: Path | bytes) -> None:
         """Serve `source` (a file, linked; or bytes) at `path`."""
@@ -230,6 +233,7 @@ class ReplacedStack:
         self.upstream_url = upstream_url
         self.registry_port = free_port()
         self.auth = Auth("basic", USER, PASSWORD)
+        self.auths = [self.auth]
         self._registry: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         htpasswd = run(["htpasswd", "-Bbn", USER, PASSWORD]).stdout.strip()
@@ -309,6 +313,7 @@ class CargoholdSystem:
         self.server = Cargohold(workdir, upstream_url, upstream={"tag_ttl": "10m"}).start()
         self.url = self.server.url
         self.auth = Auth()
+        self.auths = [self.auth]
 
     def wipe(self) -> None:
         self.server.stop()
