@@ -153,12 +153,16 @@ http {{
         conf.write_text(self.config())
         cmd = [NGINX, "-p", str(self.workdir), "-c", str(conf), "-e", str(self.workdir / "error.log"), "-g", "daemon off;"]
         self._proc = start_process(cmd, self.workdir / "nginx.out")
-        wait_until(
-            lambda: http_request("GET", f"{self.url}/nginx-ready", timeout=2).status > 0,
-            timeout=20,
-            what="nginx",
-            alive=lambda: None if self._proc is None or self._proc.poll() is None else tail(self.workdir / "error.log"),
-        )
+        try:
+            wait_until(
+                lambda: http_request("GET", f"{self.url}/nginx-ready", timeout=2).status > 0,
+                timeout=20,
+                what="nginx",
+                alive=lambda: None if self._proc is None or self._proc.poll() is None else tail(self.workdir / "error.log"),
+            )
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -280,14 +284,17 @@ class ReplacedStack:
         path = self.workdir / "registry.yml"
         path.write_text(yaml.safe_dump(config))
         log = self.workdir / "registry.log"
-        self._registry = start_process(["docker-registry", "serve", str(path)], log)
-        proc = self._registry
-        wait_until(
-            lambda: http_request("GET", f"http://127.0.0.1:{self.registry_port}/v2/", timeout=2).status == 401,
-            timeout=20,
-            what="docker-registry (proxy)",
-            alive=lambda: None if proc.poll() is None else tail(log),
-        )
+        self._registry = proc = start_process(["docker-registry", "serve", str(path)], log)
+        try:
+            wait_until(
+                lambda: http_request("GET", f"http://127.0.0.1:{self.registry_port}/v2/", timeout=2).status == 401,
+                timeout=20,
+                what="docker-registry (proxy)",
+                alive=lambda: None if proc.poll() is None else tail(log),
+            )
+        except BaseException:
+            stop_process(proc)
+            raise
 
     def wipe(self) -> None:
         stop_process(self._registry)
@@ -310,7 +317,12 @@ class CargoholdSystem:
     name = "cargohold"
 
     def __init__(self, workdir: Path, upstream_url: str) -> None:
-        self.server = Cargohold(workdir, upstream_url, upstream={"tag_ttl": "10m"}).start()
+        self.server = Cargohold(workdir, upstream_url, upstream={"tag_ttl": "10m"})
+        try:
+            self.server.start()
+        except BaseException:
+            self.server.stop()
+            raise
         self.url = self.server.url
         self.auth = Auth()
         self.auths = [self.auth]
