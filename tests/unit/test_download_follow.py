@@ -1,0 +1,103 @@
+"""A follower of a download gets its whole body once the digest checks out, without waiting for the
+fsync and rename into the store, and keeps it even when that commit then fails."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from cargohold.cache.download import Downloads
+from cargohold.cache.index import SqliteIndex
+from cargohold.cache.store import FsBlobStore
+from cargohold.digests import Digest
+
+BLOB = bytes(range(256)) * 12_000  # 3 MiB: several chunks
+DIGEST = Digest.parse("sha256:" + hashlib.sha256(BLOB).hexdigest())
+
+
+class GatedStore(FsBlobStore):
+    """Commits wait for `gate` (a slow fsync), or fail with `fail_with`."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = threading.Event()
+        self.committing = threading.Event()
+        self.fail_with: OSError | None = None
+
+    def commit(self, temp: Path, digest: Digest) -> int:
+        self.committing.set()
+        if not self.gate.wait(30):
+            raise TimeoutError("test never opened the gate")
+        if self.fail_with is not None:
+            raise self.fail_with
+        return super().commit(temp, digest)
+
+
+@pytest.fixture
+async def upstream():
+    async def blob(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(len(BLOB))})
+        await response.prepare(request)
+        for i in range(0, len(BLOB), 256 * 1024):
+            await response.write(BLOB[i : i + 256 * 1024])
+        return response
+
+    app = web.Application()
+    app.router.add_get("/blob", blob)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    async with aiohttp.ClientSession() as session:
+        yield lambda: session.get(server.make_url("/blob"))
+    await server.close()
+
+
+async def _follow(downloads: Downloads, store: GatedStore, opener) -> bytes:  # type: ignore[no-untyped-def]
+    download = await downloads.join(DIGEST, opener)
+    return b"".join([chunk async for chunk in download.read(0, download.size)])
+
+
+async def test_follower_finishes_before_the_commit(tmp_path: Path, upstream) -> None:  # type: ignore[no-untyped-def]
+    store = GatedStore(tmp_path)
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    downloads = Downloads(store, index)
+    try:
+        body = await asyncio.wait_for(_follow(downloads, store, upstream), 30)
+        assert body == BLOB
+        assert store.local_path(DIGEST) is None  # the whole body went out; the commit is held at the gate
+        store.gate.set()
+        await asyncio.wait_for(asyncio.gather(*downloads._tasks), 30)  # noqa: SLF001
+        assert store.local_path(DIGEST) is not None
+        assert store.local_path(DIGEST).read_bytes() == BLOB  # type: ignore[union-attr]
+    finally:
+        store.gate.set()
+        await downloads.close()
+        await index.close()
+
+
+async def test_follower_keeps_a_verified_body_when_the_commit_fails(tmp_path: Path, upstream) -> None:  # type: ignore[no-untyped-def]
+    store = GatedStore(tmp_path)
+    store.fail_with = OSError("disk full")
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    downloads = Downloads(store, index)
+    try:
+        download = await downloads.join(DIGEST, upstream)
+        reader = download.read(0, download.size)
+        first = await reader.__anext__()  # a follower in the middle of the body
+        await asyncio.wait_for(asyncio.to_thread(store.committing.wait, 30), 30)
+        store.gate.set()
+        await asyncio.wait_for(asyncio.gather(*downloads._tasks), 30)  # noqa: SLF001
+        assert download.error is not None and download.verified
+        rest = b"".join([chunk async for chunk in reader])
+        assert first + rest == BLOB
+        assert store.local_path(DIGEST) is None  # nothing unsynced was kept
+    finally:
+        store.gate.set()
+        await downloads.close()
+        await index.close()
