@@ -10,6 +10,8 @@ Fixtures
   hosts_dir   (function) an empty dir for containerd hosts.toml files
   cargohold   (function) factory: cargohold(overrides=None, *, tag_ttl=..., upstream=..., env=...,
                          start=True, **top_level) -> rig.server.Cargohold, stopped at teardown
+  pebble      (function) factory: pebble(http_port, validity=None) -> rig.pebble.Pebble, an ACME CA
+                         validating HTTP-01 against 127.0.0.1:http_port, stopped at teardown
 
 STANDARD IMAGES (hub.images[key].ref):
   multi         library/alpine-test:latest     Docker schema2, 3 gzip layers
@@ -42,6 +44,7 @@ if _TESTS not in sys.path:  # `rig` is imported as a top-level package (also by 
 from rig.clients import Containerd, Dockerd, ensure_hosts_entries  # noqa: E402
 from rig.hub import Hub  # noqa: E402
 from rig.images import Image  # noqa: E402
+from rig.pebble import Pebble  # noqa: E402
 from rig.server import Cargohold  # noqa: E402
 from rig.util import tail  # noqa: E402
 
@@ -217,3 +220,22 @@ def cargohold(
     yield factory
     for srv in servers:
         srv.stop()
+
+
+# -- ACME -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pebble(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Callable[..., Pebble]]:
+    """Factory: pebble(http_port, validity=None) -> a started Pebble (a new root CA each)."""
+    started: list[Pebble] = []
+
+    def factory(http_port: int, validity: int | None = None) -> Pebble:
+        p = Pebble(tmp_path_factory.mktemp("pebble"), http_port=http_port, validity=validity)
+        started.append(p)
+        _on_failure(request, "pebble log", p.log_text)
+        return p.start()
+
+    yield factory
+    for p in started:
+        p.stop()

@@ -7,10 +7,8 @@ import logging
 import os
 import sys
 
-from aiohttp import web
-
 from cargohold import __version__
-from cargohold.config import ConfigError, Settings, load_settings, split_host_port
+from cargohold.config import ConfigError, Settings, load_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,28 +36,11 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def serve(settings: Settings) -> None:
-    from cargohold.app import build_app
-    from cargohold.middleware.observe import AccessLogger
+def serve(settings: Settings) -> int:
+    from cargohold.serving import run
 
     _setup_logging(settings.log_level)
-    host, port = split_host_port(settings.listen)
-    logging.getLogger("cargohold").info(
-        "cargohold %s listening on %s, cache in %s, upstreams: %s",
-        __version__,
-        settings.listen,
-        settings.data_dir,
-        ", ".join(f"{u.name}={u.url}" for u in settings.upstreams),
-    )
-    web.run_app(
-        build_app(settings),
-        host=host,
-        port=port,
-        access_log_class=AccessLogger,
-        access_log=logging.getLogger("cargohold.access"),
-        print=None,
-        shutdown_timeout=5,
-    )
+    return run(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,5 +54,4 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cargohold: config error: {exc}", file=sys.stderr)
         return 2
-    serve(settings)
-    return 0
+    return serve(settings)

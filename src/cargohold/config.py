@@ -92,6 +92,46 @@ class RateLimitConfig(Strict):
     trusted_proxies: list[IPv4Network | IPv6Network] = Field(default_factory=list)
 
 
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+class AcmeConfig(Strict):
+    """Automatic certificates: HTTP-01 answered on `http_listen`, stored in data_dir/acme."""
+
+    domains: list[str] = Field(min_length=1)
+    email: str | None = None
+    directory: str = LETS_ENCRYPT
+    ca_bundle: Path | None = Field(default=None, description="CA file to trust for a private ACME directory")
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]*[a-z0-9])?", name):
+                raise ValueError(f"invalid domain {name!r} (expected a DNS name like registry.example.com)")
+        return value
+
+
+class TlsConfig(Strict):
+    """HTTPS on `listen`: certificate files (reloaded when they change) or ACME, not both."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    acme: AcmeConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        if self.cert is not None and self.acme is not None:
+            raise ValueError("use either cert/key files or acme, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None or self.acme is not None
+
+
 def _default_upstreams() -> list[UpstreamConfig]:
     return [UpstreamConfig(name=DOCKER_HUB, url="https://registry-1.docker.io")]
 
@@ -105,6 +145,9 @@ class Settings(Strict):
     default_upstream: str | None = None
     log_level: str = "info"
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    http_listen: str | None = None
+    external_url: str | None = None
 
     @field_validator("listen")
     @classmethod
@@ -127,6 +170,20 @@ class Settings(Strict):
             raise ValueError(f"upstream names must be unique, repeated: {', '.join(sorted(duplicates))}")
         if self.default_upstream is not None and self.default_upstream not in names:
             raise ValueError(f"default_upstream {self.default_upstream!r} is not the name of an upstream")
+        return self
+
+    @model_validator(mode="after")
+    def _serving(self) -> Settings:
+        if self.http_listen is not None:
+            split_host_port(self.http_listen)
+            if not self.tls.enabled:
+                raise ValueError("http_listen redirects to HTTPS and answers ACME: it needs tls.cert/key or tls.acme")
+        if self.tls.acme is not None and self.http_listen is None:
+            raise ValueError("tls.acme needs http_listen (the HTTP-01 challenge is answered there, port 80 outside)")
+        if self.external_url is not None:
+            parts = urlsplit(self.external_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+                raise ValueError(f"invalid external_url {self.external_url!r} (expected https://host[:port])")
         return self
 
     @property

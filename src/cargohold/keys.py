@@ -15,3 +15,7 @@ PROXY = web.AppKey("proxy", PullThrough)
 REQUEST_ID = web.RequestKey("request_id", str)
 CACHE = web.RequestKey("cache", str)
 TARGET = web.RequestKey("target", Target)
+
+# The plain-HTTP listener (http_listen): pending ACME HTTP-01 answers and where HTTPS listens.
+ACME_CHALLENGES = web.AppKey("acme_challenges", dict[str, str])
+HTTPS_PORT = web.AppKey("https_port", int)
