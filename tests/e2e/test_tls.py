@@ -25,7 +25,7 @@ from cargohold.config import AcmeConfig, Settings
 from cargohold.tls.acme import AcmeManager
 from cargohold.tls.context import CertReloader
 from cargohold.tls.plain import plain_http_app
-from rig.certs import TestCA
+from rig.certs import TestCA, peer_certificate
 from rig.clients import Dockerd, ensure_hosts_entries, skopeo_copy
 from rig.images import Image
 from rig.pebble import Pebble
@@ -49,12 +49,7 @@ def _context(cafile: Path) -> ssl.SSLContext:
 
 
 def served_cert(port: int, cafile: Path, name: str = DOMAIN) -> x509.Certificate:
-    """The certificate a new, verifying TLS handshake to 127.0.0.1:port gets (raises when it does not verify)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with _context(cafile).wrap_socket(raw, server_hostname=name) as tls:
-            der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der)
+    return peer_certificate(port, cafile, name)
 
 
 def https_get(conn: http.client.HTTPSConnection, path: str = "/v2/") -> tuple[int, int]:

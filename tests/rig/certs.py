@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,3 +88,15 @@ class TestCA:
         key_path.write_bytes(_pem_key(key))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert
+
+
+def peer_certificate(port: int, cafile: Path, name: str) -> x509.Certificate:
+    """The certificate a new TLS handshake to 127.0.0.1:port gets, verified against cafile for name
+    (raises ssl.SSLError when it does not verify)."""
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=name) as tls:
+            der = tls.getpeercert(binary_form=True)
+    if der is None:
+        raise ssl.SSLError(f"no certificate from 127.0.0.1:{port}")
+    return x509.load_der_x509_certificate(der)
