@@ -28,7 +28,7 @@ from cargohold.tls.context import CertReloader, write_private
 log = logging.getLogger("cargohold.acme")
 
 RENEW_AT = 2 / 3  # of the certificate's lifetime
-RETRY_FIRST = 30.0  # seconds after the first failure, doubled each time
+RETRY_FIRST = 60.0  # seconds after the first failure, doubled each time (stays under CA failure limits)
 RETRY_MAX = 3600.0
 ORDER_TIMEOUT = 120.0  # seconds for the CA to validate and issue
 
