@@ -1,7 +1,7 @@
 # `make run` and `make test` do all set-up on a fresh Debian/Ubuntu machine.
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := docker.io docker-registry skopeo containerd pebble docker-compose
+APT_PACKAGES := docker.io docker-registry skopeo containerd
 
 .PHONY: run test venv system-packages
 venv: $(VENV)/.installed
@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 
 run: venv
 	$(VENV)/bin/cargohold serve $(if $(CONFIG),--config $(CONFIG))
+
+# pebble: the ACME CA of the TLS tests; docker-compose: checks deploy/'s compose files.
+APT_PACKAGES += pebble docker-compose
 
 system-packages:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -36,11 +36,11 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings) -> None:
     from cargohold.serving import run
 
     _setup_logging(settings.log_level)
-    return run(settings)
+    run(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,4 +54,5 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cargohold: config error: {exc}", file=sys.stderr)
         return 2
-    return serve(settings)
+    serve(settings)
+    return 0

@@ -53,45 +53,6 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class UpstreamConfig(Strict):
-    """One registry that cargohold pulls through."""
-
-    name: str = Field(description="the registry host clients think of, e.g. docker.io")
-    url: str
-    username: str | None = None
-    password: SecretStr | None = None
-    tag_ttl: Duration = 600.0
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?", value):
-            raise ValueError(f"invalid registry name {value!r} (expected a host name like ghcr.io)")
-        return value
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"invalid url {value!r} (expected http(s)://host[:port])")
-        if parts.username or parts.password:
-            raise ValueError("put credentials in username/password, not in the url")
-        return value.rstrip("/")
-
-    @model_validator(mode="after")
-    def _credentials(self) -> UpstreamConfig:
-        if (self.username is None) != (self.password is None):
-            raise ValueError("username and password go together")
-        return self
-
-
-class RateLimitConfig(Strict):
-    """Request limits; `trusted_proxies` also decides whose X-Forwarded-For is believed."""
-
-    trusted_proxies: list[IPv4Network | IPv6Network] = Field(default_factory=list)
-
-
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
 
@@ -132,6 +93,45 @@ class TlsConfig(Strict):
         return self.cert is not None or self.acme is not None
 
 
+class UpstreamConfig(Strict):
+    """One registry that cargohold pulls through."""
+
+    name: str = Field(description="the registry host clients think of, e.g. docker.io")
+    url: str
+    username: str | None = None
+    password: SecretStr | None = None
+    tag_ttl: Duration = 600.0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?", value):
+            raise ValueError(f"invalid registry name {value!r} (expected a host name like ghcr.io)")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"invalid url {value!r} (expected http(s)://host[:port])")
+        if parts.username or parts.password:
+            raise ValueError("put credentials in username/password, not in the url")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _credentials(self) -> UpstreamConfig:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        return self
+
+
+class RateLimitConfig(Strict):
+    """Request limits; `trusted_proxies` also decides whose X-Forwarded-For is believed."""
+
+    trusted_proxies: list[IPv4Network | IPv6Network] = Field(default_factory=list)
+
+
 def _default_upstreams() -> list[UpstreamConfig]:
     return [UpstreamConfig(name=DOCKER_HUB, url="https://registry-1.docker.io")]
 
@@ -140,13 +140,13 @@ class Settings(Strict):
     """The whole configuration of one cargohold instance."""
 
     listen: str = "127.0.0.1:5000"
+    http_listen: str | None = None
+    tls: TlsConfig = Field(default_factory=TlsConfig)
     data_dir: Path = Path("./data")
     upstreams: list[UpstreamConfig] = Field(default_factory=_default_upstreams, min_length=1)
     default_upstream: str | None = None
     log_level: str = "info"
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
-    tls: TlsConfig = Field(default_factory=TlsConfig)
-    http_listen: str | None = None
     external_url: str | None = None
 
     @field_validator("listen")

@@ -112,11 +112,10 @@ async def serve_until_stopped(settings: Settings) -> None:
         log.info("stopping")
 
 
-def run(settings: Settings) -> int:
-    """The `serve` command: 0 after a graceful stop, 2 when it cannot start."""
+def run(settings: Settings) -> None:
+    """The `serve` command: returns after a graceful stop; exits with 2 when it cannot start."""
     try:
         asyncio.run(serve_until_stopped(settings))
     except StartupError as exc:
         log.error("cannot start: %s", exc)
-        return 2
-    return 0
+        raise SystemExit(2) from None
