@@ -145,20 +145,23 @@ class PullThrough:
         if digest == entry.digest:
             await self.index.mark_checked(*key)
             return entry
-        if not digest or content_type not in KNOWN:
+        moved = Digest.parse_or_none(digest)
+        if moved is None or content_type not in KNOWN:
             manifest = await self._fetch_tag(target, tag, None, remember=True)
             return TagEntry(manifest.digest, manifest.media_type, time.time())
-        Digest.parse(digest)
-        log.info("tag %s/%s:%s moved from %s to %s", *key, entry.digest, digest)
-        await self.index.put_tag(*key, digest, content_type)
-        return TagEntry(digest, content_type, time.time())
+        # Fetch the new manifest before the tag points at it: if that fails, the old one is served stale.
+        await self._by_digest(target, moved)
+        log.info("tag %s/%s:%s moved from %s to %s", *key, entry.digest, moved)
+        await self.index.put_tag(*key, str(moved), content_type)
+        return TagEntry(str(moved), content_type, time.time())
 
     async def _fetch_tag(self, target: Target, tag: str, accept: frozenset[str] | None, remember: bool) -> Manifest:
         """GET a manifest by tag; `remember` records the tag (only for answers to the full Accept)."""
         accept_header = FULL_ACCEPT if accept is None else ", ".join(sorted(accept))
         body, content_type, claimed = await _get_manifest(target, tag, accept_header)
-        digest = Digest.of(body, Digest.parse(claimed).algorithm if claimed else "sha256")
-        if claimed and claimed != str(digest):
+        parsed = Digest.parse_or_none(claimed)
+        digest = Digest.of(body, parsed.algorithm if parsed else "sha256")
+        if claimed and parsed != digest:
             raise UpstreamInvalid("upstream manifest does not match its Docker-Content-Digest", {"claimed": claimed, "actual": str(digest)})
         manifest = await self._keep_manifest(digest, body, content_type)
         if remember:

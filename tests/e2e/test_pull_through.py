@@ -254,6 +254,21 @@ def test_tag_is_revalidated_with_head_after_ttl(hub: Hub, cargohold: Factory) ->
     assert hub.manifest_count("HEAD") == 1 and hub.manifest_count("GET") == 1
 
 
+def test_moved_tag_keeps_old_digest_until_new_manifest_is_fetched(hub: Hub, cargohold: Factory) -> None:
+    srv = cargohold(tag_ttl="0s")
+    oci, multi = hub.images["oci"], hub.images["multi"]
+    hub.push_image(oci, "acme/flaky", "current")
+    flaky = oci.pushed("acme/flaky", "current")
+    assert _pull_manifest(srv, flaky)[1] == oci.manifest
+    hub.push_image(multi, "acme/flaky", "current")
+    hub.inject(method="GET", path_regex=r"/manifests/", status=500)  # HEAD sees the move, GET fails
+    status, body, _ = _pull_manifest(srv, flaky)
+    assert status == 200 and body == oci.manifest
+    assert _access_lines(srv, "cache=stale")
+    hub.clear_faults()
+    assert _pull_manifest(srv, flaky)[1] == multi.manifest
+
+
 def test_head_revalidation_does_not_spend_pull_limit(hub: Hub, cargohold: Factory) -> None:
     srv = cargohold(tag_ttl="0s")
     im = hub.images["oci"]
