@@ -208,7 +208,7 @@ class PullThrough:
     async def blob(self, target: Target, digest: Digest) -> Path | Download:
         """The cached file, or the (joined) download that is fetching it now."""
         await self._confirm_blob(target, digest)
-        # No await between this check and join(): a download started here is this repository's own.
+        # With nothing to confirm _confirm_blob did not yield: a download join() starts is this repository's own.
         path = self.store.local_path(digest)
         if path is not None:
             self.index.touch("blobs", str(digest))

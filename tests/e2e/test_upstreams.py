@@ -3,12 +3,14 @@ the Host header; each upstream's credentials and tokens stay with it; one cache 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 from conftest import HUB2_USER
@@ -16,7 +18,7 @@ from conftest import HUB2_USER
 from rig.clients import Containerd, Dockerd, ensure_hosts_entries, skopeo_copy, write_hosts_toml
 from rig.hub import Hub
 from rig.server import Cargohold
-from rig.util import CommandError, http_request
+from rig.util import CommandError, http_request, wait_until
 
 HUB2 = "hub2.test"  # the registry name clients use for the second hub
 HUB2_HOST = "hub2.mirror.test"  # a host name of cargohold that means the second hub
@@ -173,10 +175,10 @@ def test_a_blob_both_upstreams_hold_is_stored_once_and_linked_per_repository(
     stored = {f"sha256:{p.name}" for p in (ch.data_dir / "blobs" / "sha256").glob("*/*")}
     assert stored == {tool.digest, *tool.blob_digests}  # one file per digest
     # hub2 was asked whether its repository holds each cached blob (HEAD), never for the bytes
-    assert hub2.blob_count("GET") == 0 and hub2.blob_count("HEAD") == len(tool.blobs)
-    assert hub.blob_count("GET") == len(tool.blobs)
+    assert hub2.blob_count("GET") == 0 and hub2.count("HEAD", r"/blobs/", status=200) == len(tool.blobs)
+    assert hub.count("GET", r"/blobs/", status=200) == len(tool.blobs)
     skopeo_copy(f"{ch.netloc}/{HUB2}/{mirrored.ref}", tmp_path / "three")
-    assert hub2.blob_count("HEAD") == len(tool.blobs)  # linked now: no more questions
+    assert hub2.count("HEAD", r"/blobs/", status=200) == len(tool.blobs)  # linked now: no more questions
 
 
 def test_cached_content_is_not_served_to_a_repository_that_does_not_hold_it(
@@ -201,3 +203,46 @@ def test_cached_content_is_not_served_to_a_repository_that_does_not_hold_it(
     res = http_request("GET", f"{ch.url}/v2/{HUB2}/{secret.repo}/blobs/{layer}")
     assert res.status == 200 and res.body == secret.layers[0].data
     assert hub2.count("GET") == 0
+
+
+async def _body(session: aiohttp.ClientSession, url: str) -> bytes:
+    async with session.get(url) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.read()
+
+
+async def test_a_download_in_flight_is_joined_through_another_repository_only_once_confirmed(
+    hub: Hub, hub2: Hub, cargohold: Callable[..., Cargohold]
+) -> None:
+    ch = _start(cargohold, hub, hub2)
+    tool, mirrored, app = hub.images["oci"], hub2.images["tool"], hub2.images["app"]
+    layer = tool.layers[0]
+    # the manifest first, so cargohold holds a token and the held blob GET is the authorized one
+    assert http_request("GET", f"{ch.url}/v2/{tool.repo}/manifests/{tool.tag}").status == 200
+    fault = hub.inject(method="GET", path_regex=rf"/blobs/{layer.digest}$", hold_after=64)
+    async with aiohttp.ClientSession() as session:
+        first = asyncio.create_task(_body(session, f"{ch.url}/v2/{tool.repo}/blobs/{layer.digest}"))
+        await asyncio.to_thread(fault.wait_waiting, 1)
+        async with session.get(f"{ch.url}/v2/{HUB2}/{app.repo}/blobs/{layer.digest}") as denied:
+            assert denied.status == 404 and (await denied.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+        second = asyncio.create_task(_body(session, f"{ch.url}/v2/{HUB2}/{mirrored.repo}/blobs/{layer.digest}"))
+        head = rf"^/v2/{mirrored.repo}/blobs/{layer.digest}$"
+        await asyncio.to_thread(wait_until, lambda: hub2.count("HEAD", head, status=200) == 1, timeout=20)
+        fault.release()
+        assert await first == await second == layer.data
+    assert hub.blob_count("GET", layer.digest) == 1
+    assert hub2.blob_count("GET") == 0
+
+
+def test_unconfirmed_cached_content_is_not_served_while_its_upstream_is_down(
+    hub: Hub, hub2: Hub, cargohold: Callable[..., Cargohold]
+) -> None:
+    ch = _start(cargohold, hub, hub2)
+    tool, mirrored = hub.images["oci"], hub2.images["tool"]
+    layer = tool.layers[0]
+    assert http_request("GET", f"{ch.url}/v2/{tool.repo}/blobs/{layer.digest}").body == layer.data
+    with hub2.down():
+        assert _error(ch, f"/v2/{HUB2}/{mirrored.repo}/blobs/{layer.digest}") == (503, "UNAVAILABLE")
+    res = http_request("GET", f"{ch.url}/v2/{HUB2}/{mirrored.repo}/blobs/{layer.digest}")
+    assert res.status == 200 and res.body == layer.data
+    assert hub2.blob_count("GET") == 0 and hub2.count("HEAD", r"/blobs/", status=200) == 1
