@@ -15,6 +15,7 @@ from cargohold.cache.download import Downloads
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import FsBlobStore
 from cargohold.config import Settings
+from cargohold.handlers.target import stamp_namespace
 from cargohold.keys import PROXY, SETTINGS
 from cargohold.middleware.observe import observe, stamp_headers
 from cargohold.proxy import PullThrough
@@ -33,6 +34,7 @@ def build_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_pull_through)
     app.on_response_prepare.append(stamp_headers)
+    app.on_response_prepare.append(stamp_namespace)
     add_routes(app)
     return app
 

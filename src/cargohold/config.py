@@ -20,6 +20,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, V
 ENV_PREFIX = "CARGOHOLD_"
 DOCKER_HUB = "docker.io"
 
+_HOSTNAME = r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?"
+_HOST = re.compile(rf"{_HOSTNAME}(:\d+)?")
+_REALM_HOST = re.compile(rf"(\*\.)?{_HOSTNAME}")
+_GLOB = re.compile(r"[a-z0-9._*?/-]{1,255}")
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
@@ -101,6 +105,9 @@ class UpstreamConfig(Strict):
     username: str | None = None
     password: SecretStr | None = None
     tag_ttl: Duration = 600.0
+    hosts: list[str] = Field(default_factory=list, description="Host header names routed to this upstream")
+    repositories: list[str] = Field(default_factory=lambda: ["**"], description="globs of repositories allowed")
+    token_realms: list[str] | None = Field(default=None, description="hosts allowed as token realm")
 
     @field_validator("name")
     @classmethod
@@ -119,11 +126,38 @@ class UpstreamConfig(Strict):
             raise ValueError("put credentials in username/password, not in the url")
         return value.rstrip("/")
 
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        return _host_names(value, _HOST, "ghcr.mirror.example.com")
+
+    @field_validator("token_realms")
+    @classmethod
+    def _token_realms(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _host_names(value, _REALM_HOST, "auth.docker.io or *.docker.io")
+
+    @field_validator("repositories")
+    @classmethod
+    def _repositories(cls, value: list[str]) -> list[str]:
+        for glob in value:
+            if not _GLOB.fullmatch(glob):
+                raise ValueError(f"invalid repository glob {glob!r} (use names with * and **, e.g. library/*)")
+        return value
+
     @model_validator(mode="after")
     def _credentials(self) -> UpstreamConfig:
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password go together")
         return self
+
+
+def _host_names(value: list[str], pattern: re.Pattern[str], example: str) -> list[str]:
+    """Host names lower-cased, each checked against `pattern`."""
+    hosts = [h.strip().lower() for h in value]
+    for host in hosts:
+        if not pattern.fullmatch(host):
+            raise ValueError(f"invalid host name {host!r} (expected e.g. {example})")
+    return hosts
 
 
 class RateLimitConfig(Strict):
@@ -170,6 +204,10 @@ class Settings(Strict):
             raise ValueError(f"upstream names must be unique, repeated: {', '.join(sorted(duplicates))}")
         if self.default_upstream is not None and self.default_upstream not in names:
             raise ValueError(f"default_upstream {self.default_upstream!r} is not the name of an upstream")
+        hosts = [h for u in self.upstreams for h in u.hosts]
+        shared = {h for h in hosts if hosts.count(h) > 1}
+        if shared:
+            raise ValueError(f"a host name routes to one upstream only, repeated: {', '.join(sorted(shared))}")
         return self
 
     @model_validator(mode="after")
