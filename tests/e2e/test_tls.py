@@ -157,6 +157,12 @@ def test_acme_certificate_serves_skopeo_and_docker_over_https(
     finally:
         shutil.rmtree(docker_certs)
 
+    # A restart serves the stored certificate from the first handshake and orders nothing.
+    srv.stop()
+    srv.start(wait=False)
+    wait_until(lambda: served_cert(srv.port, root).serial_number == stored.serial_number, timeout=30, what="restart")
+    assert srv.log_text().count("ACME certificate for registry.cargohold.test issued") == 1
+
     plain = srv.config["http_listen"]
     moved = http_request("GET", f"http://{plain}/v2/{image.ref}/tags/list?n=1", headers={"Host": f"{DOMAIN}:80"})
     assert moved.status == 308

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from cargohold.config import ConfigError, Settings, load_settings
 from cargohold.external import public_base_url
+from cargohold.healthcheck import health_url
 from cargohold.tls.context import server_context
 from cargohold.tls.plain import plain_http_app
 from rig.certs import TestCA
@@ -111,3 +112,12 @@ async def test_public_base_url_behind_a_trusted_proxy(aiohttp_client: Any) -> No
     assert await _base_url(aiohttp_client, forwarded, **trusted) == "https://registry.example.com"
     pinned = await _base_url(aiohttp_client, forwarded, external_url="https://mirror.example.org/", **trusted)
     assert pinned == "https://mirror.example.org"
+
+
+def test_health_check_url_follows_the_listeners() -> None:
+    plain = Settings(listen="0.0.0.0:5000")
+    assert health_url(plain) == "http://127.0.0.1:5000/health"
+    files = Settings(listen="[::]:8443", tls={"cert": "/c.pem", "key": "/k.pem"})
+    assert health_url(files) == "https://[::1]:8443/health"
+    acme = Settings(listen="0.0.0.0:8443", http_listen="0.0.0.0:8080", tls={"acme": {"domains": ["a.example"]}})
+    assert health_url(acme) == "http://127.0.0.1:8080/health"
