@@ -10,9 +10,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from cargohold.config import ConfigError, Settings, load_settings
+from cargohold.config import AcmeConfig, ConfigError, Settings, load_settings
 from cargohold.external import public_base_url
 from cargohold.healthcheck import health_url
+from cargohold.tls.acme import AcmeManager
 from cargohold.tls.context import server_context
 from cargohold.tls.plain import plain_http_app
 from rig.certs import TestCA
@@ -121,3 +122,15 @@ def test_health_check_url_follows_the_listeners() -> None:
     assert health_url(files) == "https://[::1]:8443/health"
     acme = Settings(listen="0.0.0.0:8443", http_listen="0.0.0.0:8080", tls={"acme": {"domains": ["a.example"]}})
     assert health_url(acme) == "http://127.0.0.1:8080/health"
+
+
+def test_a_stored_acme_pair_counts_only_when_it_loads_for_the_configured_names(tmp_path: Path) -> None:
+    manager = AcmeManager(AcmeConfig(domains=["registry.example.com"]), tmp_path)
+    assert not manager.has_certificate()
+    ca = TestCA.create()
+    ca.issue(manager.cert_path, manager.key_path, ["registry.example.com"])
+    assert manager.has_certificate()
+    ca.issue(tmp_path / "other.pem", manager.key_path, ["registry.example.com"])  # new key, old chain
+    assert not manager.has_certificate()
+    ca.issue(manager.cert_path, manager.key_path, ["old-name.example.com"])
+    assert not manager.has_certificate()

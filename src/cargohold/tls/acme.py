@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import ssl
 from pathlib import Path
 
 import josepy as jose
@@ -23,7 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from cargohold import __version__
 from cargohold.config import AcmeConfig
-from cargohold.tls.context import CertReloader, write_private
+from cargohold.tls.context import CertReloader, server_context, write_private
 
 log = logging.getLogger("cargohold.acme")
 
@@ -71,8 +72,10 @@ class AcmeManager:
         self.challenges: dict[str, str] = {}
 
     def has_certificate(self) -> bool:
-        """A stored certificate for exactly the configured names (else one is ordered at start)."""
-        if not (self.cert_path.exists() and self.key_path.exists()):
+        """A stored pair that loads, for exactly the configured names (else one is ordered at once)."""
+        try:
+            server_context(self.cert_path, self.key_path)
+        except (OSError, ssl.SSLError):  # missing, or a crash between writing the key and the chain
             return False
         return cert_names(self.cert_path.read_bytes()) == set(self.config.domains)
 
@@ -141,7 +144,7 @@ class AcmeManager:
             acme.answer_challenge(chall, response)
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
         order = acme.poll_and_finalize(order, deadline)
-        # Key first: a reload that sees the new key with the old chain fails and keeps the old pair.
+        # Were the process to die between the two writes, the pair would not load: has_certificate() says so.
         write_private(self.key_path, key_pem)
         write_private(self.cert_path, order.fullchain_pem.encode(), 0o644)
         log.info("ACME certificate for %s issued by %s", ", ".join(self.config.domains), self.config.directory)
