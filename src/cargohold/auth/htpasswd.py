@@ -59,9 +59,9 @@ def check_username(name: str) -> str:
     return name
 
 
-def hash_password(password: str, rounds: int = BCRYPT_ROUNDS) -> str:
+def hash_password(password: str, rounds: int | None = None) -> str:
     """A `$2y$` bcrypt hash: the prefix Apache writes, so both tools read what the other wrote."""
-    hashed = bcrypt.hashpw(check_password(password), bcrypt.gensalt(rounds=rounds)).decode()
+    hashed = bcrypt.hashpw(check_password(password), bcrypt.gensalt(rounds=rounds or BCRYPT_ROUNDS)).decode()
     return "$2y$" + hashed[4:]
 
 
