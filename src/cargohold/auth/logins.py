@@ -9,6 +9,7 @@ import hashlib
 import time
 from collections.abc import Callable
 
+from cargohold.auth.expiring import Expiring
 from cargohold.auth.htpasswd import PasswordError, Users, check_password, verify_password
 from cargohold.auth.throttle import LoginThrottle
 from cargohold.errors import TooManyRequests, Unauthorized
@@ -17,7 +18,7 @@ from cargohold.identity import IPAddress
 CACHE_TTL = 60.0
 MAX_CACHED = 10_000
 # Checked when the user does not exist, so an unknown name costs as much as a wrong password.
-_NO_SUCH_USER = b"$2b$12$WBPlJvJknsZzYCBh3nHM.eCACAS7NYSJf8WshMTx4novgMJ2Vt4qK"
+_NO_SUCH_USER = b"$2b$10$CWUxvK1EDNtOZjvU.mqo5OD6F13IysETFPlm64zKloqIEP.KBe5bm"
 
 
 def basic_credentials(header: str) -> tuple[str, str] | None:
@@ -45,7 +46,7 @@ class Logins:
         self.users = users
         self.throttle = throttle
         self._clock = clock
-        self._verified: dict[bytes, float] = {}
+        self._verified: Expiring[bytes, bool] = Expiring(MAX_CACHED, clock)
         self._checking: dict[bytes, asyncio.Future[bool]] = {}
 
     async def check(self, user: str, password: str, address: IPAddress) -> str:
@@ -70,8 +71,7 @@ class Logins:
     async def _verify(self, user: str, password: bytes) -> bool:
         stored = self.users.hash_of(user)
         key = hashlib.sha256(b"\0".join((user.encode(), password, stored or b""))).digest()
-        now = self._clock()
-        if stored is not None and self._verified.get(key, 0.0) > now:
+        if stored is not None and self._verified.get(key):
             return True
         pending = self._checking.get(key)
         if pending is None:
@@ -80,12 +80,5 @@ class Logins:
             pending.add_done_callback(lambda _: self._checking.pop(key, None))
         ok = await asyncio.shield(pending) and stored is not None
         if ok:
-            self._remember(key, now)
+            self._verified.put(key, True, self._clock() + CACHE_TTL)
         return ok
-
-    def _remember(self, key: bytes, now: float) -> None:
-        if len(self._verified) >= MAX_CACHED:
-            self._verified = {k: t for k, t in self._verified.items() if t > now}
-            if len(self._verified) >= MAX_CACHED:
-                self._verified.clear()
-        self._verified[key] = now + CACHE_TTL
