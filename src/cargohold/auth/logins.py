@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 
@@ -14,6 +15,8 @@ from cargohold.auth.htpasswd import PasswordError, Users, check_password, verify
 from cargohold.auth.throttle import LoginThrottle
 from cargohold.errors import TooManyRequests, Unauthorized
 from cargohold.identity import IPAddress
+
+log = logging.getLogger("cargohold.auth")
 
 CACHE_TTL = 60.0
 MAX_CACHED = 10_000
@@ -60,13 +63,18 @@ class Logins:
         try:
             raw = check_password(password)
         except PasswordError as exc:
-            self.throttle.failed(keys)
+            self._failed(keys, user, address)
             raise Unauthorized(f"login refused: {exc}") from None
         if not await self._verify(user, raw):
-            self.throttle.failed(keys)
+            self._failed(keys, user, address)
             raise Unauthorized("wrong user name or password")
         self.throttle.succeeded(keys[0])
         return user
+
+    def _failed(self, keys: tuple[str, str], user: str, address: IPAddress) -> None:
+        """Count it and say so (the name only, never the password), for operators and fail2ban alike."""
+        self.throttle.failed(keys)
+        log.warning("failed login for user %r from %s", user[:64], address)
 
     async def _verify(self, user: str, password: bytes) -> bool:
         stored = self.users.hash_of(user)
