@@ -19,14 +19,7 @@ RELOAD_INTERVAL = 1.0  # how soon an edit of the htpasswd file (a removed user) 
 
 
 async def auth_context(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    auth = app[AUTH] = Auth.open(settings)
-    log.info(
-        "auth on: %d users from %s, anonymous pulls: %s",
-        len(auth.users.users),
-        auth.users.path,
-        settings.auth.anonymous if settings.auth else False,
-    )
+    auth = app[AUTH] = Auth.open(app[SETTINGS])
     watcher = asyncio.create_task(_watch(auth.users))
     try:
         yield

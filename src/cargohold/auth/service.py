@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from cargohold.auth.acl import Acl
@@ -12,6 +13,8 @@ from cargohold.auth.tokens import Tokens, load_or_create_key
 from cargohold.config import ConfigError, Settings
 from cargohold.errors import Unauthorized
 from cargohold.identity import Identity, IPAddress
+
+log = logging.getLogger("cargohold.auth")
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Auth:
         except HtpasswdError as exc:
             raise ConfigError(f"auth.htpasswd: {exc}") from None
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        log.info("auth on: %d users from %s, anonymous pulls: %s", len(users.users), users.path, config.anonymous)
         return cls(
             users=users,
             logins=Logins(users, LoginThrottle(config.max_failed_logins, config.failed_login_window)),
