@@ -9,13 +9,14 @@ import base64
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rig.clients import Dockerd, skopeo_copy
+from rig.clients import Containerd, Dockerd, skopeo_copy, write_hosts_toml
 from rig.hub import Hub
 from rig.server import Cargohold
 from rig.util import CommandError, http_request, wait_until
@@ -48,6 +49,11 @@ def docker_login(d: Dockerd, registry: str, user: str, password: str) -> subproc
     )  # fmt: skip
 
 
+def scope_query(name: str) -> str:
+    """How a pull scope shows in the access log's /token line."""
+    return "scope=" + urllib.parse.quote(f"repository:{name}:pull", safe="")
+
+
 def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
@@ -68,6 +74,7 @@ def test_docker_login_pull_logout_rules_and_removed_user(
 
     assert docker_login(dockerd, srv.netloc, *ALICE).returncode == 0
     assert dockerd.pull(f"{srv.netloc}/{multi.ref}") == multi.digest
+    assert f"alice GET /token?account=alice&{scope_query(multi.repo)}" in srv.log_text()  # the token flow
     with pytest.raises(CommandError, match="denied"):  # alice may pull library/* only
         dockerd.pull(f"{srv.netloc}/{oci.ref}")
     assert hub.manifest_count(repo=oci.repo) == 0  # the denied pull never reached upstream
@@ -160,3 +167,17 @@ def test_anonymous_pulls_for_dockerd_registry_mirrors_by_network(
         dockerd.pull("multiarch-test")
     assert hub.manifest_count() == 0
     assert " 401 " in elsewhere_only.log_text()
+
+
+def test_containerd_logs_in_through_hosts_toml(
+    hub: Hub, containerd: Containerd, hosts_dir: Path, cargohold: Callable[..., Cargohold]
+) -> None:
+    """containerd sends `?ns=docker.io`; its token asks for the scope our challenge names."""
+    srv = auth_server(cargohold, {"rules": [{"users": ["alice"], "upstream": "docker.io"}]}, ALICE)
+    write_hosts_toml(hosts_dir, srv.url)
+    im = hub.images["multi"]
+    with pytest.raises(CommandError):
+        containerd.pull(f"docker.io/{im.ref}", hosts_dir=hosts_dir)
+    pulled = containerd.pull(f"docker.io/{im.ref}", hosts_dir=hosts_dir, user=ALICE)
+    assert pulled.digest == im.digest
+    assert scope_query(f"docker.io/{im.repo}") in srv.log_text()
