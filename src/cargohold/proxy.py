@@ -75,6 +75,18 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> 
     return bytes(body)
 
 
+async def _get_manifest(target: Target, reference: str, accept: str) -> tuple[bytes, str | None, str | None]:
+    """GET a manifest upstream: its bytes, Content-Type and claimed Docker-Content-Digest."""
+    resp = await target.upstream.open(
+        "GET", target.repository, f"/v2/{target.repository}/manifests/{reference}", {"Accept": accept}
+    )
+    async with resp:
+        if resp.status != 200:
+            raise _upstream_failure(resp, ManifestUnknown, "manifest")
+        body = await _read_limited(resp, MAX_MANIFEST, "manifest")
+        return body, resp.headers.get("Content-Type"), resp.headers.get("Docker-Content-Digest")
+
+
 class PullThrough:
     """Serves manifests, blobs and tag lists from cache, going upstream only when the rules say so."""
 
@@ -133,28 +145,23 @@ class PullThrough:
         if digest == entry.digest:
             await self.index.mark_checked(*key)
             return entry
-        if not digest or content_type not in KNOWN:
+        moved = Digest.parse_or_none(digest)
+        if moved is None or content_type not in KNOWN:
             manifest = await self._fetch_tag(target, tag, None, remember=True)
             return TagEntry(manifest.digest, manifest.media_type, time.time())
-        Digest.parse(digest)
-        log.info("tag %s/%s:%s moved from %s to %s", *key, entry.digest, digest)
-        await self.index.put_tag(*key, digest, content_type)
-        return TagEntry(digest, content_type, time.time())
+        # Fetch the new manifest before the tag points at it: if that fails, the old one is served stale.
+        await self._by_digest(target, moved)
+        log.info("tag %s/%s:%s moved from %s to %s", *key, entry.digest, moved)
+        await self.index.put_tag(*key, str(moved), content_type)
+        return TagEntry(str(moved), content_type, time.time())
 
     async def _fetch_tag(self, target: Target, tag: str, accept: frozenset[str] | None, remember: bool) -> Manifest:
         """GET a manifest by tag; `remember` records the tag (only for answers to the full Accept)."""
         accept_header = FULL_ACCEPT if accept is None else ", ".join(sorted(accept))
-        resp = await target.upstream.open(
-            "GET", target.repository, f"/v2/{target.repository}/manifests/{tag}", {"Accept": accept_header}
-        )
-        async with resp:
-            if resp.status != 200:
-                raise _upstream_failure(resp, ManifestUnknown, "manifest")
-            body = await _read_limited(resp, MAX_MANIFEST, "manifest")
-            claimed = resp.headers.get("Docker-Content-Digest")
-            content_type = resp.headers.get("Content-Type")
-        digest = Digest.of(body, Digest.parse(claimed).algorithm if claimed else "sha256")
-        if claimed and claimed != str(digest):
+        body, content_type, claimed = await _get_manifest(target, tag, accept_header)
+        parsed = Digest.parse_or_none(claimed)
+        digest = Digest.of(body, parsed.algorithm if parsed else "sha256")
+        if claimed and parsed != digest:
             raise UpstreamInvalid("upstream manifest does not match its Docker-Content-Digest", {"claimed": claimed, "actual": str(digest)})
         manifest = await self._keep_manifest(digest, body, content_type)
         if remember:
@@ -171,14 +178,7 @@ class PullThrough:
         return await self._manifests.run(("digest", str(digest)), lambda: self._fetch_digest(target, digest))
 
     async def _fetch_digest(self, target: Target, digest: Digest) -> Manifest:
-        resp = await target.upstream.open(
-            "GET", target.repository, f"/v2/{target.repository}/manifests/{digest}", {"Accept": FULL_ACCEPT}
-        )
-        async with resp:
-            if resp.status != 200:
-                raise _upstream_failure(resp, ManifestUnknown, "manifest")
-            body = await _read_limited(resp, MAX_MANIFEST, "manifest")
-            content_type = resp.headers.get("Content-Type")
+        body, content_type, _ = await _get_manifest(target, str(digest), FULL_ACCEPT)
         if Digest.of(body, digest.algorithm) != digest:
             raise UpstreamInvalid("upstream manifest does not match the requested digest", {"digest": str(digest)})
         return await self._keep_manifest(digest, body, content_type)
