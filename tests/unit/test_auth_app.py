@@ -74,7 +74,7 @@ async def make_client(tmp_path: Path) -> AsyncIterator[tuple[Client, Counter[str
             "data_dir": str(tmp_path / "data"),
             "upstreams": [
                 {"name": "docker.io", "url": str(upstream.make_url(""))},
-                {"name": "ghcr.io", "url": str(upstream.make_url(""))},
+                {"name": "ghcr.io", "url": str(upstream.make_url("")), "hosts": ["ghcr.mirror.test"]},
             ],
             "rate_limit": {"trusted_proxies": ["127.0.0.0/8"]},
             **top,
@@ -250,3 +250,19 @@ def test_bad_htpasswd_stops_the_start(tmp_path: Path) -> None:
     settings = Settings.model_validate({"data_dir": str(tmp_path / "d"), "auth": {"htpasswd": str(path)}})
     with pytest.raises(ConfigError, match=r"auth\.htpasswd: .*htpasswd line 1: user 'alice': Apache MD5"):
         Auth.open(settings)
+
+
+
+async def test_token_names_resolve_at_the_host_the_client_used(make_client: Any) -> None:
+    """At ghcr.mirror.test (routed to ghcr.io by `hosts`) a token for `owner/app` means ghcr.io/owner/app."""
+    make, counts = make_client
+    client = await make({"rules": [{"users": ["alice"], "upstream": "ghcr.io", "repositories": ["owner/*"]}]})
+    at_ghcr = {"Host": "ghcr.mirror.test"}
+    resp = await client.get("/token", params={"scope": "repository:owner/app:pull"}, headers={**basic("alice"), **at_ghcr})
+    token = (await resp.json())["token"]
+    resp = await client.get("/v2/owner/app/tags/list", headers={**bearer(token), **at_ghcr})
+    assert resp.status == 200, await resp.text()
+    # The same token at the default host names docker.io/owner/app, which alice may not pull.
+    resp = await client.get("/v2/owner/app/tags/list", headers=bearer(token))
+    assert resp.status in (401, 403)
+    assert counts == Counter({"owner/app": 1})

@@ -27,7 +27,7 @@ def _granted(request: web.Request, auth: Auth, who: Identity, scope: Scope) -> S
     if not actions:
         return None
     try:
-        target = proxy_of(request).router.resolve(scope.name)
+        target = proxy_of(request).router.resolve(scope.name, host=request.host)
     except RegistryError:
         return None
     if not auth.acl.allows(who, target.upstream.name, target.repository):

@@ -80,7 +80,7 @@ def _covers(request: web.Request, grant: Grant, upstream: str, repository: str) 
         if "pull" not in actions:
             continue
         try:
-            target = router.resolve(name)
+            target = router.resolve(name, host=request.host)  # names as the client used them at this Host
         except RegistryError:
             continue
         if target.upstream.name == upstream and target.repository == repository:
