@@ -1,4 +1,4 @@
-"""`cargohold serve | config check`."""
+"""`cargohold serve | config check | user ...`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 
 from cargohold import __version__
 from cargohold.config import ConfigError, Settings, load_settings
+from cargohold.usercli import UserCommandError, add_user_commands, run_user_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a config file and exit")
     check.add_argument("file")
+    add_user_commands(commands)
     return parser
 
 
@@ -50,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
             settings = load_settings(args.file)
             print(f"{args.file}: ok ({len(settings.upstreams)} upstream(s), default {settings.default.name})")
             return 0
+        if args.command == "user":
+            return run_user_command(args)
         settings = load_settings(args.config, overrides={"listen": args.listen, "data_dir": args.data_dir})
+        serve(settings)  # a ConfigError can also come from start-up (e.g. a bad htpasswd entry)
     except ConfigError as exc:
         print(f"cargohold: config error: {exc}", file=sys.stderr)
         return 2
-    serve(settings)
+    except UserCommandError as exc:
+        print(f"cargohold: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -166,6 +166,36 @@ class RateLimitConfig(Strict):
     trusted_proxies: list[IPv4Network | IPv6Network] = Field(default_factory=list)
 
 
+class AccessRule(Strict):
+    """Who (users, groups; neither: everyone let in, anonymous too) may do what where (globs)."""
+
+    users: list[str] = Field(default_factory=list, description='user names; "*" is any logged-in user')
+    groups: list[str] = Field(default_factory=list)
+    upstream: str = Field(default="*", description="glob on the upstream name, e.g. docker.io")
+    repositories: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    actions: list[Literal["pull"]] = Field(default_factory=lambda: ["pull"], min_length=1)
+
+
+class AuthConfig(Strict):
+    """Logins: users in an htpasswd file, tokens from our /token, access rules per repository."""
+
+    htpasswd: Path
+    anonymous: bool | list[IPv4Network | IPv6Network] = False
+    rules: list[AccessRule] | None = Field(default=None, description="unset: every user may pull everything")
+    groups: dict[str, list[str]] = Field(default_factory=dict, description="group name -> user names")
+    token_ttl: Duration = 300.0
+    max_failed_logins: int = Field(default=10, ge=1)
+    failed_login_window: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _known_groups(self) -> AuthConfig:
+        for rule in self.rules or []:
+            unknown = [g for g in rule.groups if g not in self.groups]
+            if unknown:
+                raise ValueError(f"rules name groups not defined in auth.groups: {', '.join(unknown)}")
+        return self
+
+
 def _default_upstreams() -> list[UpstreamConfig]:
     return [UpstreamConfig(name=DOCKER_HUB, url="https://registry-1.docker.io")]
 
@@ -181,6 +211,7 @@ class Settings(Strict):
     default_upstream: str | None = None
     log_level: str = "info"
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    auth: AuthConfig | None = None
     external_url: str | None = None
 
     @field_validator("listen")
