@@ -5,7 +5,11 @@ Let's Encrypt replaced by free loopback ports, a temp dir and pebble), with its 
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
+import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -19,7 +23,7 @@ from rig.certs import peer_certificate
 from rig.clients import need_binary
 from rig.pebble import Pebble
 from rig.server import REPO_ROOT
-from rig.util import CommandError, free_port, run, start_process, stop_process, tail, wait_until
+from rig.util import CommandError, free_port, http_request, run, start_process, stop_process, tail, wait_until
 
 DEPLOY = REPO_ROOT / "deploy"
 EXAMPLE_DOMAIN = "registry.example.com"  # from .env.example; challtestsrv resolves every name to 127.0.0.1
@@ -102,54 +106,98 @@ def test_dockerfile_runs_as_a_user_with_data_on_a_volume() -> None:
     assert json.loads(d["ENTRYPOINT"][0]) + json.loads(d["CMD"][0]) == ["cargohold", "serve"]
 
 
-def _healthcheck(env: Mapping[str, str]) -> int:
-    command = dockerfile()["HEALTHCHECK"][0].split(" CMD ", 1)[1]
-    argv = exec_form(command)
-    return subprocess.run(argv, env=dict(env), capture_output=True, timeout=30, cwd=REPO_ROOT).returncode
+class Container:
+    """The image's commands run here, with a compose service's environment plus overrides that stand
+    in for what a container would give (the /data volume is a temp dir; ports are free loopback ones)."""
 
-
-@pytest.fixture
-def container(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], dict[str, str]]]:
-    """Run the image's ENTRYPOINT + CMD here with a compose service's environment plus overrides;
-    returns the environment it runs with (the HEALTHCHECK needs the same)."""
-    procs: list[subprocess.Popen[bytes]] = []
-    log = tmp_path / "container.log"
-
-    def start(environment: dict[str, str]) -> dict[str, str]:
-        d = dockerfile()
-        env = {
+    def __init__(self, workdir: Path, compose_file: str, overrides: Mapping[str, str]) -> None:
+        self.workdir = workdir
+        self.data = workdir / "data"
+        self.data.mkdir(exist_ok=True)
+        service = compose_config(compose_file)["services"]["cargohold"]
+        self.env = {
             "PATH": "/usr/bin:/bin",
             "PYTHONPATH": str(REPO_ROOT / "src"),
             "CARGOHOLD_CONFIG": str(DEPLOY / "cargohold.yaml"),  # COPY'd to the ENV path in the image
-            "CARGOHOLD_DATA_DIR": str(tmp_path / "data"),  # the /data volume
-            **environment,
+            **{str(k): str(v) for k, v in service["environment"].items()},
+            "CARGOHOLD_DATA_DIR": str(self.data),  # the config's /data
+            "CARGOHOLD_AUTH__HTPASSWD": str(self.data / "htpasswd"),  # the config's /data/htpasswd
+            **overrides,
         }
-        argv = exec_form(d["ENTRYPOINT"][0]) + json.loads(d["CMD"][0])
-        procs.append(start_process(argv, log, env=env, cwd=tmp_path))
-        return env
+        self.log = workdir / "container.log"
+        self._proc: subprocess.Popen[bytes] | None = None
 
-    yield start
-    for p in procs:
-        stop_process(p)
-    if log.exists():
-        print(tail(log))
+    def run(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        """`docker compose run --rm cargohold ARGS`: the ENTRYPOINT with other arguments."""
+        argv = exec_form(dockerfile()["ENTRYPOINT"][0]) + list(args)
+        return subprocess.run(argv, env=self.env, input=stdin, capture_output=True, text=True, timeout=60, cwd=self.workdir)
+
+    def start(self) -> Container:
+        """`docker compose up`: ENTRYPOINT + CMD."""
+        d = dockerfile()
+        argv = exec_form(d["ENTRYPOINT"][0]) + json.loads(d["CMD"][0])
+        self._proc = start_process(argv, self.log, env=self.env, cwd=self.workdir)
+        return self
+
+    def healthcheck(self, **changes: str) -> int:
+        """The HEALTHCHECK command's exit code (0 healthy)."""
+        argv = exec_form(dockerfile()["HEALTHCHECK"][0].split(" CMD ", 1)[1])
+        env = {**self.env, **changes}
+        return subprocess.run(argv, env=env, capture_output=True, timeout=30, cwd=self.workdir).returncode
+
+    def stop(self) -> None:
+        stop_process(self._proc)
+        print(tail(self.log))
+
+
+@pytest.fixture
+def container(tmp_path: Path) -> Iterator[Callable[..., Container]]:
+    """Factory: container(compose_file, **overrides) -> Container (stopped at teardown)."""
+    made: list[Container] = []
+
+    def make(compose_file: str, **overrides: str) -> Container:
+        made.append(Container(tmp_path, compose_file, overrides))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def _first_user(c: Container) -> None:
+    """The set-up step before the first start: `docker compose run --rm cargohold user add alice`."""
+    added = c.run("user", "add", "alice", "--password-stdin", stdin="alice-password\n")
+    assert added.returncode == 0, added.stderr
+    assert "alice:$2y$" in (c.data / "htpasswd").read_text()
+
+
+def _https_get(port: int, cafile: Path, headers: dict[str, str]) -> tuple[int, str]:
+    """GET /v2/ over HTTPS verified for EXAMPLE_DOMAIN: (status, WWW-Authenticate)."""
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=EXAMPLE_DOMAIN) as tls:
+            conn = http.client.HTTPConnection(EXAMPLE_DOMAIN, port)
+            conn.sock = tls
+            conn.request("GET", "/v2/", headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status, resp.getheader("WWW-Authenticate", "")
 
 
 def test_standalone_container_command_gets_a_certificate(
-    container: Callable[[dict[str, str]], dict[str, str]], pebble: Callable[..., Pebble], tmp_path: Path
+    container: Callable[..., Container], pebble: Callable[..., Pebble], tmp_path: Path
 ) -> None:
-    environment = {str(k): str(v) for k, v in compose_config("docker-compose.yml")["services"]["cargohold"]["environment"].items()}
     https_port, http_port = free_port(), free_port()
     ca = pebble(http_port)  # stands in for Let's Encrypt, validating on what would be port 80
-    env = container(
-        {
-            **environment,
-            "CARGOHOLD_LISTEN": f"127.0.0.1:{https_port}",
-            "CARGOHOLD_HTTP_LISTEN": f"127.0.0.1:{http_port}",
-            "CARGOHOLD_TLS__ACME__DIRECTORY": ca.directory,
-            "CARGOHOLD_TLS__ACME__CA_BUNDLE": str(ca.ca_pem),
-        }
+    c = container(
+        "docker-compose.yml",
+        CARGOHOLD_LISTEN=f"127.0.0.1:{https_port}",
+        CARGOHOLD_HTTP_LISTEN=f"127.0.0.1:{http_port}",
+        CARGOHOLD_TLS__ACME__DIRECTORY=ca.directory,
+        CARGOHOLD_TLS__ACME__CA_BUNDLE=str(ca.ca_pem),
     )
+    _first_user(c)
+    c.start()
     root = tmp_path / "root.pem"
     root.write_bytes(ca.root_pem())
     wait_until(
@@ -158,14 +206,22 @@ def test_standalone_container_command_gets_a_certificate(
         interval=0.2,
         what="the container's ACME certificate",
     )
-    assert _healthcheck(env) == 0
-    assert (tmp_path / "data" / "acme" / "cert.pem").exists()
+    assert c.healthcheck() == 0
+    assert (c.data / "acme" / "cert.pem").exists()
+    # Logins: the challenge names the public URL (external_url from REGISTRY_DOMAIN), Basic works.
+    status, challenge = _https_get(https_port, root, {})
+    assert status == 401 and challenge.startswith(f'Bearer realm="https://{EXAMPLE_DOMAIN}/token"')
+    login = {"Authorization": "Basic " + base64.b64encode(b"alice:alice-password").decode()}
+    assert _https_get(https_port, root, login)[0] == 200
 
 
-def test_traefik_container_command_serves_plain_http(container: Callable[[dict[str, str]], dict[str, str]]) -> None:
-    environment = compose_config("docker-compose.traefik.yml")["services"]["cargohold"]["environment"]
+def test_traefik_container_command_serves_plain_http(container: Callable[..., Container]) -> None:
     port = free_port()
-    env = container({**{str(k): str(v) for k, v in environment.items()}, "CARGOHOLD_LISTEN": f"127.0.0.1:{port}"})
-    wait_until(lambda: _healthcheck(env) == 0, timeout=30, interval=0.2, what="the HEALTHCHECK to pass")
-    stopped = {**env, "CARGOHOLD_LISTEN": f"127.0.0.1:{free_port()}"}
-    assert _healthcheck(stopped) == 1  # nothing listens there: unhealthy
+    c = container("docker-compose.traefik.yml", CARGOHOLD_LISTEN=f"127.0.0.1:{port}")
+    _first_user(c)
+    c.start()
+    wait_until(lambda: c.healthcheck() == 0, timeout=30, interval=0.2, what="the HEALTHCHECK to pass")
+    assert c.healthcheck(CARGOHOLD_LISTEN=f"127.0.0.1:{free_port()}") == 1  # nothing listens there
+    # Traefik ends TLS: the challenge still names https://REGISTRY_DOMAIN (external_url).
+    refused = http_request("GET", f"http://127.0.0.1:{port}/v2/")
+    assert refused.header("WWW-Authenticate", "").startswith(f'Bearer realm="https://{EXAMPLE_DOMAIN}/token"')
