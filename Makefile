@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 run: venv
 	$(VENV)/bin/cargohold serve $(if $(CONFIG),--config $(CONFIG))
 
+# pebble: the ACME CA of the TLS tests; docker-compose: checks deploy/'s compose files.
+APT_PACKAGES += pebble docker-compose
+
 system-packages:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -4,12 +4,16 @@ Fixtures
   hub_session (session)  the Docker Hub look-alike, started once, standard images pushed once
   hub         (function) the same hub, reset (no faults, no counts, default flags) around each test
   hub_images  (session)  hub.images: key -> pushed Image (see STANDARD IMAGES below)
+  hub2        (function) a second, independent hub (own registry, token service, users, images;
+                         see HUB2 IMAGES), reset around each test like `hub`
   hosts_entries (session) Docker Hub names -> 127.0.0.1 in /etc/hosts (root)
   dockerd     (function) a session dockerd with no images and no mirrors at test start (root)
   containerd  (session)  a private containerd; pull into a fresh namespace per pull (root)
   hosts_dir   (function) an empty dir for containerd hosts.toml files
   cargohold   (function) factory: cargohold(overrides=None, *, tag_ttl=..., upstream=..., env=...,
                          start=True, **top_level) -> rig.server.Cargohold, stopped at teardown
+  pebble      (function) factory: pebble(http_port, validity=None) -> rig.pebble.Pebble, an ACME CA
+                         validating HTTP-01 against 127.0.0.1:http_port, stopped at teardown
 
 STANDARD IMAGES (hub.images[key].ref):
   multi         library/alpine-test:latest     Docker schema2, 3 gzip layers
@@ -20,6 +24,11 @@ STANDARD IMAGES (hub.images[key].ref):
   layers21      acme/layers21:latest           Docker schema2, 21 small layers
   private       acme/private:latest            anonymous pulls denied; user pusher/pushpass may
 Tests that retag or delete must use their own repos (e.g. push a fresh simple_image first).
+
+HUB2 IMAGES (hub2.images[key].ref; tokens for service "hub2.test"; user h2user/h2pass):
+  app           team/app:1.0                   Docker schema2, 2 layers
+  secret        team/secret:latest             anonymous pulls denied; h2user may
+  tool          mirror/tool:1.0                the same image, byte for byte, as hub's acme/tool:1.0
 
 Markers: docker, containerd (tests using those fixtures get them automatically; skipped only
 when not root), slow.
@@ -41,9 +50,10 @@ if _TESTS not in sys.path:  # `rig` is imported as a top-level package (also by 
 
 from rig.clients import Containerd, Dockerd, ensure_hosts_entries  # noqa: E402
 from rig.hub import Hub  # noqa: E402
-from rig.images import Image  # noqa: E402
+from rig.images import Image, simple_image  # noqa: E402
 from rig.server import Cargohold  # noqa: E402
 from rig.util import tail  # noqa: E402
+from rig.pebble import Pebble  # noqa: E402
 
 IS_ROOT = os.geteuid() == 0
 
@@ -129,6 +139,36 @@ def hub(hub_session: Hub, request: pytest.FixtureRequest) -> Iterator[Hub]:
 @pytest.fixture(scope="session")
 def hub_images(hub_session: Hub) -> dict[str, Image]:
     return hub_session.images
+
+
+HUB2_USER = ("h2user", "h2pass")
+
+
+@pytest.fixture(scope="session")
+def hub2_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    """A second Docker Hub look-alike, started and seeded once per session."""
+    h = Hub(
+        tmp_path_factory.mktemp("hub2"),
+        users=dict([HUB2_USER]),
+        private_repos=("team/secret",),
+        service="hub2.test",
+        issuer="cargohold-rig-auth-2",
+    )
+    with h:
+        h.images["app"] = h.push_image(simple_image("hub2-app"), "team/app", "1.0")
+        h.images["secret"] = h.push_image(simple_image("hub2-secret"), "team/secret", "latest")
+        h.images["tool"] = h.push_image(simple_image("oci", layers=2, oci=True), "mirror/tool", "1.0")
+        h.reset_counts()
+        yield h
+
+
+@pytest.fixture
+def hub2(hub2_session: Hub, request: pytest.FixtureRequest) -> Iterator[Hub]:
+    """The second hub with a clean slate, like `hub`."""
+    hub2_session.reset()
+    _on_failure(request, "hub2", lambda: _hub_report(hub2_session))
+    yield hub2_session
+    hub2_session.reset()
 
 
 # -- clients ----------------------------------------------------------------------------------
@@ -217,3 +257,22 @@ def cargohold(
     yield factory
     for srv in servers:
         srv.stop()
+
+
+# -- ACME -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pebble(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Callable[..., Pebble]]:
+    """Factory: pebble(http_port, validity=None) -> a started Pebble (a new root CA each)."""
+    started: list[Pebble] = []
+
+    def factory(http_port: int, validity: int | None = None) -> Pebble:
+        p = Pebble(tmp_path_factory.mktemp("pebble"), http_port=http_port, validity=validity)
+        started.append(p)
+        _on_failure(request, "pebble log", p.log_text)
+        return p.start()
+
+    yield factory
+    for p in started:
+        p.stop()

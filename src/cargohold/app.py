@@ -11,11 +11,14 @@ import aiohttp
 from aiohttp import web
 
 from cargohold import __version__
+from cargohold.auth.context import auth_context
 from cargohold.cache.download import Downloads
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import FsBlobStore
 from cargohold.config import Settings
+from cargohold.handlers.target import stamp_namespace
 from cargohold.keys import PROXY, SETTINGS
+from cargohold.middleware.auth import authenticate
 from cargohold.middleware.observe import observe, stamp_headers
 from cargohold.proxy import PullThrough
 from cargohold.routes import add_routes
@@ -32,10 +35,13 @@ UPSTREAM_READ_BUFFER = 1 << 20
 
 def build_app(settings: Settings) -> web.Application:
     # Clients only ever send small requests to a read-only mirror.
-    app = web.Application(middlewares=[observe], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[observe, authenticate], client_max_size=64 * 1024)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_pull_through)
+    if settings.auth is not None:
+        app.cleanup_ctx.append(auth_context)
     app.on_response_prepare.append(stamp_headers)
+    app.on_response_prepare.append(stamp_namespace)
     add_routes(app)
     return app
 

@@ -1,4 +1,4 @@
-"""`cargohold serve | config check`."""
+"""`cargohold serve | config check | user ...`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import logging
 import os
 import sys
 
-from aiohttp import web
-
 from cargohold import __version__
-from cargohold.config import ConfigError, Settings, load_settings, split_host_port
+from cargohold.config import ConfigError, Settings, load_settings
+from cargohold.usercli import UserCommandError, add_user_commands, run_user_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a config file and exit")
     check.add_argument("file")
+    add_user_commands(commands)
     return parser
 
 
@@ -39,27 +39,10 @@ def _setup_logging(level: str) -> None:
 
 
 def serve(settings: Settings) -> None:
-    from cargohold.app import build_app
-    from cargohold.middleware.observe import AccessLogger
+    from cargohold.serving import run
 
     _setup_logging(settings.log_level)
-    host, port = split_host_port(settings.listen)
-    logging.getLogger("cargohold").info(
-        "cargohold %s listening on %s, cache in %s, upstreams: %s",
-        __version__,
-        settings.listen,
-        settings.data_dir,
-        ", ".join(f"{u.name}={u.url}" for u in settings.upstreams),
-    )
-    web.run_app(
-        build_app(settings),
-        host=host,
-        port=port,
-        access_log_class=AccessLogger,
-        access_log=logging.getLogger("cargohold.access"),
-        print=None,
-        shutdown_timeout=5,
-    )
+    run(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
             settings = load_settings(args.file)
             print(f"{args.file}: ok ({len(settings.upstreams)} upstream(s), default {settings.default.name})")
             return 0
+        if args.command == "user":
+            return run_user_command(args)
         settings = load_settings(args.config, overrides={"listen": args.listen, "data_dir": args.data_dir})
+        serve(settings)  # a ConfigError can also come from start-up (e.g. a bad htpasswd entry)
     except ConfigError as exc:
         print(f"cargohold: config error: {exc}", file=sys.stderr)
         return 2
-    serve(settings)
+    except UserCommandError as exc:
+        print(f"cargohold: {exc}", file=sys.stderr)
+        return 1
     return 0

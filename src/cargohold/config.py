@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -20,6 +20,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, V
 ENV_PREFIX = "CARGOHOLD_"
 DOCKER_HUB = "docker.io"
 
+_HOSTNAME = r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?"
+_HOST = re.compile(rf"{_HOSTNAME}(:\d+)?")
+_REALM_HOST = re.compile(rf"(\*\.)?{_HOSTNAME}")
+_GLOB = re.compile(r"[a-z0-9._*?/-]{1,255}")
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
@@ -53,6 +57,46 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+class AcmeConfig(Strict):
+    """Automatic certificates: HTTP-01 answered on `http_listen`, stored in data_dir/acme."""
+
+    domains: list[str] = Field(min_length=1)
+    email: str | None = None
+    directory: str = LETS_ENCRYPT
+    ca_bundle: Path | None = Field(default=None, description="CA file to trust for a private ACME directory")
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]*[a-z0-9])?", name):
+                raise ValueError(f"invalid domain {name!r} (expected a DNS name like registry.example.com)")
+        return value
+
+
+class TlsConfig(Strict):
+    """HTTPS on `listen`: certificate files (reloaded when they change) or ACME, not both."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    acme: AcmeConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        if self.cert is not None and self.acme is not None:
+            raise ValueError("use either cert/key files or acme, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None or self.acme is not None
+
+
 class UpstreamConfig(Strict):
     """One registry that cargohold pulls through."""
 
@@ -61,6 +105,9 @@ class UpstreamConfig(Strict):
     username: str | None = None
     password: SecretStr | None = None
     tag_ttl: Duration = 600.0
+    hosts: list[str] = Field(default_factory=list, description="Host header names routed to this upstream")
+    repositories: list[str] = Field(default_factory=lambda: ["**"], description="globs of repositories allowed")
+    token_realms: list[str] | None = Field(default=None, description="hosts allowed as token realm")
 
     @field_validator("name")
     @classmethod
@@ -79,6 +126,24 @@ class UpstreamConfig(Strict):
             raise ValueError("put credentials in username/password, not in the url")
         return value.rstrip("/")
 
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        return _host_names(value, _HOST, "ghcr.mirror.example.com")
+
+    @field_validator("token_realms")
+    @classmethod
+    def _token_realms(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _host_names(value, _REALM_HOST, "auth.docker.io or *.docker.io")
+
+    @field_validator("repositories")
+    @classmethod
+    def _repositories(cls, value: list[str]) -> list[str]:
+        for glob in value:
+            if not _GLOB.fullmatch(glob):
+                raise ValueError(f"invalid repository glob {glob!r} (use names with * and **, e.g. library/*)")
+        return value
+
     @model_validator(mode="after")
     def _credentials(self) -> UpstreamConfig:
         if (self.username is None) != (self.password is None):
@@ -86,10 +151,49 @@ class UpstreamConfig(Strict):
         return self
 
 
+def _host_names(value: list[str], pattern: re.Pattern[str], example: str) -> list[str]:
+    """Host names lower-cased, each checked against `pattern`."""
+    hosts = [h.strip().lower() for h in value]
+    for host in hosts:
+        if not pattern.fullmatch(host):
+            raise ValueError(f"invalid host name {host!r} (expected e.g. {example})")
+    return hosts
+
+
 class RateLimitConfig(Strict):
     """Request limits; `trusted_proxies` also decides whose X-Forwarded-For is believed."""
 
     trusted_proxies: list[IPv4Network | IPv6Network] = Field(default_factory=list)
+
+
+class AccessRule(Strict):
+    """Who (users, groups; neither: everyone let in, anonymous too) may do what where (globs)."""
+
+    users: list[str] = Field(default_factory=list, description='user names; "*" is any logged-in user')
+    groups: list[str] = Field(default_factory=list)
+    upstream: str = Field(default="*", description="glob on the upstream name, e.g. docker.io")
+    repositories: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    actions: list[Literal["pull"]] = Field(default_factory=lambda: ["pull"], min_length=1)
+
+
+class AuthConfig(Strict):
+    """Logins: users in an htpasswd file, tokens from our /token, access rules per repository."""
+
+    htpasswd: Path
+    anonymous: bool | list[IPv4Network | IPv6Network] = False
+    rules: list[AccessRule] | None = Field(default=None, description="unset: every user may pull everything")
+    groups: dict[str, list[str]] = Field(default_factory=dict, description="group name -> user names")
+    token_ttl: Duration = 300.0
+    max_failed_logins: int = Field(default=10, ge=1)
+    failed_login_window: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _known_groups(self) -> AuthConfig:
+        for rule in self.rules or []:
+            unknown = [g for g in rule.groups if g not in self.groups]
+            if unknown:
+                raise ValueError(f"rules name groups not defined in auth.groups: {', '.join(unknown)}")
+        return self
 
 
 def _default_upstreams() -> list[UpstreamConfig]:
@@ -100,11 +204,15 @@ class Settings(Strict):
     """The whole configuration of one cargohold instance."""
 
     listen: str = "127.0.0.1:5000"
+    http_listen: str | None = None
+    tls: TlsConfig = Field(default_factory=TlsConfig)
     data_dir: Path = Path("./data")
     upstreams: list[UpstreamConfig] = Field(default_factory=_default_upstreams, min_length=1)
     default_upstream: str | None = None
     log_level: str = "info"
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    auth: AuthConfig | None = None
+    external_url: str | None = None
 
     @field_validator("listen")
     @classmethod
@@ -127,6 +235,24 @@ class Settings(Strict):
             raise ValueError(f"upstream names must be unique, repeated: {', '.join(sorted(duplicates))}")
         if self.default_upstream is not None and self.default_upstream not in names:
             raise ValueError(f"default_upstream {self.default_upstream!r} is not the name of an upstream")
+        hosts = [h for u in self.upstreams for h in u.hosts]
+        shared = {h for h in hosts if hosts.count(h) > 1}
+        if shared:
+            raise ValueError(f"a host name routes to one upstream only, repeated: {', '.join(sorted(shared))}")
+        return self
+
+    @model_validator(mode="after")
+    def _serving(self) -> Settings:
+        if self.http_listen is not None:
+            split_host_port(self.http_listen)
+            if not self.tls.enabled:
+                raise ValueError("http_listen redirects to HTTPS and answers ACME: it needs tls.cert/key or tls.acme")
+        if self.tls.acme is not None and self.http_listen is None:
+            raise ValueError("tls.acme needs http_listen (the HTTP-01 challenge is answered there, port 80 outside)")
+        if self.external_url is not None:
+            parts = urlsplit(self.external_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+                raise ValueError(f"invalid external_url {self.external_url!r} (expected https://host[:port])")
         return self
 
     @property

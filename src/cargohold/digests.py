@@ -37,6 +37,14 @@ class Digest:
         return cls(algorithm, hexpart)
 
     @classmethod
+    def parse_or_none(cls, text: str | None) -> Digest | None:
+        """For digests an upstream claims: a bad one is the upstream's fault, not the client's."""
+        try:
+            return cls.parse(text) if text else None
+        except DigestInvalid:
+            return None
+
+    @classmethod
     def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
         return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
 

@@ -71,6 +71,22 @@ class NotFound(RegistryError):
     status, code = 404, "NOT_FOUND"
 
 
+class Unauthorized(RegistryError):
+    """No usable credentials: the client should log in (the challenge goes in WWW-Authenticate)."""
+
+    status, code = 401, "UNAUTHORIZED"
+
+
+class Denied(RegistryError):
+    """Logged in, but the access rules do not allow this."""
+
+    status, code = 403, "DENIED"
+
+
+class TooManyRequests(RegistryError):
+    status, code = 429, "TOOMANYREQUESTS"
+
+
 class UpstreamError(RegistryError):
     """The upstream could not give a usable answer; serving stale content is allowed."""
 

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from cargohold.auth.service import Auth
 from cargohold.config import Settings
 from cargohold.proxy import PullThrough
 from cargohold.upstream.routes import Target
 
 SETTINGS = web.AppKey("settings", Settings)
 PROXY = web.AppKey("proxy", PullThrough)
+AUTH = web.AppKey("auth", Auth)  # only when `auth` is configured
 
 # Per request: its id, how the cache answered (hit/miss/stale, for the access log), its target.
 REQUEST_ID = web.RequestKey("request_id", str)
 CACHE = web.RequestKey("cache", str)
 TARGET = web.RequestKey("target", Target)
+
+# The plain-HTTP listener (http_listen): pending ACME HTTP-01 answers and where HTTPS listens.
+ACME_CHALLENGES = web.AppKey("acme_challenges", dict[str, str])
+HTTPS_PORT = web.AppKey("https_port", int)

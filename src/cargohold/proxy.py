@@ -75,6 +75,22 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> 
     return bytes(body)
 
 
+async def _get_manifest(target: Target, reference: str, accept: str) -> tuple[bytes, str | None, str | None]:
+    """GET a manifest upstream: its bytes, Content-Type and claimed Docker-Content-Digest."""
+    resp = await target.upstream.open(
+        "GET", target.repository, f"/v2/{target.repository}/manifests/{reference}", {"Accept": accept}
+    )
+    async with resp:
+        if resp.status != 200:
+            raise _upstream_failure(resp, ManifestUnknown, "manifest")
+        body = await _read_limited(resp, MAX_MANIFEST, "manifest")
+        return body, resp.headers.get("Content-Type"), resp.headers.get("Docker-Content-Digest")
+
+
+def _source(target: Target) -> tuple[str, str]:
+    return target.upstream.name, target.repository
+
+
 class PullThrough:
     """Serves manifests, blobs and tag lists from cache, going upstream only when the rules say so."""
 
@@ -85,6 +101,7 @@ class PullThrough:
         self.downloads = downloads
         self._manifests: SingleFlight[Manifest] = SingleFlight()
         self._tags: SingleFlight[TagEntry] = SingleFlight()
+        self._links: SingleFlight[None] = SingleFlight()
 
     # manifests
 
@@ -133,30 +150,27 @@ class PullThrough:
         if digest == entry.digest:
             await self.index.mark_checked(*key)
             return entry
-        if not digest or content_type not in KNOWN:
+        moved = Digest.parse_or_none(digest)
+        if moved is None or content_type not in KNOWN:
             manifest = await self._fetch_tag(target, tag, None, remember=True)
             return TagEntry(manifest.digest, manifest.media_type, time.time())
-        Digest.parse(digest)
-        log.info("tag %s/%s:%s moved from %s to %s", *key, entry.digest, digest)
-        await self.index.put_tag(*key, digest, content_type)
-        return TagEntry(digest, content_type, time.time())
+        # The upstream just named this digest for this repository: link it, so no HEAD is needed to serve it.
+        await self._link(target, str(moved))
+        # Fetch the new manifest before the tag points at it: if that fails, the old one is served stale.
+        await self._by_digest(target, moved)
+        log.info("tag %s/%s:%s moved from %s to %s", *key, entry.digest, moved)
+        await self.index.put_tag(*key, str(moved), content_type)
+        return TagEntry(str(moved), content_type, time.time())
 
     async def _fetch_tag(self, target: Target, tag: str, accept: frozenset[str] | None, remember: bool) -> Manifest:
         """GET a manifest by tag; `remember` records the tag (only for answers to the full Accept)."""
         accept_header = FULL_ACCEPT if accept is None else ", ".join(sorted(accept))
-        resp = await target.upstream.open(
-            "GET", target.repository, f"/v2/{target.repository}/manifests/{tag}", {"Accept": accept_header}
-        )
-        async with resp:
-            if resp.status != 200:
-                raise _upstream_failure(resp, ManifestUnknown, "manifest")
-            body = await _read_limited(resp, MAX_MANIFEST, "manifest")
-            claimed = resp.headers.get("Docker-Content-Digest")
-            content_type = resp.headers.get("Content-Type")
-        digest = Digest.of(body, Digest.parse(claimed).algorithm if claimed else "sha256")
-        if claimed and claimed != str(digest):
+        body, content_type, claimed = await _get_manifest(target, tag, accept_header)
+        parsed = Digest.parse_or_none(claimed)
+        digest = Digest.of(body, parsed.algorithm if parsed else "sha256")
+        if claimed and parsed != digest:
             raise UpstreamInvalid("upstream manifest does not match its Docker-Content-Digest", {"claimed": claimed, "actual": str(digest)})
-        manifest = await self._keep_manifest(digest, body, content_type)
+        manifest = await self._keep_manifest(target, digest, body, content_type)
         if remember:
             await self.index.put_tag(target.upstream.name, target.repository, tag, manifest.digest, manifest.media_type)
         return manifest
@@ -166,42 +180,40 @@ class PullThrough:
         if entry is not None:
             body = self.store.read(digest)
             if body is not None:
+                await self._confirm(target, digest, "manifests")
                 self.index.touch("manifests", str(digest))
                 return Manifest(body, entry.media_type, str(digest), "hit")
-        return await self._manifests.run(("digest", str(digest)), lambda: self._fetch_digest(target, digest))
+        key = ("digest", target.upstream.name, target.repository, str(digest))
+        return await self._manifests.run(key, lambda: self._fetch_digest(target, digest))
 
     async def _fetch_digest(self, target: Target, digest: Digest) -> Manifest:
-        resp = await target.upstream.open(
-            "GET", target.repository, f"/v2/{target.repository}/manifests/{digest}", {"Accept": FULL_ACCEPT}
-        )
-        async with resp:
-            if resp.status != 200:
-                raise _upstream_failure(resp, ManifestUnknown, "manifest")
-            body = await _read_limited(resp, MAX_MANIFEST, "manifest")
-            content_type = resp.headers.get("Content-Type")
+        body, content_type, _ = await _get_manifest(target, str(digest), FULL_ACCEPT)
         if Digest.of(body, digest.algorithm) != digest:
             raise UpstreamInvalid("upstream manifest does not match the requested digest", {"digest": str(digest)})
-        return await self._keep_manifest(digest, body, content_type)
+        return await self._keep_manifest(target, digest, body, content_type)
 
-    async def _keep_manifest(self, digest: Digest, body: bytes, content_type: str | None) -> Manifest:
-        """Store a verified manifest by digest and index its media type."""
+    async def _keep_manifest(self, target: Target, digest: Digest, body: bytes, content_type: str | None) -> Manifest:
+        """Store a verified manifest by digest, index its media type and link it to the repository it came from."""
         try:
             media_type = media_type_of(content_type, body)
         except ValueError:
             raise UpstreamInvalid("upstream sent a manifest that is not a JSON object", {"digest": str(digest)}) from None
         self.store.write(digest, body)
         await self.index.put_manifest(str(digest), media_type, len(body))
+        await self._link(target, str(digest))
         return Manifest(body, media_type, str(digest), "miss")
 
     # blobs
 
     async def blob(self, target: Target, digest: Digest) -> Path | Download:
         """The cached file, or the (joined) download that is fetching it now."""
+        await self._confirm_blob(target, digest)
+        # With nothing to confirm _confirm_blob did not yield: a download join() starts is this repository's own.
         path = self.store.local_path(digest)
         if path is not None:
             self.index.touch("blobs", str(digest))
             return path
-        return await self.downloads.join(digest, lambda: self._open_blob(target, digest))
+        return await self.downloads.join(digest, lambda: self._open_blob(target, digest), _source(target))
 
     async def _open_blob(self, target: Target, digest: Digest) -> aiohttp.ClientResponse:
         resp = await target.upstream.open(
@@ -210,10 +222,12 @@ class PullThrough:
         if resp.status != 200:
             resp.release()
             raise _upstream_failure(resp, BlobUnknown, "blob")
+        await self._link(target, str(digest))
         return resp
 
     async def blob_size(self, target: Target, digest: Digest) -> tuple[int, str]:
         """Size of a blob for HEAD, without downloading it; also says where the answer came from."""
+        await self._confirm_blob(target, digest)
         path = self.store.local_path(digest)
         if path is not None:
             return path.stat().st_size, "hit"
@@ -226,7 +240,36 @@ class PullThrough:
                 raise _upstream_failure(resp, BlobUnknown, "blob")
             if resp.content_length is None:
                 raise UpstreamInvalid("upstream gave no blob size", {"digest": str(digest)})
-            return resp.content_length, "miss"
+        await self._link(target, str(digest))
+        return resp.content_length, "miss"
+
+    # links: content is stored once, but a repository only gets what its upstream has shown it holds
+
+    async def _confirm_blob(self, target: Target, digest: Digest) -> None:
+        """Confirm a cached blob, or one being fetched through another repository, before joining it."""
+        active = self.downloads.active(digest)
+        if self.store.local_path(digest) is not None or (active is not None and active.source != _source(target)):
+            await self._confirm(target, digest, "blobs")
+
+    async def _confirm(self, target: Target, digest: Digest, kind: str) -> None:
+        """Before cached content goes to a repository it never came through, one HEAD upstream must find it there."""
+        key = (target.upstream.name, target.repository, str(digest))
+        if await self.index.has_link(*key):
+            return
+        await self._links.run(key, lambda: self._head(target, digest, kind))
+
+    async def _head(self, target: Target, digest: Digest, kind: str) -> None:
+        headers = {"Accept": FULL_ACCEPT} if kind == "manifests" else None
+        resp = await target.upstream.open("HEAD", target.repository, f"/v2/{target.repository}/{kind}/{digest}", headers)
+        async with resp:
+            if resp.status != 200:
+                unknown = ManifestUnknown if kind == "manifests" else BlobUnknown
+                raise _upstream_failure(resp, unknown, kind[:-1])
+        log.info("linked cached %s %s to %s/%s", kind[:-1], digest, target.upstream.name, target.repository)
+        await self._link(target, str(digest))
+
+    async def _link(self, target: Target, digest: str) -> None:
+        await self.index.put_link(target.upstream.name, target.repository, digest)
 
     # tags
 

@@ -8,6 +8,7 @@ from cargohold.handlers.blobs import get_blob
 from cargohold.handlers.manifests import get_manifest
 from cargohold.handlers.meta import api_version, health, unsupported
 from cargohold.handlers.tags import list_tags
+from cargohold.handlers.token import issue_token
 
 NAME = r"{name:[^{}]+?}"
 
@@ -15,6 +16,7 @@ NAME = r"{name:[^{}]+?}"
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/health", health)
+    r.add_get("/token", issue_token)
     r.add_get("/v2/", api_version)
     r.add_get("/v2", api_version)
     r.add_route("*", "/v2/" + NAME + "/blobs/uploads/{rest:.*}", unsupported)

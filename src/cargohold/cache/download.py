@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 
 import aiohttp
 
@@ -34,8 +34,9 @@ class DownloadFailed(Exception):
 class Download:
     """One upstream fetch of one blob into a temp file, readable while it grows."""
 
-    def __init__(self, digest: Digest, store: BlobStore, index: Index) -> None:
+    def __init__(self, digest: Digest, store: BlobStore, index: Index, source: Hashable = None) -> None:
         self.digest = digest
+        self.source = source  # where it is fetched from (upstream, repository): joiners from elsewhere check first
         self.size: int | None = None
         self.written = 0
         self.verified = False
@@ -181,12 +182,12 @@ class Downloads:
     def active(self, digest: Digest) -> Download | None:
         return self._active.get(str(digest))
 
-    async def join(self, digest: Digest, open_upstream: Opener) -> Download:
-        """The running download of `digest`, or a new one; returns once its size is known."""
+    async def join(self, digest: Digest, open_upstream: Opener, source: Hashable = None) -> Download:
+        """The running download of `digest`, or a new one from `source`; returns once its size is known."""
         key = str(digest)
         download = self._active.get(key)
         if download is None:
-            download = Download(digest, self._store, self._index)
+            download = Download(digest, self._store, self._index, source)
             self._active[key] = download
             self.started += 1
             task = asyncio.create_task(download.run(open_upstream), name=f"download {key}")

@@ -1,4 +1,6 @@
-"""The cache index: tag -> digest with the time it was checked, manifest media types, last access.
+"""The cache index: tag -> digest with the time it was checked, manifest media types, last access,
+and links: which upstream repository has shown it holds a digest (content is stored once, but
+served to a repository only once linked to it).
 
 SQLite in WAL mode; lookups take microseconds, so they run on the event loop. Access times are
 collected in memory and written in batches so a cache hit never waits for a disk write.
@@ -25,6 +27,10 @@ CREATE TABLE IF NOT EXISTS manifests (
 CREATE TABLE IF NOT EXISTS blobs (
     digest TEXT PRIMARY KEY, size INTEGER NOT NULL, created_at REAL NOT NULL, last_access REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS links (
+    upstream TEXT NOT NULL, repository TEXT NOT NULL, digest TEXT NOT NULL,
+    PRIMARY KEY (upstream, repository, digest)
+) WITHOUT ROWID;
 """
 
 
@@ -51,6 +57,8 @@ class Index(Protocol):
     async def get_manifest(self, digest: str) -> ManifestEntry | None: ...
     async def put_manifest(self, digest: str, media_type: str, size: int) -> None: ...
     async def put_blob(self, digest: str, size: int) -> None: ...
+    async def has_link(self, upstream: str, repository: str, digest: str) -> bool: ...
+    async def put_link(self, upstream: str, repository: str, digest: str) -> None: ...
     def touch(self, table: str, digest: str) -> None: ...
     def touch_tag(self, upstream: str, repository: str, tag: str) -> None: ...
     async def flush(self) -> None: ...
@@ -105,6 +113,15 @@ class SqliteIndex:
     async def put_blob(self, digest: str, size: int) -> None:
         now = time.time()
         self._db.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?)", (digest, size, now, now))
+
+    async def has_link(self, upstream: str, repository: str, digest: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM links WHERE upstream=? AND repository=? AND digest=?", (upstream, repository, digest)
+        ).fetchone()
+        return row is not None
+
+    async def put_link(self, upstream: str, repository: str, digest: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO links VALUES (?, ?, ?)", (upstream, repository, digest))
 
     def touch(self, table: str, digest: str) -> None:
         """Remember an access to a manifest or blob; written by the next `flush`."""

@@ -14,7 +14,16 @@ def proxy_of(request: web.Request) -> PullThrough:
 
 
 def target_of(request: web.Request) -> Target:
-    """Route `<name>` (and containerd's `?ns=`) to an upstream repository, once per request."""
+    """Route `<name>`, containerd's `?ns=` and the Host header to an upstream repository, once per request."""
     if TARGET not in request:
-        request[TARGET] = proxy_of(request).router.resolve(request.match_info["name"], request.query.get("ns"))
+        request[TARGET] = proxy_of(request).router.resolve(
+            request.match_info["name"], request.query.get("ns"), request.host
+        )
     return request[TARGET]
+
+
+async def stamp_namespace(request: web.Request, response: web.StreamResponse) -> None:
+    """The distribution spec's proxying rule: a request scoped by `?ns=` answers with `OCI-Namespace`."""
+    target = request.get(TARGET)
+    if target is not None and target.namespace is not None:
+        response.headers["OCI-Namespace"] = target.namespace

@@ -13,6 +13,7 @@ import aiohttp
 
 from cargohold.errors import UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable
 from cargohold.flight import SingleFlight
+from cargohold.upstream.realms import RealmPolicy
 
 log = logging.getLogger("cargohold.upstream")
 
@@ -44,10 +45,17 @@ def basic_header(username: str, password: str) -> str:
 class TokenCache:
     """Bearer tokens for one upstream, cached per scope until shortly before they expire."""
 
-    def __init__(self, session: aiohttp.ClientSession, upstream_name: str, credentials: tuple[str, str] | None) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        upstream_name: str,
+        credentials: tuple[str, str] | None,
+        realms: RealmPolicy,
+    ) -> None:
         self._session = session
         self._name = upstream_name
         self._credentials = credentials
+        self._realms = realms
         self._tokens: dict[str, tuple[str, float]] = {}
         self._flight: SingleFlight[str] = SingleFlight()
         self.challenge: Challenge | None = None
@@ -68,8 +76,7 @@ class TokenCache:
     async def _fetch(self, scope: str) -> str:
         assert self.challenge is not None
         realm = self.challenge.params.get("realm", "")
-        if not realm.startswith(("http://", "https://")):
-            raise UpstreamInvalid(f"upstream {self._name} named an unusable token realm", {"realm": realm[:200]})
+        self._realms.check(realm)
         query = {"scope": scope}
         if "service" in self.challenge.params:
             query["service"] = self.challenge.params["service"]
@@ -78,7 +85,10 @@ class TokenCache:
             headers["Authorization"] = basic_header(*self._credentials)
         started = time.monotonic()
         try:
-            async with self._session.get(realm, params=query, headers=headers, timeout=TOKEN_TIMEOUT) as resp:
+            # No redirects: the realm check must hold for the host that finally gets the request.
+            async with self._session.get(
+                realm, params=query, headers=headers, timeout=TOKEN_TIMEOUT, allow_redirects=False
+            ) as resp:
                 if resp.status != 200:
                     raise UpstreamUnavailable(
                         f"token service of {self._name} answered {resp.status}", {"upstream": self._name}

@@ -12,6 +12,7 @@ import aiohttp
 from cargohold.config import UpstreamConfig
 from cargohold.errors import UpstreamTimeout, UpstreamUnavailable
 from cargohold.upstream.auth import TokenCache, basic_header, parse_challenge
+from cargohold.upstream.realms import RealmPolicy
 
 log = logging.getLogger("cargohold.upstream")
 
@@ -43,7 +44,7 @@ class UpstreamClient:
             if config.username is not None and config.password is not None
             else None
         )
-        self.tokens = TokenCache(session, config.name, self._credentials)
+        self.tokens = TokenCache(session, config.name, self._credentials, RealmPolicy(config))
         self._basic = False
 
     async def open(

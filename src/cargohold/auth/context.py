@@ -1,0 +1,38 @@
+"""The auth resources' lifetime on the app: opened at start, the htpasswd file watched while running."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from cargohold.auth.htpasswd import Users
+from cargohold.auth.service import Auth
+from cargohold.keys import AUTH, SETTINGS
+
+log = logging.getLogger("cargohold.auth")
+
+RELOAD_INTERVAL = 1.0  # how soon an edit of the htpasswd file (a removed user) takes effect
+
+
+async def auth_context(app: web.Application) -> AsyncIterator[None]:
+    auth = app[AUTH] = Auth.open(app[SETTINGS])
+    watcher = asyncio.create_task(_watch(auth.users))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+async def _watch(users: Users) -> None:
+    while True:
+        await asyncio.sleep(RELOAD_INTERVAL)
+        try:
+            users.refresh()
+        except Exception:
+            log.exception("could not reload the htpasswd file %s", users.path)

@@ -1,0 +1,146 @@
+"""Bearer tokens as in the Docker registry token spec: ES256 JWTs with `access` claims per repository.
+
+The signing key is made on first start and kept in data_dir (mode 0600), so tokens survive a
+restart and instances sharing a data_dir accept each other's tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from cargohold.auth.expiring import Expiring
+
+ALGORITHM = "ES256"
+ISSUER = "cargohold"
+SERVICE = "cargohold"
+KEY_FILE = "token-signing-key.pem"
+LEEWAY = 5  # seconds of clock skew tolerated between instances
+MAX_CACHED = 10_000
+
+
+class InvalidToken(Exception):
+    """Expired, tampered with, or not ours."""
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One `repository:NAME:ACTIONS` request; NAME may hold a registry host with a port."""
+
+    type: str
+    name: str
+    actions: frozenset[str]
+
+    @classmethod
+    def parse(cls, text: str) -> Scope | None:
+        kind, _, rest = text.partition(":")
+        name, _, actions = rest.rpartition(":")
+        if kind != "repository" or not name:
+            return None
+        return cls(kind, name, frozenset(a for a in actions.split(",") if a))
+
+    def __str__(self) -> str:
+        return f"{self.type}:{self.name}:{','.join(sorted(self.actions))}"
+
+
+def parse_scopes(values: Iterable[str]) -> list[Scope]:
+    """Every repository scope of `scope` query values (each may hold several, space separated)."""
+    return [s for value in values for part in value.split() if (s := Scope.parse(part)) is not None]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A verified token: who (None: anonymous) and which repository names it may do what with."""
+
+    user: str | None
+    access: dict[str, frozenset[str]]
+
+
+def load_or_create_key(data_dir: Path) -> ec.EllipticCurvePrivateKey:
+    """The instance's signing key; created atomically (link of a finished temp file) when missing."""
+    path = data_dir / KEY_FILE
+    if not path.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        tmp = data_dir / f".{KEY_FILE}.{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)  # fails if another instance won the race: use its key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path} is not an EC private key; remove it to have a new one made")
+    return loaded
+
+
+class Tokens:
+    """Issues and verifies this instance's tokens.
+
+    An ES256 check costs a few hundred microseconds; a pull sends the same token with every
+    request, so verified tokens are remembered until they expire.
+    """
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey, ttl: float, clock: Callable[[], float] = time.time) -> None:
+        self._key = key
+        self._public = key.public_key()
+        self.ttl = int(ttl)
+        self._clock = clock
+        self._verified: Expiring[str, Grant] = Expiring(MAX_CACHED, time.time)
+
+    def issue(self, user: str | None, granted: Iterable[Scope]) -> str:
+        now = int(self._clock())
+        claims = {
+            "iss": ISSUER,
+            "sub": user or "",
+            "aud": SERVICE,
+            "iat": now,
+            "nbf": now - LEEWAY,
+            "exp": now + self.ttl,
+            "jti": secrets.token_urlsafe(16),
+            "access": [{"type": s.type, "name": s.name, "actions": sorted(s.actions)} for s in granted],
+        }
+        return jwt.encode(claims, self._key, algorithm=ALGORITHM)
+
+    def verify(self, token: str) -> Grant:
+        grant = self._verified.get(token)
+        if grant is None:
+            expires, grant = self._check(token)
+            self._verified.put(token, grant, expires)
+        return grant
+
+    def _check(self, token: str) -> tuple[float, Grant]:
+        try:
+            claims = jwt.decode(
+                token,
+                self._public,
+                algorithms=[ALGORITHM],
+                audience=SERVICE,
+                issuer=ISSUER,
+                leeway=LEEWAY,
+                options={"require": ["exp", "iat", "sub", "aud", "iss"]},
+            )
+            access = {
+                str(a["name"]): frozenset(map(str, a["actions"]))
+                for a in claims.get("access", [])
+                if a.get("type") == "repository"
+            }
+        except (jwt.PyJWTError, KeyError, TypeError, AttributeError) as exc:
+            raise InvalidToken(str(exc)) from None
+        return float(claims["exp"]) + LEEWAY, Grant(claims["sub"] or None, access)

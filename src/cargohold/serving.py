@@ -1,0 +1,121 @@
+"""Start-up: the app on `listen` (HTTPS when `tls` is configured), the plain-HTTP listener on
+`http_listen`, the certificate's reload or ACME schedule, and a graceful stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from cargohold import __version__
+from cargohold.app import build_app
+from cargohold.config import Settings, split_host_port
+from cargohold.middleware.observe import AccessLogger
+from cargohold.tls.acme import AcmeManager
+from cargohold.tls.context import CertReloader
+from cargohold.tls.plain import plain_http_app
+
+log = logging.getLogger("cargohold")
+
+CERT_CHECK_INTERVAL = 2.0  # seconds between looks at tls.cert / tls.key for a renewed pair
+SHUTDOWN_TIMEOUT = 5.0
+
+
+class StartupError(Exception):
+    """Cargohold cannot start (certificate files, a port in use); one line for the operator."""
+
+
+@dataclass
+class Https:
+    """What the listeners need from TLS: the context (None = plain HTTP) and the HTTP-01 answers."""
+
+    reloader: CertReloader | None = None
+    challenges: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def context(self) -> ssl.SSLContext | None:
+        return self.reloader.context if self.reloader else None
+
+
+@contextlib.asynccontextmanager
+async def https(settings: Settings) -> AsyncIterator[Https]:
+    """The certificate source for `listen`, with its background task for as long as cargohold serves."""
+    tls = settings.tls
+    if tls.acme is not None:
+        manager = AcmeManager(tls.acme, settings.data_dir / "acme")
+        pair = (manager.cert_path, manager.key_path) if manager.has_certificate() else manager.placeholder()
+        reloader = CertReloader(*pair)
+        task = asyncio.create_task(manager.run(reloader))
+        challenges = manager.challenges
+    elif tls.cert is not None and tls.key is not None:
+        try:
+            reloader = CertReloader(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(f"tls.cert/tls.key: cannot load {tls.cert} with {tls.key}: {exc}") from None
+        task = asyncio.create_task(reloader.watch(CERT_CHECK_INTERVAL))
+        challenges = {}
+    else:
+        yield Https()
+        return
+    try:
+        yield Https(reloader, challenges)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _start(stack: contextlib.AsyncExitStack, app: web.Application, address: str, **site: object) -> None:
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("cargohold.access"),
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+    )
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    host, port = split_host_port(address)
+    try:
+        await web.TCPSite(runner, host, port, **site).start()  # type: ignore[arg-type]
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+
+
+async def serve_until_stopped(settings: Settings) -> None:
+    """Listen on every configured address until SIGTERM or SIGINT, then stop gracefully."""
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopped.set)
+    async with contextlib.AsyncExitStack() as stack:
+        tls = await stack.enter_async_context(https(settings))
+        await _start(stack, build_app(settings), settings.listen, ssl_context=tls.context)
+        if settings.http_listen:
+            https_port = split_host_port(settings.listen)[1]
+            await _start(stack, plain_http_app(settings, tls.challenges, https_port), settings.http_listen)
+        log.info(
+            "cargohold %s listening on %s://%s%s, cache in %s, upstreams: %s",
+            __version__,
+            "https" if tls.context else "http",
+            settings.listen,
+            f" and http://{settings.http_listen}" if settings.http_listen else "",
+            settings.data_dir,
+            ", ".join(f"{u.name}={u.url}" for u in settings.upstreams),
+        )
+        await stopped.wait()
+        log.info("stopping")
+
+
+def run(settings: Settings) -> None:
+    """The `serve` command: returns after a graceful stop; exits with 2 when it cannot start."""
+    try:
+        asyncio.run(serve_until_stopped(settings))
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(2) from None

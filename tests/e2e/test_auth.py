@@ -1,0 +1,183 @@
+"""Logins with real clients: `docker login`/pull/logout, skopeo --creds, tokens, anonymous mirrors.
+
+Users are made with the real `cargohold user` command; the server is the real process.
+"""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rig.clients import Containerd, Dockerd, skopeo_copy, write_hosts_toml
+from rig.hub import Hub
+from rig.server import Cargohold
+from rig.util import CommandError, http_request, wait_until
+
+ALICE = ("alice", "alice-secret")
+BOB = ("bob", "bob-secret")
+
+
+def user_command(srv: Cargohold, *args: str, password: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`cargohold user ARGS --config FILE` as an operator runs it."""
+    cmd = [sys.executable, "-m", "cargohold", "user", *args, "--config", str(srv.config_path)]
+    if password is not None:
+        cmd.append("--password-stdin")
+    return subprocess.run(cmd, input=password or "", capture_output=True, text=True, timeout=60, check=True)
+
+
+def auth_server(cargohold: Callable[..., Cargohold], auth: dict[str, Any], *users: tuple[str, str]) -> Cargohold:
+    srv = cargohold(start=False)
+    srv.config["auth"] = {"htpasswd": str(srv.workdir / "htpasswd"), **auth}
+    srv.write_config()
+    for name, password in users:
+        user_command(srv, "add", name, password=password)
+    return srv.start()
+
+
+def docker_login(d: Dockerd, registry: str, user: str, password: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [d.docker_bin, "login", registry, "-u", user, "--password-stdin"],
+        input=password, capture_output=True, text=True, timeout=60, env=d.env(), check=False,
+    )  # fmt: skip
+
+
+def scope_query(name: str) -> str:
+    """How a pull scope shows in the access log's /token line."""
+    return "scope=" + urllib.parse.quote(f"repository:{name}:pull", safe="")
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_docker_login_pull_logout_rules_and_removed_user(
+    hub: Hub, dockerd: Dockerd, cargohold: Callable[..., Cargohold]
+) -> None:
+    rules = [{"users": ["alice"], "repositories": ["library/*"]}, {"users": ["bob"]}]
+    srv = auth_server(cargohold, {"rules": rules}, ALICE, BOB)
+    multi, oci = hub.images["multi"], hub.images["oci"]
+    wrong = docker_login(dockerd, srv.netloc, "alice", "wrong")
+    assert wrong.returncode != 0 and "unauthorized" in wrong.stderr.lower()
+    unknown = docker_login(dockerd, srv.netloc, "mallory", "x")
+    assert unknown.returncode != 0
+    with pytest.raises(CommandError):  # not logged in
+        dockerd.pull(f"{srv.netloc}/{multi.ref}")
+    assert hub.manifest_count() == 0
+
+    assert docker_login(dockerd, srv.netloc, *ALICE).returncode == 0
+    assert dockerd.pull(f"{srv.netloc}/{multi.ref}") == multi.digest
+    assert f"alice GET /token?account=alice&{scope_query(multi.repo)}" in srv.log_text()  # the token flow
+    with pytest.raises(CommandError, match="denied"):  # alice may pull library/* only
+        dockerd.pull(f"{srv.netloc}/{oci.ref}")
+    assert hub.manifest_count(repo=oci.repo) == 0  # the denied pull never reached upstream
+    dockerd.docker("logout", srv.netloc)
+    dockerd.remove_all_images()
+    with pytest.raises(CommandError):
+        dockerd.pull(f"{srv.netloc}/{multi.ref}")
+
+    assert docker_login(dockerd, srv.netloc, *BOB).returncode == 0
+    assert dockerd.pull(f"{srv.netloc}/{oci.ref}") == oci.digest
+    dockerd.remove_all_images()
+    user_command(srv, "remove", "bob")
+    wait_until(  # the server rereads the file within seconds, no restart
+        lambda: http_request("GET", f"{srv.url}/v2/", headers=basic(*BOB)).status == 401,
+        timeout=10,
+        what="bob to be refused",
+    )
+    with pytest.raises(CommandError, match="(?i)unauthorized"):
+        dockerd.pull(f"{srv.netloc}/{oci.ref}")
+    assert srv.starts == 1
+
+
+def test_skopeo_creds_and_fresh_challenge_for_bad_tokens(
+    hub: Hub, cargohold: Callable[..., Cargohold], tmp_path: Path
+) -> None:
+    srv = auth_server(cargohold, {}, ALICE)
+    im = hub.images["oci"]
+    out = skopeo_copy(f"{srv.netloc}/{im.ref}", tmp_path / "ok", creds=ALICE)
+    assert out.digest == im.digest and set(im.blob_digests) <= set(out.blobs)
+    for creds in (("alice", "nope"), ("nobody", "x"), None):
+        with pytest.raises(CommandError):
+            skopeo_copy(f"{srv.netloc}/{im.ref}", tmp_path / "bad", creds=creds)
+
+    url = f"{srv.url}/v2/{im.repo}/manifests/{im.tag}"
+    challenge = http_request("GET", url).header("WWW-Authenticate") or ""
+    assert challenge == (
+        f'Bearer realm="{srv.url}/token",service="cargohold",scope="repository:{im.repo}:pull"'
+    )
+    token_url = f"{srv.url}/token?service=cargohold&scope=repository:{im.repo}:pull"
+    token = http_request("GET", token_url, headers=basic(*ALICE)).json()["token"]  # type: ignore[index]
+    accept = {"Accept": im.media_type or "*/*"}
+    assert http_request("GET", url, headers={**accept, "Authorization": f"Bearer {token}"}).status == 200
+
+    expired = _expired_token(srv, im.repo)
+    tampered = token[:-6] + ("AAAAAA" if not token.endswith("AAAAAA") else "BBBBBB")
+    manifests_before = hub.manifest_count()
+    for bad in (expired, tampered):
+        res = http_request("GET", url, headers={**accept, "Authorization": f"Bearer {bad}"})
+        assert res.status == 401
+        assert res.json()["errors"][0]["code"] == "UNAUTHORIZED"  # type: ignore[index]
+        assert res.header("WWW-Authenticate") == challenge + ',error="invalid_token"'
+    assert hub.manifest_count() == manifests_before
+
+
+def _expired_token(srv: Cargohold, repo: str) -> str:
+    """A token signed with the server's own key (from data_dir) that expired an hour ago."""
+    from cargohold.auth.tokens import Scope, Tokens, load_or_create_key
+
+    tokens = Tokens(load_or_create_key(srv.data_dir), 60, clock=lambda: time.time() - 3600)
+    return tokens.issue("alice", [Scope("repository", repo, frozenset({"pull"}))])
+
+
+def test_failed_logins_are_throttled(cargohold: Callable[..., Cargohold]) -> None:
+    srv = auth_server(cargohold, {"max_failed_logins": 2, "failed_login_window": "10m"}, ALICE)
+    for _ in range(2):
+        assert http_request("GET", f"{srv.url}/token", headers=basic("alice", "guess")).status == 401
+    res = http_request("GET", f"{srv.url}/token", headers=basic(*ALICE))
+    assert res.status == 429 and res.json()["errors"][0]["code"] == "TOOMANYREQUESTS"  # type: ignore[index]
+    assert 0 < int(res.header("Retry-After") or 0) <= 600
+    assert http_request("GET", f"{srv.url}/v2/", headers=basic(*ALICE)).status == 429
+    log = srv.log_text()
+    assert "alice-secret" not in log and "guess" not in log  # credentials are never logged
+
+
+def test_anonymous_pulls_for_dockerd_registry_mirrors_by_network(
+    hub: Hub, dockerd: Dockerd, cargohold: Callable[..., Cargohold]
+) -> None:
+    """dockerd's registry-mirrors never sends credentials: anonymous pulls from its network only."""
+    im = hub.images["manifestlist"]
+    open_to_loopback = auth_server(cargohold, {"anonymous": ["127.0.0.0/8"]}, ALICE)
+    dockerd.reconfigure(mirrors=[open_to_loopback.url])
+    assert dockerd.pull("multiarch-test") == im.digest
+    assert hub.manifest_count(repo="library/multiarch-test") >= 1
+
+    dockerd.remove_all_images()
+    hub.reset_counts()
+    elsewhere_only = auth_server(cargohold, {"anonymous": ["10.0.0.0/8"]}, ALICE)
+    dockerd.reconfigure(mirrors=[elsewhere_only.url])
+    with pytest.raises(CommandError):
+        dockerd.pull("multiarch-test")
+    assert hub.manifest_count() == 0
+    assert " 401 " in elsewhere_only.log_text()
+
+
+def test_containerd_logs_in_through_hosts_toml(
+    hub: Hub, containerd: Containerd, hosts_dir: Path, cargohold: Callable[..., Cargohold]
+) -> None:
+    """containerd sends `?ns=docker.io`; its token asks for the scope our challenge names."""
+    srv = auth_server(cargohold, {"rules": [{"users": ["alice"], "upstream": "docker.io"}]}, ALICE)
+    write_hosts_toml(hosts_dir, srv.url)
+    im = hub.images["multi"]
+    with pytest.raises(CommandError):
+        containerd.pull(f"docker.io/{im.ref}", hosts_dir=hosts_dir)
+    pulled = containerd.pull(f"docker.io/{im.ref}", hosts_dir=hosts_dir, user=ALICE)
+    assert pulled.digest == im.digest
+    assert scope_query(f"docker.io/{im.repo}") in srv.log_text()

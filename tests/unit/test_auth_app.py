@@ -1,0 +1,272 @@
+"""The auth middleware and /token on an in-process cargohold in front of an in-process upstream.
+
+The upstream answers tags/list for any repository and counts requests, so a refused request is
+seen never to reach it. Clients are told apart by X-Forwarded-For from a trusted loopback proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from cargohold.app import build_app
+from cargohold.auth import htpasswd, logins
+from cargohold.auth.service import Auth
+from cargohold.config import ConfigError, Settings
+from cargohold.identity import IDENTITY
+from cargohold.keys import AUTH
+
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
+
+
+def basic(user: str, password: str | None = None) -> dict[str, str]:
+    raw = f"{user}:{PASSWORDS.get(user, '') if password is None else password}".encode()
+    return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def from_ip(address: str, headers: dict[str, str] | None = None) -> dict[str, str]:
+    return {"X-Forwarded-For": address, **(headers or {})}
+
+
+def fake_upstream(counts: Counter[str]) -> web.Application:
+    async def tags(request: web.Request) -> web.Response:
+        counts[request.match_info["name"]] += 1
+        return web.json_response({"name": request.match_info["name"], "tags": ["latest"]})
+
+    app = web.Application()
+    app.router.add_get("/v2/{name:.+}/tags/list", tags)
+    return app
+
+
+async def whoami(request: web.Request) -> web.Response:
+    who = request[IDENTITY]
+    return web.json_response({"user": who.user, "groups": sorted(who.groups), "key": who.key})
+
+
+Client = Callable[..., Coroutine[Any, Any, TestClient]]
+
+
+@pytest.fixture
+async def make_client(tmp_path: Path) -> AsyncIterator[tuple[Client, Counter[str]]]:
+    counts: Counter[str] = Counter()
+    upstream = TestServer(fake_upstream(counts), host="127.0.0.1")
+    await upstream.start_server()
+    path = tmp_path / "htpasswd"
+    for user, password in PASSWORDS.items():
+        htpasswd.set_user(path, user, htpasswd.hash_password(password, rounds=4))
+    clients: list[TestClient] = []
+
+    async def make(auth: dict[str, Any] | None = None, **top: Any) -> TestClient:
+        config: dict[str, Any] = {
+            "data_dir": str(tmp_path / "data"),
+            "upstreams": [
+                {"name": "docker.io", "url": str(upstream.make_url(""))},
+                {"name": "ghcr.io", "url": str(upstream.make_url("")), "hosts": ["ghcr.mirror.test"]},
+            ],
+            "rate_limit": {"trusted_proxies": ["127.0.0.0/8"]},
+            **top,
+        }
+        if auth is not None:
+            config["auth"] = {"htpasswd": str(path), **auth}
+        app = build_app(Settings.model_validate(config))
+        app.router.add_get("/whoami", whoami)
+        client = TestClient(TestServer(app, host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make, counts
+    for client in clients:
+        await client.close()
+    await upstream.close()
+
+
+async def _error(resp: Any) -> str:
+    return (await resp.json())["errors"][0]["code"]
+
+
+async def _token(client: TestClient, *scopes: str, user: str = "alice", password: str | None = None) -> str:
+    resp = await client.get("/token", params=[("service", "cargohold"), *(("scope", s) for s in scopes)],
+                            headers=basic(user, password))
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["token"] == body["access_token"] and body["expires_in"] == 300
+    assert resp.headers["Cache-Control"] == "no-store"
+    return str(body["token"])
+
+
+async def test_without_auth_section_everything_stays_open(make_client: Any) -> None:
+    make, counts = make_client
+    client = await make()
+    assert (await client.get("/v2/")).status == 200
+    assert (await client.get("/v2/library/alpine/tags/list")).status == 200
+    assert (await (await client.get("/whoami")).json())["user"] is None
+    resp = await client.get("/token")
+    assert resp.status == 404 and await _error(resp) == "NOT_FOUND"
+
+
+async def test_challenge_and_open_paths(make_client: Any) -> None:
+    make, counts = make_client
+    client = await make({})
+    assert (await client.get("/health")).status == 200
+    resp = await client.get("/v2/")
+    assert resp.status == 401 and await _error(resp) == "UNAUTHORIZED"
+    realm = f"http://{client.host}:{client.port}/token"
+    assert resp.headers["WWW-Authenticate"] == f'Bearer realm="{realm}",service="cargohold"'
+    resp = await client.get("/v2/alpine/tags/list")
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"].endswith(',scope="repository:alpine:pull"')
+    resp = await client.get("/v2/library/alpine/tags/list", params={"ns": "ghcr.io"})
+    assert 'scope="repository:ghcr.io/library/alpine:pull"' in resp.headers["WWW-Authenticate"]
+    for path in ("/", "/metrics", "/whoami", "/v2/nope/blobs/uploads/"):
+        assert (await client.get(path)).status == 401, path
+    assert not counts
+    behind_proxy = await make({}, external_url="https://mirror.example.com/")
+    resp = await behind_proxy.get("/v2/")
+    assert resp.headers["WWW-Authenticate"].startswith('Bearer realm="https://mirror.example.com/token",')
+    # Behind a trusted proxy that ends TLS, without external_url: the forwarded scheme and host.
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "mirror.example.com"}
+    resp = await client.get("/v2/", headers=forwarded)
+    assert resp.headers["WWW-Authenticate"].startswith('Bearer realm="https://mirror.example.com/token",')
+
+
+async def test_basic_auth_sets_identity_and_costs_one_bcrypt(make_client: Any, monkeypatch: Any) -> None:
+    make, counts = make_client
+    client = await make({"groups": {"devs": ["alice"]}})
+    checks: list[bytes] = []
+    real = logins.verify_password
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        checks.append(password)
+        return real(password, hashed)
+
+    monkeypatch.setattr(logins, "verify_password", counting)
+    results = await asyncio.gather(*(client.get("/v2/library/alpine/tags/list", headers=basic("alice")) for _ in range(8)))
+    assert [r.status for r in results] == [200] * 8
+    resp = await client.get("/whoami", headers=basic("alice"))
+    assert await resp.json() == {"user": "alice", "groups": ["devs"], "key": "user:alice"}
+    assert len(checks) == 1
+    assert (await client.get("/v2/", headers=basic("alice", "wrong"))).status == 401
+    assert (await client.get("/v2/", headers=basic("mallory", "x"))).status == 401
+    assert len(checks) == 3  # a wrong password is checked (never cached), an unknown user costs the same
+    resp = await client.get("/v2/", headers=basic("alice", "é" * 40))
+    assert resp.status == 401 and "72 bytes" in (await resp.json())["errors"][0]["message"]
+
+
+async def test_token_flow_and_access_claims(make_client: Any) -> None:
+    make, counts = make_client
+    client = await make({"rules": [{"users": ["alice"], "repositories": ["library/*"]}]})
+    resp = await client.get("/token", params={"scope": "repository:library/alpine:pull"})
+    assert resp.status == 401 and resp.headers["WWW-Authenticate"] == 'Basic realm="cargohold"'
+    resp = await client.get("/token", headers=basic("alice", "nope"))
+    assert resp.status == 401 and resp.headers["WWW-Authenticate"] == 'Basic realm="cargohold"'
+    login = await _token(client)  # what `docker login` asks: no scope
+    assert (await client.get("/v2/", headers=bearer(login))).status == 200
+    resp = await client.get("/v2/library/alpine/tags/list", headers=bearer(login))
+    assert resp.status == 401 and 'error="insufficient_scope"' in resp.headers["WWW-Authenticate"]
+    token = await _token(client, "repository:alpine:pull,push", "repository:acme/tool:pull")
+    claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert claims["access"] == [{"type": "repository", "name": "alpine", "actions": ["pull"]}]
+    assert (await client.get("/v2/library/alpine/tags/list", headers=bearer(token))).status == 200
+    assert (await client.get("/v2/alpine/tags/list", headers=bearer(token))).status == 200
+    resp = await client.get("/v2/acme/tool/tags/list", headers=bearer(token))
+    assert resp.status == 403 and await _error(resp) == "DENIED"
+    resp = await client.get("/v2/acme/tool/tags/list", headers=basic("alice"))
+    assert resp.status == 403 and await _error(resp) == "DENIED"
+    resp = await client.get("/v2/acme/tool/tags/list", headers=basic("bob"))
+    assert resp.status == 403
+    for bad in (token[:-3] + "abc", "garbage"):
+        resp = await client.get("/v2/library/alpine/tags/list", headers=bearer(bad))
+        assert resp.status == 401 and 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+    assert counts == Counter({"library/alpine": 2})
+
+
+async def test_anonymous_by_network(make_client: Any) -> None:
+    make, counts = make_client
+    client = await make({"anonymous": ["10.0.0.0/8"], "rules": [{"repositories": ["library/*"]}, {"users": ["*"]}]})
+    assert (await client.get("/v2/", headers=from_ip("10.1.2.3"))).status == 200
+    assert (await client.get("/v2/library/alpine/tags/list", headers=from_ip("10.1.2.3"))).status == 200
+    resp = await client.get("/v2/acme/tool/tags/list", headers=from_ip("10.1.2.3"))
+    assert resp.status == 401 and await _error(resp) == "UNAUTHORIZED"  # log in to get more
+    assert (await client.get("/v2/acme/tool/tags/list", headers=from_ip("10.1.2.3", basic("bob")))).status == 200
+    resp = await client.get("/v2/library/alpine/tags/list", headers=from_ip("192.0.2.1"))
+    assert resp.status == 401
+    resp = await client.get("/token", params={"scope": "repository:library/alpine:pull"}, headers=from_ip("10.9.9.9"))
+    assert resp.status == 200
+    anon = (await resp.json())["token"]
+    assert (await client.get("/v2/library/alpine/tags/list", headers=from_ip("10.9.9.9", bearer(anon)))).status == 200
+    resp = await client.get("/v2/library/alpine/tags/list", headers=from_ip("192.0.2.1", bearer(anon)))
+    assert resp.status == 401
+    assert (await client.get("/token", headers=from_ip("192.0.2.1"))).status == 401
+    assert counts == Counter({"library/alpine": 2, "acme/tool": 1})
+
+
+async def test_failed_logins_are_throttled_per_address_and_per_user(make_client: Any) -> None:
+    make, counts = make_client
+    client = await make({"max_failed_logins": 3, "failed_login_window": "1h"})
+    for _ in range(3):
+        assert (await client.get("/v2/", headers=from_ip("192.0.2.1", basic("alice", "guess")))).status == 401
+    resp = await client.get("/v2/", headers=from_ip("192.0.2.1", basic("bob")))  # right password, same address
+    assert resp.status == 429 and await _error(resp) == "TOOMANYREQUESTS"
+    assert 3500 < int(resp.headers["Retry-After"]) <= 3600
+    resp = await client.get("/token", headers=from_ip("192.0.2.1", basic("bob")))
+    assert resp.status == 429 and "Retry-After" in resp.headers
+    assert (await client.get("/v2/", headers=from_ip("192.0.2.2", basic("bob")))).status == 200
+    for i in range(3):  # one user guessed at from many addresses
+        assert (await client.get("/v2/", headers=from_ip(f"198.51.100.{i}", basic("carol", "guess")))).status == 401
+    assert (await client.get("/v2/", headers=from_ip("198.51.100.99", basic("carol")))).status == 429
+    assert (await client.get("/v2/", headers=from_ip("198.51.100.99", basic("bob")))).status == 200
+
+
+async def test_removed_user_is_refused_without_restart(make_client: Any, tmp_path: Path) -> None:
+    make, counts = make_client
+    client = await make({})
+    token = await _token(client, "repository:library/alpine:pull", user="bob")
+    assert (await client.get("/v2/library/alpine/tags/list", headers=basic("bob"))).status == 200
+    htpasswd.remove_user(tmp_path / "htpasswd", "bob")
+    users = client.server.app[AUTH].users
+    for _ in range(100):  # the watcher rereads the file every second
+        if "bob" not in users:
+            break
+        await asyncio.sleep(0.1)
+    assert (await client.get("/v2/library/alpine/tags/list", headers=basic("bob"))).status == 401
+    resp = await client.get("/v2/library/alpine/tags/list", headers=bearer(token))
+    assert resp.status == 401 and 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+    assert (await client.get("/v2/", headers=basic("alice"))).status == 200
+
+
+def test_bad_htpasswd_stops_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "htpasswd"
+    path.write_text("alice:$apr1$abc$def\n")
+    settings = Settings.model_validate({"data_dir": str(tmp_path / "d"), "auth": {"htpasswd": str(path)}})
+    with pytest.raises(ConfigError, match=r"auth\.htpasswd: .*htpasswd line 1: user 'alice': Apache MD5"):
+        Auth.open(settings)
+
+
+
+async def test_token_names_resolve_at_the_host_the_client_used(make_client: Any) -> None:
+    """At ghcr.mirror.test (routed to ghcr.io by `hosts`) a token for `owner/app` means ghcr.io/owner/app."""
+    make, counts = make_client
+    client = await make({"rules": [{"users": ["alice"], "upstream": "ghcr.io", "repositories": ["owner/*"]}]})
+    at_ghcr = {"Host": "ghcr.mirror.test"}
+    resp = await client.get("/token", params={"scope": "repository:owner/app:pull"}, headers={**basic("alice"), **at_ghcr})
+    token = (await resp.json())["token"]
+    resp = await client.get("/v2/owner/app/tags/list", headers={**bearer(token), **at_ghcr})
+    assert resp.status == 200, await resp.text()
+    # The same token at the default host names docker.io/owner/app, which alice may not pull.
+    resp = await client.get("/v2/owner/app/tags/list", headers=bearer(token))
+    assert resp.status in (401, 403)
+    assert counts == Counter({"owner/app": 1})

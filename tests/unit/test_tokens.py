@@ -1,0 +1,71 @@
+"""Token signing and checking: the key made once with 0600, expiry, tampering, scopes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from cargohold.auth.tokens import KEY_FILE, InvalidToken, Scope, Tokens, load_or_create_key, parse_scopes
+
+
+def test_key_is_made_once_private_and_reused(tmp_path: Path) -> None:
+    key = load_or_create_key(tmp_path)
+    path = tmp_path / KEY_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    again = load_or_create_key(tmp_path)
+    assert again.private_numbers() == key.private_numbers()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [KEY_FILE]
+    token = Tokens(key, 60).issue("alice", [])
+    assert Tokens(again, 60).verify(token).user == "alice"  # tokens survive a restart
+
+
+def test_issue_and_verify_access(tmp_path: Path) -> None:
+    tokens = Tokens(load_or_create_key(tmp_path), 60)
+    token = tokens.issue("alice", parse_scopes(["repository:library/alpine:pull"]))
+    grant = tokens.verify(token)
+    assert grant.user == "alice" and grant.access == {"library/alpine": frozenset({"pull"})}
+    claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert claims["access"] == [{"type": "repository", "name": "library/alpine", "actions": ["pull"]}]
+    assert claims["exp"] - claims["iat"] == 60
+    assert tokens.verify(tokens.issue(None, [])).user is None
+
+
+def test_expired_token_is_refused(tmp_path: Path) -> None:
+    key = load_or_create_key(tmp_path)
+    old = Tokens(key, 60, clock=lambda: time.time() - 3600).issue("alice", [])
+    with pytest.raises(InvalidToken, match="expired"):
+        Tokens(key, 60).verify(old)
+
+
+def test_tampered_or_foreign_tokens_are_refused(tmp_path: Path) -> None:
+    tokens = Tokens(load_or_create_key(tmp_path), 60)
+    token = tokens.issue("alice", parse_scopes(["repository:acme/x:pull"]))
+    head, payload, sig = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    claims["sub"] = "admin"
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    for bad in (f"{head}.{forged}.{sig}", token[:-4] + "AAAA", "not-a-jwt", ""):
+        with pytest.raises(InvalidToken):
+            tokens.verify(bad)
+    (tmp_path / "other").mkdir()
+    other = Tokens(load_or_create_key(tmp_path / "other"), 60)
+    with pytest.raises(InvalidToken):
+        other.verify(token)
+    unsigned = base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').decode().rstrip("=")
+    with pytest.raises(InvalidToken):
+        tokens.verify(f"{unsigned}.{payload}.")
+
+
+def test_scope_parsing() -> None:
+    scopes = parse_scopes(
+        ["repository:library/alpine:pull,push repository:localhost:5000/acme/tool:pull", "registry:catalog:*", "junk"]
+    )
+    assert scopes == [
+        Scope("repository", "library/alpine", frozenset({"pull", "push"})),
+        Scope("repository", "localhost:5000/acme/tool", frozenset({"pull"})),
+    ]
+    assert str(scopes[0]) == "repository:library/alpine:pull,push"
