@@ -104,6 +104,13 @@ def rss_mib(pids: list[int]) -> float:
     return sum(_status_kib(pid, "VmRSS") for pid in pids) / 1024
 
 
+def write_htpasswd(path: Path) -> Path:
+    """The bench user in an htpasswd file, bcrypt as Apache's `htpasswd -B` writes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run(["htpasswd", "-Bbn", USER, PASSWORD]).stdout.strip() + "\n")
+    return path
+
+
 class Nginx:
     """One nginx master (workers: one per core) with every path in its own work dir."""
 
@@ -239,9 +246,7 @@ class ReplacedStack:
         self.auth = Auth("basic", USER, PASSWORD)
         self.auths = [self.auth]
         self._registry: subprocess.Popen[bytes] | None = None
-        workdir.mkdir(parents=True, exist_ok=True)
-        htpasswd = run(["htpasswd", "-Bbn", USER, PASSWORD]).stdout.strip()
-        (workdir / "htpasswd").write_text(htpasswd + "\n")
+        write_htpasswd(workdir / "htpasswd")
         self._start_registry()
         # The reverse-proxy recipe of the registry's docs, plus the rate limits this stack exists for.
         block = f"""    client_max_body_size 0;
@@ -312,20 +317,23 @@ class ReplacedStack:
 
 
 class CargoholdSystem:
-    """cargohold with its default settings (tag_ttl 10m)."""
+    """cargohold with default settings (tag_ttl 10m) and logins, like the replaced stack: the bench
+    user in an htpasswd file, no anonymous pulls. Pulls send Basic; scenario 5 measures Basic and
+    a Bearer token from cargohold's /token."""
 
     name = "cargohold"
 
     def __init__(self, workdir: Path, upstream_url: str) -> None:
-        self.server = Cargohold(workdir, upstream_url, upstream={"tag_ttl": "10m"})
+        auth = {"htpasswd": str(write_htpasswd(workdir / "htpasswd")), "anonymous": False}
+        self.server = Cargohold(workdir, upstream_url, overrides={"auth": auth}, upstream={"tag_ttl": "10m"})
         try:
             self.server.start()
         except BaseException:
             self.server.stop()
             raise
         self.url = self.server.url
-        self.auth = Auth()
-        self.auths = [self.auth]
+        self.auth = Auth("basic", USER, PASSWORD)
+        self.auths = [self.auth, Auth("bearer", USER, PASSWORD)]
 
     def wipe(self) -> None:
         self.server.stop()

@@ -1,5 +1,6 @@
-"""`python -m bench.run --quick`: the benchmark still runs end to end, and the outcomes that are not
-timings hold (one upstream GET per blob in the herd, no upstream request for warm manifests)."""
+"""`python -m bench.run --quick`: the benchmark still runs end to end (cargohold with logins, Basic and
+Bearer), and the outcomes that are not timings hold (one upstream GET per blob in the herd, no upstream
+request for warm manifests)."""
 
 from __future__ import annotations
 
@@ -37,13 +38,16 @@ def test_quick_bench_runs_every_scenario_through_every_system(tmp_path: Path) ->
     report = json.loads(out.read_text())
     medians = report["medians"]
 
-    for metric in ("warm1", "warm8", "manifest_rps"):
+    for metric in ("warm1", "warm8"):
         assert set(medians[metric]) >= SYSTEMS, metric
         assert all(v > 0 for v in medians[metric].values()), metric
+    manifest_rows = {"nginx-file", "registry+nginx", "cargohold (basic)", "cargohold (bearer)"}
+    assert set(medians["manifest_rps"]) == manifest_rows
+    assert all(v > 0 for v in medians["manifest_rps"].values())
     assert set(medians["cold"]) == {"upstream", "registry+nginx", "cargohold"}
     assert medians["herd_gets"]["cargohold"] == medians["herd_gets"]["ideal"] == 22  # config + 21 layers
     assert medians["herd_failed"]["cargohold"] == 0
-    assert medians["manifest_upstream"]["cargohold"] == 0
+    assert medians["manifest_upstream"]["cargohold (basic)"] == medians["manifest_upstream"]["cargohold (bearer)"] == 0
     assert medians["manifest_upstream"]["registry+nginx"] > 0  # the replaced stack asks upstream every time
     assert 0 < medians["rss_herd"]["cargohold"] < 150
     assert "cargohold" in proc.stdout and "target" in proc.stdout  # the table was printed
