@@ -22,7 +22,7 @@ from rig.hub import Hub
 from rig.images import Image, big_image, make_image, make_layer, simple_image
 
 from bench.report import CARGOHOLD, REPLACED, Results
-from bench.scenarios import METRICS, NGINX_FILE, SCENARIOS, Bench, Options
+from bench.scenarios import METRICS, SCENARIOS, Bench, Options
 from bench.systems import CargoholdSystem, NginxFile, ReplacedStack, System, Upstream
 
 QUICK = Options(

@@ -11,14 +11,14 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rig.hub import Hub
 from rig.images import ACCEPT_ALL, Image
 
-from bench.load import Auth, token
+from bench.load import token
 from bench.report import CARGOHOLD, REPLACED, Metric, Results, Target
 from bench.systems import System, cpu_seconds, peak_rss_mib, reset_peak_rss, rss_mib
 
@@ -52,7 +52,6 @@ class Bench:
     herds: dict[tuple[int, str], Image]
     results: Results
     log: Callable[[str], None] = print
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def among(self, *names: str) -> list[System]:
         return [self.systems[n] for n in names if n in self.systems]

@@ -249,9 +249,9 @@ class ReplacedStack:
         write_htpasswd(workdir / "htpasswd")
         self._start_registry()
         # The reverse-proxy recipe of the registry's docs, plus the rate limits this stack exists for.
-        block = f"""    client_max_body_size 0;
+        block = """    client_max_body_size 0;
     chunked_transfer_encoding on;
-    location /v2/ {{
+    location /v2/ {
       limit_req zone=perip burst=1000000 nodelay;
       limit_conn conns 60000;
       proxy_pass http://registry;
@@ -262,7 +262,7 @@ class ReplacedStack:
       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
       proxy_set_header X-Forwarded-Proto $scheme;
       proxy_read_timeout 900;
-    }}"""
+    }"""
         limits = f"""  limit_req_zone $binary_remote_addr zone=perip:10m rate=1000000r/s;
   limit_conn_zone $binary_remote_addr zone=conns:10m;
   upstream registry {{ server 127.0.0.1:{self.registry_port}; keepalive 64; }}"""
