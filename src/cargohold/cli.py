@@ -1,4 +1,4 @@
-"""`cargohold serve | config check`."""
+"""`cargohold serve | config check | cache stats|ls|prune|rm | warm`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import sys
 
 from aiohttp import web
 
-from cargohold import __version__
+from cargohold import __version__, cachecli
 from cargohold.config import ConfigError, Settings, load_settings, split_host_port
+from cargohold.logs import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,22 +28,15 @@ def _parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a config file and exit")
     check.add_argument("file")
+    cachecli.add_commands(commands)
     return parser
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def serve(settings: Settings) -> None:
     from cargohold.app import build_app
     from cargohold.middleware.observe import AccessLogger
 
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     host, port = split_host_port(settings.listen)
     logging.getLogger("cargohold").info(
         "cargohold %s listening on %s, cache in %s, upstreams: %s",
@@ -69,9 +63,12 @@ def main(argv: list[str] | None = None) -> int:
             settings = load_settings(args.file)
             print(f"{args.file}: ok ({len(settings.upstreams)} upstream(s), default {settings.default.name})")
             return 0
-        settings = load_settings(args.config, overrides={"listen": args.listen, "data_dir": args.data_dir})
+        overrides = {"listen": args.listen, "data_dir": args.data_dir} if args.command == "serve" else None
+        settings = load_settings(args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"cargohold: config error: {exc}", file=sys.stderr)
         return 2
+    if args.command in ("cache", "warm"):
+        return cachecli.run(args, settings)
     serve(settings)
     return 0

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -45,6 +45,29 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)b?$", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from `1048576`, `"512MiB"`, `"50GiB"`, `"2GB"` (KiB/MiB are powers of 1024, KB/MB of 1000)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 500MiB or 50GiB")
+    if isinstance(value, int | float):
+        size = float(value)
+    else:
+        match = _SIZE.match(str(value).strip())
+        if not match:
+            raise ValueError(f"invalid size {value!r} (use e.g. 500MiB, 50GiB, 2TB)")
+        number, prefix, binary = match.groups()
+        power = "kmgtp".find(prefix.lower()) + 1 if prefix else 0
+        size = float(number) * (1024 if binary or not prefix else 1000) ** power
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return int(size)
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
 
 
 class Strict(BaseModel):
@@ -92,6 +115,13 @@ class RateLimitConfig(Strict):
     trusted_proxies: list[IPv4Network | IPv6Network] = Field(default_factory=list)
 
 
+class CacheConfig(Strict):
+    """Bounds on the disk cache: least-recently-used content goes first (None: unbounded)."""
+
+    max_size: Size | None = None
+    max_age: Duration | None = None
+
+
 def _default_upstreams() -> list[UpstreamConfig]:
     return [UpstreamConfig(name=DOCKER_HUB, url="https://registry-1.docker.io")]
 
@@ -104,12 +134,16 @@ class Settings(Strict):
     upstreams: list[UpstreamConfig] = Field(default_factory=_default_upstreams, min_length=1)
     default_upstream: str | None = None
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+    metrics_listen: str | None = None
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
 
-    @field_validator("listen")
+    @field_validator("listen", "metrics_listen")
     @classmethod
-    def _listen(cls, value: str) -> str:
-        split_host_port(value)
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_host_port(value)
         return value
 
     @field_validator("log_level")

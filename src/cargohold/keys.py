@@ -5,11 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 
 from cargohold.config import Settings
+from cargohold.metrics import Metrics
 from cargohold.proxy import PullThrough
 from cargohold.upstream.routes import Target
 
 SETTINGS = web.AppKey("settings", Settings)
 PROXY = web.AppKey("proxy", PullThrough)
+METRICS = web.AppKey("metrics", Metrics)
 
 # Per request: its id, how the cache answered (hit/miss/stale, for the access log), its target.
 REQUEST_ID = web.RequestKey("request_id", str)

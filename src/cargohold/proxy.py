@@ -86,6 +86,11 @@ class PullThrough:
         self._manifests: SingleFlight[Manifest] = SingleFlight()
         self._tags: SingleFlight[TagEntry] = SingleFlight()
 
+    @property
+    def joins(self) -> int:
+        """Requests that joined a manifest or tag fetch already running (single-flight)."""
+        return self._manifests.joins + self._tags.joins
+
     # manifests
 
     async def manifest(self, target: Target, reference: str, accept: frozenset[str]) -> Manifest:
@@ -201,6 +206,10 @@ class PullThrough:
         if path is not None:
             self.index.touch("blobs", str(digest))
             return path
+        return await self.fetch_blob(target, digest)
+
+    async def fetch_blob(self, target: Target, digest: Digest) -> Download:
+        """Join (or start) the download of a blob; also for a cached file that vanished (evicted) just now."""
         return await self.downloads.join(digest, lambda: self._open_blob(target, digest))
 
     async def _open_blob(self, target: Target, digest: Digest) -> aiohttp.ClientResponse:
