@@ -126,8 +126,8 @@ class SqliteIndex:
     async def put_tag(self, upstream: str, repository: str, tag: str, digest: str, media_type: str) -> None:
         now = time.time()
         self._db.execute(
-            "INSERT INTO tags (upstream, repository, tag, digest, media_type, checked_at, last_access)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET digest=excluded.digest,"
+            "INSERT INTO tags (upstream, repository, tag, digest, media_type, checked_at, last_access, pulls)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT DO UPDATE SET digest=excluded.digest,"
             " media_type=excluded.media_type, checked_at=excluded.checked_at, last_access=excluded.last_access",
             (upstream, repository, tag, digest, media_type, now, now),
         )
