@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from cacheops import metrics, pull, sample
 from rig.hub import Hub
 from rig.images import Image
-from rig.server import Cargohold
+from rig.server import REPO_ROOT, Cargohold
 from rig.util import free_port, http_request, wait_until
 
 BLOBS = "/v2/{name}/blobs/{digest}"
@@ -20,7 +21,7 @@ def test_metrics_move_with_a_scripted_pull_sequence(
     cargohold: Callable[..., Cargohold], hub: Hub, hub_images: dict[str, Image], tmp_path: Path
 ) -> None:
     hub.pull_limit = 100
-    srv = cargohold()
+    srv = cargohold(cache={"max_size": "1GiB"})
     image = hub_images["oci"]
     blobs = len(image.blob_digests)
 
@@ -54,6 +55,13 @@ def test_metrics_move_with_a_scripted_pull_sequence(
     assert sample(failed, "cargohold_upstream_errors_total", upstream="docker.io") >= 1
     assert sample(failed, "cargohold_ratelimit_rejections_total") == 0
     assert sample(failed, "cargohold_http_requests_total", route="/v2/{name}/manifests/{reference}", status=str(res.status)) == 1
+
+    # Every metric the Grafana dashboard charts is exported.
+    exported = http_request("GET", f"{srv.url}/metrics").body.decode()
+    dashboard = (REPO_ROOT / "deploy" / "grafana-dashboard.json").read_text()
+    charted = {re.sub(r"_(total|bucket|count|sum)$", "", m) for m in re.findall(r"cargohold_[a-z_]+", dashboard)}
+    assert len(charted) >= 12
+    assert {m for m in charted if f"# TYPE {m} " not in exported and f"# TYPE {m}_total " not in exported} == set()
 
 
 def test_concurrent_requests_for_one_blob_count_as_single_flight_joins(
