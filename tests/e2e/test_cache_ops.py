@@ -4,6 +4,7 @@ cache CLI next to a running server, `warm`, and the start-up repair of index and
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import sqlite3
 from collections.abc import Callable
@@ -28,8 +29,8 @@ def test_filling_past_the_cap_evicts_least_recently_used_and_pulls_still_work(
     cargohold: Callable[..., Cargohold], hub: Hub, hub_images: dict[str, Image], tmp_path: Path
 ) -> None:
     first, second, third = hub_images["multi"], hub_images["oci"], hub_images["layers21"]
-    size = {k: sum(len(i.manifest) for i in (img,)) + img.total_size for k, img in (("1", first), ("2", second), ("3", third))}
-    cap = max(size["1"] + size["2"], size["2"] + size["3"]) + 64
+    one, two, three = (len(img.manifest) + img.total_size for img in (first, second, third))
+    cap = max(one + two, two + three) + 64
     srv = cargohold(cache={"max_size": cap})
 
     pull(srv, first.ref, tmp_path)
@@ -41,9 +42,7 @@ def test_filling_past_the_cap_evicts_least_recently_used_and_pulls_still_work(
     assert _content(second) | _content(third) <= kept, "the most recently used images stay"
     evicted = _content(first) - kept
     assert evicted, "the least recently used image gave way"
-    stats = cli(srv, "cache", "stats", "--json")
-    assert '"size"' in stats.stdout
-    figures = __import__("json").loads(stats.stdout)
+    figures = json.loads(cli(srv, "cache", "stats", "--json").stdout)
     assert figures["size"] <= cap and figures["max_size"] == cap
     assert sample(metrics(srv.url), "cargohold_cache_evictions_total") == len(evicted)
 
@@ -143,13 +142,14 @@ def test_cache_cli_next_to_a_running_server(
     pull(srv, oci.ref, tmp_path)  # the server fetches what disappeared under it
     assert hub.blob_count("GET") == len(oci.blob_digests)
 
+    assert cli(srv, "cache", "prune", "--older-than", "1h").stdout.startswith("removed 0 entries")
     out = cli(srv, "cache", "prune", "--max-size", "0").stdout
     assert "removed" in out and not stored(srv)
     pull(srv, multi.ref, tmp_path)
     assert cli(srv, "cache", "rm", "acme/never-pulled", check=False).returncode == 1
 
     srv.stop()  # the server writes its counters at shutdown
-    figures = __import__("json").loads(cli(srv, "cache", "stats", "--json").stdout)
+    figures = json.loads(cli(srv, "cache", "stats", "--json").stdout)
     assert figures["hits"] > 0 and figures["misses"] > 0 and 0 < figures["hit_ratio"] < 1
     assert figures["bytes_from_cache"] >= multi.total_size + oci.total_size
     assert figures["size"] == sum(p.stat().st_size for p in (srv.data_dir / "blobs").glob("*/*/*"))

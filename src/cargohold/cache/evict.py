@@ -47,6 +47,8 @@ async def evict(
     and everything not used since `unused_since`. Returns what was removed."""
     await index.flush()  # access times still in memory count too
     over = (await index.usage()).size + incoming - max_size if max_size is not None else 0
+    if over <= 0 and unused_since is None:
+        return []
     removed: list[Stored] = []
     skipped = 0
     while True:
