@@ -71,7 +71,9 @@ async def stats(settings: Settings, args: argparse.Namespace) -> int:
         usage, counts = await index.usage(), await index.counters()
     finally:
         await index.close()
-    answered = sum(counts.get(k, 0) for k in ("hit", "miss", "stale"))
+    hits, misses, stale = (int(counts.get(k, 0)) for k in ("hit", "miss", "stale"))
+    from_cache, from_upstream = int(counts.get("bytes_cache", 0)), int(counts.get("bytes_upstream", 0))
+    ratio = (hits + stale) / (hits + misses + stale) if hits + misses + stale else None
     figures = {
         "data_dir": str(settings.data_dir),
         "size": usage.size,
@@ -79,23 +81,22 @@ async def stats(settings: Settings, args: argparse.Namespace) -> int:
         "blobs": usage.blobs,
         "manifests": usage.manifests,
         "tags": usage.tags,
-        "hits": int(counts.get("hit", 0)),
-        "misses": int(counts.get("miss", 0)),
-        "stale": int(counts.get("stale", 0)),
-        "hit_ratio": (counts.get("hit", 0) + counts.get("stale", 0)) / answered if answered else None,
-        "bytes_from_cache": int(counts.get("bytes_cache", 0)),
-        "bytes_from_upstream": int(counts.get("bytes_upstream", 0)),
+        "hits": hits,
+        "misses": misses,
+        "stale": stale,
+        "hit_ratio": ratio,
+        "bytes_from_cache": from_cache,
+        "bytes_from_upstream": from_upstream,
     }
     if args.json:
         print(json.dumps(figures, indent=2))
         return 0
     cap = f" of {human(settings.cache.max_size)}" if settings.cache.max_size else " (no cap)"
-    ratio = f"{figures['hit_ratio']:.1%}" if figures["hit_ratio"] is not None else "-"
     print(f"cache:      {settings.data_dir}")
     print(f"size:       {human(usage.size)}{cap}")
     print(f"entries:    {usage.blobs} blobs, {usage.manifests} manifests, {usage.tags} tags")
-    print(f"hit ratio:  {ratio} ({figures['hits']} hits, {figures['misses']} misses, {figures['stale']} stale)")
-    print(f"served:     {human(figures['bytes_from_cache'])} from cache, {human(figures['bytes_from_upstream'])} fetched upstream")
+    print(f"hit ratio:  {f'{ratio:.1%}' if ratio is not None else '-'} ({hits} hits, {misses} misses, {stale} stale)")
+    print(f"served:     {human(from_cache)} from cache, {human(from_upstream)} fetched upstream")
     return 0
 
 

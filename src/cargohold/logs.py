@@ -30,8 +30,9 @@ class _Context(logging.Filter):
     """Adds the current request id; access lines name it already and carry their own fields."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = getattr(record, "fields", {}).get("request_id") or request_id.get()
-        record.rid = "" if record.request_id == "-" or hasattr(record, "fields") else f" rid={record.request_id}"
+        rid = getattr(record, "fields", {}).get("request_id") or request_id.get()
+        record.request_id = rid
+        record.rid = "" if rid == "-" or hasattr(record, "fields") else f" rid={rid}"
         return True
 
 
@@ -53,8 +54,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": mask_secrets(record.getMessage()),
         }
-        if record.request_id != "-":
-            entry["request_id"] = record.request_id
+        rid = getattr(record, "request_id", "-")
+        if rid != "-":
+            entry["request_id"] = rid
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = mask_secrets(self.formatException(record.exc_info))

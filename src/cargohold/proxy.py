@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -225,7 +226,8 @@ class PullThrough:
         """Size of a blob for HEAD, without downloading it; also says where the answer came from."""
         path = self.store.local_path(digest)
         if path is not None:
-            return path.stat().st_size, "hit"
+            with contextlib.suppress(FileNotFoundError):  # evicted a moment ago: ask upstream instead
+                return path.stat().st_size, "hit"
         active = self.downloads.active(digest)
         if active is not None and active.size is not None:
             return active.size, "miss"
