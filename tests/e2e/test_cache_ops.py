@@ -68,6 +68,7 @@ def test_a_blob_being_read_is_not_evicted(
 ) -> None:
     big = hub_images["big"]
     layer = max(big.blobs, key=lambda b: b.size)
+    assert layer.size > 32 << 20, "the blob must outsize the socket buffers to keep its sender busy"
     srv = cargohold(cache={"max_size": "1MiB"})
     assert http_request("GET", f"{srv.url}/v2/acme/big/blobs/{layer.digest}", timeout=120).status == 200
     assert layer.digest in stored(srv)  # bigger than the cap, but the newest entry: kept until something else comes
