@@ -1,7 +1,7 @@
 # `make run` and `make test` do all set-up on a fresh Debian/Ubuntu machine.
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := docker.io docker-registry skopeo containerd nginx apache2-utils
+APT_PACKAGES := docker.io docker-registry skopeo containerd nginx apache2-utils chromium
 
 .PHONY: run test venv system-packages bench
 venv: $(VENV)/.installed

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,11 +12,14 @@ from aiohttp import web
 from cargohold import __version__
 from cargohold.auth.context import auth_context
 from cargohold.cache.download import Downloads
+from cargohold.cache.evict import Evictor, repair
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import FsBlobStore
 from cargohold.config import Settings
+from cargohold.handlers.metrics import count_response, metrics_listener
 from cargohold.handlers.target import stamp_namespace
-from cargohold.keys import PROXY, SETTINGS
+from cargohold.keys import METRICS, PROXY, SETTINGS
+from cargohold.metrics import Metrics
 from cargohold.middleware.auth import authenticate
 from cargohold.middleware.observe import observe, stamp_headers
 from cargohold.proxy import PullThrough
@@ -37,11 +39,14 @@ def build_app(settings: Settings) -> web.Application:
     # Clients only ever send small requests to a read-only mirror.
     app = web.Application(middlewares=[observe, authenticate], client_max_size=64 * 1024)
     app[SETTINGS] = settings
+    app[METRICS] = Metrics([u.name for u in settings.upstreams], settings.cache.max_size)
     app.cleanup_ctx.append(_pull_through)
     if settings.auth is not None:
         app.cleanup_ctx.append(auth_context)
     app.on_response_prepare.append(stamp_headers)
     app.on_response_prepare.append(stamp_namespace)
+    app.cleanup_ctx.append(metrics_listener)
+    app.on_response_prepare.append(count_response)
     add_routes(app)
     return app
 
@@ -53,6 +58,8 @@ async def _pull_through(app: web.Application) -> AsyncIterator[None]:
     store = FsBlobStore(settings.data_dir)
     store.clean_temp()
     index = SqliteIndex(settings.data_dir / "index.sqlite")
+    await repair(index, store)
+    metrics = app[METRICS]
     sessions = [
         aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
@@ -62,16 +69,22 @@ async def _pull_through(app: web.Application) -> AsyncIterator[None]:
         )
         for _ in settings.upstreams
     ]
-    clients = {u.name: UpstreamClient(u, s) for u, s in zip(settings.upstreams, sessions)}
-    downloads = Downloads(store, index)
+    clients = {u.name: UpstreamClient(u, s, metrics) for u, s in zip(settings.upstreams, sessions)}
+    evictor = Evictor(
+        index, store, settings.cache, lambda d: store.in_use(d) or downloads.active(d) is not None, metrics.evicted
+    )
+    downloads = Downloads(store, index, evictor.make_room)
     app[PROXY] = PullThrough(Router(clients, settings.default.name), store, index, downloads)
-    flusher = asyncio.create_task(_flush_forever(index))
+    metrics.attach(index, app[PROXY])
+    tasks = [asyncio.create_task(_flush_forever(index))]
+    if evictor.bounded:
+        tasks.append(asyncio.create_task(evictor.run_forever()))
     try:
         yield
     finally:
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await downloads.close()
         for session in sessions:
             await session.close()

@@ -1,14 +1,14 @@
-"""`cargohold serve | config check | user ...`."""
+"""`cargohold serve | config check | user ... | cache stats|ls|prune|rm | warm`."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from cargohold import __version__
+from cargohold import __version__, cachecli
 from cargohold.config import ConfigError, Settings, load_settings
+from cargohold.logs import setup_logging
 from cargohold.usercli import UserCommandError, add_user_commands, run_user_command
 
 
@@ -27,21 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a config file and exit")
     check.add_argument("file")
     add_user_commands(commands)
+    cachecli.add_commands(commands)
     return parser
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def serve(settings: Settings) -> None:
     from cargohold.serving import run
 
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     run(settings)
 
 
@@ -54,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "user":
             return run_user_command(args)
-        settings = load_settings(args.config, overrides={"listen": args.listen, "data_dir": args.data_dir})
+        overrides = {"listen": args.listen, "data_dir": args.data_dir} if args.command == "serve" else None
+        settings = load_settings(args.config, overrides=overrides)
+        if args.command in ("cache", "warm"):
+            return cachecli.run(args, settings)
         serve(settings)  # a ConfigError can also come from start-up (e.g. a bad htpasswd entry)
     except ConfigError as exc:
         print(f"cargohold: config error: {exc}", file=sys.stderr)

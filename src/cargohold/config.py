@@ -50,6 +50,29 @@ def parse_duration(value: Any) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)b?$", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from `1048576`, `"512MiB"`, `"50GiB"`, `"2GB"` (KiB/MiB are powers of 1024, KB/MB of 1000)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 500MiB or 50GiB")
+    if isinstance(value, int | float):
+        size = float(value)
+    else:
+        match = _SIZE.match(str(value).strip())
+        if not match:
+            raise ValueError(f"invalid size {value!r} (use e.g. 500MiB, 50GiB, 2TB)")
+        number, prefix, binary = match.groups()
+        power = "kmgtp".find(prefix.lower()) + 1 if prefix else 0
+        size = float(number) * (1024 if binary or not prefix else 1000) ** power
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return int(size)
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
 
 class Strict(BaseModel):
     """Base for config sections: unknown keys are errors, values are never coerced silently."""
@@ -194,6 +217,11 @@ class AuthConfig(Strict):
             if unknown:
                 raise ValueError(f"rules name groups not defined in auth.groups: {', '.join(unknown)}")
         return self
+class CacheConfig(Strict):
+    """Bounds on the disk cache: least-recently-used content goes first (None: unbounded)."""
+
+    max_size: Size | None = None
+    max_age: Duration | None = None
 
 
 def _default_upstreams() -> list[UpstreamConfig]:
@@ -210,14 +238,18 @@ class Settings(Strict):
     upstreams: list[UpstreamConfig] = Field(default_factory=_default_upstreams, min_length=1)
     default_upstream: str | None = None
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+    metrics_listen: str | None = None
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     auth: AuthConfig | None = None
     external_url: str | None = None
 
-    @field_validator("listen")
+    @field_validator("listen", "metrics_listen")
     @classmethod
-    def _listen(cls, value: str) -> str:
-        split_host_port(value)
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_host_port(value)
         return value
 
     @field_validator("log_level")

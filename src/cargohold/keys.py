@@ -6,12 +6,14 @@ from aiohttp import web
 
 from cargohold.auth.service import Auth
 from cargohold.config import Settings
+from cargohold.metrics import Metrics
 from cargohold.proxy import PullThrough
 from cargohold.upstream.routes import Target
 
 SETTINGS = web.AppKey("settings", Settings)
 PROXY = web.AppKey("proxy", PullThrough)
 AUTH = web.AppKey("auth", Auth)  # only when `auth` is configured
+METRICS = web.AppKey("metrics", Metrics)
 
 # Per request: its id, how the cache answered (hit/miss/stale, for the access log), its target.
 REQUEST_ID = web.RequestKey("request_id", str)

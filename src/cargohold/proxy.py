@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -102,6 +103,11 @@ class PullThrough:
         self._manifests: SingleFlight[Manifest] = SingleFlight()
         self._tags: SingleFlight[TagEntry] = SingleFlight()
         self._links: SingleFlight[None] = SingleFlight()
+
+    @property
+    def joins(self) -> int:
+        """Requests that joined a manifest or tag fetch already running (single-flight)."""
+        return self._manifests.joins + self._tags.joins
 
     # manifests
 
@@ -213,6 +219,10 @@ class PullThrough:
         if path is not None:
             self.index.touch("blobs", str(digest))
             return path
+        return await self.fetch_blob(target, digest)
+
+    async def fetch_blob(self, target: Target, digest: Digest) -> Download:
+        """Join (or start) the download of a blob; also for a cached file that vanished (evicted) just now."""
         return await self.downloads.join(digest, lambda: self._open_blob(target, digest), _source(target))
 
     async def _open_blob(self, target: Target, digest: Digest) -> aiohttp.ClientResponse:
@@ -230,7 +240,8 @@ class PullThrough:
         await self._confirm_blob(target, digest)
         path = self.store.local_path(digest)
         if path is not None:
-            return path.stat().st_size, "hit"
+            with contextlib.suppress(FileNotFoundError):  # evicted a moment ago: ask upstream instead
+                return path.stat().st_size, "hit"
         active = self.downloads.active(digest)
         if active is not None and active.size is not None:
             return active.size, "miss"

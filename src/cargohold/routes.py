@@ -7,6 +7,8 @@ from aiohttp import web
 from cargohold.handlers.blobs import get_blob
 from cargohold.handlers.manifests import get_manifest
 from cargohold.handlers.meta import api_version, health, unsupported
+from cargohold.handlers.metrics import metrics_endpoint
+from cargohold.handlers.status import ready, status_page
 from cargohold.handlers.tags import list_tags
 from cargohold.handlers.token import issue_token
 
@@ -17,6 +19,9 @@ def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/health", health)
     r.add_get("/token", issue_token)
+    r.add_get("/ready", ready)
+    r.add_get("/metrics", metrics_endpoint)
+    r.add_get("/", status_page)
     r.add_get("/v2/", api_version)
     r.add_get("/v2", api_version)
     r.add_route("*", "/v2/" + NAME + "/blobs/uploads/{rest:.*}", unsupported)

@@ -25,6 +25,8 @@ log = logging.getLogger("cargohold.cache")
 
 CHUNK = 1 << 20
 Opener = Callable[[], Awaitable[aiohttp.ClientResponse]]
+# Called with a download's size before it is written, so the cache can make room (eviction).
+MakeRoom = Callable[[int], Awaitable[None]]
 
 
 class DownloadFailed(Exception):
@@ -34,7 +36,14 @@ class DownloadFailed(Exception):
 class Download:
     """One upstream fetch of one blob into a temp file, readable while it grows."""
 
-    def __init__(self, digest: Digest, store: BlobStore, index: Index, source: Hashable = None) -> None:
+    def __init__(
+        self,
+        digest: Digest,
+        store: BlobStore,
+        index: Index,
+        source: Hashable = None,
+        make_room: MakeRoom | None = None,
+    ) -> None:
         self.digest = digest
         self.source = source  # where it is fetched from (upstream, repository): joiners from elsewhere check first
         self.size: int | None = None
@@ -44,6 +53,7 @@ class Download:
         self.finished = False
         self._store = store
         self._index = index
+        self._make_room = make_room
         self._fd, self.temp = store.new_temp()
         # Shared by every reader: pread and sendfile take explicit offsets, never its position.
         self.reader = open(self.temp, "rb", buffering=0)  # noqa: SIM115 - closed when the last reader leaves
@@ -61,6 +71,8 @@ class Download:
             response = await open_upstream()
             self.size = response.content_length
             self.ready.set_result(None)
+            if self._make_room is not None and self.size:
+                await self._make_room(self.size)
             # Readers need a chunk written, not hashed: the hash of one chunk runs (on another
             # worker thread) while the next is read and written, at most one chunk behind.
             hashing: asyncio.Future[None] | None = None
@@ -139,6 +151,7 @@ class Download:
         """`(offset, length)` pieces of `[start, end)` of `reader` as they become readable;
         raises DownloadFailed if the download fails first."""
         self._readers += 1
+        pin = self._store.pin(self.digest)
         position = start
         try:
             while end is None or position < end:
@@ -155,6 +168,7 @@ class Download:
                 else:
                     await self._progress.wait()
         finally:
+            pin.release()
             self._readers -= 1
             self._close_reader_if_unused()
 
@@ -171,9 +185,10 @@ class Download:
 class Downloads:
     """The downloads in progress, one per digest: later askers join the running one."""
 
-    def __init__(self, store: BlobStore, index: Index) -> None:
+    def __init__(self, store: BlobStore, index: Index, make_room: MakeRoom | None = None) -> None:
         self._store = store
         self._index = index
+        self._make_room = make_room
         self._active: dict[str, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.started = 0
@@ -182,12 +197,18 @@ class Downloads:
     def active(self, digest: Digest) -> Download | None:
         return self._active.get(str(digest))
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
     async def join(self, digest: Digest, open_upstream: Opener, source: Hashable = None) -> Download:
         """The running download of `digest`, or a new one from `source`; returns once its size is known."""
         key = str(digest)
         download = self._active.get(key)
         if download is None:
-            download = Download(digest, self._store, self._index, source)
+            download = Download(
+                digest, self._store, self._index, source, self._room if self._make_room else None
+            )
             self._active[key] = download
             self.started += 1
             task = asyncio.create_task(download.run(open_upstream), name=f"download {key}")
@@ -197,6 +218,11 @@ class Downloads:
             self.joins += 1
         await asyncio.shield(download.ready)
         return download
+
+    async def _room(self, size: int) -> None:
+        """Make room for every download still writing (each counts its whole size), not just this one."""
+        assert self._make_room is not None
+        await self._make_room(sum(d.size or 0 for d in self._active.values() if not d.verified))
 
     def _done(self, key: str, download: Download, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

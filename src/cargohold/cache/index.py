@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -31,7 +32,12 @@ CREATE TABLE IF NOT EXISTS links (
     upstream TEXT NOT NULL, repository TEXT NOT NULL, digest TEXT NOT NULL,
     PRIMARY KEY (upstream, repository, digest)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
 """
+# Columns added after the first release; added to older index files when they are opened.
+MIGRATIONS = (("tags", "pulls", "INTEGER NOT NULL DEFAULT 0"),)
+# Manifests and blobs share the blob store; both are evicted by last access.
+CONTENT_TABLES = ("manifests", "blobs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +51,34 @@ class TagEntry:
 class ManifestEntry:
     media_type: str
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One manifest or blob in the store, as the index records it."""
+
+    table: str
+    digest: str
+    size: int
+    last_access: float
+
+
+@dataclass(frozen=True, slots=True)
+class TagRow:
+    upstream: str
+    repository: str
+    tag: str
+    digest: str
+    last_access: float
+    pulls: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    size: int
+    blobs: int
+    manifests: int
+    tags: int
 
 
 class Index(Protocol):
@@ -61,6 +95,13 @@ class Index(Protocol):
     async def put_link(self, upstream: str, repository: str, digest: str) -> None: ...
     def touch(self, table: str, digest: str) -> None: ...
     def touch_tag(self, upstream: str, repository: str, tag: str) -> None: ...
+    def add_counts(self, counts: dict[str, float]) -> None: ...
+    async def counters(self) -> dict[str, float]: ...
+    async def usage(self) -> Usage: ...
+    async def least_recent(self, limit: int, offset: int = 0) -> list[Stored]: ...
+    async def stored(self) -> list[Stored]: ...
+    async def forget(self, table: str, digest: str) -> None: ...
+    async def tag_rows(self) -> list[TagRow]: ...
     async def flush(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -75,8 +116,13 @@ class SqliteIndex:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        for table, column, kind in MIGRATIONS:
+            if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self._touched: dict[tuple[str, str], float] = {}
         self._touched_tags: dict[tuple[str, str, str], float] = {}
+        self._tag_pulls: Counter[tuple[str, str, str]] = Counter()
+        self._counts: Counter[str] = Counter()
 
     async def get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
         row = self._db.execute(
@@ -88,7 +134,9 @@ class SqliteIndex:
     async def put_tag(self, upstream: str, repository: str, tag: str, digest: str, media_type: str) -> None:
         now = time.time()
         self._db.execute(
-            "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO tags (upstream, repository, tag, digest, media_type, checked_at, last_access, pulls)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT DO UPDATE SET digest=excluded.digest,"
+            " media_type=excluded.media_type, checked_at=excluded.checked_at, last_access=excluded.last_access",
             (upstream, repository, tag, digest, media_type, now, now),
         )
 
@@ -128,23 +176,72 @@ class SqliteIndex:
         self._touched[(table, digest)] = time.time()
 
     def touch_tag(self, upstream: str, repository: str, tag: str) -> None:
+        """Remember a pull of a tag (its time and one more pull); written by the next `flush`."""
         self._touched_tags[(upstream, repository, tag)] = time.time()
+        self._tag_pulls[(upstream, repository, tag)] += 1
+
+    def add_counts(self, counts: dict[str, float]) -> None:
+        """Add to the lasting counters (hits, misses, bytes), so figures survive restarts; written by `flush`."""
+        self._counts.update(counts)
+
+    async def counters(self) -> dict[str, float]:
+        return dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+
+    async def usage(self) -> Usage:
+        size, blobs, manifests = self._db.execute(
+            "SELECT COALESCE(SUM(size), 0), COUNT(*) FILTER (WHERE t='blobs'), COUNT(*) FILTER (WHERE t='manifests')"
+            " FROM (SELECT 'blobs' AS t, size FROM blobs UNION ALL SELECT 'manifests', size FROM manifests)"
+        ).fetchone()
+        (tags,) = self._db.execute("SELECT COUNT(*) FROM tags").fetchone()
+        return Usage(size, blobs, manifests, tags)
+
+    async def least_recent(self, limit: int, offset: int = 0) -> list[Stored]:
+        """Manifests and blobs, least recently used first (`limit` -1: all)."""
+        rows = self._db.execute(
+            "SELECT 'blobs', digest, size, last_access FROM blobs"
+            " UNION ALL SELECT 'manifests', digest, size, last_access FROM manifests"
+            " ORDER BY last_access LIMIT ? OFFSET ?",
+            (limit, offset),
+        ).fetchall()
+        return [Stored(*row) for row in rows]
+
+    async def stored(self) -> list[Stored]:
+        """Every manifest and blob the index knows (for the start-up check against the files)."""
+        return await self.least_recent(-1)
+
+    async def forget(self, table: str, digest: str) -> None:
+        """Drop a manifest or blob row; its file is removed after this, never before."""
+        if table not in CONTENT_TABLES:
+            raise ValueError(f"not a content table: {table}")
+        self._db.execute(f"DELETE FROM {table} WHERE digest=?", (digest,))
+
+    async def tag_rows(self) -> list[TagRow]:
+        rows = self._db.execute(
+            "SELECT upstream, repository, tag, digest, last_access, pulls FROM tags ORDER BY upstream, repository, tag"
+        ).fetchall()
+        return [TagRow(*row) for row in rows]
 
     async def flush(self) -> None:
         touched, self._touched = self._touched, {}
         tags, self._touched_tags = self._touched_tags, {}
-        if not touched and not tags:
+        pulls, self._tag_pulls = self._tag_pulls, Counter()
+        counts, self._counts = self._counts, Counter()
+        if not touched and not tags and not counts:
             return
         self._db.execute("BEGIN")
         try:
-            for table in ("manifests", "blobs"):
+            self._db.executemany(
+                "INSERT INTO counters VALUES (?, ?) ON CONFLICT DO UPDATE SET value=value+excluded.value",
+                list(counts.items()),
+            )
+            for table in CONTENT_TABLES:
                 self._db.executemany(
                     f"UPDATE {table} SET last_access=? WHERE digest=?",
                     [(when, digest) for (kind, digest), when in touched.items() if kind == table],
                 )
             self._db.executemany(
-                "UPDATE tags SET last_access=? WHERE upstream=? AND repository=? AND tag=?",
-                [(when, *key) for key, when in tags.items()],
+                "UPDATE tags SET last_access=?, pulls=pulls+? WHERE upstream=? AND repository=? AND tag=?",
+                [(when, pulls[key], *key) for key, when in tags.items()],
             )
             self._db.execute("COMMIT")
         except BaseException:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 from cargohold.digests import Digest
+from cargohold.errors import DigestInvalid
 
 log = logging.getLogger("cargohold.cache")
 
@@ -23,6 +26,26 @@ class BlobStore(Protocol):
     def read(self, digest: Digest) -> bytes | None: ...
     def write(self, digest: Digest, data: bytes) -> None: ...
     def clean_temp(self) -> int: ...
+    def pin(self, digest: Digest) -> Pin: ...
+    def in_use(self, digest: Digest) -> bool: ...
+    def remove(self, digest: Digest) -> int: ...
+    def files(self) -> Iterator[tuple[Digest, int]]: ...
+
+
+class Pin:
+    """Holds a blob against eviction while a client reads it; released once (more calls do nothing)."""
+
+    def __init__(self, pins: Counter[str], key: str) -> None:
+        self._pins = pins
+        self._key: str | None = key
+        pins[key] += 1
+
+    def release(self) -> None:
+        if self._key is not None:
+            self._pins[self._key] -= 1
+            if self._pins[self._key] <= 0:
+                del self._pins[self._key]
+            self._key = None
 
 
 class FsBlobStore:
@@ -34,6 +57,7 @@ class FsBlobStore:
         self.tmp = root / "tmp"
         for folder in (self.blobs, self.tmp):
             folder.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._pins: Counter[str] = Counter()
 
     def path_for(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
@@ -78,6 +102,32 @@ class FsBlobStore:
         except BaseException:
             self.discard(temp)
             raise
+
+    def pin(self, digest: Digest) -> Pin:
+        """Mark a blob as being read by this process; eviction leaves pinned blobs alone."""
+        return Pin(self._pins, str(digest))
+
+    def in_use(self, digest: Digest) -> bool:
+        return self._pins.get(str(digest), 0) > 0
+
+    def remove(self, digest: Digest) -> int:
+        """Delete a stored file (its index row must be gone first); returns the bytes freed."""
+        path = self.path_for(digest)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def files(self) -> Iterator[tuple[Digest, int]]:
+        """Every stored file as (digest, size); names that are not digests are skipped."""
+        for algorithm in self.blobs.iterdir():
+            for path in algorithm.glob("*/*"):
+                try:
+                    yield Digest.parse(f"{algorithm.name}:{path.name}"), path.stat().st_size
+                except (DigestInvalid, FileNotFoundError):
+                    continue
 
     def clean_temp(self) -> int:
         """Remove temp files a crash left behind; run at start before any download begins."""

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from pathlib import Path
 
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
 
 from cargohold.cache.download import Download, DownloadFailed
+from cargohold.cache.store import Pin
 from cargohold.digests import Digest
 from cargohold.errors import RangeInvalid
 from cargohold.handlers.target import proxy_of, target_of
@@ -18,11 +21,23 @@ log = logging.getLogger("cargohold.blobs")
 
 
 class BlobFileResponse(web.FileResponse):
-    """A cache hit sent with sendfile; its ETag is the digest, not aiohttp's mtime-size tag."""
+    """A cache hit sent with sendfile; its ETag is the digest, not aiohttp's mtime-size tag.
 
-    def __init__(self, path: Path, digest: Digest) -> None:
+    Holds a pin on the blob until it is sent, so eviction leaves it alone (released when the
+    response is dropped unsent, too).
+    """
+
+    def __init__(self, path: Path, digest: Digest, pin: Pin) -> None:
         super().__init__(path, headers={"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"})
         self._digest_etag = f'"{digest}"'
+        self._pin = pin
+        weakref.finalize(self, pin.release)
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)
+        finally:
+            self._pin.release()
 
     @property
     def etag(self) -> None:  # type: ignore[override]
@@ -72,9 +87,20 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         )
     found = await proxy.blob(target, digest)
     if isinstance(found, Path):
-        request[CACHE] = "hit"
-        requested_range(request, found.stat().st_size)
-        return BlobFileResponse(found, digest)
+        pin = proxy.store.pin(digest)
+        try:
+            size = found.stat().st_size
+        except FileNotFoundError:  # removed by `cargohold cache prune/rm` a moment ago: fetch it again
+            pin.release()
+            found = await proxy.fetch_blob(target, digest)
+        else:
+            request[CACHE] = "hit"
+            try:
+                requested_range(request, size)
+            except RangeInvalid:
+                pin.release()
+                raise
+            return BlobFileResponse(found, digest, pin)
     request[CACHE] = "miss"
     return await _follow(request, found, digest)
 

@@ -12,19 +12,14 @@ from aiohttp.abc import AbstractAccessLogger
 
 from cargohold.errors import NotFound, RegistryError, Unsupported, error_response
 from cargohold.identity import IDENTITY, Identity, client_address
+from cargohold import logs
 from cargohold.keys import CACHE, REQUEST_ID, SETTINGS
+from cargohold.logs import mask_secrets
 
 log = logging.getLogger("cargohold.server")
 access = logging.getLogger("cargohold.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_SECRET_QUERY = re.compile(r"(?i)((?:password|passwd|secret|token|access_token|client_secret)=)[^&]*")
-
-
-def mask_secrets(text: str) -> str:
-    """Hide passwords and tokens in URLs before they are logged."""
-    text = re.sub(r"(://[^/@:\s]+:)[^/@\s]+@", r"\1***@", text)
-    return _SECRET_QUERY.sub(r"\1***", text)
 
 
 def _as_registry_error(exc: web.HTTPException) -> web.Response:
@@ -40,6 +35,7 @@ async def observe(request: web.Request, handler: web.RequestHandler) -> web.Stre
     """Outermost middleware: every failure leaves as an OCI error, never as a traceback."""
     given = request.headers.get("X-Request-Id", "")
     request[REQUEST_ID] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+    logs.request_id.set(request[REQUEST_ID])
     request[CACHE] = "-"
     request[IDENTITY] = Identity(client_address(request, request.app[SETTINGS].rate_limit.trusted_proxies))
     try:
@@ -67,15 +63,19 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         who = request.get(IDENTITY) or Identity(client_address(request, ()))
+        fields = {
+            "client": who.address,
+            "user": who.user or "-",
+            "method": request.method,
+            "path": mask_secrets(request.path_qs),
+            "status": response.status,
+            "bytes": response.body_length,
+            "ms": round(time * 1000, 1),
+            "cache": request.get(CACHE, "-"),
+            "request_id": request.get(REQUEST_ID, "-"),
+        }
         self.logger.info(
-            "%s %s %s %s %d %d %.1fms cache=%s rid=%s",
-            who.address,
-            who.user or "-",
-            request.method,
-            mask_secrets(request.path_qs),
-            response.status,
-            response.body_length,
-            time * 1000,
-            request.get(CACHE, "-"),
-            request.get(REQUEST_ID, "-"),
+            "%(client)s %(user)s %(method)s %(path)s %(status)d %(bytes)d %(ms).1fms cache=%(cache)s rid=%(request_id)s",
+            fields,
+            extra={"fields": fields},
         )

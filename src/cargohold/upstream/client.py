@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
+from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -30,11 +32,21 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or "").lower(), parts.port
 
 
+class UpstreamObserver(Protocol):
+    """Told about every request that leaves (metrics, upstream state); `kind` is timeout or connection."""
+
+    def upstream_answered(self, upstream: str, method: str, response: aiohttp.ClientResponse, seconds: float) -> None: ...
+    def upstream_failed(self, upstream: str, method: str, kind: str, seconds: float) -> None: ...
+
+
 class UpstreamClient:
     """Talks to one upstream; never sends its credentials or tokens to any other host."""
 
-    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, config: UpstreamConfig, session: aiohttp.ClientSession, observer: UpstreamObserver | None = None
+    ) -> None:
         self.config = config
+        self.observer = observer
         self.name = config.name
         self.base = config.url
         self._origin = _origin(config.url)
@@ -61,23 +73,32 @@ class UpstreamClient:
         scope = f"repository:{repository}:pull"
         for attempt in range(1, ATTEMPTS + 1):
             last = attempt == ATTEMPTS
+            started = time.monotonic()
             try:
                 resp = await self._authorized(method, self.base + path, scope, dict(headers or {}), timeout, params)
             except asyncio.TimeoutError:
+                self._failed(method, "timeout", started)
                 if last:
                     raise UpstreamTimeout(f"upstream {self.name} timed out", {"upstream": self.name}) from None
             except aiohttp.ClientError as exc:
+                self._failed(method, "connection", started)
                 if last:
                     raise UpstreamUnavailable(
                         f"upstream {self.name} unreachable: {type(exc).__name__}", {"upstream": self.name}
                     ) from None
             else:
+                if self.observer is not None:
+                    self.observer.upstream_answered(self.name, method, resp, time.monotonic() - started)
                 if resp.status < 500 or last:
                     return resp
                 resp.release()
             log.info("upstream %s: retrying %s %s (attempt %d)", self.name, method, path, attempt)
             await asyncio.sleep(BACKOFF * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
+
+    def _failed(self, method: str, kind: str, started: float) -> None:
+        if self.observer is not None:
+            self.observer.upstream_failed(self.name, method, kind, time.monotonic() - started)
 
     async def _authorized(
         self,

@@ -1,0 +1,298 @@
+"""`cargohold cache stats|ls|prune|rm` on an instance's data_dir, and `cargohold warm IMAGE...`.
+
+The cache commands open the index (SQLite in WAL mode) next to a running server safely: rows are
+deleted before files, and the server fetches again whatever disappears under it.
+`warm` goes through the running instance's HTTP API, so the server's cache fills as for a pull.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import aiohttp
+
+from cargohold.cache.evict import evict
+from cargohold.cache.index import SqliteIndex
+from cargohold.cache.refs import Child, references
+from cargohold.cache.store import FsBlobStore
+from cargohold.config import DOCKER_HUB, Settings, parse_duration, parse_size, split_host_port
+from cargohold.digests import Digest
+from cargohold.handlers.status import human
+from cargohold.mediatypes import FULL_ACCEPT
+from cargohold.upstream.routes import _is_registry_host
+
+WARM_PARALLEL = 4
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", default=os.environ.get("CARGOHOLD_CONFIG"), help="YAML config file")
+    cache = commands.add_parser("cache", help="inspect and trim the cache (safe next to a running server)")
+    sub = cache.add_subparsers(dest="cache_command", required=True)
+    stats = sub.add_parser("stats", parents=[config], help="size, entries, hit ratio")
+    stats.add_argument("--json", action="store_true", help="machine-readable figures")
+    sub.add_parser("ls", parents=[config], help="cached images and tags with size and last pull")
+    prune = sub.add_parser("prune", parents=[config], help="evict least-recently-used content now")
+    prune.add_argument("--max-size", type=parse_size, help="evict until the cache fits, e.g. 10GiB (default cache.max_size)")
+    prune.add_argument("--older-than", type=parse_duration, help="evict content unused this long, e.g. 30d (default cache.max_age)")
+    rm = sub.add_parser("rm", parents=[config], help="remove an image (all its tags) or one tag")
+    rm.add_argument("image", help="IMAGE[:TAG], e.g. alpine, library/alpine:3.20, ghcr.io/org/app:1")
+    warm = commands.add_parser("warm", parents=[config], help="prefetch images through the running instance")
+    warm.add_argument("images", nargs="+", metavar="IMAGE", help="IMAGE[:TAG|@DIGEST]")
+    warm.add_argument("--platform", help="only this platform of multi-platform images, e.g. linux/amd64")
+    warm.add_argument("--url", help="the instance's URL (default: http:// + listen)")
+    warm.add_argument("--user", help="USER:PASSWORD when the instance requires auth")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "warm":
+        return asyncio.run(warm(settings, args.images, args.platform, args.url, args.user))
+    if not (settings.data_dir / "index.sqlite").exists():
+        print(f"cargohold: no cache in {settings.data_dir}", file=sys.stderr)
+        return 1
+    command = {"stats": stats, "ls": ls, "prune": prune, "rm": rm}[args.cache_command]
+    return asyncio.run(command(settings, args))
+
+
+def _open(settings: Settings) -> tuple[SqliteIndex, FsBlobStore]:
+    return SqliteIndex(settings.data_dir / "index.sqlite"), FsBlobStore(settings.data_dir)
+
+
+async def stats(settings: Settings, args: argparse.Namespace) -> int:
+    index, _ = _open(settings)
+    try:
+        usage, counts = await index.usage(), await index.counters()
+    finally:
+        await index.close()
+    hits, misses, stale = (int(counts.get(k, 0)) for k in ("hit", "miss", "stale"))
+    from_cache, from_upstream = int(counts.get("bytes_cache", 0)), int(counts.get("bytes_upstream", 0))
+    ratio = (hits + stale) / (hits + misses + stale) if hits + misses + stale else None
+    figures = {
+        "data_dir": str(settings.data_dir),
+        "size": usage.size,
+        "max_size": settings.cache.max_size,
+        "blobs": usage.blobs,
+        "manifests": usage.manifests,
+        "tags": usage.tags,
+        "hits": hits,
+        "misses": misses,
+        "stale": stale,
+        "hit_ratio": ratio,
+        "bytes_from_cache": from_cache,
+        "bytes_from_upstream": from_upstream,
+    }
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0
+    cap = f" of {human(settings.cache.max_size)}" if settings.cache.max_size else " (no cap)"
+    print(f"cache:      {settings.data_dir}")
+    print(f"size:       {human(usage.size)}{cap}")
+    print(f"entries:    {usage.blobs} blobs, {usage.manifests} manifests, {usage.tags} tags")
+    print(f"hit ratio:  {f'{ratio:.1%}' if ratio is not None else '-'} ({hits} hits, {misses} misses, {stale} stale)")
+    print(f"served:     {human(from_cache)} from cache, {human(from_upstream)} fetched upstream")
+    return 0
+
+
+def _closure(store: FsBlobStore, roots: Iterable[str]) -> set[str]:
+    """Every digest reachable from these manifests (child manifests, configs, layers) that is readable."""
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        digest = stack.pop()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        body = store.read(Digest.parse(digest))
+        if body is not None:
+            refs = references(body)
+            stack += [child.digest for child in refs.manifests]
+            seen.update(blob.digest for blob in refs.blobs)
+    return seen
+
+
+def _when(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(when))
+
+
+async def ls(settings: Settings, args: argparse.Namespace) -> int:
+    index, store = _open(settings)
+    try:
+        rows = await index.tag_rows()
+        sizes = {entry.digest: entry.size for entry in await index.stored()}
+    finally:
+        await index.close()
+    print(f"{'IMAGE':50} {'DIGEST':19} {'CACHED':>10} {'PULLS':>6}  LAST PULL")
+    for row in rows:
+        cached = sum(sizes.get(d, 0) for d in _closure(store, [row.digest]))
+        name = f"{row.upstream}/{row.repository}:{row.tag}"
+        print(f"{name:50} {row.digest[:19]:19} {human(cached):>10} {row.pulls:>6}  {_when(row.last_access)}")
+    return 0
+
+
+async def prune(settings: Settings, args: argparse.Namespace) -> int:
+    max_size = args.max_size if args.max_size is not None else settings.cache.max_size
+    max_age = args.older_than if args.older_than is not None else settings.cache.max_age
+    if max_size is None and max_age is None:
+        print("cargohold: give --max-size and/or --older-than (or set cache.max_size / cache.max_age)", file=sys.stderr)
+        return 2
+    index, store = _open(settings)
+    try:
+        removed = await evict(
+            index, store, max_size=max_size, unused_since=time.time() - max_age if max_age is not None else None
+        )
+        usage = await index.usage()
+    finally:
+        await index.close()
+    print(f"removed {len(removed)} entries, {human(sum(e.size for e in removed))} freed; cache is {human(usage.size)}")
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class ImageName:
+    upstream: str
+    repository: str
+    tag: str | None
+
+
+def parse_image(settings: Settings, image: str) -> ImageName:
+    """`alpine` -> docker.io library/alpine; `ghcr.io/org/app:1` -> ghcr.io org/app tag 1."""
+    name, tag = image, None
+    if ":" in image.rsplit("/", 1)[-1]:
+        name, tag = image.rsplit(":", 1)
+    upstream = settings.default.name
+    first, _, rest = name.partition("/")
+    if rest and _is_registry_host(first):
+        upstream, name = first, rest
+    if upstream == DOCKER_HUB and "/" not in name:
+        name = "library/" + name
+    return ImageName(upstream, name, tag)
+
+
+async def rm(settings: Settings, args: argparse.Namespace) -> int:
+    wanted = parse_image(settings, args.image)
+    index, store = _open(settings)
+    try:
+        rows = await index.tag_rows()
+        chosen = [
+            r for r in rows
+            if (r.upstream, r.repository) == (wanted.upstream, wanted.repository) and wanted.tag in (None, r.tag)
+        ]
+        if not chosen:
+            print(f"cargohold: {args.image} is not in the cache", file=sys.stderr)
+            return 1
+        for row in chosen:
+            await index.drop_tag(row.upstream, row.repository, row.tag)
+        kept = _closure(store, [r.digest for r in rows if r not in chosen])
+        doomed = _closure(store, [r.digest for r in chosen]) - kept
+        stored = {entry.digest: entry for entry in await index.stored()}
+        freed = 0
+        for digest in doomed & stored.keys():
+            await index.forget(stored[digest].table, digest)
+            store.remove(Digest.parse(digest))
+            freed += stored[digest].size
+    finally:
+        await index.close()
+    print(f"removed {len(chosen)} tag(s) of {wanted.upstream}/{wanted.repository}, {human(freed)} freed")
+    return 0
+
+
+# warm
+
+
+def _base_url(settings: Settings, url: str | None) -> str:
+    if url:
+        return url.rstrip("/")
+    host, port = split_host_port(settings.listen)
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
+    return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{port}"
+
+
+class Progress:
+    """One line per image that redraws on a terminal; whole lines per blob otherwise."""
+
+    def __init__(self, name: str, total: int, blobs: int) -> None:
+        self.name, self.total, self.blobs = name, total, blobs
+        self.done = self.finished = 0
+        self.tty = sys.stderr.isatty()
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.tty:
+            self._draw("\r")
+
+    def blob_done(self, digest: str) -> None:
+        self.finished += 1
+        if not self.tty:
+            print(f"{self.name}: {digest[:19]} done ({self.finished}/{self.blobs})", file=sys.stderr)
+
+    def _draw(self, end: str) -> None:
+        share = self.done / self.total if self.total else 1.0
+        bar = "#" * int(30 * min(share, 1.0))
+        print(f"\r{self.name} [{bar:30}] {human(self.done)}/{human(self.total)} {self.finished}/{self.blobs} blobs", end=end, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            self._draw("\n")
+
+
+async def _manifest(session: aiohttp.ClientSession, base: str, name: str, reference: str) -> bytes:
+    async with session.get(f"{base}/v2/{name}/manifests/{reference}", headers={"Accept": FULL_ACCEPT}) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"manifest {name}:{reference}: HTTP {resp.status} {(await resp.text())[:200]}")
+        return await resp.read()
+
+
+async def _blob(session: aiohttp.ClientSession, base: str, name: str, blob: Child, progress: Progress) -> None:
+    async with session.get(f"{base}/v2/{name}/blobs/{blob.digest}") as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"blob {blob.digest}: HTTP {resp.status}")
+        async for chunk in resp.content.iter_chunked(1 << 20):
+            progress.advance(len(chunk))
+    progress.blob_done(blob.digest)
+
+
+async def _warm_one(session: aiohttp.ClientSession, base: str, image: str, platform: str | None) -> None:
+    name, reference = image, "latest"
+    if "@" in image:
+        name, reference = image.split("@", 1)
+    elif ":" in image.rsplit("/", 1)[-1]:
+        name, reference = image.rsplit(":", 1)
+    top = references(await _manifest(session, base, name, reference))
+    blobs: dict[str, Child] = {b.digest: b for b in top.blobs}
+    for child in top.manifests:
+        if platform is None or child.platform == platform or (child.platform or "").startswith(platform + "/"):
+            blobs.update((b.digest, b) for b in references(await _manifest(session, base, name, child.digest)).blobs)
+    progress = Progress(image, sum(b.size for b in blobs.values()), len(blobs))
+    gate = asyncio.Semaphore(WARM_PARALLEL)
+
+    async def fetch(blob: Child) -> None:
+        async with gate:
+            await _blob(session, base, name, blob, progress)
+
+    try:
+        await asyncio.gather(*(fetch(b) for b in blobs.values()))
+    finally:
+        progress.close()
+    print(f"{image}: warm ({len(blobs)} blobs, {human(progress.done)})")
+
+
+async def warm(settings: Settings, images: list[str], platform: str | None, url: str | None, user: str | None) -> int:
+    base = _base_url(settings, url)
+    auth = aiohttp.BasicAuth(*user.split(":", 1)) if user else None
+    failed = 0
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
+    async with aiohttp.ClientSession(auth=auth, timeout=timeout, auto_decompress=False) as session:
+        for image in images:
+            try:
+                await _warm_one(session, base, image, platform)
+            except (aiohttp.ClientError, RuntimeError, asyncio.TimeoutError) as exc:
+                failed += 1
+                print(f"cargohold: warming {image} failed: {exc or type(exc).__name__}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,42 @@
+"""`/metrics` on the main app and, with `metrics_listen`, on a listener of its own (without auth there)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from cargohold.config import split_host_port
+from cargohold.keys import CACHE, METRICS, SETTINGS
+
+
+async def count_response(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare hook: count every response of the main app as its headers go out."""
+    request.app[METRICS].response(request, response, request.get(CACHE, "-"))
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """`GET /metrics` in the Prometheus text format."""
+    metrics = request.app[METRICS]
+    await metrics.refresh()
+    return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def metrics_listener(app: web.Application) -> AsyncIterator[None]:
+    """A second listener serving only `/metrics`, when `metrics_listen` is set."""
+    listen = app[SETTINGS].metrics_listen
+    if listen is None:
+        yield
+        return
+    side = web.Application()
+    side[METRICS] = app[METRICS]
+    side.router.add_get("/metrics", metrics_endpoint)
+    runner = web.AppRunner(side, access_log=None)
+    await runner.setup()
+    host, port = split_host_port(listen)
+    await web.TCPSite(runner, host, port).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()

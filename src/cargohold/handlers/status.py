@@ -1,0 +1,174 @@
+"""`/ready` for orchestrators and `/` for people: a server-rendered status page with inline SVG charts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from html import escape
+
+from aiohttp import web
+
+from cargohold import __version__
+from cargohold.cache.index import TagRow
+from cargohold.keys import METRICS, PROXY, SETTINGS
+from cargohold.metrics import UpstreamState
+
+TOP_IMAGES = 10
+
+
+def _probe_storage(request: web.Request) -> None:
+    """Write, fsync and remove a small file where downloads are written."""
+    store = request.app[PROXY].store
+    fd, temp = store.new_temp()
+    try:
+        os.write(fd, b"ready")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        store.discard(temp)
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Ready when storage is writable and the index readable; upstream state is reported, never failing it."""
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, _probe_storage, request)
+        checks["storage"] = "ok"
+    except OSError as exc:
+        checks["storage"] = f"not writable: {exc.strerror or exc}"
+    try:
+        await request.app[PROXY].index.usage()
+        checks["index"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any index failure means not ready
+        checks["index"] = f"not readable: {exc}"
+    upstreams = {name: state.state for name, state in request.app[METRICS].upstreams.items()}
+    ok = all(value == "ok" for value in checks.values())
+    return web.json_response(
+        {"status": "ready" if ok else "not ready", "checks": checks, "upstreams": upstreams}, status=200 if ok else 503
+    )
+
+
+def human(size: float) -> str:
+    """1536 -> "1.5 KiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _ago(when: float | None) -> str:
+    if when is None:
+        return "never"
+    seconds = max(0, time.time() - when)
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"{seconds / length:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _usage_chart(size: int, cap: int | None) -> str:
+    """A horizontal bar: cache size against the cap."""
+    share = min(size / cap, 1.0) if cap else 0.0
+    colour = "#c0392b" if share > 0.95 else "#2e86c1"
+    label = f"{human(size)} of {human(cap)} ({share:.0%})" if cap else f"{human(size)} (no cap)"
+    return (
+        f'<svg class="chart" id="usage-chart" viewBox="0 0 400 40" width="400" height="40" role="img" aria-label="{escape(label)}">'
+        f'<rect x="0" y="5" width="400" height="20" fill="#e5e8e8"/>'
+        f'<rect x="0" y="5" width="{400 * share:.1f}" height="20" fill="{colour}"/>'
+        f'<text x="0" y="38" font-size="11">{escape(label)}</text></svg>'
+    )
+
+
+def _outcome_chart(counts: dict[str, float]) -> str:
+    """Vertical bars of cache hits, misses and stale answers since the cache was created."""
+    bars = [("hit", "#27ae60"), ("miss", "#e67e22"), ("stale", "#8e44ad")]
+    top = max([counts.get(name, 0) for name, _ in bars] + [1])
+    parts = []
+    for i, (name, colour) in enumerate(bars):
+        value = counts.get(name, 0)
+        height = 100 * value / top
+        x = 20 + i * 90
+        parts.append(
+            f'<rect x="{x}" y="{110 - height:.1f}" width="60" height="{height:.1f}" fill="{colour}"/>'
+            f'<text x="{x + 30}" y="125" font-size="11" text-anchor="middle">{name} {value:.0f}</text>'
+        )
+    return f'<svg class="chart" id="outcome-chart" viewBox="0 0 300 130" width="300" height="130" role="img" aria-label="cache outcomes">{"".join(parts)}</svg>'
+
+
+def _images_chart(rows: list[TagRow]) -> str:
+    """Horizontal bars of the most pulled images."""
+    if not rows:
+        return "<p>No images pulled yet.</p>"
+    top = max(row.pulls for row in rows) or 1
+    parts = []
+    for i, row in enumerate(rows):
+        y = i * 22
+        width = 200 * row.pulls / top
+        name = escape(f"{row.upstream}/{row.repository}:{row.tag}")
+        parts.append(
+            f'<text x="0" y="{y + 14}" font-size="11">{name}</text>'
+            f'<rect x="300" y="{y + 3}" width="{max(width, 1):.1f}" height="14" fill="#2e86c1"/>'
+            f'<text x="{305 + width:.1f}" y="{y + 14}" font-size="11">{row.pulls} · {_ago(row.last_access)}</text>'
+        )
+    height = 22 * len(rows)
+    return f'<svg class="chart" id="images-chart" viewBox="0 0 600 {height}" width="600" height="{height}" role="img" aria-label="top images">{"".join(parts)}</svg>'
+
+
+def _upstream_rows(states: dict[str, UpstreamState], urls: dict[str, str]) -> str:
+    rows = []
+    for name, state in states.items():
+        pulls = "-" if state.ratelimit_remaining is None else f"{state.ratelimit_remaining}" + (
+            f" of {state.ratelimit_limit}" if state.ratelimit_limit else ""
+        )
+        error = f"{state.error} {_ago(state.last_error)}" if state.last_error else "-"
+        rows.append(
+            f'<tr class="upstream {state.state}"><td>{escape(name)}</td><td>{escape(urls.get(name, ""))}</td>'
+            f"<td>{state.state}</td><td>{_ago(state.last_ok)}</td><td>{escape(error)}</td><td>{pulls}</td></tr>"
+        )
+    return "".join(rows)
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#1b2631;max-width:60em}
+h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
+table{border-collapse:collapse}td,th{padding:.25em .8em;border-bottom:1px solid #d5d8dc;text-align:left}
+.figures{display:flex;gap:2em}.figure b{display:block;font-size:1.5em}
+tr.failing td{color:#c0392b}tr.ok td:nth-child(3){color:#27ae60}
+"""
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """Cache size against the cap, hit ratio, bytes saved, top images and each upstream's state."""
+    settings = request.app[SETTINGS]
+    metrics = request.app[METRICS]
+    index = request.app[PROXY].index
+    await metrics.refresh()
+    usage = metrics.usage
+    counts = await index.counters()
+    answered = sum(counts.get(k, 0) for k in ("hit", "miss", "stale"))
+    ratio = f"{(counts.get('hit', 0) + counts.get('stale', 0)) / answered:.0%}" if answered else "-"
+    top = sorted(await index.tag_rows(), key=lambda r: (-r.pulls, -r.last_access))[:TOP_IMAGES]
+    urls = {u.name: u.url for u in settings.upstreams}
+    html = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cargohold status</title><style>{STYLE}</style></head>
+<body>
+<h1>cargohold {escape(__version__)}</h1>
+<p>Up {_ago(metrics.started).removesuffix(" ago")}. Figures below count since the cache was created.</p>
+<div class="figures">
+<div class="figure" id="size"><b>{human(usage.size)}</b>cache size{f" of {human(settings.cache.max_size)}" if settings.cache.max_size else ""}</div>
+<div class="figure" id="hit-ratio"><b>{ratio}</b>hit ratio</div>
+<div class="figure" id="saved"><b>{human(counts.get("bytes_cache", 0))}</b>served from cache (saved)</div>
+<div class="figure" id="fetched"><b>{human(counts.get("bytes_upstream", 0))}</b>fetched upstream</div>
+<div class="figure" id="entries"><b>{usage.blobs + usage.manifests}</b>entries ({usage.tags} tags)</div>
+</div>
+<h2>Cache size</h2>{_usage_chart(usage.size, settings.cache.max_size)}
+<h2>Cache answers</h2>{_outcome_chart(counts)}
+<h2>Top images</h2>{_images_chart(top)}
+<h2>Upstreams</h2>
+<table id="upstreams"><tr><th>name</th><th>url</th><th>state</th><th>last success</th><th>last error</th><th>pulls left</th></tr>
+{_upstream_rows(metrics.upstreams, urls)}</table>
+</body></html>
+"""
+    return web.Response(text=html, content_type="text/html")

@@ -1,0 +1,73 @@
+"""Logging set-up: readable text by default, one JSON object per line with `log_format: json`.
+
+Every line carries the id of the request it was logged for (from a context variable the observe
+middleware sets), and URLs have passwords and tokens masked whatever the format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from contextvars import ContextVar
+from datetime import datetime, timezone
+
+# A ContextVar is per task by design: each request's handler task sees its own id.
+request_id: ContextVar[str] = ContextVar("request_id", default="-")
+
+_SECRET_QUERY = re.compile(r"(?i)((?:password|passwd|secret|token|access_token|client_secret)=)[^&\s]*")
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]+:)[^/@\s]+@")
+_TEXT = "%(asctime)s %(levelname)s %(name)s %(message)s%(rid)s"
+
+
+def mask_secrets(text: str) -> str:
+    """Hide passwords and tokens in URLs before they are logged."""
+    return _SECRET_QUERY.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
+class _Context(logging.Filter):
+    """Adds the current request id; access lines name it already and carry their own fields."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = getattr(record, "fields", {}).get("request_id") or request_id.get()
+        record.request_id = rid
+        record.rid = "" if rid == "-" or hasattr(record, "fields") else f" rid={rid}"
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__(_TEXT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_secrets(super().format(record))
+
+
+class JsonFormatter(logging.Formatter):
+    """`{"time","level","logger","message","request_id", ...fields}` per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": mask_secrets(record.getMessage()),
+        }
+        rid = getattr(record, "request_id", "-")
+        if rid != "-":
+            entry["request_id"] = rid
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = mask_secrets(self.formatException(record.exc_info))
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str, log_format: str) -> None:
+    """Send cargohold's logs to stderr in the configured format (replacing earlier handlers)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Context())
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))

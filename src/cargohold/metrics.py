@@ -1,0 +1,183 @@
+"""Prometheus metrics of one instance, in its own registry (no global state), plus what the
+status page and `/ready` show about each upstream.
+
+Counted where things happen: responses when their headers go out (`count_response`), upstream
+requests in `UpstreamClient.open` (this object is its observer), evictions by the evictor; sizes
+and single-flight joins are read from the live objects at scrape time.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from cargohold.cache.index import Index, Stored, Usage
+from cargohold.proxy import PullThrough
+
+_REMAINING = re.compile(r"^\s*(\d+)")
+
+
+@dataclass(slots=True)
+class UpstreamState:
+    """The last thing an upstream did, for people (status page) and `/ready`."""
+
+    last_ok: float | None = None
+    last_error: float | None = None
+    error: str = ""
+    ratelimit_remaining: int | None = None
+    ratelimit_limit: int | None = None
+
+    @property
+    def state(self) -> str:
+        if self.last_ok is None and self.last_error is None:
+            return "unknown"
+        if self.last_error is not None and (self.last_ok is None or self.last_error > self.last_ok):
+            return "failing"
+        return "ok"
+
+
+class Metrics:
+    """Everything `/metrics` exports. `ratelimit_rejections` is for the rate-limit middleware to `.inc()`."""
+
+    def __init__(self, upstreams: list[str], max_size: int | None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "cargohold_http_requests", "Responses by route, method and status", ["route", "method", "status"], registry=r
+        )
+        self.cache = Counter(
+            "cargohold_cache_requests", "GET of manifests and blobs by cache outcome (hit, miss, stale)", ["kind", "result"], registry=r
+        )
+        self.served_bytes = Counter(
+            "cargohold_served_bytes", "Body bytes of manifest and blob GETs, by source (cache or upstream)", ["source"], registry=r
+        )
+        self.upstream_requests = Counter(
+            "cargohold_upstream_requests", "Requests sent upstream by status", ["upstream", "method", "status"], registry=r
+        )
+        self.upstream_seconds = Histogram(
+            "cargohold_upstream_request_seconds", "Time to an upstream answer's headers", ["upstream", "method"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "cargohold_upstream_errors", "Upstream failures (timeout, connection, 5xx, 429)", ["upstream", "kind"], registry=r
+        )
+        self.upstream_bytes = Counter(
+            "cargohold_upstream_bytes", "Body bytes announced by successful upstream GETs", ["upstream"], registry=r
+        )
+        self.ratelimit_remaining = Gauge(
+            "cargohold_upstream_ratelimit_remaining", "Docker Hub pulls left, from the last ratelimit-remaining header", ["upstream"], registry=r
+        )
+        self.ratelimit_rejections = Counter(
+            "cargohold_ratelimit_rejections", "Client requests refused by cargohold's own rate limit", registry=r
+        )
+        self.evictions = Counter("cargohold_cache_evictions", "Entries evicted from the cache", ["kind"], registry=r)
+        self.evicted_bytes = Counter("cargohold_cache_evicted_bytes", "Bytes evicted from the cache", registry=r)
+        self.max_size = max_size
+        self.upstreams = {name: UpstreamState() for name in upstreams}
+        self.index: Index | None = None
+        self.usage = Usage(0, 0, 0, 0)
+        self.started = time.time()
+
+    def attach(self, index: Index, proxy: PullThrough) -> None:
+        """Read cache size and single-flight figures from the live objects at every scrape."""
+        self.index = index
+        self.registry.register(_Live(self, proxy))
+
+    async def refresh(self) -> None:
+        """Read the cache's size from the index (before a scrape or a status page)."""
+        if self.index is not None:
+            self.usage = await self.index.usage()
+
+    def _lasting(self, name: str, value: float) -> None:
+        """Also add to the index's counters (hit, miss, stale, bytes_cache, bytes_upstream), which survive restarts."""
+        if self.index is not None:
+            self.index.add_counts({name: value})
+
+    # responses
+
+    def response(self, request: web.BaseRequest, response: web.StreamResponse, outcome: str) -> None:
+        info = getattr(request, "match_info", None)
+        resource = info.route.resource if info is not None else None
+        route = resource.canonical if resource is not None else "unmatched"
+        self.requests.labels(route, request.method, str(response.status)).inc()
+        kind = "manifest" if "/manifests/" in route else "blob" if "/blobs/" in route else None
+        if kind is None or request.method != "GET" or outcome not in ("hit", "miss", "stale"):
+            return
+        self.cache.labels(kind, outcome).inc()
+        self._lasting(outcome, 1)
+        if response.status in (200, 206) and response.content_length:
+            source = "upstream" if outcome == "miss" else "cache"
+            self.served_bytes.labels(source).inc(response.content_length)
+            self._lasting("bytes_" + source, response.content_length)
+
+    # the UpstreamClient observer
+
+    def upstream_answered(self, upstream: str, method: str, response: aiohttp.ClientResponse, seconds: float) -> None:
+        status = response.status
+        self.upstream_requests.labels(upstream, method, str(status)).inc()
+        self.upstream_seconds.labels(upstream, method).observe(seconds)
+        state = self.upstreams.setdefault(upstream, UpstreamState())
+        if status >= 500 or status == 429:
+            self.upstream_failed(upstream, method, "429" if status == 429 else "5xx", seconds, counted=True)
+        else:
+            state.last_ok = time.time()
+        if method == "GET" and status in (200, 206) and response.content_length:
+            self.upstream_bytes.labels(upstream).inc(response.content_length)
+        remaining = _REMAINING.match(response.headers.get("RateLimit-Remaining", ""))
+        if remaining:
+            state.ratelimit_remaining = int(remaining.group(1))
+            self.ratelimit_remaining.labels(upstream).set(state.ratelimit_remaining)
+            limit = _REMAINING.match(response.headers.get("RateLimit-Limit", ""))
+            state.ratelimit_limit = int(limit.group(1)) if limit else None
+
+    def upstream_failed(self, upstream: str, method: str, kind: str, seconds: float, *, counted: bool = False) -> None:
+        if not counted:
+            self.upstream_requests.labels(upstream, method, kind).inc()
+            self.upstream_seconds.labels(upstream, method).observe(seconds)
+        self.upstream_errors.labels(upstream, kind).inc()
+        state = self.upstreams.setdefault(upstream, UpstreamState())
+        state.last_error, state.error = time.time(), kind
+
+    # the evictor
+
+    def evicted(self, entry: Stored) -> None:
+        self.evictions.labels(entry.table.rstrip("s")).inc()
+        self.evicted_bytes.inc(entry.size)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Live:
+    """A collector for figures read from live objects: cache size (as of the last refresh), joins."""
+
+    def __init__(self, metrics: Metrics, proxy: PullThrough) -> None:
+        self._metrics = metrics
+        self._proxy = proxy
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        usage = self._metrics.usage
+        yield GaugeMetricFamily("cargohold_cache_size_bytes", "Bytes of manifests and blobs in the cache", value=usage.size)
+        entries = GaugeMetricFamily("cargohold_cache_entries", "Entries in the cache index", labels=["kind"])
+        for kind, count in (("blob", usage.blobs), ("manifest", usage.manifests), ("tag", usage.tags)):
+            entries.add_metric([kind], count)
+        yield entries
+        if self._metrics.max_size is not None:
+            yield GaugeMetricFamily("cargohold_cache_max_size_bytes", "The configured cache.max_size", value=self._metrics.max_size)
+        downloads = self._proxy.downloads
+        yield GaugeMetricFamily("cargohold_downloads_in_flight", "Blob downloads running now", value=downloads.in_flight)
+        joins = CounterMetricFamily(
+            "cargohold_singleflight_joins", "Requests that joined a fetch already running", labels=["kind"]
+        )
+        joins.add_metric(["blob"], downloads.joins)
+        joins.add_metric(["manifest"], self._proxy.joins)
+        yield joins
