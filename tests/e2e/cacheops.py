@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rig.clients import skopeo_copy
 from rig.server import REPO_ROOT, Cargohold
-from rig.util import http_request
+from rig.util import http_request, wait_until
 
 
 def cli(srv: Cargohold, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -49,6 +49,13 @@ def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: s
 
 
 def stored(srv: Cargohold) -> set[str]:
-    """Digests of the files in the server's blob store."""
+    """Digests of the files in the server's blob store, once no download is in flight: a client has
+    its whole blob as soon as the digest checks out, the fsync and rename into the store follow."""
+    if srv.running:
+        wait_until(
+            lambda: sample(metrics(srv.url), "cargohold_downloads_in_flight") == 0,
+            timeout=60,
+            what="downloads to be committed to the store",
+        )
     root = srv.data_dir / "blobs"
     return {f"{p.parent.parent.name}:{p.name}" for p in root.glob("*/*/*")} if root.exists() else set()
