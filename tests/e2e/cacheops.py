@@ -48,14 +48,19 @@ def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: s
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls)
 
 
-def stored(srv: Cargohold) -> set[str]:
-    """Digests of the files in the server's blob store, once no download is in flight: a client has
-    its whole blob as soon as the digest checks out, the fsync and rename into the store follow."""
+def settled(srv: Cargohold) -> None:
+    """Wait until no download is in flight: a client has its whole blob as soon as the digest checks
+    out, and the fsync and rename into the store follow (bounded wait)."""
     if srv.running:
         wait_until(
             lambda: sample(metrics(srv.url), "cargohold_downloads_in_flight") == 0,
             timeout=60,
             what="downloads to be committed to the store",
         )
+
+
+def stored(srv: Cargohold) -> set[str]:
+    """Digests of the files in the server's blob store, once every download is committed."""
+    settled(srv)
     root = srv.data_dir / "blobs"
     return {f"{p.parent.parent.name}:{p.name}" for p in root.glob("*/*/*")} if root.exists() else set()

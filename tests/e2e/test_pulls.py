@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from cacheops import settled
 from rig import images as I
 from rig.clients import Containerd, Dockerd, skopeo_copy, write_hosts_toml
 from rig.hub import Hub
@@ -24,6 +25,7 @@ MiB = 1 << 20
 
 
 def _blob_file(srv: Cargohold, digest: str) -> Path:
+    settled(srv)  # clients are served before the fsync and rename: wait for those
     hexpart = digest.split(":", 1)[1]
     return srv.data_dir / "blobs" / "sha256" / hexpart[:2] / hexpart
 
