@@ -117,10 +117,10 @@ async def _follow(request: web.Request, download: Download, digest: Digest) -> w
         response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{download.size}"
     if end is not None:
         response.content_length = end - start
-    await response.prepare(request)
+    writer = await response.prepare(request)
     try:
-        if end is not None and _can_sendfile(request):
-            await _sendfile(request, download, start, end)
+        if end is not None and writer is not None and _can_sendfile(request):
+            await _sendfile(request, writer, download, start, end)
         else:
             async for chunk in download.read(start, end):
                 await response.write(chunk)
@@ -140,7 +140,9 @@ def _can_sendfile(request: web.Request) -> bool:
     return transport is not None and transport.get_extra_info("sslcontext") is None
 
 
-async def _sendfile(request: web.Request, download: Download, start: int, end: int) -> None:
+async def _sendfile(
+    request: web.Request, writer: AbstractStreamWriter, download: Download, start: int, end: int
+) -> None:
     """Send each readable span straight from the download's file (no copy through Python)."""
     loop = asyncio.get_running_loop()
     async for offset, length in download.spans(start, end):
@@ -148,3 +150,4 @@ async def _sendfile(request: web.Request, download: Download, start: int, end: i
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client went away")
         await loop.sendfile(transport, download.reader, offset, length, fallback=False)
+        writer.output_size += length  # bytes the writer did not see: counted for the access log
