@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import sys
 
 from aiohttp import web
@@ -38,11 +39,25 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def raise_open_files_limit() -> int:
+    """Every client connection is a descriptor: lift the soft limit to the hard one; returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            logging.getLogger("cargohold").warning("could not raise the open files limit above %d", soft)
+    return soft
+
+
 def serve(settings: Settings) -> None:
     from cargohold.app import build_app
     from cargohold.middleware.observe import AccessLogger
 
     _setup_logging(settings.log_level)
+    raise_open_files_limit()
     host, port = split_host_port(settings.listen)
     logging.getLogger("cargohold").info(
         "cargohold %s listening on %s, cache in %s, upstreams: %s",
@@ -59,6 +74,10 @@ def serve(settings: Settings) -> None:
         access_log=logging.getLogger("cargohold.access"),
         print=None,
         shutdown_timeout=5,
+        backlog=1024,
+        # Bounds idle and slow-header (slowloris) connections: aiohttp closes a connection that
+        # has no complete request this long after it opened or after its last response.
+        keepalive_timeout=settings.idle_timeout,
     )
 
 

@@ -61,6 +61,8 @@ class UpstreamConfig(Strict):
     username: str | None = None
     password: SecretStr | None = None
     tag_ttl: Duration = 600.0
+    timeout: Duration = Field(30.0, gt=0, description="how long the upstream may stay silent (connect, between bytes)")
+    failure_pause: Duration = Field(10.0, description="after a failure or a 429, fail fast (serve stale) this long")
 
     @field_validator("name")
     @classmethod
@@ -105,6 +107,9 @@ class Settings(Strict):
     default_upstream: str | None = None
     log_level: str = "info"
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    idle_timeout: Duration = Field(
+        75.0, gt=0, description="close a client connection that has not sent a complete request for this long"
+    )
 
     @field_validator("listen")
     @classmethod

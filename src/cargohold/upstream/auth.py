@@ -44,8 +44,15 @@ def basic_header(username: str, password: str) -> str:
 class TokenCache:
     """Bearer tokens for one upstream, cached per scope until shortly before they expire."""
 
-    def __init__(self, session: aiohttp.ClientSession, upstream_name: str, credentials: tuple[str, str] | None) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        upstream_name: str,
+        credentials: tuple[str, str] | None,
+        timeout: aiohttp.ClientTimeout = TOKEN_TIMEOUT,
+    ) -> None:
         self._session = session
+        self._timeout = timeout
         self._name = upstream_name
         self._credentials = credentials
         self._tokens: dict[str, tuple[str, float]] = {}
@@ -78,7 +85,7 @@ class TokenCache:
             headers["Authorization"] = basic_header(*self._credentials)
         started = time.monotonic()
         try:
-            async with self._session.get(realm, params=query, headers=headers, timeout=TOKEN_TIMEOUT) as resp:
+            async with self._session.get(realm, params=query, headers=headers, timeout=self._timeout) as resp:
                 if resp.status != 200:
                     raise UpstreamUnavailable(
                         f"token service of {self._name} answered {resp.status}", {"upstream": self._name}
