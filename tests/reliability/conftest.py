@@ -3,6 +3,7 @@ heavy variants: deselected by default (pyproject addopts), run by `make soak`.""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable
 
@@ -16,8 +17,12 @@ from rig.hub import Hub
 def fresh_image(hub: Hub) -> Callable[..., I.Image]:
     """Push a new image (new digests, so cold everywhere) to its own repo; returns it pushed."""
 
-    def push(*, layers: int = 2, payload: int = 2048, tag: str = "latest") -> I.Image:
+    def push(*, layers: int = 2, random_bytes: int = 0, tag: str = "latest") -> I.Image:
+        """random_bytes: add a layer of that many incompressible bytes (a blob worth streaming)."""
         seed = uuid.uuid4().hex[:12]
-        return hub.push_image(I.simple_image(seed, layers=layers, payload=payload), f"rel/{seed}", tag)
+        blobs = [I.seeded_layer(seed, i) for i in range(layers)]
+        if random_bytes:
+            blobs.append(I.make_layer({f"rig/{seed}/random.bin": os.urandom(random_bytes)}))
+        return hub.push_image(I.make_image(blobs, label=seed), f"rel/{seed}", tag)
 
     return push

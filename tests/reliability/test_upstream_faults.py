@@ -142,7 +142,7 @@ def test_slow_trickle_and_stalled_blob_do_not_hold_up_others(
     hub: Hub, cargohold: Callable[..., Cargohold], fresh_image: Callable[..., I.Image]
 ) -> None:
     srv = cargohold(upstream=FAST_FAILING | {"timeout": "5s"})
-    warm, slow, stalled = fresh_image(), fresh_image(payload=1 << 20), fresh_image(payload=1 << 20)
+    warm, slow, stalled = fresh_image(), fresh_image(random_bytes=1 << 20), fresh_image(random_bytes=1 << 20)
     pull_all(srv, warm)
     big = max(slow.layers, key=lambda b: b.size)
     stuck = max(stalled.layers, key=lambda b: b.size)
