@@ -54,9 +54,11 @@ def raise_open_files_limit() -> int:
 
 def serve(settings: Settings) -> None:
     from cargohold.app import build_app
+    from cargohold.badrequests import quiet_bad_requests
     from cargohold.middleware.observe import AccessLogger
 
     _setup_logging(settings.log_level)
+    quiet_bad_requests()
     raise_open_files_limit()
     host, port = split_host_port(settings.listen)
     logging.getLogger("cargohold").info(
