@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -51,3 +52,17 @@ def temp_files(srv: Cargohold) -> list[Path]:
 
 def files_under(root: Path) -> list[Path]:
     return sorted(Path(d) / f for d, _, fs in os.walk(root) for f in fs)
+
+
+def assert_store_intact(srv: Cargohold) -> int:
+    """Every stored blob's bytes hash to its name (nothing partial or corrupt); returns the count."""
+    count = 0
+    for path in files_under(srv.data_dir / "blobs"):
+        algorithm = path.parent.parent.name
+        digest = hashlib.new(algorithm)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        assert digest.hexdigest() == path.name, f"{path} does not match its digest"
+        count += 1
+    return count

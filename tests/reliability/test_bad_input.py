@@ -74,6 +74,10 @@ def _assert_nothing_escaped(srv: Cargohold, canary: str) -> None:
     allowed = re.compile(r"^(blobs/sha(256|512)/[0-9a-f]{2}/[0-9a-f]{64,128}|index\.sqlite(-wal|-shm)?)$")
     for path in files_under(srv.data_dir):
         assert allowed.match(str(path.relative_to(srv.data_dir))), path
+        mode = path.stat().st_mode
+        assert not mode & 0o002, f"{path} is world-writable"
+        if path.parent.parent.parent.name == "blobs":
+            assert not mode & 0o007, f"{path} is readable by others"
     assert sorted(p.name for p in srv.workdir.iterdir()) == ["canary", "cargohold.log", "config.yml", "data", "passwd"]
     log = srv.log_text()
     assert "Traceback" not in log and canary not in log

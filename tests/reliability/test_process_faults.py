@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability.helpers import cached_blob, files_under, get, oci_code, pull_all, temp_files
+from reliability.helpers import assert_store_intact, cached_blob, files_under, get, oci_code, pull_all, temp_files
 from rig import images as I
 from rig.hub import Hub
 from rig.server import Cargohold
@@ -52,6 +52,7 @@ def test_kill_during_download_then_restart(
 
     srv.start()
     assert temp_files(srv) == []  # the crash's leftovers are gone before anything is served
+    assert_store_intact(srv)
     with hub.down():
         res = get(srv, path)  # nothing partial may be served from disk: cold, and upstream is down
         assert res.status == 503 and oci_code(res) == "UNAVAILABLE"
