@@ -11,8 +11,8 @@ import aiohttp
 
 from cargohold.config import UpstreamConfig
 from cargohold.errors import UpstreamTimeout, UpstreamUnavailable
-from cargohold.upstream.breaker import Breaker, retry_after_seconds
 from cargohold.upstream.auth import TokenCache, basic_header, parse_challenge
+from cargohold.upstream.breaker import Breaker, retry_after_seconds
 
 log = logging.getLogger("cargohold.upstream")
 
