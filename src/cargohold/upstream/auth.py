@@ -59,6 +59,14 @@ class TokenCache:
         self._flight: SingleFlight[str] = SingleFlight()
         self.challenge: Challenge | None = None
 
+    def use(self, challenge: Challenge) -> None:
+        """Adopt a Bearer challenge. One with an unusable realm is refused and the previous one
+        kept, so a single bad answer cannot break every later request until a restart."""
+        realm = challenge.params.get("realm", "")
+        if not realm.startswith(("http://", "https://")):
+            raise UpstreamInvalid(f"upstream {self._name} named an unusable token realm", {"realm": realm[:200]})
+        self.challenge = challenge
+
     def cached(self, scope: str) -> str | None:
         entry = self._tokens.get(scope)
         if entry and entry[1] > time.monotonic():
@@ -74,9 +82,7 @@ class TokenCache:
 
     async def _fetch(self, scope: str) -> str:
         assert self.challenge is not None
-        realm = self.challenge.params.get("realm", "")
-        if not realm.startswith(("http://", "https://")):
-            raise UpstreamInvalid(f"upstream {self._name} named an unusable token realm", {"realm": realm[:200]})
+        realm = self.challenge.params["realm"]
         query = {"scope": scope}
         if "service" in self.challenge.params:
             query["service"] = self.challenge.params["service"]

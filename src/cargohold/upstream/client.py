@@ -10,7 +10,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 from cargohold.config import UpstreamConfig
-from cargohold.errors import UpstreamTimeout, UpstreamUnavailable
+from cargohold.errors import UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable
 from cargohold.upstream.auth import TokenCache, basic_header, parse_challenge
 from cargohold.upstream.breaker import Breaker, retry_after_seconds
 
@@ -130,7 +130,11 @@ class UpstreamClient:
         if challenge is None:
             return resp
         if challenge.scheme == "bearer":
-            self.tokens.challenge = challenge
+            try:
+                self.tokens.use(challenge)
+            except UpstreamInvalid:
+                resp.release()
+                raise
             self.tokens.forget(scope)
         elif challenge.scheme == "basic" and self._credentials and not self._basic:
             self._basic = True
