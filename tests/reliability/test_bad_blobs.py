@@ -14,6 +14,7 @@ from reliability.helpers import cached_blob, files_under, get, oci_code, temp_fi
 from rig import images as I
 from rig.hub import Hub
 from rig.server import Cargohold
+from rig.util import wait_until
 
 BROKEN = (http.client.IncompleteRead, ConnectionError, urllib.error.URLError, http.client.RemoteDisconnected)
 FAULTS = {
@@ -88,3 +89,50 @@ def test_garbage_tag_list_is_refused(
     assert res.status == 502 and oci_code(res) == "UNAVAILABLE"
     res = get(srv, f"/v2/{im.repo}/tags/list")
     assert res.status == 200 and "latest" in res.json()["tags"]  # type: ignore[index]
+
+
+def test_oversized_manifest_redirect_loop_and_odd_realm_are_refused(
+    hub: Hub, cargohold: Callable[..., Cargohold], fresh_image: Callable[..., I.Image]
+) -> None:
+    srv = cargohold(upstream={"failure_pause": "0s"})
+    im = fresh_image()
+    manifest = f"/v2/{im.repo}/manifests/{im.tag}"
+    hub.inject(path_regex=r"/manifests/", status=200, body=b"{" + b" " * (5 << 20) + b"}", times=1)
+    res = get(srv, manifest)
+    assert res.status == 502 and "too large" in res.body.decode()
+    loop = hub.inject(path_regex=r"/manifests/", status=307, headers={"Location": f"{hub.url}{manifest}"})
+    res = get(srv, manifest)
+    assert res.status == 503 and "redirected too often" in res.body.decode()
+    assert loop.hits <= 3 * 6  # bounded: 6 hops per attempt, 3 attempts
+    hub.clear_faults()
+    for realm in ("file:///etc/passwd", "gopher://127.0.0.1:70/", "/token"):
+        hub.inject(status=401, headers={"WWW-Authenticate": f'Bearer realm="{realm}",service="x"'}, times=1)
+        res = get(srv, f"/v2/{fresh_image().repo}/manifests/latest")
+        assert res.status == 502 and oci_code(res) == "UNAVAILABLE" and "token realm" in res.body.decode()
+    assert not any(im.digest[7:] in p.name for p in files_under(srv.data_dir))
+    assert get(srv, manifest).body == im.manifest
+
+
+def test_client_going_away_does_not_cancel_the_download(
+    hub: Hub, cargohold: Callable[..., Cargohold], fresh_image: Callable[..., I.Image]
+) -> None:
+    import socket
+
+    srv = cargohold()
+    im = fresh_image(random_bytes=2 << 20)
+    blob = max(im.layers, key=lambda b: b.size)
+    hub.inject(method="GET", path_regex=blob.digest, rate=1 << 20)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as sock:
+        sock.sendall(f"GET /v2/{im.repo}/blobs/{blob.digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    # The client is gone; the download goes on, is verified and cached.
+    wait_until(lambda: cached_blob(srv, blob.digest).is_file(), timeout=60, what="the blob to be cached")
+    assert cached_blob(srv, blob.digest).read_bytes() == blob.read_bytes()
+    assert len(hub.requests_matching("GET", blob.digest, status=200)) == 1
+    for _ in range(3):  # and walking away from cache hits (sendfile) is just as quiet
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(f"GET /v2/{im.repo}/blobs/{blob.digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    assert get(srv, "/health").status == 200
+    assert "Traceback" not in srv.log_text()
