@@ -48,6 +48,7 @@ CASES = [
     Case("429 storm with Retry-After", lambda hub: hub.inject(status=429, headers={"Retry-After": "2"}), 503),
     Case("token service 500", lambda hub: hub.inject(service="token", status=500), 503),
     Case("token service down", _down(("token",)), 503),
+    Case("token service hangs", lambda hub: hub.inject(service="token", hold=True, hold_timeout=30), 504),
     Case("token service garbage", lambda hub: hub.inject(service="token", status=200, body=b"<html>oops"), 503),
     Case(
         "garbage manifests",
