@@ -270,7 +270,8 @@ class Downloads:
         download = self._active.get(key)
         if download is None:
             download = Download(digest, self._store, self._index, self._went_uncached)
-            self._active[key] = download
+            if download.spill_from is None:  # uncached from the start: not for others to join
+                self._active[key] = download
             self.started += 1
             task = asyncio.create_task(download.run(open_upstream), name=f"download {key}")
             self._tasks.add(task)
