@@ -3,6 +3,7 @@ Nothing partial is ever served, pulls succeed on retry, and a full disk only cos
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -80,6 +81,28 @@ def small_disk(where: Path, size: str) -> Iterator[Callable[[str], None]]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+def temp_files_held(srv: Cargohold) -> list[str]:
+    """Removed temp files the server still holds open (their space is not free yet)."""
+    fds = Path(f"/proc/{srv.pid}/fd")
+    held = []
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(srv.data_dir / "tmp")) and target.endswith("(deleted)"):
+            held.append(target)
+    return held
+
+
+def fill_up(filler: Path) -> None:
+    """Write `filler` until its filesystem has not a block left."""
+    with open(filler, "ab", buffering=0) as f, pytest.raises(OSError) as full:
+        while True:
+            f.write(b"\0" * 4096)
+    assert full.value.errno == errno.ENOSPC and os.statvfs(filler.parent).f_bavail == 0
+
+
 @needs_root
 def test_disk_full_streams_straight_through_and_caching_resumes(
     hub: Hub, cargohold: Callable[..., Cargohold], fresh_image: Callable[..., I.Image]
@@ -99,12 +122,11 @@ def test_disk_full_streams_straight_through_and_caching_resumes(
             assert not cached_blob(srv, blob.digest).exists()
             assert temp_files(srv) == []
 
-            # Fill the disk to the last byte: manifests and the index cannot be written either.
+            # Once the downloads above let go of their temp files, fill the disk to the last
+            # block: manifests and the index cannot be written either.
+            wait_until(lambda: temp_files_held(srv) == [], timeout=30, what="temp files to be closed")
             filler = srv.data_dir / "filler"
-            with open(filler, "wb") as f, pytest.raises(OSError):
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
+            fill_up(filler)
             res = get(srv, f"/v2/{other.repo}/manifests/{other.tag}")
             assert res.status == 200 and res.body == other.manifest
             for small in other.blobs:
