@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := docker.io docker-registry skopeo containerd apache2-utils chromium
 
 
-.PHONY: run test venv system-packages
+.PHONY: run test soak venv system-packages
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,3 +26,7 @@ system-packages:
 
 test: system-packages venv
 	$(PY) -m pytest tests -q
+
+# Heavy reliability variants (1,000 connections, long fault runs): `pytest -m soak`.
+soak: system-packages venv
+	$(PY) -m pytest tests/reliability -q -m soak -s

@@ -131,6 +131,8 @@ class UpstreamConfig(Strict):
     hosts: list[str] = Field(default_factory=list, description="Host header names routed to this upstream")
     repositories: list[str] = Field(default_factory=lambda: ["**"], description="globs of repositories allowed")
     token_realms: list[str] | None = Field(default=None, description="hosts allowed as token realm")
+    timeout: Duration = Field(30.0, gt=0, description="how long the upstream may stay silent (connect, between bytes)")
+    failure_pause: Duration = Field(10.0, description="after a failure or a 429, fail fast (serve stale) this long")
 
     @field_validator("name")
     @classmethod
@@ -244,6 +246,9 @@ class Settings(Strict):
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     auth: AuthConfig | None = None
     external_url: str | None = None
+    idle_timeout: Duration = Field(
+        75.0, gt=0, description="close a client connection that has not sent a complete request for this long"
+    )
 
     @field_validator("listen", "metrics_listen")
     @classmethod

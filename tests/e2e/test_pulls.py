@@ -255,7 +255,7 @@ def test_tag_is_revalidated_with_head_after_ttl(hub: Hub, cargohold: Factory) ->
 
 
 def test_moved_tag_keeps_old_digest_until_new_manifest_is_fetched(hub: Hub, cargohold: Factory) -> None:
-    srv = cargohold(tag_ttl="0s")
+    srv = cargohold(tag_ttl="0s", upstream={"failure_pause": "0s"})  # recovery is checked right after the fault
     oci, multi = hub.images["oci"], hub.images["multi"]
     hub.push_image(oci, "acme/flaky", "current")
     flaky = oci.pushed("acme/flaky", "current")

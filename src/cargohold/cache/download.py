@@ -4,15 +4,23 @@ One `Download` per digest at a time: the upstream body goes to a temp file (writ
 a worker thread), readers read the same file through a shared descriptor at their own pace, and
 the file is renamed into the store only after its size and digest check out. The last byte is
 held back from readers until then, so no client ever receives a complete body of bad content.
+
+When the disk is full (ENOSPC/EDQUOT) the download goes on uncached: bytes already on disk are
+still read from the (unlinked) temp file, the rest pass through a bounded window in memory that
+the download refills only as its slowest reader drains it. Nothing is stored; the next request
+for the digest tries the disk again, so caching resumes by itself once space returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from pathlib import Path
 
 import aiohttp
 
@@ -24,9 +32,18 @@ from cargohold.errors import UpstreamInvalid
 log = logging.getLogger("cargohold.cache")
 
 CHUNK = 1 << 20
+# An uncached download keeps at most this much ahead of its slowest reader in memory.
+MEMORY_WINDOW = 16 << 20
+# How long an uncached download with a full window waits for its readers to move before it gives up.
+READER_STALL = 60.0
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 Opener = Callable[[], Awaitable[aiohttp.ClientResponse]]
 # Called with a download's size before it is written, so the cache can make room (eviction).
 MakeRoom = Callable[[int], Awaitable[None]]
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
 
 
 class DownloadFailed(Exception):
@@ -43,6 +60,7 @@ class Download:
         index: Index,
         source: Hashable = None,
         make_room: MakeRoom | None = None,
+        on_uncached: Callable[[Download], None] | None = None,
     ) -> None:
         self.digest = digest
         self.source = source  # where it is fetched from (upstream, repository): joiners from elsewhere check first
@@ -54,8 +72,22 @@ class Download:
         self._store = store
         self._index = index
         self._make_room = make_room
-        self._fd, self.temp = store.new_temp()
-        self._read_fd = os.open(self.temp, os.O_RDONLY)
+        self._on_uncached = on_uncached
+        # Offset from which bytes live only in memory (None: all on disk, the download is cached).
+        self.spill_from: int | None = None
+        self._memory: deque[bytes] = deque()
+        self._memory_start = 0
+        self._positions: dict[object, int] = {}
+        self._drained = asyncio.Event()
+        self._fd = self._read_fd = -1
+        self.temp: Path | None = None
+        try:
+            self._fd, self.temp = store.new_temp()
+            self._read_fd = os.open(self.temp, os.O_RDONLY)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            self._go_uncached(exc)
         self._readers = 0
         self._progress = asyncio.Event()
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -73,17 +105,35 @@ class Download:
             if self._make_room is not None and self.size:
                 await self._make_room(self.size)
             async for chunk in response.content.iter_chunked(CHUNK):
-                await loop.run_in_executor(None, self._write, chunk, hasher)
+                if self.spill_from is None:
+                    try:
+                        await loop.run_in_executor(None, self._write, chunk, hasher)
+                    except OSError as exc:
+                        if not is_disk_full(exc):
+                            raise
+                        self._go_uncached(exc)
+                if self.spill_from is not None:
+                    await loop.run_in_executor(None, hasher.update, chunk)
+                    self._memory.append(chunk)
                 self.written += len(chunk)
                 self._notify()
+                if self.spill_from is not None:
+                    await self._wait_for_readers()
             if self.size is not None and self.written != self.size:
                 raise UpstreamInvalid("upstream sent a blob of the wrong length", {"digest": str(self.digest)})
             if hasher.hexdigest() != self.digest.hex:
                 raise UpstreamInvalid("upstream sent a blob that does not match its digest", {"digest": str(self.digest)})
             self.size = self.written
-            await loop.run_in_executor(None, self._commit)
+            if self.spill_from is None:
+                try:
+                    await loop.run_in_executor(None, self._commit)
+                except OSError as exc:
+                    if not is_disk_full(exc):
+                        raise
+                    self._go_uncached(exc)
             self.verified = True
-            await self._index.put_blob(str(self.digest), self.written)
+            if self.spill_from is None:
+                await self._index.put_blob(str(self.digest), self.written)
         except asyncio.CancelledError as exc:
             self._fail(exc)
             raise
@@ -110,6 +160,40 @@ class Download:
         self._fd = -1
         self._store.commit(self.temp, self.digest)
 
+    def _go_uncached(self, exc: OSError) -> None:
+        """The disk is full: keep streaming from memory, store nothing (the temp file goes now)."""
+        log.error("disk full while caching %s after %d bytes, serving it uncached: %s", self.digest, self.written, exc)
+        self.spill_from = self._memory_start = self.written
+        if self._on_uncached is not None:
+            self._on_uncached(self)
+        self._abandon()
+
+    async def _wait_for_readers(self) -> None:
+        """Drop what every reader has sent; while the window is full, wait for the slowest reader."""
+        while True:
+            slowest = min(self._positions.values(), default=self._memory_start)
+            while self._memory and self._memory_start + len(self._memory[0]) <= slowest:
+                self._memory_start += len(self._memory.popleft())
+            if self.written - self._memory_start <= MEMORY_WINDOW:
+                return
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), READER_STALL)
+            except TimeoutError:
+                raise DownloadFailed(f"no reader moved for {READER_STALL:.0f}s on uncached {self.digest}") from None
+
+    def _from_memory(self, position: int, want: int) -> bytes:
+        """Up to `want` bytes at `position` from the in-memory window (empty if already dropped)."""
+        offset = self._memory_start
+        for chunk in self._memory:
+            if position < offset + len(chunk):
+                if position < offset:
+                    return b""
+                start = position - offset
+                return chunk[start : start + want]
+            offset += len(chunk)
+        return b""
+
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
         if not self.ready.done():
@@ -120,7 +204,9 @@ class Download:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._store.discard(self.temp)
+        if self.temp is not None:
+            self._store.discard(self.temp)
+            self.temp = None
 
     def _notify(self) -> None:
         self._progress.set()
@@ -141,7 +227,9 @@ class Download:
         """Bytes `[start, end)` as they arrive; raises DownloadFailed if the download fails first."""
         self._readers += 1
         pin = self._store.pin(self.digest)
+        me = object()
         position = start
+        self._positions[me] = position
         try:
             while end is None or position < end:
                 if self.error is not None:
@@ -149,10 +237,16 @@ class Download:
                 available = self._readable()
                 if position < available:
                     want = min(CHUNK, available - position, (end - position) if end is not None else CHUNK)
-                    data = os.pread(self._read_fd, want, position)
+                    if self.spill_from is not None and position >= self.spill_from:
+                        data = self._from_memory(position, want)
+                    else:
+                        want = min(want, (available if self.spill_from is None else self.spill_from) - position)
+                        data = os.pread(self._read_fd, want, position)
                     if not data:
                         raise DownloadFailed(str(self.digest))
                     position += len(data)
+                    self._positions[me] = position
+                    self._drained.set()
                     yield data
                 elif self.finished:
                     if self.verified:
@@ -163,6 +257,8 @@ class Download:
         finally:
             pin.release()
             self._readers -= 1
+            self._positions.pop(me, None)
+            self._drained.set()
             self._close_read_fd_if_unused()
 
 
@@ -177,6 +273,8 @@ class Downloads:
         self._tasks: set[asyncio.Task[None]] = set()
         self.started = 0
         self.joins = 0
+        # Downloads served without caching because the disk was full (for metrics and tests).
+        self.uncached = 0
 
     def active(self, digest: Digest) -> Download | None:
         return self._active.get(str(digest))
@@ -191,9 +289,15 @@ class Downloads:
         download = self._active.get(key)
         if download is None:
             download = Download(
-                digest, self._store, self._index, source, self._room if self._make_room else None
+                digest,
+                self._store,
+                self._index,
+                source,
+                self._room if self._make_room else None,
+                self._went_uncached,
             )
-            self._active[key] = download
+            if download.spill_from is None:  # uncached from the start: not for others to join
+                self._active[key] = download
             self.started += 1
             task = asyncio.create_task(download.run(open_upstream), name=f"download {key}")
             self._tasks.add(task)
@@ -207,6 +311,13 @@ class Downloads:
         """Make room for every download still writing (each counts its whole size), not just this one."""
         assert self._make_room is not None
         await self._make_room(sum(d.size or 0 for d in self._active.values() if not d.verified))
+
+    def _went_uncached(self, download: Download) -> None:
+        """A later asker cannot follow an uncached download from its start: it gets its own."""
+        self.uncached += 1
+        key = str(download.digest)
+        if self._active.get(key) is download:
+            del self._active[key]
 
     def _done(self, key: str, download: Download, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

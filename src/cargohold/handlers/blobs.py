@@ -126,5 +126,9 @@ async def _follow(request: web.Request, download: Download, digest: Digest) -> w
         if request.transport is not None:
             request.transport.abort()
         return response
+    except ConnectionResetError:
+        # The client went away (a cancelled pull): normal, and the download goes on without it.
+        log.debug("client of %s went away after %d bytes", digest, response.body_length)
+        return response
     await response.write_eof()
     return response
