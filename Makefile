@@ -1,7 +1,7 @@
 # `make run` and `make test` do all set-up on a fresh Debian/Ubuntu machine.
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := docker.io docker-registry skopeo containerd
+APT_PACKAGES := docker.io docker-registry skopeo containerd redis-server
 
 .PHONY: run test venv system-packages
 venv: $(VENV)/.installed

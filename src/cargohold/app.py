@@ -15,9 +15,12 @@ from cargohold.cache.download import Downloads
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import FsBlobStore
 from cargohold.config import Settings
-from cargohold.keys import PROXY, SETTINGS
+from cargohold.keys import PROXY, RATE_LIMITER, SETTINGS
 from cargohold.middleware.observe import observe, stamp_headers
+from cargohold.middleware.ratelimit import ratelimit
 from cargohold.proxy import PullThrough
+from cargohold.ratelimit.limiter import RateLimiter
+from cargohold.ratelimit.storage import open_storage
 from cargohold.routes import add_routes
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.routes import Router
@@ -29,12 +32,21 @@ FLUSH_INTERVAL = 5.0
 
 def build_app(settings: Settings) -> web.Application:
     # Clients only ever send small requests to a read-only mirror.
-    app = web.Application(middlewares=[observe], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[observe, ratelimit], client_max_size=64 * 1024)
     app[SETTINGS] = settings
+    app.cleanup_ctx.append(_rate_limiter)
     app.cleanup_ctx.append(_pull_through)
     app.on_response_prepare.append(stamp_headers)
     add_routes(app)
     return app
+
+
+async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
+    """Rate-limit counters in memory or in Redis, shared by replicas."""
+    config = app[SETTINGS].rate_limit
+    async with open_storage(config.storage) as storage:
+        app[RATE_LIMITER] = RateLimiter(config, storage)
+        yield
 
 
 async def _pull_through(app: web.Application) -> AsyncIterator[None]:
@@ -52,7 +64,9 @@ async def _pull_through(app: web.Application) -> AsyncIterator[None]:
         )
         for _ in settings.upstreams
     ]
-    clients = {u.name: UpstreamClient(u, s) for u, s in zip(settings.upstreams, sessions)}
+    fetches = settings.rate_limit.upstream_fetches
+    gate = asyncio.Semaphore(fetches) if fetches else None
+    clients = {u.name: UpstreamClient(u, s, gate) for u, s in zip(settings.upstreams, sessions)}
     downloads = Downloads(store, index)
     app[PROXY] = PullThrough(Router(clients, settings.default.name), store, index, downloads)
     flusher = asyncio.create_task(_flush_forever(index))

@@ -91,3 +91,9 @@ class UpstreamInvalid(UpstreamError):
     """The upstream answered with something we refuse to cache or serve (bad digest, bad JSON, too big)."""
 
     status = 502
+
+
+class TooManyRequests(RegistryError):
+    """A client went over one of its rate-limit budgets; Retry-After says when to come back."""
+
+    status, code = 429, "TOOMANYREQUESTS"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from urllib.parse import urljoin, urlsplit
@@ -32,8 +33,12 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 class UpstreamClient:
     """Talks to one upstream; never sends its credentials or tokens to any other host."""
 
-    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, config: UpstreamConfig, session: aiohttp.ClientSession, gate: asyncio.Semaphore | None = None
+    ) -> None:
         self.config = config
+        # Shared by all upstreams: at most this many requests wait for an upstream answer at once.
+        self._gate = gate
         self.name = config.name
         self.base = config.url
         self._origin = _origin(config.url)
@@ -61,7 +66,8 @@ class UpstreamClient:
         for attempt in range(1, ATTEMPTS + 1):
             last = attempt == ATTEMPTS
             try:
-                resp = await self._authorized(method, self.base + path, scope, dict(headers or {}), timeout, params)
+                async with self._gate or contextlib.nullcontext():
+                    resp = await self._authorized(method, self.base + path, scope, dict(headers or {}), timeout, params)
             except asyncio.TimeoutError:
                 if last:
                     raise UpstreamTimeout(f"upstream {self.name} timed out", {"upstream": self.name}) from None
