@@ -8,16 +8,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from limits.aio.storage import MemoryStorage
 
 from cargohold.app import build_app
-from cargohold.config import BudgetOverrides, ConfigError, Settings, load_settings
+from cargohold.config import BudgetOverrides, ConfigError, Settings, UpstreamConfig, load_settings
 from cargohold.identity import Identity
 from cargohold.ratelimit.budgets import PRESETS, Budget, budget_for
 from cargohold.ratelimit.connections import Connections
 from cargohold.ratelimit.limiter import Kind, RateLimiter, bucket
+from cargohold.upstream.client import UpstreamClient
 
 ALICE = Identity(ipaddress.ip_address("10.0.0.1"), "alice", frozenset({"ci", "dev"}))
 ANON = Identity(ipaddress.ip_address("10.0.0.2"))
@@ -140,3 +143,27 @@ async def test_middleware_limits_everything_but_health(tmp_path: Path) -> None:
 
 def test_every_budget_can_be_overridden() -> None:
     assert set(Budget.__dataclass_fields__) == set(BudgetOverrides.model_fields) - {"preset"}
+
+
+async def test_upstream_gate_caps_requests_waiting_for_an_answer() -> None:
+    arrived, answer = [], asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.append(request.path)
+        await answer.wait()
+        return web.Response(text="ok")
+
+    upstream = web.Application()
+    upstream.router.add_get("/v2/{tail:.*}", slow)
+    async with TestServer(upstream) as server, aiohttp.ClientSession() as session:
+        config = UpstreamConfig(name="docker.io", url=str(server.make_url("")))
+        client = UpstreamClient(config, session, asyncio.Semaphore(1))
+        opening = [asyncio.create_task(client.open("GET", "r", f"/v2/r/manifests/{i}")) for i in range(2)]
+        while not arrived:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # time enough for the second request, were it not held back
+        assert len(arrived) == 1
+        answer.set()
+        for task in opening:
+            (await task).release()
+        assert sorted(arrived) == ["/v2/r/manifests/0", "/v2/r/manifests/1"]
