@@ -12,7 +12,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from limits.aio.storage import MemoryStorage
 
 from cargohold.app import build_app
 from cargohold.config import BudgetOverrides, ConfigError, Settings, UpstreamConfig, load_settings
@@ -20,6 +19,7 @@ from cargohold.identity import Identity
 from cargohold.ratelimit.budgets import PRESETS, Budget, budget_for
 from cargohold.ratelimit.connections import Connections
 from cargohold.ratelimit.limiter import Kind, RateLimiter, bucket
+from cargohold.ratelimit.memory import MovingWindowMemory
 from cargohold.upstream.client import UpstreamClient
 
 ALICE = Identity(ipaddress.ip_address("10.0.0.1"), "alice", frozenset({"ci", "dev"}))
@@ -83,7 +83,7 @@ def test_bucket_keeps_the_rate_and_at_least_the_burst() -> None:
 
 async def test_identities_are_counted_apart_and_refusals_say_when_to_retry() -> None:
     config = rate_limit(preset="off", requests_per_second=1, burst=3, pulls_per_minute=1).rate_limit
-    limiter = RateLimiter(config, MemoryStorage())
+    limiter = RateLimiter(config, MovingWindowMemory())
     assert limiter.enabled
     assert [await limiter.check(ANON, Kind.REQUEST) for _ in range(3)] == [None, None, None]
     refused = await limiter.check(ANON, Kind.REQUEST)
@@ -97,9 +97,25 @@ async def test_identities_are_counted_apart_and_refusals_say_when_to_retry() -> 
     assert pulls is not None and pulls.detail["budget"] == "pulls" and 1 <= pulls.detail["retry_after"] <= 60
 
 
+async def test_memory_windows_move_and_empty_keys_are_swept(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("cargohold.ratelimit.memory.time.time", lambda: clock[0])
+    storage = MovingWindowMemory()
+    assert [await storage.acquire_entry("a", 2, 10) for _ in range(3)] == [True, True, False]
+    clock[0] += 4
+    assert await storage.acquire_entry("b", 1, 1)
+    assert await storage.get_moving_window("a", 2, 10) == (1000.0, 2)  # reset at 1010
+    clock[0] += 6.5  # a's two hits have left the window, b's long ago
+    assert await storage.acquire_entry("a", 2, 10)
+    assert await storage.get_moving_window("a", 2, 10) == (1010.5, 1)
+    clock[0] += 11  # past the sweep interval: both windows are empty and get dropped
+    await storage.acquire_entry("c", 1, 1)
+    assert set(storage._windows) == {"c"}
+
+
 def test_preset_off_disables_the_middleware() -> None:
-    assert not RateLimiter(rate_limit(preset="off").rate_limit, MemoryStorage()).enabled
-    assert RateLimiter(rate_limit(preset="off", users={"a": {"burst": 1}}).rate_limit, MemoryStorage()).enabled
+    assert not RateLimiter(rate_limit(preset="off").rate_limit, MovingWindowMemory()).enabled
+    assert RateLimiter(rate_limit(preset="off", users={"a": {"burst": 1}}).rate_limit, MovingWindowMemory()).enabled
 
 
 async def test_connections_wait_for_a_slot_and_refuse_past_twice_the_cap() -> None:

@@ -6,7 +6,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import RedisStorage, Storage
+
+from cargohold.ratelimit.memory import MovingWindowMemory
 
 # A slow Redis must not stall requests: the limiter lets them through when Redis does not answer.
 REDIS_TIMEOUT = 1.0
@@ -16,7 +18,7 @@ REDIS_TIMEOUT = 1.0
 async def open_storage(uri: str) -> AsyncIterator[Storage]:
     """The storage for `memory://` or `redis[s]://host:port[/db]`, closed on exit."""
     if uri == "memory://":
-        yield MemoryStorage()
+        yield MovingWindowMemory()
         return
     pool = redis.asyncio.ConnectionPool.from_url(
         uri, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
