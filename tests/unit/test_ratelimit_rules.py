@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from cargohold.app import build_app
 from cargohold.config import BudgetOverrides, ConfigError, Settings, UpstreamConfig, load_settings
+from cargohold.errors import TooManyRequests
 from cargohold.identity import Identity
 from cargohold.ratelimit.budgets import PRESETS, Budget, budget_for
 from cargohold.ratelimit.connections import Connections
@@ -24,6 +25,10 @@ from cargohold.upstream.client import UpstreamClient
 
 ALICE = Identity(ipaddress.ip_address("10.0.0.1"), "alice", frozenset({"ci", "dev"}))
 ANON = Identity(ipaddress.ip_address("10.0.0.2"))
+
+
+async def count(limiter: RateLimiter, identity: Identity, kind: Kind) -> TooManyRequests | None:
+    return await limiter.check(identity.key, limiter.items(identity), kind)
 
 
 def rate_limit(**config: Any) -> Settings:
@@ -85,15 +90,15 @@ async def test_identities_are_counted_apart_and_refusals_say_when_to_retry() -> 
     config = rate_limit(preset="off", requests_per_second=1, burst=3, pulls_per_minute=1).rate_limit
     limiter = RateLimiter(config, MovingWindowMemory())
     assert limiter.enabled
-    assert [await limiter.check(ANON, Kind.REQUEST) for _ in range(3)] == [None, None, None]
-    refused = await limiter.check(ANON, Kind.REQUEST)
+    assert [await count(limiter, ANON, Kind.REQUEST) for _ in range(3)] == [None, None, None]
+    refused = await count(limiter, ANON, Kind.REQUEST)
     assert refused is not None and refused.status == 429 and refused.code == "TOOMANYREQUESTS"
     assert 1 <= int(refused.headers["Retry-After"]) <= 3
     assert refused.headers["RateLimit-Limit"] == "3;w=3" and refused.headers["RateLimit-Remaining"] == "0;w=3"
-    assert await limiter.check(ALICE, Kind.REQUEST) is None  # another identity, its own budget
-    assert await limiter.check(ANON, Kind.BLOB) is None  # blobs have their own (here unlimited) budget
-    assert await limiter.check(ALICE, Kind.PULL) is None
-    pulls = await limiter.check(ALICE, Kind.PULL)
+    assert await count(limiter, ALICE, Kind.REQUEST) is None  # another identity, its own budget
+    assert await count(limiter, ANON, Kind.BLOB) is None  # blobs have their own (here unlimited) budget
+    assert await count(limiter, ALICE, Kind.PULL) is None
+    pulls = await count(limiter, ALICE, Kind.PULL)
     assert pulls is not None and pulls.detail["budget"] == "pulls" and 1 <= pulls.detail["retry_after"] <= 60
 
 

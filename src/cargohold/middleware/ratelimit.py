@@ -31,14 +31,15 @@ async def ratelimit(request: web.Request, handler: web.RequestHandler) -> web.St
     if not limiter.enabled or request.path in UNLIMITED:
         return await handler(request)
     identity = request[IDENTITY]
-    refused = await limiter.check(identity, kind_of(request))
+    key, items = identity.key, limiter.items(identity)
+    refused = await limiter.check(key, items, kind_of(request))
     if refused is not None:
         raise refused
-    cap = limiter.items(identity).budget.connections
+    cap = items.budget.connections
     if not cap:
         return await handler(request)
-    if not await limiter.connections.acquire(identity.key, cap):
-        raise too_many(identity.key, "connections", cap, 1, 1)
+    if not await limiter.connections.acquire(key, cap):
+        raise too_many(key, "connections", cap, 1, 1)
     try:
         response = await handler(request)
         if not response.prepared:
@@ -48,4 +49,4 @@ async def ratelimit(request: web.Request, handler: web.RequestHandler) -> web.St
             await response.write_eof()
         return response
     finally:
-        limiter.connections.release(identity.key)
+        limiter.connections.release(key)

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio
-from limits.aio.storage import RedisStorage, Storage
+from limits.aio.storage import MovingWindowSupport, RedisStorage
 
 from cargohold.ratelimit.memory import MovingWindowMemory
 
@@ -15,7 +15,7 @@ REDIS_TIMEOUT = 1.0
 
 
 @asynccontextmanager
-async def open_storage(uri: str) -> AsyncIterator[Storage]:
+async def open_storage(uri: str) -> AsyncIterator[MovingWindowSupport]:
     """The storage for `memory://` or `redis[s]://host:port[/db]`, closed on exit."""
     if uri == "memory://":
         yield MovingWindowMemory()
