@@ -31,8 +31,8 @@ async def ratelimit(request: web.Request, handler: web.RequestHandler) -> web.St
     if not limiter.enabled or request.path in UNLIMITED:
         return await handler(request)
     identity = request[IDENTITY]
-    key, items = identity.key, limiter.items(identity)
-    refused = await limiter.check(key, items, kind_of(request))
+    key, items, kind = identity.key, limiter.items(identity), kind_of(request)
+    refused = await limiter.check(key, items, kind)
     if refused is not None:
         raise refused
     cap = items.budget.connections
@@ -42,9 +42,9 @@ async def ratelimit(request: web.Request, handler: web.RequestHandler) -> web.St
         raise too_many(key, "connections", cap, 1, 1)
     try:
         response = await handler(request)
-        if not response.prepared:
-            # Send the body here (a cache hit's sendfile happens only after the handler returns),
-            # so the slot is held until the client has it.
+        if kind is Kind.BLOB and not response.prepared:
+            # Send a cached blob here (its sendfile happens only after the handler returns), so the
+            # slot is held until the client has it. Other bodies are small and sent at once.
             await response.prepare(request)
             await response.write_eof()
         return response
