@@ -1,7 +1,7 @@
 # `make run` and `make test` do all set-up on a fresh Debian/Ubuntu machine.
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := docker.io docker-registry skopeo containerd apache2-utils chromium
+APT_PACKAGES := docker.io docker-registry skopeo containerd apache2-utils chromium redis-server
 
 
 .PHONY: run test soak venv system-packages

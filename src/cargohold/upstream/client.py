@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -52,10 +53,17 @@ class UpstreamClient:
     """Talks to one upstream; never sends its credentials or tokens to any other host."""
 
     def __init__(
-        self, config: UpstreamConfig, session: aiohttp.ClientSession, observer: UpstreamObserver | None = None
+        self,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        *,
+        observer: UpstreamObserver | None = None,
+        gate: asyncio.Semaphore | None = None,
     ) -> None:
         self.config = config
         self.observer = observer
+        # Shared by all upstreams: at most this many requests wait for an upstream answer at once.
+        self._gate = gate
         self.name = config.name
         self.base = config.url
         self._origin = _origin(config.url)
@@ -110,7 +118,8 @@ class UpstreamClient:
             last = attempt == ATTEMPTS
             started = time.monotonic()
             try:
-                resp = await self._authorized(method, self.base + path, scope, dict(headers or {}), timeout, params)
+                async with self._gate or contextlib.nullcontext():
+                    resp = await self._authorized(method, self.base + path, scope, dict(headers or {}), timeout, params)
             except asyncio.TimeoutError:
                 self._failed(method, "timeout", started)
                 if last:
