@@ -25,7 +25,7 @@ from cargohold.errors import (
     UpstreamUnavailable,
 )
 from cargohold.flight import SingleFlight
-from cargohold.mediatypes import FULL_ACCEPT, KNOWN, accepts, media_type_of, takes_everything
+from cargohold.mediatypes import FULL_ACCEPT, KNOWN, accepts, media_type_of
 from cargohold.names import check_tag
 from cargohold.upstream.routes import Router, Target
 
@@ -124,9 +124,9 @@ class PullThrough:
     async def _by_tag(self, target: Target, tag: str, accept: frozenset[str]) -> Manifest:
         key = (target.upstream.name, target.repository, tag)
         entry = await self.index.get_tag(*key)
-        if entry is None and not takes_everything(accept):
-            return await self._fetch_tag(target, tag, accept, remember=False)
         if entry is None:
+            # Fetched with the full Accept and remembered, so a client that accepts the manifest's own type
+            # (most do, whatever else they list) is answered from cache next time.
             manifest = await self._manifests.run(("tag",) + key, lambda: self._fetch_tag(target, tag, None, remember=True))
             if not accepts(accept, manifest.media_type):
                 return await self._fetch_tag(target, tag, accept, remember=False)

@@ -347,6 +347,15 @@ def test_restrictive_accept_gets_what_upstream_answers(hub: Hub, cargohold: Fact
     assert headers["content-type"] == direct.headers["content-type"]
 
 
+def test_client_listing_only_its_own_type_is_served_from_cache(hub: Hub, cargohold: Factory) -> None:
+    srv = cargohold()
+    im = hub.images["oci"]
+    for _ in range(3):
+        status, body, headers = _pull_manifest(srv, im, accept=im.media_type)
+        assert status == 200 and body == im.manifest and headers["content-type"] == im.media_type
+    assert hub.count("GET", r"/manifests/", status=200) == 1  # (the first 401 is the token dance)
+
+
 def test_blob_head_range_and_headers(hub: Hub, cargohold: Factory) -> None:
     srv = cargohold()
     im = hub.images["multi"]
