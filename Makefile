@@ -1,9 +1,9 @@
 # `make run` and `make test` do all set-up on a fresh Debian/Ubuntu machine.
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := docker.io docker-registry skopeo containerd nginx apache2-utils chromium
+APT_PACKAGES := docker.io docker-registry skopeo containerd nginx apache2-utils chromium redis-server
 
-.PHONY: run test venv system-packages bench
+.PHONY: run test soak venv system-packages bench
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ system-packages:
 
 test: system-packages venv
 	$(PY) -m pytest tests -q
+
+# Heavy reliability variants (1,000 connections, long fault runs): `pytest -m soak`.
+soak: system-packages venv
+	$(PY) -m pytest tests/reliability -q -m soak -s
 
 # Side-by-side figures against nginx + docker-registry (see docs/performance.md); BENCH_ARGS=--quick for a smoke run.
 bench: system-packages venv

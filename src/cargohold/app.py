@@ -18,11 +18,14 @@ from cargohold.cache.store import FsBlobStore
 from cargohold.config import Settings
 from cargohold.handlers.metrics import count_response, metrics_listener
 from cargohold.handlers.target import stamp_namespace
-from cargohold.keys import METRICS, PROXY, SETTINGS
+from cargohold.keys import METRICS, PROXY, RATE_LIMITER, SETTINGS
 from cargohold.metrics import Metrics
 from cargohold.middleware.auth import authenticate
 from cargohold.middleware.observe import observe, stamp_headers
+from cargohold.middleware.ratelimit import ratelimit
 from cargohold.proxy import PullThrough
+from cargohold.ratelimit.limiter import RateLimiter
+from cargohold.ratelimit.storage import open_storage
 from cargohold.routes import add_routes
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.routes import Router
@@ -37,9 +40,11 @@ UPSTREAM_READ_BUFFER = 1 << 20
 
 def build_app(settings: Settings) -> web.Application:
     # Clients only ever send small requests to a read-only mirror.
-    app = web.Application(middlewares=[observe, authenticate], client_max_size=64 * 1024)
+    # Order is the data path: observe, then who is asking, then how much they may ask.
+    app = web.Application(middlewares=[observe, authenticate, ratelimit], client_max_size=64 * 1024)
     app[SETTINGS] = settings
     app[METRICS] = Metrics([u.name for u in settings.upstreams], settings.cache.max_size)
+    app.cleanup_ctx.append(_rate_limiter)
     app.cleanup_ctx.append(_pull_through)
     if settings.auth is not None:
         app.cleanup_ctx.append(auth_context)
@@ -49,6 +54,14 @@ def build_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(count_response)
     add_routes(app)
     return app
+
+
+async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
+    """Rate-limit counters in memory or in Redis, shared by replicas."""
+    config = app[SETTINGS].rate_limit
+    async with open_storage(config.storage) as storage:
+        app[RATE_LIMITER] = RateLimiter(config, storage)
+        yield
 
 
 async def _pull_through(app: web.Application) -> AsyncIterator[None]:
@@ -69,7 +82,9 @@ async def _pull_through(app: web.Application) -> AsyncIterator[None]:
         )
         for _ in settings.upstreams
     ]
-    clients = {u.name: UpstreamClient(u, s, metrics) for u, s in zip(settings.upstreams, sessions)}
+    fetches = settings.rate_limit.upstream_fetches
+    gate = asyncio.Semaphore(fetches) if fetches else None
+    clients = {u.name: UpstreamClient(u, s, observer=metrics, gate=gate) for u, s in zip(settings.upstreams, sessions)}
     evictor = Evictor(
         index, store, settings.cache, lambda d: store.in_use(d) or downloads.active(d) is not None, metrics.evicted
     )

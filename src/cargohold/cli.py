@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import resource
 import sys
 
 from cargohold import __version__, cachecli
@@ -31,10 +33,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def raise_open_files_limit() -> int:
+    """Every client connection is a descriptor: lift the soft limit to the hard one; returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            logging.getLogger("cargohold").warning("could not raise the open files limit above %d", soft)
+    return soft
+
+
 def serve(settings: Settings) -> None:
+    from cargohold.badrequests import quiet_bad_requests
     from cargohold.serving import run
 
     setup_logging(settings.log_level, settings.log_format)
+    quiet_bad_requests()
+    raise_open_files_limit()
     run(settings)
 
 

@@ -131,6 +131,8 @@ class UpstreamConfig(Strict):
     hosts: list[str] = Field(default_factory=list, description="Host header names routed to this upstream")
     repositories: list[str] = Field(default_factory=lambda: ["**"], description="globs of repositories allowed")
     token_realms: list[str] | None = Field(default=None, description="hosts allowed as token realm")
+    timeout: Duration = Field(30.0, gt=0, description="how long the upstream may stay silent (connect, between bytes)")
+    failure_pause: Duration = Field(10.0, description="after a failure or a 429, fail fast (serve stale) this long")
 
     @field_validator("name")
     @classmethod
@@ -183,10 +185,40 @@ def _host_names(value: list[str], pattern: re.Pattern[str], example: str) -> lis
     return hosts
 
 
-class RateLimitConfig(Strict):
+Preset = Literal["off", "personal", "team", "medium"]
+Count = Annotated[int, Field(ge=0)]
+
+
+class BudgetOverrides(Strict):
+    """Rate-limit budgets that replace those of a preset; unset ones are inherited, 0 means unlimited."""
+
+    preset: Preset | None = None
+    requests_per_second: Count | None = None
+    burst: Count | None = None
+    blobs_per_second: Count | None = None
+    blob_burst: Count | None = None
+    connections: Count | None = None
+    pulls_per_minute: Count | None = None
+    pulls_per_hour: Count | None = None
+
+
+class RateLimitConfig(BudgetOverrides):
     """Request limits; `trusted_proxies` also decides whose X-Forwarded-For is believed."""
 
+    preset: Preset = "team"
     trusted_proxies: list[IPv4Network | IPv6Network] = Field(default_factory=list)
+    storage: str = "memory://"
+    upstream_fetches: Count = 64
+    users: dict[str, BudgetOverrides] = Field(default_factory=dict)
+    groups: dict[str, BudgetOverrides] = Field(default_factory=dict)
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if value != "memory://" and (parts.scheme not in ("redis", "rediss") or not parts.hostname):
+            raise ValueError(f"invalid storage {value!r} (expected memory:// or redis://host:port[/db])")
+        return value
 
 
 class AccessRule(Strict):
@@ -217,6 +249,8 @@ class AuthConfig(Strict):
             if unknown:
                 raise ValueError(f"rules name groups not defined in auth.groups: {', '.join(unknown)}")
         return self
+
+
 class CacheConfig(Strict):
     """Bounds on the disk cache: least-recently-used content goes first (None: unbounded)."""
 
@@ -244,6 +278,9 @@ class Settings(Strict):
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     auth: AuthConfig | None = None
     external_url: str | None = None
+    idle_timeout: Duration = Field(
+        75.0, gt=0, description="close a client connection that has not sent a complete request for this long"
+    )
 
     @field_validator("listen", "metrics_listen")
     @classmethod

@@ -83,10 +83,6 @@ class Denied(RegistryError):
     status, code = 403, "DENIED"
 
 
-class TooManyRequests(RegistryError):
-    status, code = 429, "TOOMANYREQUESTS"
-
-
 class UpstreamError(RegistryError):
     """The upstream could not give a usable answer; serving stale content is allowed."""
 
@@ -107,3 +103,9 @@ class UpstreamInvalid(UpstreamError):
     """The upstream answered with something we refuse to cache or serve (bad digest, bad JSON, too big)."""
 
     status = 502
+
+
+class TooManyRequests(RegistryError):
+    """A client went over one of its rate-limit budgets; Retry-After says when to come back."""
+
+    status, code = 429, "TOOMANYREQUESTS"

@@ -181,3 +181,12 @@ class _Live:
         joins.add_metric(["blob"], downloads.joins)
         joins.add_metric(["manifest"], self._proxy.joins)
         yield joins
+        yield CounterMetricFamily(
+            "cargohold_downloads_uncached", "Blob downloads streamed without caching (disk full)", value=downloads.uncached
+        )
+        pauses = CounterMetricFamily(
+            "cargohold_upstream_pauses", "Times an upstream was paused after a failure or a 429", labels=["upstream"]
+        )
+        for upstream in self._proxy.router.upstreams:
+            pauses.add_metric([upstream.name], upstream.breaker.trips)
+        yield pauses

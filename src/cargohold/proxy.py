@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from cargohold.cache.download import Download, Downloads
+from cargohold.cache.download import Download, Downloads, is_disk_full
 from cargohold.cache.index import Index, TagEntry
 from cargohold.cache.store import BlobStore
 from cargohold.digests import Digest, looks_like_digest
@@ -24,9 +25,8 @@ from cargohold.errors import (
     UpstreamUnavailable,
 )
 from cargohold.flight import SingleFlight
-from cargohold.mediatypes import FULL_ACCEPT, KNOWN, accepts, media_type_of, takes_everything
+from cargohold.mediatypes import FULL_ACCEPT, KNOWN, accepts, media_type_of
 from cargohold.names import check_tag
-from cargohold.upstream.client import BLOB_TIMEOUT
 from cargohold.upstream.routes import Router, Target
 
 log = logging.getLogger("cargohold.proxy")
@@ -90,6 +90,11 @@ async def _get_manifest(target: Target, reference: str, accept: str) -> tuple[by
 
 def _source(target: Target) -> tuple[str, str]:
     return target.upstream.name, target.repository
+def _is_json_object(body: bytes) -> bool:
+    try:
+        return isinstance(json.loads(body), dict)
+    except ValueError:
+        return False
 
 
 class PullThrough:
@@ -119,9 +124,9 @@ class PullThrough:
     async def _by_tag(self, target: Target, tag: str, accept: frozenset[str]) -> Manifest:
         key = (target.upstream.name, target.repository, tag)
         entry = await self.index.get_tag(*key)
-        if entry is None and not takes_everything(accept):
-            return await self._fetch_tag(target, tag, accept, remember=False)
         if entry is None:
+            # Fetched with the full Accept and remembered, so a client that accepts the manifest's own type
+            # (most do, whatever else they list) is answered from cache next time.
             manifest = await self._manifests.run(("tag",) + key, lambda: self._fetch_tag(target, tag, None, remember=True))
             if not accepts(accept, manifest.media_type):
                 return await self._fetch_tag(target, tag, accept, remember=False)
@@ -204,10 +209,17 @@ class PullThrough:
             media_type = media_type_of(content_type, body)
         except ValueError:
             raise UpstreamInvalid("upstream sent a manifest that is not a JSON object", {"digest": str(digest)}) from None
-        self.store.write(digest, body)
+        manifest = Manifest(body, media_type, str(digest), "miss")
+        try:
+            self.store.write(digest, body)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            log.error("disk full: serving manifest %s without caching it: %s", digest, exc)
+            return manifest
         await self.index.put_manifest(str(digest), media_type, len(body))
         await self._link(target, str(digest))
-        return Manifest(body, media_type, str(digest), "miss")
+        return manifest
 
     # blobs
 
@@ -227,7 +239,7 @@ class PullThrough:
 
     async def _open_blob(self, target: Target, digest: Digest) -> aiohttp.ClientResponse:
         resp = await target.upstream.open(
-            "GET", target.repository, f"/v2/{target.repository}/blobs/{digest}", timeout=BLOB_TIMEOUT
+            "GET", target.repository, f"/v2/{target.repository}/blobs/{digest}", stream=True
         )
         if resp.status != 200:
             resp.release()
@@ -294,4 +306,7 @@ class PullThrough:
             if resp.status != 200:
                 raise _upstream_failure(resp, NameUnknown, "repository")
             body = await _read_limited(resp, MAX_TAG_LIST, "tag list")
-            return TagList(body, resp.headers.get("Link"))
+            link = resp.headers.get("Link")
+        if not _is_json_object(body):
+            raise UpstreamInvalid("upstream sent a tag list that is not a JSON object", {"upstream": str(resp.url.host)})
+        return TagList(body, link)

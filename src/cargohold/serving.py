@@ -71,18 +71,23 @@ async def https(settings: Settings) -> AsyncIterator[Https]:
             await task
 
 
-async def _start(stack: contextlib.AsyncExitStack, app: web.Application, address: str, **site: object) -> None:
+async def _start(
+    stack: contextlib.AsyncExitStack, app: web.Application, address: str, idle_timeout: float, **site: object
+) -> None:
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,
         access_log=logging.getLogger("cargohold.access"),
         shutdown_timeout=SHUTDOWN_TIMEOUT,
+        # Bounds idle and slow-header (slowloris) connections: aiohttp closes a connection that
+        # has no complete request this long after it opened or after its last response.
+        keepalive_timeout=idle_timeout,
     )
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     host, port = split_host_port(address)
     try:
-        await web.TCPSite(runner, host, port, **site).start()  # type: ignore[arg-type]
+        await web.TCPSite(runner, host, port, backlog=1024, **site).start()  # type: ignore[arg-type]
     except OSError as exc:
         raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from None
 
@@ -95,10 +100,12 @@ async def serve_until_stopped(settings: Settings) -> None:
         loop.add_signal_handler(sig, stopped.set)
     async with contextlib.AsyncExitStack() as stack:
         tls = await stack.enter_async_context(https(settings))
-        await _start(stack, build_app(settings), settings.listen, ssl_context=tls.context)
+        await _start(stack, build_app(settings), settings.listen, settings.idle_timeout, ssl_context=tls.context)
         if settings.http_listen:
             https_port = split_host_port(settings.listen)[1]
-            await _start(stack, plain_http_app(settings, tls.challenges, https_port), settings.http_listen)
+            await _start(
+                stack, plain_http_app(settings, tls.challenges, https_port), settings.http_listen, settings.idle_timeout
+            )
         log.info(
             "cargohold %s listening on %s://%s%s, cache in %s, upstreams: %s",
             __version__,

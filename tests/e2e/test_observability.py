@@ -55,6 +55,8 @@ def test_metrics_move_with_a_scripted_pull_sequence(
     failed = metrics(srv.url)
     assert sample(failed, "cargohold_upstream_errors_total", upstream="docker.io") >= 1
     assert sample(failed, "cargohold_ratelimit_rejections_total") == 0
+    assert sample(failed, "cargohold_upstream_pauses_total", upstream="docker.io") == 1
+    assert sample(failed, "cargohold_downloads_uncached_total") == 0
     assert sample(failed, "cargohold_http_requests_total", route="/v2/{name}/manifests/{reference}", status=str(res.status)) == 1
 
     # Every metric the Grafana dashboard charts is exported.

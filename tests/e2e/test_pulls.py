@@ -257,7 +257,7 @@ def test_tag_is_revalidated_with_head_after_ttl(hub: Hub, cargohold: Factory) ->
 
 
 def test_moved_tag_keeps_old_digest_until_new_manifest_is_fetched(hub: Hub, cargohold: Factory) -> None:
-    srv = cargohold(tag_ttl="0s")
+    srv = cargohold(tag_ttl="0s", upstream={"failure_pause": "0s"})  # recovery is checked right after the fault
     oci, multi = hub.images["oci"], hub.images["multi"]
     hub.push_image(oci, "acme/flaky", "current")
     flaky = oci.pushed("acme/flaky", "current")
@@ -347,6 +347,15 @@ def test_restrictive_accept_gets_what_upstream_answers(hub: Hub, cargohold: Fact
     assert status == direct.status
     assert body == direct.body
     assert headers["content-type"] == direct.headers["content-type"]
+
+
+def test_client_listing_only_its_own_type_is_served_from_cache(hub: Hub, cargohold: Factory) -> None:
+    srv = cargohold()
+    im = hub.images["oci"]
+    for _ in range(3):
+        status, body, headers = _pull_manifest(srv, im, accept=im.media_type)
+        assert status == 200 and body == im.manifest and headers["content-type"] == im.media_type
+    assert hub.count("GET", r"/manifests/", status=200) == 1  # (the first 401 is the token dance)
 
 
 def test_blob_head_range_and_headers(hub: Hub, cargohold: Factory) -> None:

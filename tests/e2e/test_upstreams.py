@@ -237,7 +237,7 @@ async def test_a_download_in_flight_is_joined_through_another_repository_only_on
 def test_unconfirmed_cached_content_is_not_served_while_its_upstream_is_down(
     hub: Hub, hub2: Hub, cargohold: Callable[..., Cargohold]
 ) -> None:
-    ch = _start(cargohold, hub, hub2)
+    ch = _start(cargohold, hub, hub2, failure_pause="0s")  # recovery is checked right after the outage
     tool, mirrored = hub.images["oci"], hub2.images["tool"]
     layer = tool.layers[0]
     assert http_request("GET", f"{ch.url}/v2/{tool.repo}/blobs/{layer.digest}").body == layer.data

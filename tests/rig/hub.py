@@ -99,7 +99,9 @@ class Fault:
     status/body/headers: answer with this instead of forwarding (OCI error JSON by default).
     delay: seconds to wait before handling. rate: bytes/second for the response body.
     corrupt: flip one byte of the body (same length). truncate: cut the connection after that
-    many body bytes. reset: cut the connection without any answer. times: how many matching
+    many body bytes. reset: cut the connection without any answer. length_delta: the front
+    declares a Content-Length this much off the real one (negative: the body is cut short at
+    the declared length; positive: the connection closes once the real body is sent). times: how many matching
     requests it applies to (None = until cleared); `hits` counts them.
     hold: park matching requests before they are forwarded until `release()`;
     hold_after: send that many body bytes, then park until `release()` (a download "in flight").
@@ -116,6 +118,7 @@ class Fault:
     rate: float | None = None
     corrupt: bool = False
     truncate: int | None = None
+    length_delta: int = 0
     reset: bool = False
     hold: bool = False
     hold_after: int | None = None
@@ -162,6 +165,7 @@ class Fault:
                 ("rate", self.rate),
                 ("corrupt", self.corrupt or None),
                 ("truncate", self.truncate),
+                ("length_delta", self.length_delta or None),
                 ("reset", self.reset or None),
                 ("hold", self.hold or None),
                 ("hold_after", self.hold_after),
@@ -865,11 +869,15 @@ class Hub:
                 for k, v in extra_headers.items():
                     resp.headers[k] = v
                 cl = up.headers.get("Content-Length")
+                delta = fault.length_delta if fault is not None else 0
                 if cl is not None:
-                    resp.content_length = int(cl)
+                    resp.content_length = int(cl) + delta
                 await resp.prepare(request)
                 if method != "HEAD":
                     await self._pump(up.content.iter_chunked(_CHUNK), resp, request, fault, rec)
+                if delta > 0 and method != "HEAD" and request.transport is not None:
+                    rec.aborted = True  # the promised extra bytes never come
+                    request.transport.abort()
                 if not rec.aborted:
                     await resp.write_eof()
                 return resp

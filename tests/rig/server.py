@@ -73,6 +73,8 @@ class Cargohold:
             "listen": f"{host}:{self.port}",
             "data_dir": str(self.data_dir),
             "upstreams": [up],
+            # Tests drive many requests from one address; those about limits turn them on themselves.
+            "rate_limit": {"preset": "off"},
         }
         self.config: dict[str, Any] = deep_merge(base, overrides or {})
         self._proc: subprocess.Popen[bytes] | None = None

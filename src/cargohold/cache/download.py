@@ -5,14 +5,23 @@ worker threads, the hash up to one chunk behind), readers read the same file thr
 descriptor at their own pace (sendfile or pread), and the file is renamed into the store only
 after its size and digest check out. The last byte is held back from readers until the digest
 checks out, so no client ever receives a complete body of bad content; the fsync and rename follow.
+
+When the disk is full (ENOSPC/EDQUOT) the download goes on uncached: bytes already on disk are
+still read from the (unlinked) temp file, the rest pass through a bounded window in memory that
+the download refills only as its slowest reader drains it. Nothing is stored; the next request
+for the digest tries the disk again, so caching resumes by itself once space returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 
@@ -24,9 +33,18 @@ from cargohold.errors import UpstreamInvalid
 log = logging.getLogger("cargohold.cache")
 
 CHUNK = 1 << 20
+# An uncached download keeps at most this much ahead of its slowest reader in memory.
+MEMORY_WINDOW = 16 << 20
+# How long an uncached download with a full window waits for its readers to move before it gives up.
+READER_STALL = 60.0
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 Opener = Callable[[], Awaitable[aiohttp.ClientResponse]]
 # Called with a download's size before it is written, so the cache can make room (eviction).
 MakeRoom = Callable[[int], Awaitable[None]]
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
 
 
 class DownloadFailed(Exception):
@@ -43,6 +61,7 @@ class Download:
         index: Index,
         source: Hashable = None,
         make_room: MakeRoom | None = None,
+        on_uncached: Callable[[Download], None] | None = None,
     ) -> None:
         self.digest = digest
         self.source = source  # where it is fetched from (upstream, repository): joiners from elsewhere check first
@@ -54,9 +73,23 @@ class Download:
         self._store = store
         self._index = index
         self._make_room = make_room
-        self._fd, self.temp = store.new_temp()
-        # Shared by every reader: pread and sendfile take explicit offsets, never its position.
-        self.reader = open(self.temp, "rb", buffering=0)  # noqa: SIM115 - closed when the last reader leaves
+        self._on_uncached = on_uncached
+        # Offset from which bytes live only in memory (None: all on disk, the download is cached).
+        self.spill_from: int | None = None
+        self._memory: deque[bytes] = deque()
+        self._memory_start = 0
+        self._positions: dict[object, int] = {}
+        self._drained = asyncio.Event()
+        self._fd = self._read_fd = -1
+        self._reader: BinaryIO | None = None
+        self.temp: Path | None = None
+        try:
+            self._fd, self.temp = store.new_temp()
+            self._read_fd = os.open(self.temp, os.O_RDONLY)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            self._go_uncached(exc)
         self._readers = 0
         self._progress = asyncio.Event()
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -77,12 +110,22 @@ class Download:
             # worker thread) while the next is read and written, at most one chunk behind.
             hashing: asyncio.Future[None] | None = None
             async for chunk in response.content.iter_chunked(CHUNK):
-                await loop.run_in_executor(None, self._write, chunk)
+                if self.spill_from is None:
+                    try:
+                        await loop.run_in_executor(None, self._write, chunk)
+                    except OSError as exc:
+                        if not is_disk_full(exc):
+                            raise
+                        self._go_uncached(exc)
+                if self.spill_from is not None:
+                    self._memory.append(chunk)
                 self.written += len(chunk)
                 self._notify()
                 if hashing is not None:
                     await hashing
                 hashing = loop.run_in_executor(None, hasher.update, chunk)
+                if self.spill_from is not None:
+                    await self._wait_for_readers()
             if hashing is not None:
                 await hashing
             if self.size is not None and self.written != self.size:
@@ -94,8 +137,15 @@ class Download:
             # (a 256 MiB fsync takes seconds); their shared descriptor survives the rename.
             self.verified = True
             self._notify()
-            await loop.run_in_executor(None, self._commit)
-            await self._index.put_blob(str(self.digest), self.written)
+            if self.spill_from is None:
+                try:
+                    await loop.run_in_executor(None, self._commit)
+                except OSError as exc:
+                    if not is_disk_full(exc):
+                        raise
+                    self._go_uncached(exc)
+            if self.spill_from is None:
+                await self._index.put_blob(str(self.digest), self.written)
         except asyncio.CancelledError as exc:
             self._fail(exc)
             raise
@@ -108,7 +158,7 @@ class Download:
             self._notify()
             if response is not None:
                 response.release()
-            self._close_reader_if_unused()
+            self._close_read_fd_if_unused()
 
     def _write(self, chunk: bytes) -> None:
         view = memoryview(chunk)
@@ -121,6 +171,40 @@ class Download:
         self._fd = -1
         self._store.commit(self.temp, self.digest)
 
+    def _go_uncached(self, exc: OSError) -> None:
+        """The disk is full: keep streaming from memory, store nothing (the temp file goes now)."""
+        log.error("disk full while caching %s after %d bytes, serving it uncached: %s", self.digest, self.written, exc)
+        self.spill_from = self._memory_start = self.written
+        if self._on_uncached is not None:
+            self._on_uncached(self)
+        self._abandon()
+
+    async def _wait_for_readers(self) -> None:
+        """Drop what every reader has sent; while the window is full, wait for the slowest reader."""
+        while True:
+            slowest = min(self._positions.values(), default=self._memory_start)
+            while self._memory and self._memory_start + len(self._memory[0]) <= slowest:
+                self._memory_start += len(self._memory.popleft())
+            if self.written - self._memory_start <= MEMORY_WINDOW:
+                return
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), READER_STALL)
+            except TimeoutError:
+                raise DownloadFailed(f"no reader moved for {READER_STALL:.0f}s on uncached {self.digest}") from None
+
+    def _from_memory(self, position: int, want: int) -> bytes:
+        """Up to `want` bytes at `position` from the in-memory window (empty if already dropped)."""
+        offset = self._memory_start
+        for chunk in self._memory:
+            if position < offset + len(chunk):
+                if position < offset:
+                    return b""
+                start = position - offset
+                return chunk[start : start + want]
+            offset += len(chunk)
+        return b""
+
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
         if not self.ready.done():
@@ -131,15 +215,21 @@ class Download:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._store.discard(self.temp)
+        if self.temp is not None:
+            self._store.discard(self.temp)
+            self.temp = None
 
     def _notify(self) -> None:
         self._progress.set()
         self._progress.clear()
 
-    def _close_reader_if_unused(self) -> None:
-        if self.finished and self._readers == 0 and not self.reader.closed:
-            self.reader.close()
+    def _close_read_fd_if_unused(self) -> None:
+        if self.finished and self._readers == 0 and self._read_fd >= 0:
+            if self._reader is not None:
+                self._reader.close()  # closefd=False: the descriptor is closed below
+                self._reader = None
+            os.close(self._read_fd)
+            self._read_fd = -1
 
     def _readable(self) -> int:
         """Bytes a reader may send now: all once verified, else all but the last."""
@@ -147,20 +237,33 @@ class Download:
             return self.written
         return min(self.written, self.size - 1)
 
-    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[tuple[int, int]]:
-        """`(offset, length)` pieces of `[start, end)` of `reader` as they become readable;
+    @property
+    def reader(self) -> BinaryIO:
+        """The shared read descriptor as a file object (for sendfile; offsets are always explicit)."""
+        if self._reader is None:
+            self._reader = os.fdopen(self._read_fd, "rb", buffering=0, closefd=False)
+        return self._reader
+
+    async def spans(self, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
+        """`(offset, length)` pieces of `[start, end)` of `reader` as they become readable on disk.
+        Stops early where an uncached download's bytes live only in memory (read those with `read`);
         raises DownloadFailed if the download fails first."""
         self._readers += 1
         pin = self._store.pin(self.digest)
-        position = start
+        me = object()
+        position = self._positions[me] = start
         try:
-            while end is None or position < end:
+            while position < end:
                 if self.error is not None and not self.verified:
                     raise DownloadFailed(str(self.digest))
-                available = self._readable() if end is None else min(self._readable(), end)
+                on_disk = end if self.spill_from is None else min(end, self.spill_from)
+                if position >= on_disk:
+                    return
+                available = min(self._readable(), on_disk)
                 if position < available:
                     yield position, available - position
-                    position = available
+                    position = self._positions[me] = available
+                    self._drained.set()
                 elif self.verified:
                     return
                 elif self.finished:
@@ -170,16 +273,47 @@ class Download:
         finally:
             pin.release()
             self._readers -= 1
-            self._close_reader_if_unused()
+            self._positions.pop(me, None)
+            self._drained.set()
+            self._close_read_fd_if_unused()
 
     async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Bytes `[start, end)` as they arrive, at most CHUNK at a time (for transports without sendfile)."""
-        async for offset, length in self.spans(start, end):
-            for at in range(offset, offset + length, CHUNK):
-                data = os.pread(self.reader.fileno(), min(CHUNK, offset + length - at), at)
-                if not data:
+        """Bytes `[start, end)` as they arrive; raises DownloadFailed if the download fails first."""
+        self._readers += 1
+        pin = self._store.pin(self.digest)
+        me = object()
+        position = start
+        self._positions[me] = position
+        try:
+            while end is None or position < end:
+                if self.error is not None and not self.verified:
                     raise DownloadFailed(str(self.digest))
-                yield data
+                available = self._readable()
+                if position < available:
+                    want = min(CHUNK, available - position, (end - position) if end is not None else CHUNK)
+                    if self.spill_from is not None and position >= self.spill_from:
+                        data = self._from_memory(position, want)
+                    else:
+                        want = min(want, (available if self.spill_from is None else self.spill_from) - position)
+                        data = os.pread(self._read_fd, want, position)
+                    if not data:
+                        raise DownloadFailed(str(self.digest))
+                    position += len(data)
+                    self._positions[me] = position
+                    self._drained.set()
+                    yield data
+                elif self.verified:
+                    return
+                elif self.finished:
+                    raise DownloadFailed(str(self.digest))
+                else:
+                    await self._progress.wait()
+        finally:
+            pin.release()
+            self._readers -= 1
+            self._positions.pop(me, None)
+            self._drained.set()
+            self._close_read_fd_if_unused()
 
 
 class Downloads:
@@ -193,6 +327,8 @@ class Downloads:
         self._tasks: set[asyncio.Task[None]] = set()
         self.started = 0
         self.joins = 0
+        # Downloads served without caching because the disk was full (for metrics and tests).
+        self.uncached = 0
 
     def active(self, digest: Digest) -> Download | None:
         return self._active.get(str(digest))
@@ -207,9 +343,15 @@ class Downloads:
         download = self._active.get(key)
         if download is None:
             download = Download(
-                digest, self._store, self._index, source, self._room if self._make_room else None
+                digest,
+                self._store,
+                self._index,
+                source,
+                self._room if self._make_room else None,
+                self._went_uncached,
             )
-            self._active[key] = download
+            if download.spill_from is None:  # uncached from the start: not for others to join
+                self._active[key] = download
             self.started += 1
             task = asyncio.create_task(download.run(open_upstream), name=f"download {key}")
             self._tasks.add(task)
@@ -223,6 +365,13 @@ class Downloads:
         """Make room for every download still writing (each counts its whole size), not just this one."""
         assert self._make_room is not None
         await self._make_room(sum(d.size or 0 for d in self._active.values() if not d.verified))
+
+    def _went_uncached(self, download: Download) -> None:
+        """A later asker cannot follow an uncached download from its start: it gets its own."""
+        self.uncached += 1
+        key = str(download.digest)
+        if self._active.get(key) is download:
+            del self._active[key]
 
     def _done(self, key: str, download: Download, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

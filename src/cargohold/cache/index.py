@@ -8,12 +8,16 @@ collected in memory and written in batches so a cache hit never waits for a disk
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+log = logging.getLogger("cargohold.cache")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tags (
@@ -131,9 +135,18 @@ class SqliteIndex:
         ).fetchone()
         return TagEntry(*row) if row else None
 
+    def _write(self, sql: str, params: Sequence[object]) -> None:
+        """One write; a full disk is logged, not raised: the answer is served, only not remembered."""
+        try:
+            self._db.execute(sql, params)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
+            log.error("index not updated, disk full: %s", exc)
+
     async def put_tag(self, upstream: str, repository: str, tag: str, digest: str, media_type: str) -> None:
         now = time.time()
-        self._db.execute(
+        self._write(
             "INSERT INTO tags (upstream, repository, tag, digest, media_type, checked_at, last_access, pulls)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT DO UPDATE SET digest=excluded.digest,"
             " media_type=excluded.media_type, checked_at=excluded.checked_at, last_access=excluded.last_access",
@@ -141,26 +154,24 @@ class SqliteIndex:
         )
 
     async def mark_checked(self, upstream: str, repository: str, tag: str) -> None:
-        self._db.execute(
+        self._write(
             "UPDATE tags SET checked_at=? WHERE upstream=? AND repository=? AND tag=?",
             (time.time(), upstream, repository, tag),
         )
 
     async def drop_tag(self, upstream: str, repository: str, tag: str) -> None:
-        self._db.execute("DELETE FROM tags WHERE upstream=? AND repository=? AND tag=?", (upstream, repository, tag))
+        self._write("DELETE FROM tags WHERE upstream=? AND repository=? AND tag=?", (upstream, repository, tag))
 
     async def get_manifest(self, digest: str) -> ManifestEntry | None:
         row = self._db.execute("SELECT media_type, size FROM manifests WHERE digest=?", (digest,)).fetchone()
         return ManifestEntry(*row) if row else None
 
     async def put_manifest(self, digest: str, media_type: str, size: int) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?)", (digest, media_type, size, time.time())
-        )
+        self._write("INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?)", (digest, media_type, size, time.time()))
 
     async def put_blob(self, digest: str, size: int) -> None:
         now = time.time()
-        self._db.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?)", (digest, size, now, now))
+        self._write("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?)", (digest, size, now, now))
 
     async def has_link(self, upstream: str, repository: str, digest: str) -> bool:
         row = self._db.execute(
@@ -169,7 +180,7 @@ class SqliteIndex:
         return row is not None
 
     async def put_link(self, upstream: str, repository: str, digest: str) -> None:
-        self._db.execute("INSERT OR IGNORE INTO links VALUES (?, ?, ?)", (upstream, repository, digest))
+        self._write("INSERT OR IGNORE INTO links VALUES (?, ?, ?)", (upstream, repository, digest))
 
     def touch(self, table: str, digest: str) -> None:
         """Remember an access to a manifest or blob; written by the next `flush`."""

@@ -120,15 +120,18 @@ async def _follow(request: web.Request, download: Download, digest: Digest) -> w
     writer = await response.prepare(request)
     try:
         if end is not None and writer is not None and _can_sendfile(request):
-            await _sendfile(request, writer, download, start, end)
-        else:
-            async for chunk in download.read(start, end):
-                await response.write(chunk)
+            start = await _sendfile(request, writer, download, start, end)
+        async for chunk in download.read(start, end):  # TLS, or what only memory holds (disk full)
+            await response.write(chunk)
     except DownloadFailed:
         # Headers are gone already: the only honest signal left is a cut connection.
         log.warning("cutting off a client of failed download %s", digest)
         if request.transport is not None:
             request.transport.abort()
+        return response
+    except ConnectionResetError:
+        # The client went away (a cancelled pull): normal, and the download goes on without it.
+        log.debug("client of %s went away after %d bytes", digest, response.body_length)
         return response
     await response.write_eof()
     return response
@@ -142,8 +145,9 @@ def _can_sendfile(request: web.Request) -> bool:
 
 async def _sendfile(
     request: web.Request, writer: AbstractStreamWriter, download: Download, start: int, end: int
-) -> None:
-    """Send each readable span straight from the download's file (no copy through Python)."""
+) -> int:
+    """Send each span readable on disk straight from the download's file (no copy through Python);
+    returns where it stopped: `end`, or where an uncached download's bytes are only in memory."""
     loop = asyncio.get_running_loop()
     async for offset, length in download.spans(start, end):
         transport = request.transport
@@ -151,3 +155,5 @@ async def _sendfile(
             raise ConnectionResetError("client went away")
         await loop.sendfile(transport, download.reader, offset, length, fallback=False)
         writer.output_size += length  # bytes the writer did not see: counted for the access log
+        start = offset + length
+    return start

@@ -51,14 +51,22 @@ class TokenCache:
         upstream_name: str,
         credentials: tuple[str, str] | None,
         realms: RealmPolicy,
+        timeout: aiohttp.ClientTimeout = TOKEN_TIMEOUT,
     ) -> None:
         self._session = session
+        self._timeout = timeout
         self._name = upstream_name
         self._credentials = credentials
         self._realms = realms
         self._tokens: dict[str, tuple[str, float]] = {}
         self._flight: SingleFlight[str] = SingleFlight()
         self.challenge: Challenge | None = None
+
+    def use(self, challenge: Challenge) -> None:
+        """Adopt a Bearer challenge. One with an unusable realm is refused and the previous one
+        kept, so a single bad answer cannot break every later request until a restart."""
+        self._realms.check(challenge.params.get("realm", ""))
+        self.challenge = challenge
 
     def cached(self, scope: str) -> str | None:
         entry = self._tokens.get(scope)
@@ -75,8 +83,7 @@ class TokenCache:
 
     async def _fetch(self, scope: str) -> str:
         assert self.challenge is not None
-        realm = self.challenge.params.get("realm", "")
-        self._realms.check(realm)
+        realm = self.challenge.params["realm"]  # checked against the realm policy in use()
         query = {"scope": scope}
         if "service" in self.challenge.params:
             query["service"] = self.challenge.params["service"]
@@ -87,7 +94,7 @@ class TokenCache:
         try:
             # No redirects: the realm check must hold for the host that finally gets the request.
             async with self._session.get(
-                realm, params=query, headers=headers, timeout=TOKEN_TIMEOUT, allow_redirects=False
+                realm, params=query, headers=headers, timeout=self._timeout, allow_redirects=False
             ) as resp:
                 if resp.status != 200:
                     raise UpstreamUnavailable(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -12,19 +13,28 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 from cargohold.config import UpstreamConfig
-from cargohold.errors import UpstreamTimeout, UpstreamUnavailable
+from cargohold.errors import UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable
 from cargohold.upstream.auth import TokenCache, basic_header, parse_challenge
+from cargohold.upstream.breaker import Breaker, retry_after_seconds
 from cargohold.upstream.realms import RealmPolicy
 
 log = logging.getLogger("cargohold.upstream")
 
-MANIFEST_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10, sock_read=30)
-# Blobs can take as long as they take; only a stalled connection is an error.
-BLOB_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=60)
 ATTEMPTS = 3
 BACKOFF = 0.25
 MAX_REDIRECTS = 5
 _REDIRECTS = {301, 302, 303, 307, 308}
+
+
+def timeouts(silence: float) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
+    """(small answers, streamed blobs) for an upstream that may stay silent `silence` seconds.
+
+    Small answers are also bounded in total; blobs take as long as they take, only a stall fails.
+    """
+    connect = min(10.0, silence)
+    small = aiohttp.ClientTimeout(total=2 * silence, connect=connect, sock_read=silence)
+    stream = aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect, sock_read=silence)
+    return small, stream
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -43,21 +53,30 @@ class UpstreamClient:
     """Talks to one upstream; never sends its credentials or tokens to any other host."""
 
     def __init__(
-        self, config: UpstreamConfig, session: aiohttp.ClientSession, observer: UpstreamObserver | None = None
+        self,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        *,
+        observer: UpstreamObserver | None = None,
+        gate: asyncio.Semaphore | None = None,
     ) -> None:
         self.config = config
         self.observer = observer
+        # Shared by all upstreams: at most this many requests wait for an upstream answer at once.
+        self._gate = gate
         self.name = config.name
         self.base = config.url
         self._origin = _origin(config.url)
         self._session = session
+        self._small_timeout, self._stream_timeout = timeouts(config.timeout)
         self._credentials = (
             (config.username, config.password.get_secret_value())
             if config.username is not None and config.password is not None
             else None
         )
-        self.tokens = TokenCache(session, config.name, self._credentials, RealmPolicy(config))
+        self.tokens = TokenCache(session, config.name, self._credentials, RealmPolicy(config), self._small_timeout)
         self._basic = False
+        self.breaker = Breaker(config.name, config.failure_pause)
 
     async def open(
         self,
@@ -66,16 +85,41 @@ class UpstreamClient:
         path: str,
         headers: Mapping[str, str] | None = None,
         *,
-        timeout: aiohttp.ClientTimeout = MANIFEST_TIMEOUT,
+        stream: bool = False,
         params: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
-        """Send a pull request for `repository`; retried on connection errors and 5xx. Caller releases it."""
+        """Send a pull request for `repository`; retried on connection errors, timeouts and 5xx.
+        `stream`: a blob body follows, bounded only by silence, not in total. Caller releases it.
+        A failure (after the retries) or a 429 pauses the upstream (see breaker.py)."""
+        self.breaker.check()
+        timeout = self._stream_timeout if stream else self._small_timeout
+        try:
+            resp = await self._attempts(method, repository, path, headers, timeout, params)
+        except (UpstreamUnavailable, UpstreamTimeout) as exc:
+            self.breaker.trip(exc.message)
+            raise
+        if resp.status == 429:
+            self.breaker.trip("429 Too Many Requests", retry_after_seconds(resp.headers.get("Retry-After")))
+        elif resp.status >= 500:
+            self.breaker.trip(f"{method} {path} answered {resp.status}")
+        return resp
+
+    async def _attempts(
+        self,
+        method: str,
+        repository: str,
+        path: str,
+        headers: Mapping[str, str] | None,
+        timeout: aiohttp.ClientTimeout,
+        params: Mapping[str, str] | None,
+    ) -> aiohttp.ClientResponse:
         scope = f"repository:{repository}:pull"
         for attempt in range(1, ATTEMPTS + 1):
             last = attempt == ATTEMPTS
             started = time.monotonic()
             try:
-                resp = await self._authorized(method, self.base + path, scope, dict(headers or {}), timeout, params)
+                async with self._gate or contextlib.nullcontext():
+                    resp = await self._authorized(method, self.base + path, scope, dict(headers or {}), timeout, params)
             except asyncio.TimeoutError:
                 self._failed(method, "timeout", started)
                 if last:
@@ -117,7 +161,11 @@ class UpstreamClient:
         if challenge is None:
             return resp
         if challenge.scheme == "bearer":
-            self.tokens.challenge = challenge
+            try:
+                self.tokens.use(challenge)
+            except UpstreamInvalid:
+                resp.release()
+                raise
             self.tokens.forget(scope)
         elif challenge.scheme == "basic" and self._credentials and not self._basic:
             self._basic = True

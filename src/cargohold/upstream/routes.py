@@ -56,6 +56,10 @@ class Router:
         self._by_host = {host: u for u in upstreams.values() for host in u.config.hosts}
         self._allowed = {name: compile_globs(u.config.repositories) for name, u in upstreams.items()}
 
+    @property
+    def upstreams(self) -> list[UpstreamClient]:
+        return list(self._upstreams.values())
+
     def resolve(self, name: str, ns: str | None = None, host: str | None = None) -> Target:
         namespace = None
         by_host = self._by_host_header(host)

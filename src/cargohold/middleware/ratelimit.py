@@ -1,0 +1,53 @@
+"""Rate limiting, right after auth: count the request against its identity's budgets, hold a
+connection slot while it runs, answer 429 TOOMANYREQUESTS with Retry-After when over."""
+
+from __future__ import annotations
+
+from aiohttp import hdrs, web
+
+from cargohold.digests import looks_like_digest
+from cargohold.identity import IDENTITY
+from cargohold.keys import METRICS, RATE_LIMITER
+from cargohold.ratelimit.limiter import Kind, too_many
+
+# Health checks must answer however busy a client is.
+UNLIMITED = frozenset({"/health", "/ready"})
+
+
+def kind_of(request: web.Request) -> Kind:
+    """Blobs have their own budget; a manifest by tag (GET, or HEAD as containerd asks) is a pull."""
+    info = request.match_info
+    if "digest" in info:
+        return Kind.BLOB
+    reference = info.get("reference")
+    if reference is not None and request.method in (hdrs.METH_GET, hdrs.METH_HEAD) and not looks_like_digest(reference):
+        return Kind.PULL
+    return Kind.REQUEST
+
+
+@web.middleware
+async def ratelimit(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+    limiter = request.app[RATE_LIMITER]
+    if not limiter.enabled or request.path in UNLIMITED:
+        return await handler(request)
+    identity = request[IDENTITY]
+    key, items, kind = identity.key, limiter.items(identity), kind_of(request)
+    refused = await limiter.check(key, items, kind)
+    cap = items.budget.connections
+    if refused is None and cap and not await limiter.connections.acquire(key, cap):
+        refused = too_many(key, "connections", cap, 1, 1)
+    if refused is not None:
+        request.app[METRICS].ratelimit_rejections.inc()
+        raise refused
+    if not cap:
+        return await handler(request)
+    try:
+        response = await handler(request)
+        if kind is Kind.BLOB and not response.prepared:
+            # Send a cached blob here (its sendfile happens only after the handler returns), so the
+            # slot is held until the client has it. Other bodies are small and sent at once.
+            await response.prepare(request)
+            await response.write_eof()
+        return response
+    finally:
+        limiter.connections.release(key)

@@ -1,0 +1,1 @@
+"""Rate limiting per identity: budgets from presets and overrides, counted with the `limits` library."""

@@ -1,0 +1,31 @@
+"""Where counts live: in this process (`memory://`) or in Redis, shared by every replica."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio
+from limits.aio.storage import MovingWindowSupport, RedisStorage
+
+from cargohold.ratelimit.memory import MovingWindowMemory
+
+# A slow Redis must not stall requests: the limiter lets them through when Redis does not answer.
+REDIS_TIMEOUT = 1.0
+
+
+@asynccontextmanager
+async def open_storage(uri: str) -> AsyncIterator[MovingWindowSupport]:
+    """The storage for `memory://` or `redis[s]://host:port[/db]`, closed on exit."""
+    if uri == "memory://":
+        yield MovingWindowMemory()
+        return
+    pool = redis.asyncio.ConnectionPool.from_url(
+        uri, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+    )
+    try:
+        yield RedisStorage(
+            "async+" + uri, implementation="redispy", connection_pool=pool, key_prefix="cargohold", wrap_exceptions=True
+        )
+    finally:
+        await pool.aclose()
