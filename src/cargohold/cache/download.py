@@ -15,11 +15,12 @@ for the digest tries the disk again, so caching resumes by itself once space ret
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -244,15 +245,29 @@ class Download:
             self._reader = os.fdopen(self._read_fd, "rb", buffering=0, closefd=False)
         return self._reader
 
+    @contextlib.contextmanager
+    def _following(self, start: int) -> Iterator[object]:
+        """One reader of this download: pins the blob against eviction and tells the download
+        (when it streams uncached) how far this reader has got, through `_positions[token]`."""
+        self._readers += 1
+        pin = self._store.pin(self.digest)
+        me = object()
+        self._positions[me] = start
+        try:
+            yield me
+        finally:
+            pin.release()
+            self._readers -= 1
+            self._positions.pop(me, None)
+            self._drained.set()
+            self._close_read_fd_if_unused()
+
     async def spans(self, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
         """`(offset, length)` pieces of `[start, end)` of `reader` as they become readable on disk.
         Stops early where an uncached download's bytes live only in memory (read those with `read`);
         raises DownloadFailed if the download fails first."""
-        self._readers += 1
-        pin = self._store.pin(self.digest)
-        me = object()
-        position = self._positions[me] = start
-        try:
+        with self._following(start) as me:
+            position = start
             while position < end:
                 if self.error is not None and not self.verified:
                     raise DownloadFailed(str(self.digest))
@@ -270,21 +285,11 @@ class Download:
                     raise DownloadFailed(str(self.digest))
                 else:
                     await self._progress.wait()
-        finally:
-            pin.release()
-            self._readers -= 1
-            self._positions.pop(me, None)
-            self._drained.set()
-            self._close_read_fd_if_unused()
 
     async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes `[start, end)` as they arrive; raises DownloadFailed if the download fails first."""
-        self._readers += 1
-        pin = self._store.pin(self.digest)
-        me = object()
-        position = start
-        self._positions[me] = position
-        try:
+        with self._following(start) as me:
+            position = start
             while end is None or position < end:
                 if self.error is not None and not self.verified:
                     raise DownloadFailed(str(self.digest))
@@ -308,12 +313,6 @@ class Download:
                     raise DownloadFailed(str(self.digest))
                 else:
                     await self._progress.wait()
-        finally:
-            pin.release()
-            self._readers -= 1
-            self._positions.pop(me, None)
-            self._drained.set()
-            self._close_read_fd_if_unused()
 
 
 class Downloads:
