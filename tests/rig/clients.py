@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .util import CommandError, RigError, run, start_process, stop_process, tail, wait_until
+from .util import CommandError, Managed, RigError, run, start_process, stop_process, tail, wait_started, wait_until
 
 #: Names a client may fall back to when a Docker Hub mirror fails; /etc/hosts maps them to loopback.
 DOCKER_HUB_HOSTS = (
@@ -169,7 +169,7 @@ def skopeo_inspect(
 # -- dockerd ----------------------------------------------------------------------------------
 
 
-class Dockerd:
+class Dockerd(Managed):
     """A private dockerd (vfs, no iptables, no bridge) with its own root, exec-root and socket.
 
     Registry mirrors and insecure registries live in its daemon.json and can be changed
@@ -244,19 +244,14 @@ class Dockerd:
         env = dict(os.environ)
         env.pop("DOCKER_HOST", None)
         self._proc = start_process(cmd, self.log_path, env=env)
-        try:
-            wait_until(
-                lambda: (
-                    self.docker("version", "--format", "{{.Server.Version}}", timeout=10, check=False).returncode == 0
-                ),
-                timeout=timeout,
-                interval=0.2,
-                what="dockerd",
-                alive=self._dead,
-            )
-        except BaseException:
-            self.stop()
-            raise
+        wait_started(
+            lambda: self.docker("version", "--format", "{{.Server.Version}}", timeout=10, check=False).returncode == 0,
+            stop=self.stop,
+            timeout=timeout,
+            interval=0.2,
+            what="dockerd",
+            alive=self._dead,
+        )
         return self
 
     def _dead(self) -> str | None:
@@ -266,12 +261,6 @@ class Dockerd:
     def stop(self) -> None:
         stop_process(self._proc, timeout=20)
         self._proc = None
-
-    def __enter__(self) -> Dockerd:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def env(self) -> dict[str, str]:
         """Environment for the docker CLI: this daemon, a private DOCKER_CONFIG (no creds)."""
@@ -383,7 +372,7 @@ class CtrPull:
     output: str = ""
 
 
-class Containerd:
+class Containerd(Managed):
     """A private containerd (no CRI) with its own root, state and socket.
 
     content_sharing_policy is "isolated", so a blob fetched in one namespace does not satisfy
@@ -448,17 +437,14 @@ class Containerd:
         cfg = self.workdir / "config.toml"
         cfg.write_text(self._config())
         self._proc = start_process([self.containerd_bin, "--config", cfg], self.log_path)
-        try:
-            wait_until(
-                lambda: self.ctr("version", timeout=10, check=False).returncode == 0,
-                timeout=timeout,
-                interval=0.1,
-                what="containerd",
-                alive=self._dead,
-            )
-        except BaseException:
-            self.stop()
-            raise
+        wait_started(
+            lambda: self.ctr("version", timeout=10, check=False).returncode == 0,
+            stop=self.stop,
+            timeout=timeout,
+            interval=0.1,
+            what="containerd",
+            alive=self._dead,
+        )
         return self
 
     def _dead(self) -> str | None:
@@ -468,12 +454,6 @@ class Containerd:
     def stop(self) -> None:
         stop_process(self._proc, timeout=15)
         self._proc = None
-
-    def __enter__(self) -> Containerd:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def ctr(
         self, *args: str, namespace: str = "default", timeout: float = 300, check: bool = True

@@ -41,7 +41,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import images as imgs
-from .util import RigError, free_port, http_request, start_process, stop_process, tail, wait_until
+from .util import Managed, RigError, free_port, http_request, start_process, stop_process, tail, wait_until
 
 T = TypeVar("T")
 
@@ -201,7 +201,7 @@ _STATUS_CODES = {
 }
 
 
-class Hub:
+class Hub(Managed):
     """A Docker Hub look-alike on loopback.
 
     Args:
@@ -356,12 +356,6 @@ class Hub:
         self._thread = None
         stop_process(self._proc)
         self._proc = None
-
-    def __enter__(self) -> Hub:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def run(self, coro: Awaitable[T], timeout: float | None = 600) -> T:
         """Run a coroutine on the hub's loop from another thread and wait for it."""

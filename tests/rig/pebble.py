@@ -17,10 +17,10 @@ from pathlib import Path
 
 from .certs import TestCA
 from .clients import need_binary
-from .util import free_port, start_process, stop_process, tail, wait_until
+from .util import Managed, free_port, start_process, stop_process, tail, wait_started
 
 
-class Pebble:
+class Pebble(Managed):
     """One pebble + challtestsrv pair; `validity` (seconds) shortens issued certificates for renewal tests.
 
     The listener certificate and `ca_pem` exist from construction, so a test can point a client at a
@@ -94,17 +94,14 @@ class Pebble:
                 env=env,
             )
         )
-        try:
-            wait_until(
-                lambda: b"newOrder" in self._get(self.directory),
-                timeout=timeout,
-                interval=0.1,
-                what="pebble's ACME directory",
-                alive=self._dead,
-            )
-        except BaseException:
-            self.stop()
-            raise
+        wait_started(
+            lambda: b"newOrder" in self._get(self.directory),
+            stop=self.stop,
+            timeout=timeout,
+            interval=0.1,
+            what="pebble's ACME directory",
+            alive=self._dead,
+        )
         return self
 
     def _dead(self) -> str | None:
@@ -117,12 +114,6 @@ class Pebble:
         for p in reversed(self._procs):
             stop_process(p, timeout=5)
         self._procs.clear()
-
-    def __enter__(self) -> Pebble:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def log_text(self) -> str:
         return tail(self.log_path, 8000)

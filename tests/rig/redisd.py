@@ -7,10 +7,10 @@ import subprocess
 from pathlib import Path
 
 from .clients import need_binary
-from .util import free_port, start_process, stop_process, tail, wait_until
+from .util import Managed, free_port, start_process, stop_process, tail, wait_until
 
 
-class RedisServer:
+class RedisServer(Managed):
     """redis-server on 127.0.0.1 and a free port, without persistence, its files in `workdir`."""
 
     def __init__(self, workdir: Path) -> None:
@@ -43,9 +43,3 @@ class RedisServer:
     def stop(self) -> None:
         stop_process(self._proc)
         self._proc = None
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

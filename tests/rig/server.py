@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .util import RigError, free_port, http_request, start_process, stop_process, tail, wait_until
+from .util import Managed, RigError, free_port, http_request, start_process, stop_process, tail, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class Cargohold:
+class Cargohold(Managed):
     """One cargohold server process with its own port, data dir, config file and log.
 
     Args:
@@ -170,12 +170,6 @@ class Cargohold:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> Cargohold:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 __all__ = ["Cargohold", "deep_merge"]

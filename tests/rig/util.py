@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 
 class RigError(RuntimeError):
@@ -119,6 +120,39 @@ def _signal_group(proc: subprocess.Popen[bytes], pgid: int | None, sig: int) -> 
             proc.send_signal(sig)
     except ProcessLookupError:
         pass
+
+
+class Managed:
+    """The rig's servers: `with Server(...) as s:` starts it and stops it however the block ends."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_started(
+    ready: Callable[[], bool],
+    *,
+    stop: Callable[[], None],
+    timeout: float,
+    interval: float,
+    what: str,
+    alive: Callable[[], str | None],
+) -> None:
+    """Wait until a server just launched is ready; stop it (and re-raise) if it never gets there."""
+    try:
+        wait_until(ready, timeout=timeout, interval=interval, what=what, alive=alive)
+    except BaseException:
+        stop()
+        raise
 
 
 def wait_until(
