@@ -23,7 +23,7 @@ from rig.images import Image, big_image, make_image, make_layer, simple_image
 
 from bench.report import CARGOHOLD, REPLACED, Results
 from bench.scenarios import METRICS, SCENARIOS, Bench, Options
-from bench.systems import CargoholdSystem, NginxFile, ReplacedStack, System, Upstream
+from bench.systems import CargoholdSystem, NginxFile, NginxRelay, ReplacedStack, System, Upstream
 
 QUICK = Options(
     runs=1, layer_mib=2, herd_layer_kib=4, herd_clients=20, warm_reads=1, warm_clients=8, manifest_seconds=1
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             systems.append(files)
             files.publish(f"/v2/{big.repo}/blobs/{big.layers[-1].digest}", hub.blob_path(big.layers[-1].digest))
             files.publish(f"/v2/{warm.repo}/manifests/{warm.tag}", warm.manifest)
+            systems.append(NginxRelay(workdir / "nginx-relay", hub.url))
             systems.append(ReplacedStack(workdir / "replaced", hub.url))
             systems.append(CargoholdSystem(workdir / "cargohold", hub.url))
             bench = Bench(hub, {s.name: s for s in [Upstream(hub), *systems]}, opts, big, warm, herds, results)

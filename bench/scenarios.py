@@ -23,7 +23,7 @@ from bench.report import CARGOHOLD, REPLACED, Metric, Results, Target
 from bench.systems import System, cpu_seconds, peak_rss_mib, reset_peak_rss, rss_mib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NGINX_FILE, UPSTREAM, IDEAL = "nginx-file", "upstream", "ideal"
+NGINX_FILE, NGINX_RELAY, UPSTREAM, IDEAL = "nginx-file", "nginx-relay", "upstream", "ideal"
 RSS_LIMIT_MIB = 150
 
 
@@ -120,7 +120,7 @@ def _big_layer(b: Bench) -> str:
 def cold_pull(b: Bench, run: int) -> None:
     """3. Pull the big image with empty caches: MB/s over all its blobs."""
     assert b.big.repo and b.big.tag
-    for system in b.among(UPSTREAM, REPLACED, CARGOHOLD):
+    for system in b.among(UPSTREAM, NGINX_RELAY, REPLACED, CARGOHOLD):
         system.wipe()
         if system.pids():
             b.results.add("rss_idle", system.name, rss_mib(system.pids()))

@@ -200,7 +200,28 @@ class Upstream:
         pass
 
 
-class NginxFile:
+class NginxSystem:
+    """A system that is one nginx and keeps nothing to wipe between runs."""
+
+    nginx: Nginx
+
+    def _serve(self, workdir: Path, block: str, auth: Auth) -> None:
+        self.nginx = Nginx(workdir, block, access_log=False).start()
+        self.url = self.nginx.url
+        self.auth = auth
+        self.auths = [auth]
+
+    def wipe(self) -> None:
+        pass
+
+    def pids(self) -> list[int]:
+        return self.nginx.pids()
+
+    def stop(self) -> None:
+        self.nginx.stop()
+
+
+class NginxFile(NginxSystem):
     """nginx serving files laid out under www/ by their registry paths: the practical limit."""
 
     name = "nginx-file"
@@ -208,11 +229,7 @@ class NginxFile:
     def __init__(self, workdir: Path) -> None:
         self.www = workdir / "www"
         self.www.mkdir(parents=True, exist_ok=True)
-        block = f"    root {self.www};\n    location /v2/ {{ }}"
-        self.nginx = Nginx(workdir, block, access_log=False).start()
-        self.url = self.nginx.url
-        self.auth = Auth()
-        self.auths = [self.auth]
+        self._serve(workdir, f"    root {self.www};\n    location /v2/ {{ }}", Auth())
 
     def publish(self, path: str, source: Path | bytes) -> None:
         """Serve `source` (a file, linked; or bytes) at `path`."""
@@ -224,14 +241,17 @@ class NginxFile:
         else:
             target.symlink_to(source)
 
-    def wipe(self) -> None:
-        pass
 
-    def pids(self) -> list[int]:
-        return self.nginx.pids()
+class NginxRelay(NginxSystem):
+    """nginx passing every request straight to the upstream: no cache, no auth, no digest check.
+    The least work any mirror can add to a pull; its cold-pull ratio is this machine's ceiling."""
 
-    def stop(self) -> None:
-        self.nginx.stop()
+    name = "nginx-relay"
+
+    def __init__(self, workdir: Path, upstream_url: str) -> None:
+        upstream = upstream_url.split("://", 1)[1]
+        block = f"    location / {{ proxy_pass http://{upstream}; proxy_http_version 1.1; proxy_set_header Host $http_host; }}"
+        self._serve(workdir, block, Auth("bearer"))  # the upstream's own token dance, relayed
 
 
 class ReplacedStack:

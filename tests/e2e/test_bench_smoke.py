@@ -44,7 +44,7 @@ def test_quick_bench_runs_every_scenario_through_every_system(tmp_path: Path) ->
     manifest_rows = {"nginx-file", "registry+nginx", "cargohold (basic)", "cargohold (bearer)"}
     assert set(medians["manifest_rps"]) == manifest_rows
     assert all(v > 0 for v in medians["manifest_rps"].values())
-    assert set(medians["cold"]) == {"upstream", "registry+nginx", "cargohold"}
+    assert set(medians["cold"]) == {"upstream", "nginx-relay", "registry+nginx", "cargohold"}
     assert medians["herd_gets"]["cargohold"] == medians["herd_gets"]["ideal"] == 22  # config + 21 layers
     assert medians["herd_failed"]["cargohold"] == 0
     assert medians["manifest_upstream"]["cargohold (basic)"] == medians["manifest_upstream"]["cargohold (bearer)"] == 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 from collections import deque
@@ -46,6 +47,26 @@ MakeRoom = Callable[[int], Awaitable[None]]
 
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in DISK_FULL
+
+
+async def _batches(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
+    """The body in lists of the pieces the socket delivered, CHUNK bytes or more each: fewer
+    thread hand-offs than one job per piece, and no copy (aiohttp's `iter_chunked` joins pieces)."""
+    batch: list[bytes] = []
+    size = 0
+    async for piece, _ in content.iter_chunks():
+        batch.append(piece)
+        size += len(piece)
+        if size >= CHUNK:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _hash(hasher: hashlib._Hash, batch: list[bytes]) -> None:
+    for piece in batch:
+        hasher.update(piece)
 
 
 class DownloadFailed(Exception):
@@ -107,28 +128,27 @@ class Download:
             self.ready.set_result(None)
             if self._make_room is not None and self.size:
                 await self._make_room(self.size)
-            # Readers need a chunk written, not hashed: the hash of one chunk runs (on another
-            # worker thread) while the next is read and written, at most one chunk behind.
-            hashing: asyncio.Future[None] | None = None
-            async for chunk in response.content.iter_chunked(CHUNK):
+            # One worker-thread job per batch writes it and hashes it (fewer hand-offs than
+            # separate, pipelined jobs: measured better on two busy cores); the socket keeps
+            # filling aiohttp's buffer meanwhile.
+            async for batch in _batches(response.content):
+                hashed = False
                 if self.spill_from is None:
                     try:
-                        await loop.run_in_executor(None, self._write, chunk)
+                        await loop.run_in_executor(None, self._write_and_hash, batch, hasher)
+                        hashed = True
                     except OSError as exc:
                         if not is_disk_full(exc):
                             raise
                         self._go_uncached(exc)
+                if not hashed:
+                    await loop.run_in_executor(None, _hash, hasher, batch)
                 if self.spill_from is not None:
-                    self._memory.append(chunk)
-                self.written += len(chunk)
+                    self._memory.extend(batch)
+                self.written += sum(map(len, batch))
                 self._notify()
-                if hashing is not None:
-                    await hashing
-                hashing = loop.run_in_executor(None, hasher.update, chunk)
                 if self.spill_from is not None:
                     await self._wait_for_readers()
-            if hashing is not None:
-                await hashing
             if self.size is not None and self.written != self.size:
                 raise UpstreamInvalid("upstream sent a blob of the wrong length", {"digest": str(self.digest)})
             if hasher.hexdigest() != self.digest.hex:
@@ -161,10 +181,18 @@ class Download:
                 response.release()
             self._close_read_fd_if_unused()
 
-    def _write(self, chunk: bytes) -> None:
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(self._fd, view):]
+    def _write_and_hash(self, batch: list[bytes], hasher: hashlib._Hash) -> None:
+        self._write(batch)
+        _hash(hasher, batch)
+
+    def _write(self, batch: list[bytes]) -> None:
+        views = [memoryview(piece) for piece in batch]
+        while views:
+            done = os.writev(self._fd, views)
+            while views and done >= len(views[0]):
+                done -= len(views.pop(0))
+            if done:
+                views[0] = views[0][done:]
 
     def _commit(self) -> None:
         os.fsync(self._fd)
