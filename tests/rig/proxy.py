@@ -1,13 +1,16 @@
 """A tiny forward HTTP proxy on loopback that records every request it passes on.
 
-Enough for plain-HTTP upstreams (the hub): absolute-form requests are forwarded with
-http.client and the answer sent back whole (test images are small). Runs in threads, so sync tests and subprocesses
+Plain-HTTP upstreams (the hub): absolute-form requests are forwarded with http.client and the
+answer sent back whole (test images are small). https upstreams: `CONNECT host:port` opens a
+tunnel (recorded once; what goes through it is TLS the proxy cannot read). Runs in threads, so sync tests and subprocesses
 (cargohold with HTTP_PROXY) can use it alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -53,6 +56,29 @@ class _Forward(BaseHTTPRequestHandler):
             conn.close()
 
     do_GET = do_HEAD = do_POST = _forward
+
+    def do_CONNECT(self) -> None:
+        host, _, port = self.path.rpartition(":")
+        with self.server.lock:
+            self.server.requests.append(("CONNECT", self.path))
+        upstream = socket.create_connection((host, int(port)), timeout=30)
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        back = threading.Thread(target=_pump, args=(upstream, self.connection), daemon=True)
+        back.start()
+        _pump(self.connection, upstream)
+        back.join(timeout=30)
+        upstream.close()
+        self.close_connection = True
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    """Copy one direction of a tunnel until it closes, then half-close the other side."""
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
 
 
 class _Server(ThreadingHTTPServer):
