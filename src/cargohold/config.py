@@ -133,6 +133,7 @@ class UpstreamConfig(Strict):
     token_realms: list[str] | None = Field(default=None, description="hosts allowed as token realm")
     timeout: Duration = Field(30.0, gt=0, description="how long the upstream may stay silent (connect, between bytes)")
     failure_pause: Duration = Field(10.0, description="after a failure or a 429, fail fast (serve stale) this long")
+    proxy: str | None = Field(default=None, description="HTTP(S) proxy URL for this upstream; wins over HTTPS_PROXY")
 
     @field_validator("name")
     @classmethod
@@ -150,6 +151,15 @@ class UpstreamConfig(Strict):
         if parts.username or parts.password:
             raise ValueError("put credentials in username/password, not in the url")
         return value.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, value: str | None) -> str | None:
+        parts = urlsplit(value or "")
+        if value is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
+            # the value is not repeated: it may hold the proxy's password
+            raise ValueError("invalid proxy url (expected http(s)://[user:password@]host:port)")
+        return value
 
     @field_validator("hosts")
     @classmethod

@@ -67,6 +67,12 @@ class Unsupported(RegistryError):
     status, code = 405, "UNSUPPORTED"
 
 
+class BadRequest(RegistryError):
+    """A request that is not one cargohold understands (a form without its required fields)."""
+
+    status, code = 400, "UNSUPPORTED"
+
+
 class NotFound(RegistryError):
     status, code = 404, "NOT_FOUND"
 

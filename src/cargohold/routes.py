@@ -10,7 +10,7 @@ from cargohold.handlers.meta import api_version, health, unsupported
 from cargohold.handlers.metrics import metrics_endpoint
 from cargohold.handlers.status import ready, status_page
 from cargohold.handlers.tags import list_tags
-from cargohold.handlers.token import issue_token
+from cargohold.handlers.token import issue_oauth_token, issue_token
 
 NAME = r"{name:[^{}]+?}"
 
@@ -19,6 +19,7 @@ def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/health", health)
     r.add_get("/token", issue_token)
+    r.add_post("/token", issue_oauth_token)
     r.add_get("/ready", ready)
     r.add_get("/metrics", metrics_endpoint)
     r.add_get("/", status_page)

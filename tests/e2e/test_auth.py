@@ -180,4 +180,6 @@ def test_containerd_logs_in_through_hosts_toml(
         containerd.pull(f"docker.io/{im.ref}", hosts_dir=hosts_dir)
     pulled = containerd.pull(f"docker.io/{im.ref}", hosts_dir=hosts_dir, user=ALICE)
     assert pulled.digest == im.digest
-    assert scope_query(f"docker.io/{im.repo}") in srv.log_text()
+    # With credentials containerd uses the OAuth2 form (POST /token, grant_type=password), not GET.
+    assert "alice POST /token 200" in srv.log_text()
+    assert "alice GET /token" not in srv.log_text()

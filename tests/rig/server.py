@@ -104,7 +104,8 @@ class Cargohold(Managed):
         return [self.python, "-m", "cargohold", "serve", "--config", str(self.config_path)]
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # cargohold honours HTTP(S)_PROXY/NO_PROXY: only a test's own `env` may set them.
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         src = REPO_ROOT / "src"
         if (src / "cargohold").is_dir():  # works with or without an editable install
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH", "")) if p)

@@ -270,3 +270,82 @@ async def test_token_names_resolve_at_the_host_the_client_used(make_client: Any)
     resp = await client.get("/v2/owner/app/tags/list", headers=bearer(token))
     assert resp.status in (401, 403)
     assert counts == Counter({"owner/app": 1})
+
+
+# -- POST /token: the OAuth2 form ---------------------------------------------------------------
+
+
+async def _oauth(client: TestClient, status: int = 200, ip: str = "192.0.2.10", **form: str) -> dict[str, Any]:
+    resp = await client.post("/token", data={"service": "cargohold", "client_id": "test", **form}, headers=from_ip(ip))
+    assert resp.status == status, await resp.text()
+    return dict(await resp.json())
+
+
+def _claims(token: str) -> dict[str, Any]:
+    return dict(json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "==")))
+
+
+async def _wait_reread(client: TestClient, present: Callable[[], bool]) -> None:
+    for _ in range(100):  # the watcher rereads the htpasswd file every second
+        if present():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the htpasswd change was not picked up")
+
+
+async def test_oauth_password_and_refresh_grants(make_client: Any, tmp_path: Path) -> None:
+    make, counts = make_client
+    client = await make({"rules": [{"users": ["alice"], "repositories": ["library/*"]}, {"users": ["bob"]}]})
+    body = await _oauth(client, grant_type="password", username="alice", password="alice-pw",
+                        scope="repository:library/alpine:pull,push repository:acme/tool:pull")
+    assert set(body) == {"access_token", "expires_in", "scope", "issued_at"}  # no access_type=offline: no refresh
+    assert body["expires_in"] == 300 and body["scope"] == "repository:library/alpine:pull"
+    assert _claims(body["access_token"])["sub"] == "alice"
+    assert (await client.get("/v2/library/alpine/tags/list", headers=bearer(body["access_token"]))).status == 200
+
+    offline = await _oauth(client, grant_type="password", username="alice", password="alice-pw", access_type="offline")
+    refresh = offline["refresh_token"]
+    again = await _oauth(client, grant_type="refresh_token", refresh_token=refresh, scope="repository:alpine:pull")
+    assert _claims(again["access_token"])["sub"] == "alice" and again["scope"] == "repository:alpine:pull"
+    assert "refresh_token" not in again
+    assert (await client.get("/v2/library/alpine/tags/list", headers=bearer(again["access_token"]))).status == 200
+    # Neither kind of token passes for the other.
+    resp = await client.get("/v2/library/alpine/tags/list", headers=bearer(refresh))
+    assert resp.status == 401 and 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+    await _oauth(client, 401, grant_type="refresh_token", refresh_token=again["access_token"])
+    await _oauth(client, 401, grant_type="refresh_token", refresh_token=refresh[:-4] + "AAAA")
+
+    # A changed password or a removed user revokes the user's refresh tokens.
+    bob = (await _oauth(client, grant_type="password", username="bob", password="bob-pw", access_type="offline"))["refresh_token"]
+    carol = (await _oauth(client, grant_type="password", username="carol", password="carol-pw", access_type="offline"))["refresh_token"]
+    await _oauth(client, grant_type="refresh_token", refresh_token=bob)
+    users = client.server.app[AUTH].users
+    htpasswd.remove_user(tmp_path / "htpasswd", "bob")
+    htpasswd.set_user(tmp_path / "htpasswd", "carol", htpasswd.hash_password("carol-new", rounds=4))
+    old_carol = users.hash_of("carol")
+    await _wait_reread(client, lambda: "bob" not in users and users.hash_of("carol") != old_carol)
+    error = await _oauth(client, 401, grant_type="refresh_token", refresh_token=bob)
+    assert error["errors"][0]["code"] == "UNAUTHORIZED"
+    await _oauth(client, 401, grant_type="refresh_token", refresh_token=carol)
+    await _oauth(client, grant_type="refresh_token", refresh_token=refresh)  # alice's still works
+    assert counts == Counter({"library/alpine": 2})
+
+
+async def test_oauth_form_errors_and_throttling(make_client: Any) -> None:
+    make, counts = make_client
+    client = await make({"max_failed_logins": 3, "failed_login_window": "1h"})
+    for form in ({"grant_type": "client_credentials"}, {}, {"grant_type": "password", "username": "alice"},
+                 {"grant_type": "refresh_token"}):
+        error = await _oauth(client, 400, **form)
+        assert error["errors"][0]["code"] == "UNSUPPORTED"
+    for _ in range(3):
+        await _oauth(client, 401, ip="192.0.2.1", grant_type="password", username="alice", password="guess")
+    resp = await client.post("/token", data={"grant_type": "password", "username": "bob", "password": "bob-pw"},
+                             headers=from_ip("192.0.2.1"))
+    assert resp.status == 429 and "Retry-After" in resp.headers
+    for _ in range(3):  # guessing refresh tokens counts against the address too
+        await _oauth(client, 401, ip="192.0.2.2", grant_type="refresh_token", refresh_token="guess")
+    await _oauth(client, 429, ip="192.0.2.2", grant_type="refresh_token", refresh_token="guess")
+    assert (await client.post("/token", data={"grant_type": "password"})).status == 400
+    noauth = await make()
+    assert (await noauth.post("/token", data={"grant_type": "password"})).status == 404

@@ -84,7 +84,7 @@ def test_token_realms_default_to_the_upstreams_own_domain() -> None:
     hub.check("https://auth.docker.io/token")
     hub.check("https://registry-1.docker.io/token")
     for bad in ("https://evil.example/token", "https://docker.io.evil.example/t", "http://auth.docker.io/token",
-                "ftp://auth.docker.io/", "/token", "https://169.254.169.254/latest"):
+                "ftp://auth.docker.io/", "/token", "https://169.254.169.254/latest", "https://hub.docker.io/token"):
         with pytest.raises(UpstreamInvalid):
             hub.check(bad)
     ghcr = _policy("https://ghcr.io")  # two labels: no parent domain (never all of .io)
@@ -95,10 +95,38 @@ def test_token_realms_default_to_the_upstreams_own_domain() -> None:
     loopback.check("http://127.0.0.1:6000/token")
     with pytest.raises(UpstreamInvalid):
         loopback.check("http://127.0.0.2:6000/token")
-    k8s = _policy("https://registry.k8s.io", ["*.pkg.dev"])  # configured: replaces the parent-domain default
+    k8s = _policy("https://registry.k8s.io")  # built in: its own host and Artifact Registry's, where it redirects
     k8s.check("https://us-west2-docker.pkg.dev/v2/token")
     with pytest.raises(UpstreamInvalid):
         k8s.check("https://other.k8s.io/token")
+    quay = _policy("https://quay.io", ["auth.quay.example"])  # configured: replaces the default
+    quay.check("https://auth.quay.example/token")
+    quay.check("https://quay.io/v2/auth")
+
+
+def test_default_realms_never_reach_a_neighbour_on_a_shared_domain() -> None:
+    """On hosting domains anyone can have a subdomain: only the upstream's own host is trusted."""
+    for upstream, neighbour in [
+        ("https://myreg.herokuapp.com", "https://evil.herokuapp.com/token"),  # public suffix (private section)
+        ("https://me.github.io", "https://evil.github.io/token"),
+        ("https://myreg.azurecr.io", "https://evil.azurecr.io/oauth2/token"),  # not in the PSL: built in
+        ("https://eu.gcr.io", "https://evil.gcr.io/v2/token"),
+        ("https://europe-docker.pkg.dev", "https://evil.pkg.dev/v2/token"),
+        ("https://example.co.uk", "https://other.co.uk/token"),  # parent is a public suffix
+    ]:
+        policy = _policy(upstream)
+        policy.check(upstream + "/token")
+        with pytest.raises(UpstreamInvalid):
+            policy.check(neighbour)
+    widened = _policy("https://myreg.herokuapp.com", ["auth.herokuapp.com"])  # token_realms widens it
+    widened.check("https://auth.herokuapp.com/token")
+    # A parent that is a registrable domain is one owner's: its realm host is trusted.
+    for upstream, realm in [
+        ("https://registry.example.com", "https://auth.example.com/token"),
+        ("https://registry.example.co.uk", "https://auth.example.co.uk/token"),
+        ("https://registry.gitlab.com", "https://gitlab.com/jwt/auth"),
+    ]:
+        _policy(upstream).check(realm)
 
 
 def test_config_checks_hosts_globs_and_default(tmp_path: Path) -> None:

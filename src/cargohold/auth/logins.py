@@ -55,23 +55,27 @@ class Logins:
     async def check(self, user: str, password: str, address: IPAddress) -> str:
         """The user name when the password is right; Unauthorized or TooManyRequests otherwise."""
         keys = (f"user:{user}", f"ip:{address}")
+        self.refuse_if_throttled(keys)
+        try:
+            raw = check_password(password)
+        except PasswordError as exc:
+            self.failed(keys, user, address)
+            raise Unauthorized(f"login refused: {exc}") from None
+        if not await self._verify(user, raw):
+            self.failed(keys, user, address)
+            raise Unauthorized("wrong user name or password")
+        self.throttle.succeeded(keys[0])
+        return user
+
+    def refuse_if_throttled(self, keys: tuple[str, ...]) -> None:
+        """TooManyRequests while any of `keys` (`user:NAME`, `ip:ADDRESS`) has failed too often."""
         wait = self.throttle.retry_after(keys)
         if wait:
             raise TooManyRequests(
                 "too many failed logins; try again later", {"retry_after": wait}, {"Retry-After": str(wait)}
             )
-        try:
-            raw = check_password(password)
-        except PasswordError as exc:
-            self._failed(keys, user, address)
-            raise Unauthorized(f"login refused: {exc}") from None
-        if not await self._verify(user, raw):
-            self._failed(keys, user, address)
-            raise Unauthorized("wrong user name or password")
-        self.throttle.succeeded(keys[0])
-        return user
 
-    def _failed(self, keys: tuple[str, str], user: str, address: IPAddress) -> None:
+    def failed(self, keys: tuple[str, ...], user: str, address: IPAddress) -> None:
         """Count it and say so (the name only, never the password), for operators and fail2ban alike."""
         self.throttle.failed(keys)
         log.warning("failed login for user %r from %s", user[:64], address)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -9,12 +10,17 @@ from cargohold.auth.acl import Acl
 from cargohold.auth.htpasswd import HtpasswdError, Users
 from cargohold.auth.logins import Logins, basic_credentials
 from cargohold.auth.throttle import LoginThrottle
-from cargohold.auth.tokens import Tokens, load_or_create_key
+from cargohold.auth.tokens import InvalidToken, Tokens, load_or_create_key
 from cargohold.config import ConfigError, Settings
 from cargohold.errors import Unauthorized
 from cargohold.identity import Identity, IPAddress
 
 log = logging.getLogger("cargohold.auth")
+
+
+def password_fingerprint(stored_hash: bytes) -> str:
+    """Ties a refresh token to the password it was issued under (no use for guessing the password)."""
+    return hashlib.sha256(b"cargohold-refresh\0" + stored_hash).hexdigest()[:32]
 
 
 @dataclass
@@ -60,3 +66,28 @@ class Auth:
         if creds is None:
             raise Unauthorized("unsupported credentials; use Basic (user name and password) or a Bearer token")
         return self.identity(anonymous.address, await self.logins.check(*creds, anonymous.address))
+
+    async def login_password(self, anonymous: Identity, user: str, password: str) -> Identity:
+        """The user of an OAuth2 `grant_type=password` form, checked and throttled like Basic credentials."""
+        return self.identity(anonymous.address, await self.logins.check(user, password, anonymous.address))
+
+    def refresh_token(self, user: str) -> str:
+        """A refresh token for a user who just proved who they are (OAuth2 `access_type=offline`)."""
+        return self.tokens.issue_refresh(user, password_fingerprint(self.users.hash_of(user) or b""))
+
+    def refresh(self, anonymous: Identity, token: str) -> Identity:
+        """The user of a refresh token, if it is ours and they still exist with the same password.
+
+        A refused one counts as a failed login of the address, so tokens cannot be guessed freely.
+        """
+        keys = (f"ip:{anonymous.address}",)
+        self.logins.refuse_if_throttled(keys)
+        try:
+            user, fingerprint = self.tokens.verify_refresh(token)
+        except InvalidToken:
+            user, fingerprint = "", ""
+        stored = self.users.hash_of(user) if user else None
+        if stored is None or fingerprint != password_fingerprint(stored):
+            self.logins.failed(keys, user or "(refresh token)", anonymous.address)
+            raise Unauthorized("the refresh token is invalid, or its user was removed or changed password")
+        return self.identity(anonymous.address, user)

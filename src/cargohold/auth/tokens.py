@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -22,6 +23,7 @@ from cargohold.auth.expiring import Expiring
 ALGORITHM = "ES256"
 ISSUER = "cargohold"
 SERVICE = "cargohold"
+REFRESH_AUDIENCE = "cargohold-refresh"  # never accepted as an access token, nor an access token as one
 KEY_FILE = "token-signing-key.pem"
 LEEWAY = 5  # seconds of clock skew tolerated between instances
 MAX_CACHED = 10_000
@@ -118,6 +120,42 @@ class Tokens:
         }
         return jwt.encode(claims, self._key, algorithm=ALGORITHM)
 
+    def issue_refresh(self, user: str, fingerprint: str) -> str:
+        """An OAuth2 refresh token: no expiry (as the spec has it), good while `fingerprint` (of the
+        user's password hash) still matches, so removing the user or changing the password revokes it."""
+        now = int(self._clock())
+        claims = {
+            "iss": ISSUER,
+            "sub": user,
+            "aud": REFRESH_AUDIENCE,
+            "iat": now,
+            "jti": secrets.token_urlsafe(16),
+            "pwd": fingerprint,
+        }
+        return jwt.encode(claims, self._key, algorithm=ALGORITHM)
+
+    def verify_refresh(self, token: str) -> tuple[str, str]:
+        """(user, password fingerprint) of a refresh token this instance issued; InvalidToken otherwise."""
+        try:
+            claims = self._decode(token, REFRESH_AUDIENCE, "pwd")
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(str(exc)) from None
+        if not isinstance(claims["sub"], str) or not claims["sub"] or not isinstance(claims["pwd"], str):
+            raise InvalidToken("malformed refresh token")
+        return claims["sub"], claims["pwd"]
+
+    def _decode(self, token: str, audience: str, required: str) -> dict[str, Any]:
+        """The claims of a token signed with our key for `audience`; `required` names a claim it must have."""
+        return jwt.decode(
+            token,
+            self._public,
+            algorithms=[ALGORITHM],
+            audience=audience,
+            issuer=ISSUER,
+            leeway=LEEWAY,
+            options={"require": ["iat", "sub", "aud", "iss", required]},
+        )
+
     def verify(self, token: str) -> Grant:
         grant = self._verified.get(token)
         if grant is None:
@@ -127,15 +165,7 @@ class Tokens:
 
     def _check(self, token: str) -> tuple[float, Grant]:
         try:
-            claims = jwt.decode(
-                token,
-                self._public,
-                algorithms=[ALGORITHM],
-                audience=SERVICE,
-                issuer=ISSUER,
-                leeway=LEEWAY,
-                options={"require": ["exp", "iat", "sub", "aud", "iss"]},
-            )
+            claims = self._decode(token, SERVICE, "exp")
             access = {
                 str(a["name"]): frozenset(map(str, a["actions"]))
                 for a in claims.get("access", [])

@@ -1,24 +1,28 @@
-"""`GET /token`: the Docker registry token service (what `docker login` and every pull ask).
+"""`/token`: the Docker registry token service (what `docker login` and every pull ask).
 
-Basic credentials are checked once here; the JWT returned carries `access` claims for the
-requested repository scopes that the rules allow (none asked, as by `docker login`: none given).
+`GET` checks Basic credentials; `POST` is the OAuth2 form (`grant_type=password` or
+`refresh_token`) that containerd sends when it has credentials. The JWT returned carries
+`access` claims for the requested repository scopes that the rules allow (none asked, as by
+`docker login`: none given).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from aiohttp import web
 
 from cargohold.auth.service import Auth
 from cargohold.auth.tokens import Scope, parse_scopes
-from cargohold.errors import NotFound, RegistryError, Unauthorized
+from cargohold.errors import BadRequest, NotFound, RegistryError, Unauthorized
 from cargohold.handlers.target import proxy_of
 from cargohold.identity import IDENTITY, Identity
 from cargohold.keys import AUTH
 
 BASIC_CHALLENGE = {"WWW-Authenticate": 'Basic realm="cargohold"'}
 GRANTABLE = frozenset({"pull"})  # a mirror is read-only
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 def _granted(request: web.Request, auth: Auth, who: Identity, scope: Scope) -> Scope | None:
@@ -35,24 +39,61 @@ def _granted(request: web.Request, auth: Auth, who: Identity, scope: Scope) -> S
     return Scope(scope.type, scope.name, actions)
 
 
-async def issue_token(request: web.Request) -> web.Response:
+def _auth_of(request: web.Request) -> Auth:
     auth = request.app.get(AUTH)
     if auth is None:
         raise NotFound("this mirror has no token service: auth is not configured")
+    return auth
+
+
+def _access(request: web.Request, auth: Auth, who: Identity, scopes: Iterable[str]) -> tuple[str, list[Scope]]:
+    """An access token for what `who` asked and may have, and what it grants."""
+    granted = [g for s in parse_scopes(scopes) if (g := _granted(request, auth, who, s)) is not None]
+    return auth.tokens.issue(who.user, granted), granted
+
+
+def _issued_at() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+async def issue_token(request: web.Request) -> web.Response:
+    auth = _auth_of(request)
     try:
         who = request[IDENTITY] = await auth.login(request[IDENTITY], request.headers.get("Authorization", ""))
     except Unauthorized as exc:
         exc.headers.update(BASIC_CHALLENGE)
         raise
-    scopes = parse_scopes(request.query.getall("scope", []))
-    granted = [g for s in scopes if (g := _granted(request, auth, who, s)) is not None]
-    token = auth.tokens.issue(who.user, granted)
+    token, _ = _access(request, auth, who, request.query.getall("scope", []))
     return web.json_response(
-        {
-            "token": token,
-            "access_token": token,
-            "expires_in": auth.tokens.ttl,
-            "issued_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
-        headers={"Cache-Control": "no-store"},
+        {"token": token, "access_token": token, "expires_in": auth.tokens.ttl, "issued_at": _issued_at()},
+        headers=NO_STORE,
     )
+
+
+async def issue_oauth_token(request: web.Request) -> web.Response:
+    """The OAuth2 form of the token spec; a refresh token is returned when `access_type=offline`."""
+    auth = _auth_of(request)
+    form = await request.post()
+    field = {k: v for k, v in form.items() if isinstance(v, str)}
+    grant_type = field.get("grant_type", "")
+    if grant_type == "password":
+        if not field.get("username") or "password" not in field:
+            raise BadRequest("grant_type=password needs username and password")
+        who = await auth.login_password(request[IDENTITY], field["username"], field["password"])
+    elif grant_type == "refresh_token":
+        if not field.get("refresh_token"):
+            raise BadRequest("grant_type=refresh_token needs refresh_token")
+        who = auth.refresh(request[IDENTITY], field["refresh_token"])
+    else:
+        raise BadRequest("unsupported grant_type; use password or refresh_token", {"grant_type": grant_type[:64]})
+    request[IDENTITY] = who
+    token, granted = _access(request, auth, who, [v for k, v in form.items() if k == "scope" and isinstance(v, str)])
+    body: dict[str, object] = {
+        "access_token": token,
+        "expires_in": auth.tokens.ttl,
+        "scope": " ".join(map(str, granted)),
+        "issued_at": _issued_at(),
+    }
+    if field.get("access_type") == "offline" and who.user is not None:
+        body["refresh_token"] = auth.refresh_token(who.user)
+    return web.json_response(body, headers=NO_STORE)

@@ -13,6 +13,7 @@ import aiohttp
 
 from cargohold.errors import UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable
 from cargohold.flight import SingleFlight
+from cargohold.upstream.egress import Egress
 from cargohold.upstream.realms import RealmPolicy
 
 log = logging.getLogger("cargohold.upstream")
@@ -52,8 +53,10 @@ class TokenCache:
         credentials: tuple[str, str] | None,
         realms: RealmPolicy,
         timeout: aiohttp.ClientTimeout = TOKEN_TIMEOUT,
+        egress: Egress | None = None,
     ) -> None:
         self._session = session
+        self._egress = egress or Egress(None)
         self._timeout = timeout
         self._name = upstream_name
         self._credentials = credentials
@@ -94,7 +97,12 @@ class TokenCache:
         try:
             # No redirects: the realm check must hold for the host that finally gets the request.
             async with self._session.get(
-                realm, params=query, headers=headers, timeout=self._timeout, allow_redirects=False
+                realm,
+                params=query,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+                proxy=self._egress.proxy_for(realm),
             ) as resp:
                 if resp.status != 200:
                     raise UpstreamUnavailable(

@@ -16,6 +16,7 @@ from cargohold.config import UpstreamConfig
 from cargohold.errors import UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable
 from cargohold.upstream.auth import TokenCache, basic_header, parse_challenge
 from cargohold.upstream.breaker import Breaker, retry_after_seconds
+from cargohold.upstream.egress import Egress
 from cargohold.upstream.realms import RealmPolicy
 
 log = logging.getLogger("cargohold.upstream")
@@ -74,7 +75,10 @@ class UpstreamClient:
             if config.username is not None and config.password is not None
             else None
         )
-        self.tokens = TokenCache(session, config.name, self._credentials, RealmPolicy(config), self._small_timeout)
+        self._egress = Egress(config.proxy)
+        self.tokens = TokenCache(
+            session, config.name, self._credentials, RealmPolicy(config), self._small_timeout, self._egress
+        )
         self._basic = False
         self.breaker = Breaker(config.name, config.failure_pause)
 
@@ -194,7 +198,13 @@ class UpstreamClient:
         """Follow redirects here, dropping Authorization as soon as they leave the upstream's origin."""
         for _ in range(MAX_REDIRECTS + 1):
             resp = await self._session.request(
-                method, url, headers=headers, allow_redirects=False, timeout=timeout, params=params
+                method,
+                url,
+                headers=headers,
+                allow_redirects=False,
+                timeout=timeout,
+                params=params,
+                proxy=self._egress.proxy_for(url),
             )
             location = resp.headers.get("Location")
             if resp.status not in _REDIRECTS or not location:

@@ -2,9 +2,11 @@
 
 The realm comes from the upstream's `WWW-Authenticate` challenge, so without a check any
 upstream (or anyone who can answer for it) could make cargohold send that upstream's
-credentials to an arbitrary host, internal ones included. Allowed are: the upstream's own
-host and its subdomains, plus `token_realms` when configured, else the upstream's parent
-domain and its subdomains (`registry-1.docker.io` may use `auth.docker.io`). A realm must
+credentials to an arbitrary host, internal ones included. Allowed are the upstream's own host
+and its subdomains, plus `token_realms` when configured, else a default that never reaches a
+neighbour on a shared domain (`*.herokuapp.com`, `*.github.io`, `*.azurecr.io`): the realm of a
+well-known registry from a built-in table, else the upstream's parent domain only when that is
+not a public suffix (Public Suffix List, bundled with the package, read offline). A realm must
 use https when the upstream does.
 """
 
@@ -13,8 +15,24 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
+from publicsuffixlist import PublicSuffixList
+
 from cargohold.config import UpstreamConfig
 from cargohold.errors import UpstreamInvalid
+
+# Registries whose realms are known, first match wins: (upstream host pattern, realm hosts besides its own).
+WELL_KNOWN_REALMS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("registry-1.docker.io", ("auth.docker.io",)),
+    ("docker.io", ("auth.docker.io",)),
+    ("index.docker.io", ("auth.docker.io",)),
+    ("ghcr.io", ()),
+    ("quay.io", ()),
+    ("gcr.io", ()),
+    ("*.gcr.io", ()),
+    ("*.pkg.dev", ()),
+    ("*.azurecr.io", ()),  # one customer per subdomain, and not in the Public Suffix List
+    ("registry.k8s.io", ("*.pkg.dev",)),  # redirects pulls to Artifact Registry's regional hosts
+)
 
 
 def _is_ip(host: str) -> bool:
@@ -26,11 +44,17 @@ def _is_ip(host: str) -> bool:
 
 
 def default_realm_hosts(host: str) -> list[str]:
-    """The parent domain and its subdomains, for hosts with at least three labels."""
+    """Realm hosts trusted besides the upstream's own when `token_realms` is not set."""
+    for pattern, realms in WELL_KNOWN_REALMS:
+        if _matches(host, pattern):
+            return list(realms)
     labels = host.split(".")
     if _is_ip(host) or len(labels) < 3:
         return []
     parent = ".".join(labels[1:])
+    # Loaded only here (about 50 ms), for upstreams that are neither an address nor well known.
+    if PublicSuffixList().is_public(parent):
+        return []
     return [parent, "*." + parent]
 
 
