@@ -30,6 +30,9 @@ class Case:
     status: int
     code: str = "UNAVAILABLE"
     blobs_fail: bool = True  # False: the fault leaves blobs alone
+    # Upstream calls for the cold repository: STORM + 2 client requests, at most one retried fetch
+    # (3 attempts) per request let through, most answered by the pause.
+    max_upstream_calls: int = 3 * 3
 
     @property
     def statuses(self) -> set[int]:
@@ -55,6 +58,10 @@ CASES = [
         lambda hub: hub.inject(path_regex=r"/manifests/", status=200, body=b"\x00not json{"),
         502,
         blobs_fail=False,
+        # A 200 with a bad body is the manifest's fault, not the upstream's: no pause, no retry.
+        # Concurrent asks of one tag share a fetch, so how many reach upstream depends on timing,
+        # at most one per client request.
+        max_upstream_calls=STORM + 2,
     ),
 ]
 
@@ -104,10 +111,8 @@ def test_upstream_fault(
             assert not cached_blob(srv, blob.digest).exists()
         else:
             assert res.status == 200 and res.body == blob.read_bytes()
-        # Bounded: STORM + 2 client requests for the cold repo, at most one retried fetch
-        # (3 attempts) per client request that was let through, most answered by the pause.
         upstream_calls = hub.count(path_regex=rf"^/v2/{cold.repo}/")
-        assert upstream_calls <= 3 * 3, upstream_calls
+        assert upstream_calls <= case.max_upstream_calls, upstream_calls
         assert "Traceback" not in srv.log_text()
 
     # Recovery by itself once the pause is over: the same requests now succeed and are cached.
