@@ -23,7 +23,7 @@ from rig.server import Cargohold
 from rig.util import http_request, wait_until
 
 BROKEN = (http.client.IncompleteRead, ConnectionError, urllib.error.URLError, http.client.RemoteDisconnected)
-STALLED = "accepted nothing for send_timeout"
+STALLED = "took no piece of the blob within send_timeout"
 
 
 def _blob_path(srv: Cargohold, im: I.Image, blob: I.Blob) -> str:

@@ -26,7 +26,7 @@ from cargohold.handlers.target import proxy_of, target_of
 from cargohold.keys import CACHE, SETTINGS
 
 log = logging.getLogger("cargohold.blobs")
-STALLED = "cutting off a client of %s: it accepted nothing for send_timeout"
+STALLED = "cutting off a client of %s: it took no piece of the blob within send_timeout"
 
 
 class BlobFileResponse(web.FileResponse):
