@@ -291,6 +291,9 @@ class Settings(Strict):
     idle_timeout: Duration = Field(
         75.0, gt=0, description="close a client connection that has not sent a complete request for this long"
     )
+    send_timeout: Duration = Field(
+        300.0, gt=0, description="cut a blob response whose client has taken no piece of it for this long"
+    )
 
     @field_validator("listen", "metrics_listen")
     @classmethod

@@ -183,3 +183,38 @@ def test_containerd_logs_in_through_hosts_toml(
     # With credentials containerd uses the OAuth2 form (POST /token, grant_type=password), not GET.
     assert "alice POST /token 200" in srv.log_text()
     assert "alice GET /token" not in srv.log_text()
+
+
+def test_no_request_reaches_upstream_without_a_valid_login(hub: Hub, cargohold: Callable[..., Cargohold]) -> None:
+    """With logins on, every missing or bad credential gets 401 UNAUTHORIZED with a challenge, on every
+    registry route, and nothing at all is asked upstream; /health stays open. (Failed-login throttling
+    is set out of the way: it is tested above.)"""
+    srv = auth_server(cargohold, {"max_failed_logins": 10_000}, ALICE)
+    im = hub.images["oci"]
+    paths = [
+        "/v2/",
+        f"/v2/{im.repo}/manifests/{im.tag}",
+        f"/v2/{im.repo}/manifests/{im.digest}",
+        f"/v2/{im.repo}/blobs/{im.blob_digests[0]}",
+        f"/v2/{im.repo}/tags/list",
+    ]
+    bad_credentials: list[dict[str, str]] = [
+        {},
+        basic("alice", "wrong"),
+        basic("nobody", "alice-secret"),
+        {"Authorization": "Basic !!!not-base64"},
+        {"Authorization": "Bearer not.a.jwt"},
+        {"Authorization": "Bearer " + _expired_token(srv, im.repo)},
+        {"Authorization": "Digest username=alice"},
+    ]
+    hub.reset_counts()
+    for path in paths:
+        for headers in bad_credentials:
+            for method in ("GET", "HEAD"):
+                res = http_request(method, srv.url + path, headers=headers)
+                assert res.status == 401, (method, path, headers, res.status)
+                assert (res.header("WWW-Authenticate") or "").startswith(f'Bearer realm="{srv.url}/token"')
+                if method == "GET":
+                    assert res.json()["errors"][0]["code"] == "UNAUTHORIZED"  # type: ignore[index]
+    assert hub.requests == []
+    assert http_request("GET", f"{srv.url}/health").status == 200

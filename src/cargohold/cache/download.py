@@ -1,10 +1,11 @@
 """Blob downloads that many readers follow while they are written.
 
-One `Download` per digest at a time: the upstream body goes to a temp file (write and hash run on
-worker threads, the hash up to one chunk behind), readers read the same file through a shared
+One `Download` per digest at a time: the upstream body goes to a temp file (each batch of about
+1 MiB written and hashed by one worker-thread job), readers read the same file through a shared
 descriptor at their own pace (sendfile or pread), and the file is renamed into the store only
-after its size and digest check out. The last byte is held back from readers until the digest
-checks out, so no client ever receives a complete body of bad content; the fsync and rename follow.
+after its size and digest check out. Each reader's last byte (the blob's, or its range's) is held
+back until the digest checks out, so no client ever receives a complete body or range of bad content,
+and a reader of no bytes at all returns only then; the fsync and rename follow.
 
 When the disk is full (ENOSPC/EDQUOT) the download goes on uncached: bytes already on disk are
 still read from the (unlinked) temp file, the rest pass through a bounded window in memory that
@@ -260,11 +261,15 @@ class Download:
             os.close(self._read_fd)
             self._read_fd = -1
 
-    def _readable(self) -> int:
-        """Bytes a reader may send now: all once verified, else all but the last."""
-        if self.verified or self.size is None:
-            return self.written
-        return min(self.written, self.size - 1)
+    def _readable(self, end: int | None) -> int:
+        """Up to where a reader of `[..., end)` (None: to the blob's end) may send now: all of it once
+        verified, else all but its last byte. An unknown size holds back nothing here: the reader's
+        chunked body ends only when `read` returns, which is after verification."""
+        stop = self.written if end is None else min(self.written, end)
+        last = self.size if end is None else end
+        if self.verified or last is None:
+            return stop
+        return min(stop, last - 1)
 
     @property
     def reader(self) -> BinaryIO:
@@ -302,7 +307,7 @@ class Download:
                 on_disk = end if self.spill_from is None else min(end, self.spill_from)
                 if position >= on_disk:
                     return
-                available = min(self._readable(), on_disk)
+                available = min(self._readable(end), on_disk)
                 if position < available:
                     yield position, available - position
                     position = self._positions[me] = available
@@ -315,13 +320,14 @@ class Download:
                     await self._progress.wait()
 
     async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Bytes `[start, end)` as they arrive; raises DownloadFailed if the download fails first."""
+        """Bytes `[start, end)` as they arrive; returns only once the digest checks out (even for no
+        bytes at all) and raises DownloadFailed if the download fails first."""
         with self._following(start) as me:
             position = start
-            while end is None or position < end:
+            while True:
                 if self.error is not None and not self.verified:
                     raise DownloadFailed(str(self.digest))
-                available = self._readable()
+                available = self._readable(end)
                 if position < available:
                     want = min(CHUNK, available - position, (end - position) if end is not None else CHUNK)
                     if self.spill_from is not None and position >= self.spill_from:

@@ -1,36 +1,47 @@
-"""GET/HEAD /v2/<name>/blobs/<digest>, with Range: sendfile from cache, or follow a download."""
+"""GET/HEAD /v2/<name>/blobs/<digest>, with Range: sendfile from cache, or follow a download.
+
+Bytes go out a piece (at most `CHUNK`) at a time, and a client that does not accept a piece within
+`send_timeout` is cut off, so a client that stops reading cannot hold a pin and a descriptor forever.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import weakref
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import BinaryIO
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 
-from cargohold.cache.download import Download, DownloadFailed
+from cargohold.cache.download import CHUNK, Download, DownloadFailed
 from cargohold.cache.store import Pin
 from cargohold.digests import Digest
-from cargohold.errors import RangeInvalid
+from cargohold.errors import RangeInvalid, UpstreamInvalid
 from cargohold.handlers.target import proxy_of, target_of
-from cargohold.keys import CACHE
+from cargohold.keys import CACHE, SETTINGS
 
 log = logging.getLogger("cargohold.blobs")
+STALLED = "cutting off a client of %s: it took no piece of the blob within send_timeout"
 
 
 class BlobFileResponse(web.FileResponse):
     """A cache hit sent with sendfile; its ETag is the digest, not aiohttp's mtime-size tag.
 
     Holds a pin on the blob until it is sent, so eviction leaves it alone (released when the
-    response is dropped unsent, too).
+    response is dropped unsent, too). Sent in pieces under `send_timeout` (see `_send_file`).
     """
 
-    def __init__(self, path: Path, digest: Digest, pin: Pin) -> None:
+    def __init__(self, path: Path, digest: Digest, pin: Pin, send_timeout: float) -> None:
         super().__init__(path, headers={"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"})
+        self._digest = digest
         self._digest_etag = f'"{digest}"'
         self._pin = pin
+        self._send_timeout = send_timeout
         weakref.finalize(self, pin.release)
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
@@ -38,6 +49,20 @@ class BlobFileResponse(web.FileResponse):
             return await super().prepare(request)
         finally:
             self._pin.release()
+
+    async def _sendfile(
+        self, request: web.BaseRequest, fobj: BinaryIO, offset: int, count: int
+    ) -> AbstractStreamWriter:
+        """aiohttp's hook for the body (one sendfile call for the whole file): pieces instead."""
+        writer = await web.StreamResponse.prepare(self, request)
+        assert writer is not None
+        try:
+            await _send_file(request, writer, fobj, offset, offset + count, self._send_timeout)
+        except ClientStalled:
+            _cut_off(request, STALLED, self._digest)
+            raise ConnectionResetError("client stalled") from None  # aiohttp's signal: no traceback
+        await web.StreamResponse.write_eof(self)
+        return writer
 
     @property
     def etag(self) -> None:  # type: ignore[override]
@@ -100,7 +125,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             except RangeInvalid:
                 pin.release()
                 raise
-            return BlobFileResponse(found, digest, pin)
+            return BlobFileResponse(found, digest, pin, request.app[SETTINGS].send_timeout)
     request[CACHE] = "miss"
     return await _follow(request, found, digest)
 
@@ -117,17 +142,25 @@ async def _follow(request: web.Request, download: Download, digest: Digest) -> w
         response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{download.size}"
     if end is not None:
         response.content_length = end - start
+    if end == start:  # an empty body has no last byte to hold back: the headers wait for the digest
+        try:
+            async for _ in download.read(start, end):  # no bytes: returns once verified
+                pass
+        except DownloadFailed:
+            raise UpstreamInvalid(f"upstream blob failed: {download.error}", {"digest": str(digest)}) from None
+    timeout = request.app[SETTINGS].send_timeout
     writer = await response.prepare(request)
     try:
         if end is not None and writer is not None and _can_sendfile(request):
-            start = await _sendfile(request, writer, download, start, end)
-        async for chunk in download.read(start, end):  # TLS, or what only memory holds (disk full)
-            await response.write(chunk)
+            start = await _sendfile(request, writer, download, start, end, timeout)
+        async with contextlib.aclosing(download.read(start, end)) as chunks:  # TLS, or what only memory holds
+            async for chunk in chunks:
+                await _within(timeout, response.write(chunk))
     except DownloadFailed:
-        # Headers are gone already: the only honest signal left is a cut connection.
-        log.warning("cutting off a client of failed download %s", digest)
-        if request.transport is not None:
-            request.transport.abort()
+        _cut_off(request, "cutting off a client of failed download %s", digest)
+        return response
+    except ClientStalled:
+        _cut_off(request, STALLED, digest)
         return response
     except ConnectionResetError:
         # The client went away (a cancelled pull): normal, and the download goes on without it.
@@ -137,23 +170,66 @@ async def _follow(request: web.Request, download: Download, digest: Digest) -> w
     return response
 
 
-def _can_sendfile(request: web.Request) -> bool:
+class ClientStalled(Exception):
+    """The client accepted no piece of a blob within `send_timeout`."""
+
+
+def _cut_off(request: web.BaseRequest, message: str, digest: Digest) -> None:
+    """Abort the connection: once the headers are gone, the only honest signal left. Whatever the
+    response held (pin, reader of a download) is released by its caller; the download goes on."""
+    log.warning(message, digest)
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def _within(timeout: float, send: Awaitable[object]) -> None:
+    """Await one piece of sending; ClientStalled if the client does not take it in time."""
+    try:
+        async with asyncio.timeout(timeout):
+            await send
+    except TimeoutError:
+        raise ClientStalled from None
+
+
+def _can_sendfile(request: web.BaseRequest) -> bool:
     """Plain TCP can take sendfile; TLS needs the bytes in user space."""
     transport = request.transport
     return transport is not None and transport.get_extra_info("sslcontext") is None
 
 
 async def _sendfile(
-    request: web.Request, writer: AbstractStreamWriter, download: Download, start: int, end: int
+    request: web.Request, writer: AbstractStreamWriter, download: Download, start: int, end: int, timeout: float
 ) -> int:
     """Send each span readable on disk straight from the download's file (no copy through Python);
     returns where it stopped: `end`, or where an uncached download's bytes are only in memory."""
+    async with contextlib.aclosing(download.spans(start, end)) as spans:
+        async for offset, length in spans:
+            await _send_file(request, writer, download.reader, offset, offset + length, timeout)
+            start = offset + length
+    return start
+
+
+async def _send_file(
+    request: web.BaseRequest, writer: AbstractStreamWriter, file: BinaryIO, start: int, end: int, timeout: float
+) -> None:
+    """Send bytes `[start, end)` of `file` a piece at a time, each accepted within `timeout`: with
+    sendfile on plain TCP, else read (in a worker thread) and written."""
     loop = asyncio.get_running_loop()
-    async for offset, length in download.spans(start, end):
+    while start < end:
+        length = min(CHUNK, end - start)
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client went away")
-        await loop.sendfile(transport, download.reader, offset, length, fallback=False)
-        writer.output_size += length  # bytes the writer did not see: counted for the access log
-        start = offset + length
-    return start
+        if _can_sendfile(request):
+            try:
+                await _within(timeout, loop.sendfile(transport, file, start, length, fallback=False))
+            except asyncio.SendfileNotAvailableError as exc:  # what a reset socket gives a new sendfile
+                raise ConnectionResetError(str(exc)) from exc
+            writer.output_size += length  # bytes the writer did not see: counted for the access log
+        else:
+            data = await loop.run_in_executor(None, os.pread, file.fileno(), length, start)
+            if not data:
+                raise ConnectionResetError(f"{file.name} ended early")
+            await _within(timeout, writer.write(data))
+            length = len(data)
+        start += length
