@@ -1,6 +1,6 @@
 """GET/HEAD /v2/<name>/blobs/<digest>, with Range: sendfile from cache, or follow a download.
 
-Bytes go out a piece (at most `CHUNK`) at a time, and a client that does not accept a piece within
+Bytes go out a piece (`CHUNK`, growing up to `MAX_PIECE` for a client that keeps up) at a time, and a client that does not accept a piece within
 `send_timeout` is cut off, so a client that stops reading cannot hold a pin and a descriptor forever.
 """
 
@@ -26,6 +26,7 @@ from cargohold.handlers.target import proxy_of, target_of
 from cargohold.keys import CACHE, SETTINGS
 
 log = logging.getLogger("cargohold.blobs")
+MAX_PIECE = 64 << 20
 STALLED = "cutting off a client of %s: it took no piece of the blob within send_timeout"
 
 
@@ -213,13 +214,17 @@ async def _send_file(
     request: web.BaseRequest, writer: AbstractStreamWriter, file: BinaryIO, start: int, end: int, timeout: float
 ) -> None:
     """Send bytes `[start, end)` of `file` a piece at a time, each accepted within `timeout`: with
-    sendfile on plain TCP, else read (in a worker thread) and written."""
+    sendfile on plain TCP, else read (in a worker thread) and written. Pieces start at `CHUNK` and
+    grow while the client takes them quickly (each call costs a few syscalls and a timer), shrinking
+    again when it slows, so a piece always fits well inside the timeout of a client still reading."""
     loop = asyncio.get_running_loop()
+    piece = CHUNK
     while start < end:
-        length = min(CHUNK, end - start)
+        length = min(piece, end - start)
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client went away")
+        began = loop.time()
         if _can_sendfile(request):
             try:
                 await _within(timeout, loop.sendfile(transport, file, start, length, fallback=False))
@@ -227,9 +232,21 @@ async def _send_file(
                 raise ConnectionResetError(str(exc)) from exc
             writer.output_size += length  # bytes the writer did not see: counted for the access log
         else:
+            length = min(length, CHUNK)  # bytes held in memory stay bounded
             data = await loop.run_in_executor(None, os.pread, file.fileno(), length, start)
             if not data:
                 raise ConnectionResetError(f"{file.name} ended early")
             await _within(timeout, writer.write(data))
             length = len(data)
         start += length
+        piece = _next_piece(piece, loop.time() - began, timeout)
+
+
+def _next_piece(piece: int, took: float, timeout: float) -> int:
+    """Double a piece the client took in under a second (and a tenth of the timeout), up to
+    `MAX_PIECE`; halve one that took over a quarter of the timeout, down to `CHUNK`."""
+    if took < min(1.0, timeout / 10):
+        return min(piece * 2, MAX_PIECE)
+    if took > timeout / 4:
+        return max(piece // 2, CHUNK)
+    return piece
