@@ -157,7 +157,7 @@ class PullThrough:
     async def _revalidate(self, target: Target, tag: str, entry: TagEntry) -> TagEntry:
         """HEAD the tag upstream (free under Docker Hub's pull limit); GET only if the digest moved."""
         key = (target.upstream.name, target.repository, tag)
-        digest, content_type, _ = await self._ask_tag(target, tag, FULL_ACCEPT)
+        digest, content_type, _ = await self._ask(target, tag, FULL_ACCEPT)
         if digest == entry.digest:
             await self.index.mark_checked(*key)
             return entry
@@ -173,26 +173,32 @@ class PullThrough:
         await self.index.put_tag(*key, str(moved), content_type)
         return TagEntry(str(moved), content_type, time.time())
 
-    async def _ask_tag(self, target: Target, tag: str, accept: str) -> tuple[str | None, str, int | None]:
-        """HEAD a tag upstream: the digest, media type and size it names. A tag upstream no longer has
-        (asked with the full Accept, as the index's entries are) is dropped from the index."""
+    async def _ask(self, target: Target, reference: str, accept: str) -> tuple[str | None, str, int | None]:
+        """HEAD a manifest upstream: the digest, media type and size it names. A tag upstream no longer
+        has (asked with the full Accept, as the index's entries are) is dropped from the index."""
         resp = await target.upstream.open(
-            "HEAD", target.repository, f"/v2/{target.repository}/manifests/{tag}", {"Accept": accept}
+            "HEAD", target.repository, f"/v2/{target.repository}/manifests/{reference}", {"Accept": accept}
         )
         async with resp:
             if resp.status != 200:
                 error = _upstream_failure(resp, ManifestUnknown, "manifest")
-                if isinstance(error, ManifestUnknown) and accept == FULL_ACCEPT:
-                    await self.index.drop_tag(target.upstream.name, target.repository, tag)
+                if isinstance(error, ManifestUnknown) and accept == FULL_ACCEPT and not looks_like_digest(reference):
+                    await self.index.drop_tag(target.upstream.name, target.repository, reference)
                 raise error
             content_type = resp.headers.get("Content-Type", "").split(";", 1)[0].strip()
             return resp.headers.get("Docker-Content-Digest"), content_type, resp.content_length
 
     async def manifest_head(self, target: Target, reference: str, accept: frozenset[str]) -> ManifestHead:
-        """For HEAD. A tag whose manifest is not cached is asked upstream with a HEAD, which Docker Hub's
-        pull limit does not count: the tag is remembered, the manifest left for a GET to fetch.
-        Everything else is answered as for GET."""
-        if not looks_like_digest(reference):
+        """For HEAD. A tag or digest whose manifest is not cached is asked upstream with a HEAD, which
+        Docker Hub's pull limit does not count: a tag is remembered, the manifest left for a GET to
+        fetch. Everything else is answered as for GET."""
+        if looks_like_digest(reference):
+            digest = Digest.parse(reference)
+            if await self.index.get_manifest(str(digest)) is None:
+                head = await self._head_digest(target, digest)
+                if head is not None:
+                    return head
+        else:
             tag = check_tag(reference)
             entry = await self.index.get_tag(target.upstream.name, target.repository, tag)
             if entry is None or await self.index.get_manifest(entry.digest) is None:
@@ -202,10 +208,18 @@ class PullThrough:
         manifest = await self.manifest(target, reference, accept)
         return ManifestHead(manifest.digest, len(manifest.body), manifest.media_type, manifest.cache)
 
+    async def _head_digest(self, target: Target, digest: Digest) -> ManifestHead | None:
+        """The upstream's answer to a HEAD of the digest; None when it says too little to answer with."""
+        claimed, media_type, size = await self._ask(target, str(digest), FULL_ACCEPT)
+        if (claimed and Digest.parse_or_none(claimed) != digest) or size is None or media_type not in KNOWN:
+            return None
+        await self._link(target, str(digest))
+        return ManifestHead(str(digest), size, media_type, "miss")
+
     async def _head_tag(self, target: Target, tag: str, accept: frozenset[str]) -> ManifestHead | None:
         """The upstream's answer to a HEAD of the tag; None when it says too little to answer with."""
         everything = takes_everything(accept)
-        claimed, media_type, size = await self._ask_tag(target, tag, FULL_ACCEPT if everything else ", ".join(sorted(accept)))
+        claimed, media_type, size = await self._ask(target, tag, FULL_ACCEPT if everything else ", ".join(sorted(accept)))
         digest = Digest.parse_or_none(claimed)
         if digest is None or size is None or media_type not in KNOWN:
             return None
