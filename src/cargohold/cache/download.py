@@ -161,6 +161,11 @@ class Download:
                 response.release()
             self._close_read_fd_if_unused()
 
+    async def wait_finished(self) -> None:
+        """Until the download has ended, committed or not (a cluster lock is held until then)."""
+        while not self.finished:
+            await self._progress.wait()
+
     def _write(self, chunk: bytes) -> None:
         view = memoryview(chunk)
         while view:

@@ -1,0 +1,184 @@
+"""Replicas sharing one bucket (moto's S3 server) and one Redis: a blob fetched by one is a hit on
+every other, and an image is fetched upstream once per cluster."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import threading
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cacheops import cli, settled
+from rig import images as I
+from rig.clients import Dockerd, skopeo_copy
+from rig.hub import Hub
+from rig.redisd import RedisServer
+from rig.s3 import S3Server
+from rig.server import Cargohold
+from rig.util import http_request, wait_until
+
+Factory = Callable[..., Cargohold]
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[S3Server]:
+    with S3Server(tmp_path / "moto") as server:
+        yield server
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    (tmp_path / "redis").mkdir()
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def replica(cargohold: Factory, s3: S3Server, redis: RedisServer) -> Factory:
+    """A cargohold replica on the shared bucket and Redis (each with its own data_dir)."""
+
+    def start(**extra: object) -> Cargohold:
+        storage = s3.storage("cache/", **extra)
+        return cargohold(storage=storage, index={"url": f"{redis.url}/0"})
+
+    return start
+
+
+def _keys(s3: S3Server) -> set[str]:
+    return {key.rsplit("/", 2)[0].rsplit("/", 1)[-1] + ":" + key.rsplit("/", 1)[-1] for key in s3.objects("cache/blobs/")}
+
+
+def _pull(srv: Cargohold, im: I.Image, work: Path) -> None:
+    assert skopeo_copy(f"{srv.netloc}/{im.ref}", work / uuid.uuid4().hex).digest == im.digest
+
+
+def _blob_url(srv: Cargohold, im: I.Image, digest: str) -> str:
+    return f"{srv.url}/v2/{im.repo}/blobs/{digest}"
+
+
+def test_a_blob_fetched_by_one_replica_is_a_hit_on_the_other(hub: Hub, replica: Factory, s3: S3Server, tmp_path: Path) -> None:
+    a, b = replica(), replica()
+    im = hub.images["multi"]
+    _pull(a, im, tmp_path)
+    assert hub.blob_count("GET") == len(im.blobs)
+    settled(a)
+    assert set(im.blob_digests) | {im.digest} <= _keys(s3)
+    hub.reset_counts()
+    _pull(b, im, tmp_path)
+    assert hub.blob_count("GET") == 0
+    assert hub.manifest_count() == 0  # the tag, within its TTL, is in the shared index
+    assert not (b.data_dir / "blobs").exists() and not any((b.data_dir / "tmp").iterdir())
+    # A hit is streamed from the bucket with Range passed through; HEAD answers from it too.
+    layer = im.layers[0]
+    whole = http_request("GET", _blob_url(b, im, layer.digest))
+    assert whole.status == 200 and hashlib.sha256(whole.body).hexdigest() == layer.digest.split(":")[1]
+    part = http_request("GET", _blob_url(b, im, layer.digest), headers={"Range": "bytes=10-99"})
+    assert part.status == 206 and part.body == whole.body[10:100]
+    assert part.header("Content-Range") == f"bytes 10-99/{len(whole.body)}"
+    head = http_request("HEAD", _blob_url(b, im, layer.digest))
+    assert head.status == 200 and head.header("Content-Length") == str(len(whole.body))
+    bad = http_request("GET", _blob_url(b, im, layer.digest), headers={"Range": f"bytes={len(whole.body) + 5}-"})
+    assert bad.status == 416 and bad.json()["errors"][0]["code"] == "RANGE_INVALID"  # type: ignore[index]
+    assert hub.count(service=None) == 0
+
+
+def test_concurrent_pulls_through_two_replicas_fetch_each_blob_once(
+    hub: Hub, replica: Factory, tmp_path: Path
+) -> None:
+    a, b = replica(), replica()
+    im = hub.images["oci"]
+    held = im.layers[-1].digest
+    fault = hub.inject(method="GET", path_regex=rf"/blobs/{held}$", hold_after=1)
+    errors: list[BaseException] = []
+
+    def pull(srv: Cargohold) -> None:
+        try:
+            _pull(srv, im, tmp_path)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=pull, args=(srv,)) for srv in (a, b)]
+    threads[0].start()
+    fault.wait_waiting(1)  # A's download of the layer is in flight, parked after its first byte
+    threads[1].start()
+    wait_until(lambda: f"another replica is fetching {held}" in b.log_text(), timeout=60, what="B to wait for A")
+    fault.release()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    for digest in im.blob_digests:
+        assert hub.blob_count("GET", digest) == 1, digest
+    assert fault.hits == 1
+
+
+def test_a_corrupt_upstream_blob_never_reaches_the_bucket(hub: Hub, replica: Factory, s3: S3Server, tmp_path: Path) -> None:
+    a, b = replica(), replica()
+    im = hub.images["multi"]
+    layer = im.layers[0]
+    hub.inject(method="GET", path_regex=rf"/blobs/{layer.digest}$", corrupt=True)
+    for srv in (a, b):
+        try:
+            body = urllib.request.urlopen(_blob_url(srv, im, layer.digest), timeout=30).read()
+        except (OSError, http.client.HTTPException):  # cut off: it never gets the bad bytes whole
+            body = None
+        assert body is None or hashlib.sha256(body).hexdigest() == layer.digest.split(":")[1]
+    settled(a)
+    settled(b)
+    assert layer.digest not in _keys(s3)
+    assert "does not match its digest" in a.log_text() + b.log_text()
+    hub.clear_faults()
+    _pull(b, im, tmp_path)
+    settled(b)
+    assert layer.digest in _keys(s3)
+
+
+def test_prune_and_rm_through_the_cli_delete_objects(hub: Hub, replica: Factory, s3: S3Server, tmp_path: Path) -> None:
+    a = replica()
+    multi, oci = hub.images["multi"], hub.images["oci"]
+    _pull(a, multi, tmp_path)
+    _pull(a, oci, tmp_path)
+    settled(a)
+    assert "2 manifests" in cli(a, "cache", "stats").stdout
+    assert f"docker.io/{multi.repo}:{multi.tag}" in cli(a, "cache", "ls").stdout
+    cli(a, "cache", "rm", multi.ref)
+    left = _keys(s3)
+    assert not set(multi.blob_digests) & left and set(oci.blob_digests) <= left
+    cli(a, "cache", "prune", "--max-size", "0")
+    assert s3.objects("cache/") == {}
+    assert "0 blobs, 0 manifests" in cli(a, "cache", "stats").stdout
+    hub.reset_counts()
+    _pull(a, oci, tmp_path)  # pruned content is fetched again
+    assert hub.blob_count("GET") == len(oci.blobs)
+
+
+def test_redirect_mode_sends_hits_to_a_presigned_url(hub: Hub, replica: Factory, tmp_path: Path) -> None:
+    a = replica(redirect=True)
+    im = hub.images["multi"]
+    _pull(a, im, tmp_path)  # the first pull follows the download (nothing to redirect to yet)
+    settled(a)
+    layer = im.layers[0]
+    answer = http_request("GET", _blob_url(a, im, layer.digest))
+    assert answer.status == 307 and answer.header("Docker-Content-Digest") == layer.digest
+    location = answer.header("Location") or ""
+    assert "Signature=" in location or "X-Amz-Signature=" in location
+    body = urllib.request.urlopen(location, timeout=30).read()
+    assert hashlib.sha256(body).hexdigest() == layer.digest.split(":")[1]
+    hub.reset_counts()
+    _pull(a, im, tmp_path)  # skopeo follows the redirects to the bucket
+    assert hub.blob_count("GET") == 0
+
+
+def test_dockerd_pulls_through_an_s3_backed_replica(hub: Hub, replica: Factory, dockerd: Dockerd) -> None:
+    a, b = replica(), replica()
+    im = hub.images["oci"]
+    assert dockerd.pull(f"{a.netloc}/{im.ref}") == im.digest
+    settled(a)
+    hub.reset_counts()
+    dockerd.remove_all_images()
+    assert dockerd.pull(f"{b.netloc}/{im.ref}") == im.digest
+    assert hub.blob_count("GET") == 0
