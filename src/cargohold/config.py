@@ -303,6 +303,7 @@ class IndexConfig(Strict):
 
     url: str = "sqlite"
     peer_wait: Duration = Field(60.0, gt=0, description="how long to wait for another replica's download before fetching it too")
+    lease: Duration = Field(15.0, ge=1, description="a download lock's life without renewal: how long a dead replica holds others up")
 
     @field_validator("url")
     @classmethod

@@ -42,9 +42,9 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 def replica(cargohold: Factory, s3: S3Server, redis: RedisServer) -> Factory:
     """A cargohold replica on the shared bucket and Redis (each with its own data_dir)."""
 
-    def start(**extra: object) -> Cargohold:
-        storage = s3.storage("cache/", **extra)
-        return cargohold(storage=storage, index={"url": f"{redis.url}/0"})
+    def start(s3_extra: dict[str, object] | None = None, **index: object) -> Cargohold:
+        storage = s3.storage("cache/", **(s3_extra or {}))
+        return cargohold(storage=storage, index={"url": f"{redis.url}/0", **index})
 
     return start
 
@@ -116,6 +116,45 @@ def test_concurrent_pulls_through_two_replicas_fetch_each_blob_once(
     assert fault.hits == 1
 
 
+def _get_in_thread(url: str, results: dict[str, bytes | BaseException]) -> threading.Thread:
+    def get() -> None:
+        try:
+            results[url] = urllib.request.urlopen(url, timeout=120).read()
+        except BaseException as exc:  # noqa: BLE001 - looked at by the test
+            results[url] = exc
+
+    thread = threading.Thread(target=get)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("how", ["holder killed", "holder too slow"])
+def test_a_waiting_replica_takes_over(hub: Hub, replica: Factory, s3: S3Server, how: str) -> None:
+    """The lock holder dies (its lease runs out) or takes longer than peer_wait: the waiter fetches it."""
+    a, b = replica(lease="2s"), replica(lease="2s", peer_wait="60s" if how == "holder killed" else "1s")
+    im = hub.images["multi"]
+    layer = im.layers[0]
+    assert http_request("HEAD", _blob_url(a, im, layer.digest)).status == 200  # A has its token: its GET is held
+    fault = hub.inject(method="GET", path_regex=rf"/blobs/{layer.digest}$", hold_after=1, times=1)
+    results: dict[str, bytes | BaseException] = {}
+    held = _get_in_thread(_blob_url(a, im, layer.digest), results)
+    fault.wait_waiting(1)
+    waiting = _get_in_thread(_blob_url(b, im, layer.digest), results)
+    wait_until(lambda: f"another replica is fetching {layer.digest}" in b.log_text(), timeout=30, what="B to wait")
+    if how == "holder killed":
+        a.kill()
+    waiting.join(60)
+    body = results[_blob_url(b, im, layer.digest)]
+    assert isinstance(body, bytes) and hashlib.sha256(body).hexdigest() == layer.digest.split(":")[1]
+    assert hub.count("GET", rf"/blobs/{layer.digest}$", status=200) == 2  # A's (held) and B's
+    if how == "holder too slow":
+        assert "fetching it here too" in b.log_text()
+    fault.release()
+    held.join(60)
+    settled(b)
+    assert layer.digest in _keys(s3)
+
+
 def test_a_corrupt_upstream_blob_never_reaches_the_bucket(hub: Hub, replica: Factory, s3: S3Server, tmp_path: Path) -> None:
     a, b = replica(), replica()
     im = hub.images["multi"]
@@ -135,6 +174,19 @@ def test_a_corrupt_upstream_blob_never_reaches_the_bucket(hub: Hub, replica: Fac
     _pull(b, im, tmp_path)
     settled(b)
     assert layer.digest in _keys(s3)
+
+
+def test_a_failing_bucket_answers_503_in_oci_json(hub: Hub, replica: Factory, s3: S3Server, tmp_path: Path) -> None:
+    a = replica()
+    im = hub.images["multi"]
+    _pull(a, im, tmp_path)
+    settled(a)
+    s3.stop()
+    for path in (f"blobs/{im.layers[0].digest}", f"manifests/{im.digest}"):
+        answer = http_request("GET", f"{a.url}/v2/{im.repo}/{path}", headers={"Accept": I.ACCEPT_ALL})
+        assert answer.status == 503, answer.body
+        assert answer.json()["errors"][0]["code"] == "UNAVAILABLE"  # type: ignore[index]
+    assert "s3 head_object of" in a.log_text()
 
 
 def test_prune_and_rm_through_the_cli_delete_objects(hub: Hub, replica: Factory, s3: S3Server, tmp_path: Path) -> None:
@@ -157,7 +209,7 @@ def test_prune_and_rm_through_the_cli_delete_objects(hub: Hub, replica: Factory,
 
 
 def test_redirect_mode_sends_hits_to_a_presigned_url(hub: Hub, replica: Factory, tmp_path: Path) -> None:
-    a = replica(redirect=True)
+    a = replica({"redirect": True})
     im = hub.images["multi"]
     _pull(a, im, tmp_path)  # the first pull follows the download (nothing to redirect to yet)
     settled(a)

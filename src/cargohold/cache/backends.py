@@ -57,7 +57,7 @@ async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
                 raise ConfigError(f"index.url: cannot reach redis at {where.hostname}:{where.port or 6379}: {exc}") from None
             index = RedisIndex(client)
             if settings.storage.backend == "s3":  # replicas share content only through a bucket
-                peers = Peers(client, settings.index.peer_wait)
+                peers = Peers(client, settings.index.peer_wait, settings.index.lease)
         else:
             index = SqliteIndex(settings.data_dir / "index.sqlite")
         try:

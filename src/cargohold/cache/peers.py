@@ -5,6 +5,7 @@ download has ended, committed or not; it then deletes it. Another replica asked 
 for the lock with backoff: once it gets it, the blob has landed in the bucket (serve it from there) or
 the holder failed or died (the lease ran out) and this replica downloads it. After `index.peer_wait`
 it stops waiting and downloads too, so a wedged holder delays clients by a bounded time only.
+`index.lease` is how long a lock lives without renewal: how long a dead holder keeps others waiting.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from cargohold.digests import Digest
 
 log = logging.getLogger("cargohold.peers")
 
-LEASE = 15.0  # seconds a lock lives without renewal: how long a dead holder keeps others waiting
-RENEW = LEASE / 3
 POLL_FIRST, POLL_MAX = 0.05, 0.5
 # Renew or delete the lock only while it is still ours (it may have expired and been taken over).
 RENEW_SCRIPT = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
@@ -48,7 +47,7 @@ class Lease:
         try:
             while True:
                 try:
-                    await asyncio.wait_for(download.wait_finished(), RENEW)
+                    await asyncio.wait_for(download.wait_finished(), self._peers.lease / 3)
                     return
                 except TimeoutError:
                     if not await self._peers.renew(self):
@@ -63,16 +62,14 @@ class Lease:
 class Peers:
     """The cluster's download locks in Redis (shared with the index's connection pool)."""
 
-    def __init__(self, client: redis.Redis, wait: float) -> None:
+    def __init__(self, client: redis.Redis, wait: float, lease: float) -> None:
         self._client = client
         self._wait = wait
+        self.lease = lease
         self._renew = client.register_script(RENEW_SCRIPT)
         self._release = client.register_script(RELEASE_SCRIPT)
         self._replica = f"{socket.gethostname()}:{secrets.token_hex(4)}"
         self._tasks: set[asyncio.Task[None]] = set()
-        # Blobs this replica waited for and found landed by another (for tests and the status page).
-        self.landed = 0
-        self.timeouts = 0
 
     async def claim(self, digest: Digest, store: BlobStore) -> Lease | Path | RemoteBlob | None:
         """A lease to download `digest`; or the blob, landed meanwhile by another replica; or None
@@ -82,17 +79,14 @@ class Peers:
         loop = asyncio.get_running_loop()
         deadline, delay, waited = loop.time() + self._wait, POLL_FIRST, False
         while True:
-            if await self._client.set(key, token, nx=True, px=int(LEASE * 1000)):
+            if await self._client.set(key, token, nx=True, px=int(self.lease * 1000)):
                 lease = Lease(self, key, token)
                 found = await store.locate(digest)  # it may have landed since the caller looked
                 if found is None:
                     return lease
                 await lease.release()
-                if waited:
-                    self.landed += 1
                 return found
             if loop.time() >= deadline:
-                self.timeouts += 1
                 log.warning("waited %.0fs for another replica's download of %s; fetching it here too", self._wait, digest)
                 return None
             if not waited:
@@ -102,7 +96,7 @@ class Peers:
             delay = min(delay * 2, POLL_MAX)
 
     async def renew(self, lease: Lease) -> bool:
-        return bool(await self._renew(keys=[lease.key], args=[lease.token, int(LEASE * 1000)]))
+        return bool(await self._renew(keys=[lease.key], args=[lease.token, int(self.lease * 1000)]))
 
     async def release(self, lease: Lease) -> None:
         try:
