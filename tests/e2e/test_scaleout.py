@@ -87,6 +87,41 @@ def test_a_blob_fetched_by_one_replica_is_a_hit_on_the_other(hub: Hub, replica: 
     assert hub.count(service=None) == 0
 
 
+def _memory(pid: int | None, field: str) -> int:
+    """VmRSS or VmHWM (peak) of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_a_big_blob_goes_up_in_parts_and_is_streamed_back_in_flat_memory(
+    hub: Hub, replica: Factory, s3: S3Server
+) -> None:
+    a, b = replica(), replica()
+    im = hub.images["big"]
+    layer = max(im.layers, key=lambda blob: blob.size)  # 128 MiB: a multipart upload
+    with urllib.request.urlopen(_blob_url(a, im, layer.digest), timeout=120) as answer:
+        assert _sha256_of(answer) == layer.digest
+    settled(a)
+    assert s3.objects(f"cache/blobs/sha256/{layer.digest[7:9]}/") == {
+        f"cache/blobs/sha256/{layer.digest[7:9]}/{layer.digest[7:]}": layer.size
+    }
+    hub.reset_counts()
+    before = _memory(b.pid, "VmRSS")
+    with urllib.request.urlopen(_blob_url(b, im, layer.digest), timeout=120) as answer:
+        assert _sha256_of(answer) == layer.digest
+    assert hub.count(service=None) == 0
+    assert _memory(b.pid, "VmHWM") - before < 48 << 20  # chunks, never the 128 MiB body
+
+
+def _sha256_of(answer: http.client.HTTPResponse) -> str:
+    hasher = hashlib.sha256()
+    while chunk := answer.read(1 << 20):
+        hasher.update(chunk)
+    return f"sha256:{hasher.hexdigest()}"
+
+
 def test_concurrent_pulls_through_two_replicas_fetch_each_blob_once(
     hub: Hub, replica: Factory, tmp_path: Path
 ) -> None:
@@ -225,8 +260,9 @@ def test_redirect_mode_sends_hits_to_a_presigned_url(hub: Hub, replica: Factory,
     assert hub.blob_count("GET") == 0
 
 
-def test_dockerd_pulls_through_an_s3_backed_replica(hub: Hub, replica: Factory, dockerd: Dockerd) -> None:
-    a, b = replica(), replica()
+def test_dockerd_pulls_through_an_s3_backed_replica(hub: Hub, replica: Factory, s3: S3Server, dockerd: Dockerd) -> None:
+    by_name = {"endpoint_url": s3.url.replace("127.0.0.1", "localhost")}  # the endpoint is looked up by name
+    a, b = replica(by_name), replica(by_name)
     im = hub.images["oci"]
     assert dockerd.pull(f"{a.netloc}/{im.ref}") == im.digest
     settled(a)

@@ -13,14 +13,17 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 import aiohttp
+from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.config import Config
+from aiohttp.abc import AbstractResolver, ResolveResult
 from botocore.exceptions import BotoCoreError, ClientError
 
 from cargohold.cache.store import Spool
@@ -35,6 +38,7 @@ PART_SIZE = 16 << 20
 CHUNK = 1 << 20
 PRESIGN_TTL = 600
 MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
+T = TypeVar("T")
 
 
 def is_missing(exc: ClientError) -> bool:
@@ -74,36 +78,37 @@ class S3BlobStore(Spool):
     # written by downloads (worker thread) and the proxy (manifests)
 
     def commit(self, temp: Path, digest: Digest) -> int:
-        """Upload a verified temp file, then remove it; returns its size. Called off the event loop."""
-        size = asyncio.run_coroutine_threadsafe(self.upload(temp, digest), self._loop).result()
+        """Upload a verified temp file, then remove it; returns its size.
+
+        Runs on the download's worker thread: this thread reads the file, the event loop sends each
+        part (so the upload never needs another worker thread, which might all be waiting here)."""
+        size = temp.stat().st_size
+        with open(temp, "rb") as source:
+            if size <= PART_SIZE:
+                self._on_loop(self._client.put_object(**self._bucket(digest), Body=source.read()))
+            else:
+                self._multipart(source, digest)
+        log.debug("uploaded %s (%d bytes) to s3://%s/%s", digest, size, self.config.bucket, self.key(digest))
         self.discard(temp)
         return size
 
-    async def upload(self, path: Path, digest: Digest) -> int:
-        size = path.stat().st_size
-        with open(path, "rb") as source:
-            if size <= PART_SIZE:
-                body = await asyncio.to_thread(source.read)
-                await self._client.put_object(**self._bucket(digest), Body=body)
-            else:
-                await self._multipart(source, digest)
-        log.debug("uploaded %s (%d bytes) to s3://%s/%s", digest, size, self.config.bucket, self.key(digest))
-        return size
+    def _on_loop(self, call: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(call, self._loop).result()
 
-    async def _multipart(self, source: Any, digest: Digest) -> None:
+    def _multipart(self, source: BinaryIO, digest: Digest) -> None:
         """One part read from the file at a time; an upload that fails is aborted (no orphaned parts)."""
-        upload = await self._client.create_multipart_upload(**self._bucket(digest))
+        upload = self._on_loop(self._client.create_multipart_upload(**self._bucket(digest)))
         ids = {**self._bucket(digest), "UploadId": upload["UploadId"]}
         parts = []
         try:
-            while part := await asyncio.to_thread(source.read, PART_SIZE):
+            while part := source.read(PART_SIZE):
                 number = len(parts) + 1
-                answer = await self._client.upload_part(**ids, PartNumber=number, Body=part)
+                answer = self._on_loop(self._client.upload_part(**ids, PartNumber=number, Body=part))
                 parts.append({"ETag": answer["ETag"], "PartNumber": number})
-            await self._client.complete_multipart_upload(**ids, MultipartUpload={"Parts": parts})
+            self._on_loop(self._client.complete_multipart_upload(**ids, MultipartUpload={"Parts": parts}))
         except BaseException:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._client.abort_multipart_upload(**ids))
+                self._on_loop(self._client.abort_multipart_upload(**ids))
             raise
 
     async def save(self, digest: Digest, data: bytes) -> None:
@@ -175,16 +180,39 @@ async def _chunks(body: Any) -> AsyncIterator[bytes]:
             yield bytes(chunk)
 
 
+class OwnThreadResolver(AbstractResolver):
+    """Name look-ups for the bucket's endpoint on a thread of their own: the default worker threads
+    may all be busy in `commit`, waiting for uploads that would wait for a look-up."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-dns")
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        infos = await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+        )
+        return [
+            ResolveResult(hostname=host, host=str(address[0]), port=int(address[1]), family=kind, proto=proto, flags=socket.AI_NUMERICHOST)
+            for kind, _, proto, _, address in infos
+            if kind in (socket.AF_INET, socket.AF_INET6)
+        ]
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
 @contextlib.asynccontextmanager
 async def open_s3_store(config: S3Config, root: Path) -> AsyncIterator[S3BlobStore]:
     """The bucket's client for as long as the store is used; the bucket must exist (it is checked)."""
     secret = config.secret_access_key.get_secret_value() if config.secret_access_key else None
-    client_config = Config(
+    resolver = OwnThreadResolver()
+    client_config = AioConfig(
         s3={"addressing_style": "path" if config.endpoint_url else "auto"},
         retries={"max_attempts": 3, "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
         max_pool_connections=64,
+        connector_args={"resolver": resolver},
     )
     session = get_session()
     async with session.create_client(
@@ -195,5 +223,8 @@ async def open_s3_store(config: S3Config, root: Path) -> AsyncIterator[S3BlobSto
         aws_secret_access_key=secret,
         config=client_config,
     ) as client:
-        await client.head_bucket(Bucket=config.bucket)
-        yield S3BlobStore(config, root, client, asyncio.get_running_loop())
+        try:
+            await client.head_bucket(Bucket=config.bucket)
+            yield S3BlobStore(config, root, client, asyncio.get_running_loop())
+        finally:
+            await resolver.close()
