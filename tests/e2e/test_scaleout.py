@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -125,7 +126,7 @@ def _sha256_of(answer: http.client.HTTPResponse) -> str:
 def test_concurrent_pulls_through_two_replicas_fetch_each_blob_once(
     hub: Hub, replica: Factory, tmp_path: Path
 ) -> None:
-    a, b = replica(), replica()
+    a, b = replica(lease="1s"), replica(lease="1s")
     im = hub.images["oci"]
     held = im.layers[-1].digest
     fault = hub.inject(method="GET", path_regex=rf"/blobs/{held}$", hold_after=1)
@@ -142,6 +143,7 @@ def test_concurrent_pulls_through_two_replicas_fetch_each_blob_once(
     fault.wait_waiting(1)  # A's download of the layer is in flight, parked after its first byte
     threads[1].start()
     wait_until(lambda: f"another replica is fetching {held}" in b.log_text(), timeout=60, what="B to wait for A")
+    time.sleep(3)  # three lease lives: A renews its lock all along, so B keeps waiting
     fault.release()
     for thread in threads:
         thread.join(120)

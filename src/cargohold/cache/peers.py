@@ -96,7 +96,10 @@ class Peers:
             delay = min(delay * 2, POLL_MAX)
 
     async def renew(self, lease: Lease) -> bool:
-        return bool(await self._renew(keys=[lease.key], args=[lease.token, int(self.lease * 1000)]))
+        try:
+            return bool(await self._renew(keys=[lease.key], args=[lease.token, int(self.lease * 1000)]))
+        except redis.RedisError:
+            return False
 
     async def release(self, lease: Lease) -> None:
         try:
