@@ -231,21 +231,22 @@ class PullThrough:
     async def blob(self, target: Target, digest: Digest) -> Path | RemoteBlob | Download:
         """The cached file (or object), or the (joined) download that is fetching it now."""
         found = await self.store.locate(digest)
-        await self._confirm_blob(target, digest, found is not None)
-        # With nothing to confirm _confirm_blob did not yield: a download join() starts is this repository's own.
-        if found is not None:
-            self.index.touch("blobs", str(digest))
-            return found
-        return await self.fetch_blob(target, digest)
+        if found is None:
+            return await self.fetch_blob(target, digest)
+        await self._confirm(target, digest, "blobs")
+        self.index.touch("blobs", str(digest))
+        return found
 
     async def fetch_blob(self, target: Target, digest: Digest) -> Path | RemoteBlob | Download:
         """Join (or start) the download of a blob; also for a cached file that vanished (evicted) just now.
-        With peers (replicas sharing a bucket), the blob may come from another replica's download instead."""
+        With peers (replicas sharing a bucket), the blob may come from another replica's download instead.
+        What came through another repository is confirmed for this one before it is served."""
         if self.peers is None or self.downloads.active(digest) is not None:
-            return await self._join(target, digest)
-        found = await self._peer_fetches.run(str(digest), lambda: self._fetch_among_peers(target, digest))
+            found: Path | RemoteBlob | Download = await self._join(target, digest)
+        else:
+            found = await self._peer_fetches.run(str(digest), lambda: self._fetch_among_peers(target, digest))
         if not isinstance(found, Download) or found.source != _source(target):
-            await self._confirm(target, digest, "blobs")  # fetched through another repository
+            await self._confirm(target, digest, "blobs")
         return found
 
     async def _join(self, target: Target, digest: Digest) -> Download:
