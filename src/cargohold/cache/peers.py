@@ -15,6 +15,7 @@ import contextlib
 import logging
 import secrets
 import socket
+from collections import Counter
 from pathlib import Path
 
 import redis.asyncio as redis
@@ -70,6 +71,8 @@ class Peers:
         self._release = client.register_script(RELEASE_SCRIPT)
         self._replica = f"{socket.gethostname()}:{secrets.token_hex(4)}"
         self._tasks: set[asyncio.Task[None]] = set()
+        # How waits for another replica's download ended: landed, took_over, timed_out (for metrics).
+        self.waits: Counter[str] = Counter()
 
     async def claim(self, digest: Digest, store: BlobStore) -> Lease | Path | RemoteBlob | None:
         """A lease to download `digest`; or the blob, landed meanwhile by another replica; or None
@@ -82,11 +85,14 @@ class Peers:
             if await self._client.set(key, token, nx=True, px=int(self.lease * 1000)):
                 lease = Lease(self, key, token)
                 found = await store.locate(digest)  # it may have landed since the caller looked
+                if waited:
+                    self.waits["took_over" if found is None else "landed"] += 1
                 if found is None:
                     return lease
                 await lease.release()
                 return found
             if loop.time() >= deadline:
+                self.waits["timed_out"] += 1
                 log.warning("waited %.0fs for another replica's download of %s; fetching it here too", self._wait, digest)
                 return None
             if not waited:
