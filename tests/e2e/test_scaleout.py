@@ -263,6 +263,19 @@ def test_redirect_mode_sends_hits_to_a_presigned_url(hub: Hub, replica: Factory,
     assert hub.blob_count("GET") == 0
 
 
+def test_one_instance_on_s3_with_the_sqlite_index(hub: Hub, cargohold: Factory, s3: S3Server, tmp_path: Path) -> None:
+    srv = cargohold(storage=s3.storage("solo/"))
+    im = hub.images["layers21"]  # 21 layers: many uploads at once on the worker threads
+    _pull(srv, im, tmp_path)
+    settled(srv)
+    srv.restart()  # the index (SQLite in data_dir) and the bucket agree after a restart
+    hub.reset_counts()
+    _pull(srv, im, tmp_path)
+    assert hub.blob_count("GET") == 0
+    assert (srv.data_dir / "index.sqlite").exists() and not (srv.data_dir / "blobs").exists()
+    assert "index repaired" not in srv.log_text()
+
+
 def test_dockerd_pulls_through_an_s3_backed_replica(hub: Hub, replica: Factory, s3: S3Server, dockerd: Dockerd) -> None:
     by_name = {"endpoint_url": s3.url.replace("127.0.0.1", "localhost")}  # the endpoint is looked up by name
     a, b = replica(by_name), replica(by_name)
