@@ -34,7 +34,7 @@ from cargohold.errors import DigestInvalid, StorageUnavailable
 log = logging.getLogger("cargohold.s3")
 
 # Bodies of at most this size go up in one PUT; bigger ones in parts of this size (S3's minimum is 5 MiB).
-PART_SIZE = 16 << 20
+PART_SIZE = 8 << 20
 CHUNK = 1 << 20
 PRESIGN_TTL = 600
 MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
