@@ -278,6 +278,13 @@ class S3Config(Strict):
                 raise ValueError(f"invalid endpoint_url {value!r} (expected http(s)://host[:port])")
         return value
 
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        """`cache`, `/cache/` -> `cache/`: keys are `<prefix>blobs/...`."""
+        value = value.strip("/")
+        return value + "/" if value else ""
+
     @model_validator(mode="after")
     def _credentials(self) -> S3Config:
         if (self.access_key_id is None) != (self.secret_access_key is None):

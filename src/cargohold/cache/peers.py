@@ -84,7 +84,11 @@ class Peers:
         while True:
             if await self._client.set(key, token, nx=True, px=int(self.lease * 1000)):
                 lease = Lease(self, key, token)
-                found = await store.locate(digest)  # it may have landed since the caller looked
+                try:
+                    found = await store.locate(digest)  # it may have landed since the caller looked
+                except BaseException:
+                    await asyncio.shield(lease.release())
+                    raise
                 if waited:
                     self.waits["took_over" if found is None else "landed"] += 1
                 if found is None:

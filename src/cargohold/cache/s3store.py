@@ -3,8 +3,8 @@
 Downloads still spool to a local temp file (clients follow it while it grows); `commit` uploads
 the verified file (multipart, one part in memory at a time) and only then removes it. Hits are
 streamed from the bucket in chunks with the client's Range passed through, or answered with a
-redirect to a presigned URL. aiobotocore keeps all of it on the event loop; `commit`, which the
-download calls from a worker thread, hands its upload to the loop and waits for it.
+redirect to a presigned URL. aiobotocore does the requests on the event loop; `commit`, which the
+download calls from a worker thread, reads the file there and hands each part to the loop.
 """
 
 from __future__ import annotations
