@@ -1,4 +1,4 @@
-"""`cargohold cache stats|ls|prune|rm` on an instance's data_dir, and `cargohold warm IMAGE...`.
+"""`cargohold cache stats|ls|prune|rm` on an instance's cache (data_dir, or bucket + Redis), and `cargohold warm IMAGE...`.
 
 The cache commands open the index (SQLite in WAL mode) next to a running server safely: rows are
 deleted before files, and the server fetches again whatever disappears under it.
@@ -85,7 +85,8 @@ async def stats(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(figures, indent=2))
         return 0
     cap = f" of {human(settings.cache.max_size)}" if settings.cache.max_size else " (no cap)"
-    print(f"cache:      {settings.data_dir}")
+    s3 = settings.storage.s3 if settings.storage.backend == "s3" else None
+    print(f"cache:      {f's3://{s3.bucket}/{s3.prefix}' if s3 else settings.data_dir}")
     print(f"size:       {human(usage.size)}{cap}")
     print(f"entries:    {usage.blobs} blobs, {usage.manifests} manifests, {usage.tags} tags")
     print(f"hit ratio:  {f'{ratio:.1%}' if ratio is not None else '-'} ({hits} hits, {misses} misses, {stale} stale)")

@@ -233,7 +233,8 @@ def test_prune_and_rm_through_the_cli_delete_objects(hub: Hub, replica: Factory,
     _pull(a, multi, tmp_path)
     _pull(a, oci, tmp_path)
     settled(a)
-    assert "2 manifests" in cli(a, "cache", "stats").stdout
+    stats = cli(a, "cache", "stats").stdout
+    assert "2 manifests" in stats and f"s3://{s3.bucket}/cache/" in stats
     assert f"docker.io/{multi.repo}:{multi.tag}" in cli(a, "cache", "ls").stdout
     cli(a, "cache", "rm", multi.ref)
     left = _keys(s3)
