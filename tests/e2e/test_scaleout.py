@@ -214,17 +214,20 @@ def test_a_corrupt_upstream_blob_never_reaches_the_bucket(hub: Hub, replica: Fac
     assert layer.digest in _keys(s3)
 
 
-def test_a_failing_bucket_answers_503_in_oci_json(hub: Hub, replica: Factory, s3: S3Server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("failing", ["bucket", "redis"])
+def test_a_failing_bucket_or_redis_answers_503_in_oci_json(
+    hub: Hub, replica: Factory, s3: S3Server, redis: RedisServer, tmp_path: Path, failing: str
+) -> None:
     a = replica()
     im = hub.images["multi"]
     _pull(a, im, tmp_path)
     settled(a)
-    s3.stop()
-    for path in (f"blobs/{im.layers[0].digest}", f"manifests/{im.digest}"):
+    (s3 if failing == "bucket" else redis).stop()
+    for path in (f"manifests/{im.tag}", f"blobs/{im.layers[0].digest}"):
         answer = http_request("GET", f"{a.url}/v2/{im.repo}/{path}", headers={"Accept": I.ACCEPT_ALL})
         assert answer.status == 503, answer.body
         assert answer.json()["errors"][0]["code"] == "UNAVAILABLE"  # type: ignore[index]
-    assert "s3 head_object of" in a.log_text()
+    assert ("s3 get_object of" if failing == "bucket" else "index (redis) get_tag failed") in a.log_text()
 
 
 def test_prune_and_rm_through_the_cli_delete_objects(hub: Hub, replica: Factory, s3: S3Server, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import redis.asyncio as redis
 from cargohold.cache.download import Download
 from cargohold.cache.store import BlobStore, RemoteBlob
 from cargohold.digests import Digest
+from cargohold.errors import StorageUnavailable
 
 log = logging.getLogger("cargohold.peers")
 
@@ -82,7 +83,7 @@ class Peers:
         loop = asyncio.get_running_loop()
         deadline, delay, waited = loop.time() + self._wait, POLL_FIRST, False
         while True:
-            if await self._client.set(key, token, nx=True, px=int(self.lease * 1000)):
+            if await self._take(key, token):
                 lease = Lease(self, key, token)
                 try:
                     found = await store.locate(digest)  # it may have landed since the caller looked
@@ -104,6 +105,13 @@ class Peers:
                 waited = True
             await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
             delay = min(delay * 2, POLL_MAX)
+
+    async def _take(self, key: str, token: str) -> bool:
+        try:
+            return bool(await self._client.set(key, token, nx=True, px=int(self.lease * 1000)))
+        except redis.RedisError as exc:
+            log.error("cluster lock %s: %s", key, exc)
+            raise StorageUnavailable("the cache's index failed", {"operation": "lock"}) from None
 
     async def renew(self, lease: Lease) -> bool:
         try:

@@ -8,11 +8,20 @@ counters are gathered in memory and written in one pipeline by `flush`, as with 
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import Concatenate, ParamSpec, TypeVar
 
 import redis.asyncio as redis
 
 from cargohold.cache.index import CONTENT_TABLES, AccessBuffer, ManifestEntry, Stored, TagEntry, TagRow, Usage
+from cargohold.errors import StorageUnavailable
+
+log = logging.getLogger("cargohold.cache")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 PREFIX = "cargohold:"
 SEP = "\x1f"
@@ -23,6 +32,22 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 if tonumber(ARGV[1]) > 0 then redis.call('HINCRBY', KEYS[1], 'pulls', ARGV[1]) end
 return 1
 """
+
+
+def _unavailable(
+    method: Callable[Concatenate[RedisIndex, P], Awaitable[R]],
+) -> Callable[Concatenate[RedisIndex, P], Awaitable[R]]:
+    """A Redis failure becomes a 503 for the client (a retry may work), not an internal error."""
+
+    @functools.wraps(method)
+    async def call(self: RedisIndex, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(self, *args, **kwargs)
+        except redis.RedisError as exc:
+            log.error("index (redis) %s failed: %s", method.__name__, exc)
+            raise StorageUnavailable("the cache's index failed", {"operation": method.__name__}) from None
+
+    return call
 
 
 def _k(name: str) -> str:
@@ -45,6 +70,7 @@ class RedisIndex(AccessBuffer):
         self.client = client
         self._update = client.register_script(UPDATE_EXISTING)
 
+    @_unavailable
     async def get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
         digest, media_type, checked = await self.client.hmget(
             _tag_key(upstream, repository, tag), ["digest", "media_type", "checked_at"]
@@ -53,6 +79,7 @@ class RedisIndex(AccessBuffer):
             return None
         return TagEntry(digest, media_type, float(checked))
 
+    @_unavailable
     async def put_tag(self, upstream: str, repository: str, tag: str, digest: str, media_type: str) -> None:
         key, now = _tag_key(upstream, repository, tag), time.time()
         async with self.client.pipeline(transaction=True) as pipe:
@@ -61,9 +88,11 @@ class RedisIndex(AccessBuffer):
             pipe.sadd(_k("tags"), key)
             await pipe.execute()
 
+    @_unavailable
     async def mark_checked(self, upstream: str, repository: str, tag: str) -> None:
         await self._update(keys=[_tag_key(upstream, repository, tag)], args=[0, "checked_at", time.time()])
 
+    @_unavailable
     async def drop_tag(self, upstream: str, repository: str, tag: str) -> None:
         key = _tag_key(upstream, repository, tag)
         async with self.client.pipeline(transaction=True) as pipe:
@@ -71,6 +100,7 @@ class RedisIndex(AccessBuffer):
             pipe.srem(_k("tags"), key)
             await pipe.execute()
 
+    @_unavailable
     async def get_manifest(self, digest: str) -> ManifestEntry | None:
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.hget(_k("types"), digest)
@@ -87,29 +117,36 @@ class RedisIndex(AccessBuffer):
             pipe.zadd(_k("lru"), {member: time.time()})
             await pipe.execute()
 
+    @_unavailable
     async def put_manifest(self, digest: str, media_type: str, size: int) -> None:
         await self._put_content("manifests", digest, size, media_type)
 
+    @_unavailable
     async def put_blob(self, digest: str, size: int) -> None:
         await self._put_content("blobs", digest, size)
 
+    @_unavailable
     async def has_link(self, upstream: str, repository: str, digest: str) -> bool:
         return bool(await self.client.sismember(_k("links"), SEP.join((upstream, repository, digest))))
 
+    @_unavailable
     async def put_link(self, upstream: str, repository: str, digest: str) -> None:
         await self.client.sadd(_k("links"), SEP.join((upstream, repository, digest)))
 
+    @_unavailable
     async def counters(self) -> dict[str, float]:
         return {name: float(value) for name, value in (await self.client.hgetall(_k("counters"))).items()}
 
     async def _sizes(self) -> dict[str, int]:
         return {member: int(size) for member, size in (await self.client.hgetall(_k("sizes"))).items()}
 
+    @_unavailable
     async def usage(self) -> Usage:
         sizes = await self._sizes()
         blobs = sum(1 for member in sizes if member.startswith("blobs:"))
         return Usage(sum(sizes.values()), blobs, len(sizes) - blobs, await self.client.scard(_k("tags")))
 
+    @_unavailable
     async def least_recent(self, limit: int, offset: int = 0) -> list[Stored]:
         """Manifests and blobs, least recently used first (`limit` -1: all)."""
         stop = -1 if limit < 0 else offset + limit - 1
@@ -123,9 +160,11 @@ class RedisIndex(AccessBuffer):
             entries.append(Stored(table, digest, int(size or 0), float(when)))
         return entries
 
+    @_unavailable
     async def stored(self) -> list[Stored]:
         return await self.least_recent(-1)
 
+    @_unavailable
     async def forget(self, table: str, digest: str) -> None:
         """Drop a manifest or blob; its object is removed after this, never before."""
         if table not in CONTENT_TABLES:
@@ -138,6 +177,7 @@ class RedisIndex(AccessBuffer):
                 pipe.hdel(_k("types"), digest)
             await pipe.execute()
 
+    @_unavailable
     async def tag_rows(self) -> list[TagRow]:
         keys = sorted(await self.client.smembers(_k("tags")))
         async with self.client.pipeline(transaction=False) as pipe:
@@ -152,6 +192,7 @@ class RedisIndex(AccessBuffer):
             rows.append(TagRow(upstream, repository, tag, digest, float(last_access or 0), int(pulls or 0)))
         return rows
 
+    @_unavailable
     async def flush(self) -> None:
         touched, tags, pulls, counts = self._take()
         if not touched and not tags and not counts:
@@ -167,5 +208,7 @@ class RedisIndex(AccessBuffer):
             await pipe.execute()
 
     async def close(self) -> None:
-        await self.flush()
-        await self.client.aclose()
+        try:
+            await self.flush()
+        finally:
+            await self.client.aclose()
