@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -11,10 +12,10 @@ from aiohttp import web
 
 from cargohold import __version__
 from cargohold.auth.context import auth_context
+from cargohold.cache.backends import Backends, open_backends
 from cargohold.cache.download import Downloads
 from cargohold.cache.evict import Evictor, repair
-from cargohold.cache.index import SqliteIndex
-from cargohold.cache.store import FsBlobStore
+from cargohold.cache.index import Index
 from cargohold.config import Settings
 from cargohold.handlers.metrics import count_response, metrics_listener
 from cargohold.handlers.target import stamp_namespace
@@ -67,10 +68,16 @@ async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
 async def _pull_through(app: web.Application) -> AsyncIterator[None]:
     """Storage, index, upstream sessions and the proxy, opened at start and closed at shutdown."""
     settings = app[SETTINGS]
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    store = FsBlobStore(settings.data_dir)
+    async with open_backends(settings) as backends:
+        async with _serving(app, backends):
+            yield
+
+
+@contextlib.asynccontextmanager
+async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store, index = backends.store, backends.index
     store.clean_temp()
-    index = SqliteIndex(settings.data_dir / "index.sqlite")
     await repair(index, store)
     metrics = app[METRICS]
     sessions = [
@@ -89,7 +96,7 @@ async def _pull_through(app: web.Application) -> AsyncIterator[None]:
         index, store, settings.cache, lambda d: store.in_use(d) or downloads.active(d) is not None, metrics.evicted
     )
     downloads = Downloads(store, index, evictor.make_room)
-    app[PROXY] = PullThrough(Router(clients, settings.default.name), store, index, downloads)
+    app[PROXY] = PullThrough(Router(clients, settings.default.name), store, index, downloads, backends.peers)
     metrics.attach(index, app[PROXY])
     tasks = [asyncio.create_task(_flush_forever(index))]
     if evictor.bounded:
@@ -101,12 +108,13 @@ async def _pull_through(app: web.Application) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await downloads.close()
+        if backends.peers is not None:
+            await backends.peers.close()
         for session in sessions:
             await session.close()
-        await index.close()
 
 
-async def _flush_forever(index: SqliteIndex) -> None:
+async def _flush_forever(index: Index) -> None:
     while True:
         await asyncio.sleep(FLUSH_INTERVAL)
         try:

@@ -1,4 +1,4 @@
-"""`cargohold cache stats|ls|prune|rm` on an instance's data_dir, and `cargohold warm IMAGE...`.
+"""`cargohold cache stats|ls|prune|rm` on an instance's cache (data_dir, or bucket + Redis), and `cargohold warm IMAGE...`.
 
 The cache commands open the index (SQLite in WAL mode) next to a running server safely: rows are
 deleted before files, and the server fetches again whatever disappears under it.
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from cargohold.cache.backends import open_backends
 from cargohold.cache.evict import evict
-from cargohold.cache.index import SqliteIndex
 from cargohold.cache.refs import Child, references
-from cargohold.cache.store import FsBlobStore
+from cargohold.cache.store import BlobStore
 from cargohold.config import DOCKER_HUB, Settings, parse_duration, parse_size, split_host_port
 from cargohold.digests import Digest
 from cargohold.handlers.status import human
@@ -54,23 +54,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "warm":
         return asyncio.run(warm(settings, args.images, args.platform, args.url, args.user))
-    if not (settings.data_dir / "index.sqlite").exists():
+    if not settings.index.redis and not (settings.data_dir / "index.sqlite").exists():
         print(f"cargohold: no cache in {settings.data_dir}", file=sys.stderr)
         return 1
     command = {"stats": stats, "ls": ls, "prune": prune, "rm": rm}[args.cache_command]
     return asyncio.run(command(settings, args))
 
 
-def _open(settings: Settings) -> tuple[SqliteIndex, FsBlobStore]:
-    return SqliteIndex(settings.data_dir / "index.sqlite"), FsBlobStore(settings.data_dir)
-
-
 async def stats(settings: Settings, args: argparse.Namespace) -> int:
-    index, _ = _open(settings)
-    try:
-        usage, counts = await index.usage(), await index.counters()
-    finally:
-        await index.close()
+    async with open_backends(settings) as backends:
+        usage, counts = await backends.index.usage(), await backends.index.counters()
     hits, misses, stale = (int(counts.get(k, 0)) for k in ("hit", "miss", "stale"))
     from_cache, from_upstream = int(counts.get("bytes_cache", 0)), int(counts.get("bytes_upstream", 0))
     ratio = (hits + stale) / (hits + misses + stale) if hits + misses + stale else None
@@ -92,7 +85,8 @@ async def stats(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(figures, indent=2))
         return 0
     cap = f" of {human(settings.cache.max_size)}" if settings.cache.max_size else " (no cap)"
-    print(f"cache:      {settings.data_dir}")
+    s3 = settings.storage.s3 if settings.storage.backend == "s3" else None
+    print(f"cache:      {f's3://{s3.bucket}/{s3.prefix}' if s3 else settings.data_dir}")
     print(f"size:       {human(usage.size)}{cap}")
     print(f"entries:    {usage.blobs} blobs, {usage.manifests} manifests, {usage.tags} tags")
     print(f"hit ratio:  {f'{ratio:.1%}' if ratio is not None else '-'} ({hits} hits, {misses} misses, {stale} stale)")
@@ -100,7 +94,7 @@ async def stats(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _closure(store: FsBlobStore, roots: Iterable[str]) -> set[str]:
+async def _closure(store: BlobStore, roots: Iterable[str]) -> set[str]:
     """Every digest reachable from these manifests (child manifests, configs, layers) that is readable."""
     seen: set[str] = set()
     stack = list(roots)
@@ -109,7 +103,7 @@ def _closure(store: FsBlobStore, roots: Iterable[str]) -> set[str]:
         if digest in seen:
             continue
         seen.add(digest)
-        body = store.read(Digest.parse(digest))
+        body = await store.load(Digest.parse(digest))
         if body is not None:
             refs = references(body)
             stack += [child.digest for child in refs.manifests]
@@ -122,17 +116,14 @@ def _when(when: float) -> str:
 
 
 async def ls(settings: Settings, args: argparse.Namespace) -> int:
-    index, store = _open(settings)
-    try:
-        rows = await index.tag_rows()
-        sizes = {entry.digest: entry.size for entry in await index.stored()}
-    finally:
-        await index.close()
-    print(f"{'IMAGE':50} {'DIGEST':19} {'CACHED':>10} {'PULLS':>6}  LAST PULL")
-    for row in rows:
-        cached = sum(sizes.get(d, 0) for d in _closure(store, [row.digest]))
-        name = f"{row.upstream}/{row.repository}:{row.tag}"
-        print(f"{name:50} {row.digest[:19]:19} {human(cached):>10} {row.pulls:>6}  {_when(row.last_access)}")
+    async with open_backends(settings) as backends:
+        rows = await backends.index.tag_rows()
+        sizes = {entry.digest: entry.size for entry in await backends.index.stored()}
+        print(f"{'IMAGE':50} {'DIGEST':19} {'CACHED':>10} {'PULLS':>6}  LAST PULL")
+        for row in rows:
+            cached = sum(sizes.get(d, 0) for d in await _closure(backends.store, [row.digest]))
+            name = f"{row.upstream}/{row.repository}:{row.tag}"
+            print(f"{name:50} {row.digest[:19]:19} {human(cached):>10} {row.pulls:>6}  {_when(row.last_access)}")
     return 0
 
 
@@ -142,14 +133,14 @@ async def prune(settings: Settings, args: argparse.Namespace) -> int:
     if max_size is None and max_age is None:
         print("cargohold: give --max-size and/or --older-than (or set cache.max_size / cache.max_age)", file=sys.stderr)
         return 2
-    index, store = _open(settings)
-    try:
+    async with open_backends(settings) as backends:
         removed = await evict(
-            index, store, max_size=max_size, unused_since=time.time() - max_age if max_age is not None else None
+            backends.index,
+            backends.store,
+            max_size=max_size,
+            unused_since=time.time() - max_age if max_age is not None else None,
         )
-        usage = await index.usage()
-    finally:
-        await index.close()
+        usage = await backends.index.usage()
     print(f"removed {len(removed)} entries, {human(sum(e.size for e in removed))} freed; cache is {human(usage.size)}")
     return 0
 
@@ -177,8 +168,8 @@ def parse_image(settings: Settings, image: str) -> ImageName:
 
 async def rm(settings: Settings, args: argparse.Namespace) -> int:
     wanted = parse_image(settings, args.image)
-    index, store = _open(settings)
-    try:
+    async with open_backends(settings) as backends:
+        index, store = backends.index, backends.store
         rows = await index.tag_rows()
         chosen = [
             r for r in rows
@@ -189,16 +180,14 @@ async def rm(settings: Settings, args: argparse.Namespace) -> int:
             return 1
         for row in chosen:
             await index.drop_tag(row.upstream, row.repository, row.tag)
-        kept = _closure(store, [r.digest for r in rows if r not in chosen])
-        doomed = _closure(store, [r.digest for r in chosen]) - kept
+        kept = await _closure(store, [r.digest for r in rows if r not in chosen])
+        doomed = await _closure(store, [r.digest for r in chosen]) - kept
         stored = {entry.digest: entry for entry in await index.stored()}
         freed = 0
         for digest in doomed & stored.keys():
             await index.forget(stored[digest].table, digest)
-            store.remove(Digest.parse(digest))
+            await store.delete(Digest.parse(digest))
             freed += stored[digest].size
-    finally:
-        await index.close()
     print(f"removed {len(chosen)} tag(s) of {wanted.upstream}/{wanted.repository}, {human(freed)} freed")
     return 0
 

@@ -268,6 +268,73 @@ class CacheConfig(Strict):
     max_age: Duration | None = None
 
 
+class S3Config(Strict):
+    """An S3-compatible bucket for blobs and manifests; credentials may also come from the AWS_* variables."""
+
+    endpoint_url: str | None = Field(default=None, description="unset: AWS S3; e.g. http://minio:9000")
+    bucket: str = Field(min_length=3, max_length=63)
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    prefix: str = Field(default="", description="key prefix inside the bucket, e.g. cargohold/")
+    redirect: bool = Field(default=False, description="answer blob hits with a 307 to a presigned URL")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"invalid endpoint_url {value!r} (expected http(s)://host[:port])")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        """`cache`, `/cache/` -> `cache/`: keys are `<prefix>blobs/...`."""
+        value = value.strip("/")
+        return value + "/" if value else ""
+
+    @model_validator(mode="after")
+    def _credentials(self) -> S3Config:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key go together")
+        return self
+
+
+class StorageConfig(Strict):
+    """Where blobs and manifests live: files in data_dir, or a bucket shared by replicas."""
+
+    backend: Literal["filesystem", "s3"] = "filesystem"
+    s3: S3Config | None = None
+
+    @model_validator(mode="after")
+    def _s3(self) -> StorageConfig:
+        if self.backend == "s3" and self.s3 is None:
+            raise ValueError("backend s3 needs an s3 section (bucket, endpoint_url, ...)")
+        return self
+
+
+class IndexConfig(Strict):
+    """The cache index: SQLite in data_dir, or Redis shared by replicas (which also single-flights across them)."""
+
+    url: str = "sqlite"
+    peer_wait: Duration = Field(60.0, gt=0, description="how long to wait for another replica's download before fetching it too")
+    lease: Duration = Field(15.0, ge=1, description="a download lock's life without renewal: how long a dead replica holds others up")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if value != "sqlite" and (parts.scheme not in ("redis", "rediss") or not parts.hostname):
+            raise ValueError(f"invalid url {value!r} (expected sqlite or redis://host:port[/db])")
+        return value
+
+    @property
+    def redis(self) -> bool:
+        return self.url != "sqlite"
+
+
 def _default_upstreams() -> list[UpstreamConfig]:
     return [UpstreamConfig(name=DOCKER_HUB, url="https://registry-1.docker.io")]
 
@@ -285,6 +352,8 @@ class Settings(Strict):
     log_format: Literal["text", "json"] = "text"
     metrics_listen: str | None = None
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     auth: AuthConfig | None = None
     external_url: str | None = None

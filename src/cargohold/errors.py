@@ -115,3 +115,9 @@ class TooManyRequests(RegistryError):
     """A client went over one of its rate-limit budgets; Retry-After says when to come back."""
 
     status, code = 429, "TOOMANYREQUESTS"
+
+
+class StorageUnavailable(RegistryError):
+    """The cache's shared storage (a bucket) failed or changed under a request; a retry may work."""
+
+    status, code = 503, "UNAVAILABLE"

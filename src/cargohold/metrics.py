@@ -184,6 +184,13 @@ class _Live:
         yield CounterMetricFamily(
             "cargohold_downloads_uncached", "Blob downloads streamed without caching (disk full)", value=downloads.uncached
         )
+        if self._proxy.peers is not None:
+            waits = CounterMetricFamily(
+                "cargohold_peer_waits", "Blob misses that waited for another replica's download, by outcome", labels=["outcome"]
+            )
+            for outcome in ("landed", "took_over", "timed_out"):
+                waits.add_metric([outcome], self._proxy.peers.waits[outcome])
+            yield waits
         pauses = CounterMetricFamily(
             "cargohold_upstream_pauses", "Times an upstream was paused after a failure or a 429", labels=["upstream"]
         )

@@ -13,7 +13,8 @@ import aiohttp
 
 from cargohold.cache.download import Download, Downloads, is_disk_full
 from cargohold.cache.index import Index, TagEntry
-from cargohold.cache.store import BlobStore
+from cargohold.cache.peers import Lease, Peers
+from cargohold.cache.store import BlobStore, RemoteBlob
 from cargohold.digests import Digest, looks_like_digest
 from cargohold.errors import (
     BlobUnknown,
@@ -110,11 +111,15 @@ def _is_json_object(body: bytes) -> bool:
 class PullThrough:
     """Serves manifests, blobs and tag lists from cache, going upstream only when the rules say so."""
 
-    def __init__(self, router: Router, store: BlobStore, index: Index, downloads: Downloads) -> None:
+    def __init__(
+        self, router: Router, store: BlobStore, index: Index, downloads: Downloads, peers: Peers | None = None
+    ) -> None:
         self.router = router
         self.store = store
         self.index = index
         self.downloads = downloads
+        self.peers = peers
+        self._peer_fetches: SingleFlight[Download | Path | RemoteBlob] = SingleFlight()
         self._manifests: SingleFlight[Manifest] = SingleFlight()
         self._tags: SingleFlight[TagEntry] = SingleFlight()
         self._links: SingleFlight[None] = SingleFlight()
@@ -244,7 +249,7 @@ class PullThrough:
     async def _by_digest(self, target: Target, digest: Digest) -> Manifest:
         entry = await self.index.get_manifest(str(digest))
         if entry is not None:
-            body = self.store.read(digest)
+            body = await self.store.load(digest)
             if body is not None:
                 await self._confirm(target, digest, "manifests")
                 self.index.touch("manifests", str(digest))
@@ -266,7 +271,7 @@ class PullThrough:
             raise UpstreamInvalid("upstream sent a manifest that is not a JSON object", {"digest": str(digest)}) from None
         manifest = Manifest(body, media_type, str(digest), "miss")
         try:
-            self.store.write(digest, body)
+            await self.store.save(digest, body)
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
@@ -278,19 +283,46 @@ class PullThrough:
 
     # blobs
 
-    async def blob(self, target: Target, digest: Digest) -> Path | Download:
-        """The cached file, or the (joined) download that is fetching it now."""
-        await self._confirm_blob(target, digest)
-        # With nothing to confirm _confirm_blob did not yield: a download join() starts is this repository's own.
-        path = self.store.local_path(digest)
-        if path is not None:
-            self.index.touch("blobs", str(digest))
-            return path
-        return await self.fetch_blob(target, digest)
+    async def blob(self, target: Target, digest: Digest) -> Path | RemoteBlob | Download:
+        """The cached file (or object), or the (joined) download that is fetching it now."""
+        found = await self.store.locate(digest)
+        if found is None:
+            return await self.fetch_blob(target, digest)
+        await self._confirm(target, digest, "blobs")
+        self.index.touch("blobs", str(digest))
+        return found
 
-    async def fetch_blob(self, target: Target, digest: Digest) -> Download:
-        """Join (or start) the download of a blob; also for a cached file that vanished (evicted) just now."""
+    async def fetch_blob(self, target: Target, digest: Digest) -> Path | RemoteBlob | Download:
+        """Join (or start) the download of a blob; also for a cached file that vanished (evicted) just now.
+        With peers (replicas sharing a bucket), the blob may come from another replica's download instead.
+        What came through another repository is confirmed for this one before it is served."""
+        if self.peers is None or self.downloads.active(digest) is not None:
+            found: Path | RemoteBlob | Download = await self._join(target, digest)
+        else:
+            found = await self._peer_fetches.run(str(digest), lambda: self._fetch_among_peers(target, digest))
+        if not isinstance(found, Download) or found.source != _source(target):
+            await self._confirm(target, digest, "blobs")
+        return found
+
+    async def _join(self, target: Target, digest: Digest) -> Download:
         return await self.downloads.join(digest, lambda: self._open_blob(target, digest), _source(target))
+
+    async def _fetch_among_peers(self, target: Target, digest: Digest) -> Download | Path | RemoteBlob:
+        """Download under the cluster's lock for this digest, or take what another replica landed."""
+        assert self.peers is not None
+        claim = await self.peers.claim(digest, self.store)
+        if claim is not None and not isinstance(claim, Lease):
+            self.index.touch("blobs", str(digest))
+            return claim
+        try:
+            download = await self._join(target, digest)
+        except BaseException:
+            if claim is not None:
+                await claim.release()
+            raise
+        if claim is not None:
+            claim.hold_until(download)
+        return download
 
     async def _open_blob(self, target: Target, digest: Digest) -> aiohttp.ClientResponse:
         resp = await target.upstream.open(
@@ -304,11 +336,13 @@ class PullThrough:
 
     async def blob_size(self, target: Target, digest: Digest) -> tuple[int, str]:
         """Size of a blob for HEAD, without downloading it; also says where the answer came from."""
-        await self._confirm_blob(target, digest)
-        path = self.store.local_path(digest)
-        if path is not None:
+        found = await self.store.locate(digest)
+        await self._confirm_blob(target, digest, found is not None)
+        if isinstance(found, Path):
             with contextlib.suppress(FileNotFoundError):  # evicted a moment ago: ask upstream instead
-                return path.stat().st_size, "hit"
+                return found.stat().st_size, "hit"
+        elif found is not None:
+            return found.size, "hit"
         active = self.downloads.active(digest)
         if active is not None and active.size is not None:
             return active.size, "miss"
@@ -323,10 +357,10 @@ class PullThrough:
 
     # links: content is stored once, but a repository only gets what its upstream has shown it holds
 
-    async def _confirm_blob(self, target: Target, digest: Digest) -> None:
+    async def _confirm_blob(self, target: Target, digest: Digest, cached: bool) -> None:
         """Confirm a cached blob, or one being fetched through another repository, before joining it."""
         active = self.downloads.active(digest)
-        if self.store.local_path(digest) is not None or (active is not None and active.source != _source(target)):
+        if cached or (active is not None and active.source != _source(target)):
             await self._confirm(target, digest, "blobs")
 
     async def _confirm(self, target: Target, digest: Digest, kind: str) -> None:

@@ -88,6 +88,15 @@ def test_compose_files_resolve_with_the_example_env() -> None:
     assert behind["networks"]["traefik"] == {"external": True, "name": "traefik"}
 
 
+def test_scaleout_compose_shares_bucket_and_redis() -> None:
+    resolved = compose_config("docker-compose.scaleout.yml")
+    env = resolved["services"]["cargohold"]["environment"]
+    assert env["CARGOHOLD_STORAGE__BACKEND"] == "s3" and env["CARGOHOLD_INDEX__URL"] == "redis://redis:6379/0"
+    assert env["CARGOHOLD_STORAGE__S3__ENDPOINT_URL"] == "http://minio:9000"
+    assert "volumes" not in resolved["services"]["cargohold"]  # each replica its own /data
+    assert {"redis", "minio", "minio-bucket"} <= set(resolved["services"])
+
+
 def test_compose_names_the_missing_setting(tmp_path: Path) -> None:
     empty = tmp_path / ".env"
     empty.write_text("ACME_EMAIL=ops@example.com\n")

@@ -182,6 +182,11 @@ class Download:
                 response.release()
             self._close_read_fd_if_unused()
 
+    async def wait_finished(self) -> None:
+        """Until the download has ended, committed or not (a cluster lock is held until then)."""
+        while not self.finished:
+            await self._progress.wait()
+
     def _write_and_hash(self, batch: list[bytes], hasher: hashlib._Hash) -> None:
         self._write(batch)
         _hash(hasher, batch)

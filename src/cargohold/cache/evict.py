@@ -64,7 +64,7 @@ async def evict(
                 skipped += 1
                 continue
             await index.forget(entry.table, entry.digest)
-            store.remove(digest)
+            await store.delete(digest)
             over -= entry.size
             removed.append(entry)
             if evicted is not None:
@@ -85,17 +85,18 @@ def _manifest_type(body: bytes) -> str | None:
 
 async def repair(index: Index, store: BlobStore) -> tuple[int, int]:
     """Make index and files agree after a crash: rows without a file go, files without a row are
-    indexed again (manifests recognised by their content). Returns (rows dropped, files indexed)."""
-    loop = asyncio.get_running_loop()
-    files = dict(await loop.run_in_executor(None, lambda: list(store.files())))
+    indexed again (manifests recognised by their content). Returns (rows dropped, files indexed).
+    Rows are read before files are listed: content is stored before its row is written, so a replica
+    committing meanwhile (shared storage) cannot look like a row without a file."""
     known = {entry.digest: entry for entry in await index.stored()}
+    files = {digest: size async for digest, size in store.entries()}
     on_disk = {str(d): size for d, size in files.items()}
     dropped = [entry for digest, entry in known.items() if digest not in on_disk]
     for entry in dropped:
         await index.forget(entry.table, entry.digest)
     adopted = [d for d in files if str(d) not in known]
     for digest in adopted:
-        body = store.read(digest) if files[digest] <= MAX_MANIFEST else None
+        body = await store.load(digest) if files[digest] <= MAX_MANIFEST else None
         media_type = _manifest_type(body) if body is not None else None
         if media_type is not None:
             await index.put_manifest(str(digest), media_type, files[digest])

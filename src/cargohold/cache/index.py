@@ -110,10 +110,42 @@ class Index(Protocol):
     async def close(self) -> None: ...
 
 
-class SqliteIndex:
+class AccessBuffer:
+    """Access times and counters gathered in memory, so a cache hit never waits for a write; `flush` writes them."""
+
+    def __init__(self) -> None:
+        self._touched: dict[tuple[str, str], float] = {}
+        self._touched_tags: dict[tuple[str, str, str], float] = {}
+        self._tag_pulls: Counter[tuple[str, str, str]] = Counter()
+        self._counts: Counter[str] = Counter()
+
+    def touch(self, table: str, digest: str) -> None:
+        """Remember an access to a manifest or blob; written by the next `flush`."""
+        self._touched[(table, digest)] = time.time()
+
+    def touch_tag(self, upstream: str, repository: str, tag: str) -> None:
+        """Remember a pull of a tag (its time and one more pull); written by the next `flush`."""
+        self._touched_tags[(upstream, repository, tag)] = time.time()
+        self._tag_pulls[(upstream, repository, tag)] += 1
+
+    def add_counts(self, counts: dict[str, float]) -> None:
+        """Add to the lasting counters (hits, misses, bytes), so figures survive restarts; written by `flush`."""
+        self._counts.update(counts)
+
+    def _take(
+        self,
+    ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str, str], float], Counter[tuple[str, str, str]], Counter[str]]:
+        """What was gathered since the last flush (touched, tags, tag pulls, counts), and start afresh."""
+        taken = self._touched, self._touched_tags, self._tag_pulls, self._counts
+        self._touched, self._touched_tags, self._tag_pulls, self._counts = {}, {}, Counter(), Counter()
+        return taken
+
+
+class SqliteIndex(AccessBuffer):
     """The default index: one SQLite file in `data_dir`."""
 
     def __init__(self, path: Path) -> None:
+        super().__init__()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -123,10 +155,6 @@ class SqliteIndex:
         for table, column, kind in MIGRATIONS:
             if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-        self._touched: dict[tuple[str, str], float] = {}
-        self._touched_tags: dict[tuple[str, str, str], float] = {}
-        self._tag_pulls: Counter[tuple[str, str, str]] = Counter()
-        self._counts: Counter[str] = Counter()
 
     async def get_tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
         row = self._db.execute(
@@ -182,19 +210,6 @@ class SqliteIndex:
     async def put_link(self, upstream: str, repository: str, digest: str) -> None:
         self._write("INSERT OR IGNORE INTO links VALUES (?, ?, ?)", (upstream, repository, digest))
 
-    def touch(self, table: str, digest: str) -> None:
-        """Remember an access to a manifest or blob; written by the next `flush`."""
-        self._touched[(table, digest)] = time.time()
-
-    def touch_tag(self, upstream: str, repository: str, tag: str) -> None:
-        """Remember a pull of a tag (its time and one more pull); written by the next `flush`."""
-        self._touched_tags[(upstream, repository, tag)] = time.time()
-        self._tag_pulls[(upstream, repository, tag)] += 1
-
-    def add_counts(self, counts: dict[str, float]) -> None:
-        """Add to the lasting counters (hits, misses, bytes), so figures survive restarts; written by `flush`."""
-        self._counts.update(counts)
-
     async def counters(self) -> dict[str, float]:
         return dict(self._db.execute("SELECT name, value FROM counters").fetchall())
 
@@ -233,10 +248,7 @@ class SqliteIndex:
         return [TagRow(*row) for row in rows]
 
     async def flush(self) -> None:
-        touched, self._touched = self._touched, {}
-        tags, self._touched_tags = self._touched_tags, {}
-        pulls, self._tag_pulls = self._tag_pulls, Counter()
-        counts, self._counts = self._counts, Counter()
+        touched, tags, pulls, counts = self._take()
         if not touched and not tags and not counts:
             return
         self._db.execute("BEGIN")

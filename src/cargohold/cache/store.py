@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -16,20 +17,35 @@ from cargohold.errors import DigestInvalid
 log = logging.getLogger("cargohold.cache")
 
 
-class BlobStore(Protocol):
-    """What the proxy needs from storage; an S3 store implements the same."""
+class RemoteBlob(Protocol):
+    """A stored blob that is not a local file (object storage): streamed or redirected to, not sendfile'd."""
 
-    def local_path(self, digest: Digest) -> Path | None: ...
+    size: int
+
+    async def chunks(self, start: int, end: int) -> AsyncIterator[bytes] | None:
+        """Bytes `[start, end)` as they come, or None if the blob is gone (evicted since it was found)."""
+
+    async def redirect_url(self) -> str | None:
+        """Where to send the client instead (a presigned URL), when storage is set up for that."""
+
+
+class BlobStore(Protocol):
+    """What the proxy needs from storage: local temp files for downloads, then content by digest.
+
+    `commit` runs on a worker thread (it may upload); the async methods run on the event loop.
+    """
+
     def new_temp(self) -> tuple[int, Path]: ...
     def commit(self, temp: Path, digest: Digest) -> int: ...
     def discard(self, temp: Path) -> None: ...
-    def read(self, digest: Digest) -> bytes | None: ...
-    def write(self, digest: Digest, data: bytes) -> None: ...
     def clean_temp(self) -> int: ...
     def pin(self, digest: Digest) -> Pin: ...
     def in_use(self, digest: Digest) -> bool: ...
-    def remove(self, digest: Digest) -> int: ...
-    def files(self) -> Iterator[tuple[Digest, int]]: ...
+    async def locate(self, digest: Digest) -> Path | RemoteBlob | None: ...
+    async def load(self, digest: Digest) -> bytes | None: ...
+    async def save(self, digest: Digest, data: bytes) -> None: ...
+    async def delete(self, digest: Digest) -> int: ...
+    def entries(self) -> AsyncIterator[tuple[Digest, int]]: ...
 
 
 class Pin:
@@ -48,16 +64,51 @@ class Pin:
             self._key = None
 
 
-class FsBlobStore:
-    """Blobs at `<root>/blobs/<algorithm>/<first two hex>/<hex>`; temp files under `<root>/tmp`."""
+class Spool:
+    """Download temp files under `<root>/tmp` and this process's pins: what every store keeps locally."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.blobs = root / "blobs"
         self.tmp = root / "tmp"
-        for folder in (self.blobs, self.tmp):
-            folder.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.tmp.mkdir(parents=True, exist_ok=True, mode=0o750)
         self._pins: Counter[str] = Counter()
+
+    def new_temp(self) -> tuple[int, Path]:
+        fd, name = tempfile.mkstemp(dir=self.tmp, prefix="dl-")
+        return fd, Path(name)
+
+    def discard(self, temp: Path) -> None:
+        try:
+            temp.unlink()
+        except FileNotFoundError:
+            pass
+
+    def pin(self, digest: Digest) -> Pin:
+        """Mark a blob as being read by this process; eviction leaves pinned blobs alone."""
+        return Pin(self._pins, str(digest))
+
+    def in_use(self, digest: Digest) -> bool:
+        return self._pins.get(str(digest), 0) > 0
+
+    def clean_temp(self) -> int:
+        """Remove temp files a crash left behind; run at start before any download begins."""
+        removed = 0
+        for path in self.tmp.iterdir():
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("removed %d temp files left by an earlier run", removed)
+        return removed
+
+
+class FsBlobStore(Spool):
+    """Blobs at `<root>/blobs/<algorithm>/<first two hex>/<hex>`; temp files under `<root>/tmp`."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.blobs = root / "blobs"
+        self.blobs.mkdir(parents=True, exist_ok=True, mode=0o750)
 
     def path_for(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
@@ -66,10 +117,6 @@ class FsBlobStore:
         path = self.path_for(digest)
         return path if path.is_file() else None
 
-    def new_temp(self) -> tuple[int, Path]:
-        fd, name = tempfile.mkstemp(dir=self.tmp, prefix="dl-")
-        return fd, Path(name)
-
     def commit(self, temp: Path, digest: Digest) -> int:
         """Move a verified, fsynced temp file into place; returns its size."""
         final = self.path_for(digest)
@@ -77,12 +124,6 @@ class FsBlobStore:
         os.chmod(temp, 0o640)
         os.replace(temp, final)
         return final.stat().st_size
-
-    def discard(self, temp: Path) -> None:
-        try:
-            temp.unlink()
-        except FileNotFoundError:
-            pass
 
     def read(self, digest: Digest) -> bytes | None:
         try:
@@ -103,13 +144,6 @@ class FsBlobStore:
             self.discard(temp)
             raise
 
-    def pin(self, digest: Digest) -> Pin:
-        """Mark a blob as being read by this process; eviction leaves pinned blobs alone."""
-        return Pin(self._pins, str(digest))
-
-    def in_use(self, digest: Digest) -> bool:
-        return self._pins.get(str(digest), 0) > 0
-
     def remove(self, digest: Digest) -> int:
         """Delete a stored file (its index row must be gone first); returns the bytes freed."""
         path = self.path_for(digest)
@@ -129,13 +163,19 @@ class FsBlobStore:
                 except (DigestInvalid, FileNotFoundError):
                     continue
 
-    def clean_temp(self) -> int:
-        """Remove temp files a crash left behind; run at start before any download begins."""
-        removed = 0
-        for path in self.tmp.iterdir():
-            if path.is_file():
-                path.unlink(missing_ok=True)
-                removed += 1
-        if removed:
-            log.info("removed %d temp files left by an earlier run", removed)
-        return removed
+    async def locate(self, digest: Digest) -> Path | None:
+        return self.local_path(digest)
+
+    async def load(self, digest: Digest) -> bytes | None:
+        return self.read(digest)
+
+    async def save(self, digest: Digest, data: bytes) -> None:
+        self.write(digest, data)
+
+    async def delete(self, digest: Digest) -> int:
+        return self.remove(digest)
+
+    async def entries(self) -> AsyncIterator[tuple[Digest, int]]:
+        """`files()`, listed on a worker thread (a big cache is many directories)."""
+        for entry in await asyncio.to_thread(lambda: list(self.files())):
+            yield entry

@@ -21,9 +21,12 @@ from aiohttp.abc import AbstractStreamWriter
 from cargohold.cache.download import CHUNK, Download, DownloadFailed
 from cargohold.cache.store import Pin
 from cargohold.digests import Digest
-from cargohold.errors import RangeInvalid, UpstreamInvalid
+from cargohold.errors import RangeInvalid, StorageUnavailable, UpstreamInvalid
+from cargohold.handlers.remote import send_remote
 from cargohold.handlers.target import proxy_of, target_of
 from cargohold.keys import CACHE, SETTINGS
+from cargohold.proxy import PullThrough
+from cargohold.upstream.routes import Target
 
 log = logging.getLogger("cargohold.blobs")
 MAX_PIECE = 64 << 20
@@ -112,13 +115,20 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             }
         )
     found = await proxy.blob(target, digest)
+    if not isinstance(found, Path | Download):
+        span = requested_range(request, found.size)
+        response = await send_remote(request, found, digest, span, proxy.store.pin(digest))
+        if response is not None:
+            request[CACHE] = "hit"
+            return response
+        found = await _refetch(proxy, target, digest)
     if isinstance(found, Path):
         pin = proxy.store.pin(digest)
         try:
             size = found.stat().st_size
-        except FileNotFoundError:  # removed by `cargohold cache prune/rm` a moment ago: fetch it again
+        except FileNotFoundError:
             pin.release()
-            found = await proxy.fetch_blob(target, digest)
+            found = await _refetch(proxy, target, digest)
         else:
             request[CACHE] = "hit"
             try:
@@ -129,6 +139,14 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             return BlobFileResponse(found, digest, pin, request.app[SETTINGS].send_timeout)
     request[CACHE] = "miss"
     return await _follow(request, found, digest)
+
+
+async def _refetch(proxy: PullThrough, target: Target, digest: Digest) -> Download:
+    """A blob removed from the store a moment ago (`cargohold cache prune/rm`, eviction): fetch it again."""
+    found = await proxy.fetch_blob(target, digest)
+    if not isinstance(found, Download):  # put back by another replica meanwhile: the client's retry finds it
+        raise StorageUnavailable("blob moved in the cache while being served; try again", {"digest": str(digest)})
+    return found
 
 
 async def _follow(request: web.Request, download: Download, digest: Digest) -> web.StreamResponse:

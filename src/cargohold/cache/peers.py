@@ -1,0 +1,135 @@
+"""Single-flight across replicas that share a bucket and a Redis: one upstream fetch per digest per cluster.
+
+A replica about to download a blob takes `cargohold:lock:<digest>` (SET NX PX) and renews it until the
+download has ended, committed or not; it then deletes it. Another replica asked for the same blob polls
+for the lock with backoff: once it gets it, the blob has landed in the bucket (serve it from there) or
+the holder failed or died (the lease ran out) and this replica downloads it. After `index.peer_wait`
+it stops waiting and downloads too, so a wedged holder delays clients by a bounded time only.
+`index.lease` is how long a lock lives without renewal: how long a dead holder keeps others waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+from collections import Counter
+from pathlib import Path
+
+import redis.asyncio as redis
+
+from cargohold.cache.download import Download
+from cargohold.cache.store import BlobStore, RemoteBlob
+from cargohold.digests import Digest
+from cargohold.errors import StorageUnavailable
+
+log = logging.getLogger("cargohold.peers")
+
+POLL_FIRST, POLL_MAX = 0.05, 0.5
+# Renew or delete the lock only while it is still ours (it may have expired and been taken over).
+RENEW_SCRIPT = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+RELEASE_SCRIPT = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class Lease:
+    """This replica's turn to download one digest; held until that download ends."""
+
+    def __init__(self, peers: Peers, key: str, token: str) -> None:
+        self._peers = peers
+        self.key = key
+        self.token = token
+
+    def hold_until(self, download: Download) -> None:
+        """Keep the lock alive while `download` runs, then let the waiting replicas look in the bucket."""
+        self._peers.track(asyncio.create_task(self._keep(download), name=f"lease {self.key}"))
+
+    async def _keep(self, download: Download) -> None:
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(download.wait_finished(), self._peers.lease / 3)
+                    return
+                except TimeoutError:
+                    if not await self._peers.renew(self):
+                        log.warning("lost the cluster lock on %s (another replica may fetch it too)", download.digest)
+        finally:
+            await asyncio.shield(self.release())
+
+    async def release(self) -> None:
+        await self._peers.release(self)
+
+
+class Peers:
+    """The cluster's download locks in Redis (shared with the index's connection pool)."""
+
+    def __init__(self, client: redis.Redis, wait: float, lease: float) -> None:
+        self._client = client
+        self._wait = wait
+        self.lease = lease
+        self._renew = client.register_script(RENEW_SCRIPT)
+        self._release = client.register_script(RELEASE_SCRIPT)
+        self._replica = f"{socket.gethostname()}:{secrets.token_hex(4)}"
+        self._tasks: set[asyncio.Task[None]] = set()
+        # How waits for another replica's download ended: landed, took_over, timed_out (for metrics).
+        self.waits: Counter[str] = Counter()
+
+    async def claim(self, digest: Digest, store: BlobStore) -> Lease | Path | RemoteBlob | None:
+        """A lease to download `digest`; or the blob, landed meanwhile by another replica; or None
+        when the wait ran out (download without a lease)."""
+        key = f"cargohold:lock:{digest}"
+        token = f"{self._replica}:{secrets.token_hex(4)}"
+        loop = asyncio.get_running_loop()
+        deadline, delay, waited = loop.time() + self._wait, POLL_FIRST, False
+        while True:
+            if await self._take(key, token):
+                lease = Lease(self, key, token)
+                try:
+                    found = await store.locate(digest)  # it may have landed since the caller looked
+                except BaseException:
+                    await asyncio.shield(lease.release())
+                    raise
+                if waited:
+                    self.waits["took_over" if found is None else "landed"] += 1
+                if found is None:
+                    return lease
+                await lease.release()
+                return found
+            if loop.time() >= deadline:
+                self.waits["timed_out"] += 1
+                log.warning("waited %.0fs for another replica's download of %s; fetching it here too", self._wait, digest)
+                return None
+            if not waited:
+                log.info("another replica is fetching %s; waiting for it to land", digest)
+                waited = True
+            await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
+            delay = min(delay * 2, POLL_MAX)
+
+    async def _take(self, key: str, token: str) -> bool:
+        try:
+            return bool(await self._client.set(key, token, nx=True, px=int(self.lease * 1000)))
+        except redis.RedisError as exc:
+            log.error("cluster lock %s: %s", key, exc)
+            raise StorageUnavailable("the cache's index failed", {"operation": "lock"}) from None
+
+    async def renew(self, lease: Lease) -> bool:
+        try:
+            return bool(await self._renew(keys=[lease.key], args=[lease.token, int(self.lease * 1000)]))
+        except redis.RedisError:
+            return False
+
+    async def release(self, lease: Lease) -> None:
+        try:
+            await self._release(keys=[lease.key], args=[lease.token])
+        except redis.RedisError as exc:  # it expires by itself
+            log.warning("could not release the cluster lock %s: %s", lease.key, exc)
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """At shutdown, after the downloads stopped: their leases are released by then."""
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
