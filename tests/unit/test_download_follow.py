@@ -101,3 +101,36 @@ async def test_follower_keeps_a_verified_body_when_the_commit_fails(tmp_path: Pa
         store.gate.set()
         await downloads.close()
         await index.close()
+
+
+async def test_an_upstream_of_tiny_chunks_is_cached_whole(tmp_path: Path) -> None:
+    """Thousands of 512-byte HTTP chunks: batches stay within what one writev takes (IOV_MAX)."""
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for i in range(0, len(BLOB), 512):
+            await response.write(BLOB[i : i + 512])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/blob", chunked)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    store = FsBlobStore(tmp_path)
+    downloads = Downloads(store, index)
+    try:
+        async with aiohttp.ClientSession() as session:
+            download = await downloads.join(DIGEST, lambda: session.get(server.make_url("/blob")))
+            got = b"".join([chunk async for chunk in download.read()])
+            await download.wait_finished()
+        assert got == BLOB and download.error is None
+        path = store.local_path(DIGEST)
+        assert path is not None and path.read_bytes() == BLOB
+    finally:
+        await downloads.close()
+        await index.close()
+        await server.close()

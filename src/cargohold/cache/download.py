@@ -36,6 +36,9 @@ from cargohold.errors import UpstreamInvalid
 log = logging.getLogger("cargohold.cache")
 
 CHUNK = 1 << 20
+# Pieces per batch: one writev takes at most IOV_MAX (1024 on Linux) buffers, and a trickling or
+# finely chunked upstream delivers pieces of a few hundred bytes.
+MAX_PIECES = 512
 # An uncached download keeps at most this much ahead of its slowest reader in memory.
 MEMORY_WINDOW = 16 << 20
 # How long an uncached download with a full window waits for its readers to move before it gives up.
@@ -51,14 +54,14 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 async def _batches(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
-    """The body in lists of the pieces the socket delivered, CHUNK bytes or more each: fewer
+    """The body in lists of the pieces the socket delivered, CHUNK bytes or MAX_PIECES pieces each: fewer
     thread hand-offs than one job per piece, and no copy (aiohttp's `iter_chunked` joins pieces)."""
     batch: list[bytes] = []
     size = 0
     async for piece, _ in content.iter_chunks():
         batch.append(piece)
         size += len(piece)
-        if size >= CHUNK:
+        if size >= CHUNK or len(batch) >= MAX_PIECES:
             yield batch
             batch, size = [], 0
     if batch:
