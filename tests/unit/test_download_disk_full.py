@@ -10,9 +10,11 @@ import os
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+import cargohold.cache.download as download_module
 from cargohold.cache.download import CHUNK, MEMORY_WINDOW, Downloads
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import FsBlobStore
@@ -72,3 +74,30 @@ async def test_slow_reader_bounds_memory_and_nothing_is_stored(tmp_path: Path) -
     await downloads.close()
     await index.close()
     await server.close()
+
+
+async def test_a_range_reader_waiting_for_verification_does_not_stall_an_uncached_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range that ends early parks on its last byte until the digest checks out; the memory window
+    moves on without it (keeping that byte aside) instead of stalling the download for everyone."""
+    monkeypatch.setattr(download_module, "READER_STALL", 3.0)
+    app = web.Application()
+    app.router.add_get("/blob", upstream)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    downloads = Downloads(FullDisk(tmp_path), index)
+    try:
+        async with aiohttp.ClientSession() as session:
+            download = await downloads.join(DIGEST, lambda: session.get(server.make_url("/blob")))
+
+            async def body(start: int = 0, end: int | None = None) -> bytes:
+                return b"".join([chunk async for chunk in download.read(start, end)])
+
+            first, whole = await asyncio.gather(body(0, 1000), body())
+            assert first == BLOB[:1000] and whole == BLOB and download.verified
+    finally:
+        await downloads.close()
+        await index.close()
+        await server.close()

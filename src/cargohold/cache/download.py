@@ -105,6 +105,9 @@ class Download:
         self._memory: deque[bytes] = deque()
         self._memory_start = 0
         self._positions: dict[object, int] = {}
+        self._ends: dict[object, int | None] = {}
+        # The last byte of a range reader parked on it until verification, kept once the window drops it.
+        self._held: dict[object, bytes] = {}
         self._drained = asyncio.Event()
         self._fd = self._read_fd = -1
         self._reader: BinaryIO | None = None
@@ -220,9 +223,16 @@ class Download:
     async def _wait_for_readers(self) -> None:
         """Drop what every reader has sent; while the window is full, wait for the slowest reader."""
         while True:
-            slowest = min(self._positions.values(), default=self._memory_start)
+            parked = {me for me, position in self._positions.items() if self._parked(me, position)}
+            moving = [position for me, position in self._positions.items() if me not in parked]
+            slowest = min(moving, default=self.written if parked else self._memory_start)
             while self._memory and self._memory_start + len(self._memory[0]) <= slowest:
-                self._memory_start += len(self._memory.popleft())
+                chunk = self._memory.popleft()
+                for me in parked:
+                    offset = self._positions[me] - self._memory_start
+                    if 0 <= offset < len(chunk):
+                        self._held.setdefault(me, chunk[offset : offset + 1])
+                self._memory_start += len(chunk)
             if self.written - self._memory_start <= MEMORY_WINDOW:
                 return
             self._drained.clear()
@@ -230,6 +240,12 @@ class Download:
                 await asyncio.wait_for(self._drained.wait(), READER_STALL)
             except TimeoutError:
                 raise DownloadFailed(f"no reader moved for {READER_STALL:.0f}s on uncached {self.digest}") from None
+
+    def _parked(self, me: object, position: int) -> bool:
+        """A range reader that has sent all but its last byte and waits for verification only: the
+        window must not wait for it (it would stall the download it waits for)."""
+        end = self._ends.get(me)
+        return end is not None and position == end - 1 and not self.verified
 
     def _from_memory(self, position: int, want: int) -> bytes:
         """Up to `want` bytes at `position` from the in-memory window (empty if already dropped)."""
@@ -287,19 +303,22 @@ class Download:
         return self._reader
 
     @contextlib.contextmanager
-    def _following(self, start: int) -> Iterator[object]:
-        """One reader of this download: pins the blob against eviction and tells the download
-        (when it streams uncached) how far this reader has got, through `_positions[token]`."""
+    def _following(self, start: int, end: int | None) -> Iterator[object]:
+        """One reader of `[start, end)`: pins the blob against eviction and tells the download (when it
+        streams uncached) how far this reader has got, through `_positions[token]`."""
         self._readers += 1
         pin = self._store.pin(self.digest)
         me = object()
         self._positions[me] = start
+        self._ends[me] = end
         try:
             yield me
         finally:
             pin.release()
             self._readers -= 1
             self._positions.pop(me, None)
+            self._ends.pop(me, None)
+            self._held.pop(me, None)
             self._drained.set()
             self._close_read_fd_if_unused()
 
@@ -307,7 +326,7 @@ class Download:
         """`(offset, length)` pieces of `[start, end)` of `reader` as they become readable on disk.
         Stops early where an uncached download's bytes live only in memory (read those with `read`);
         raises DownloadFailed if the download fails first."""
-        with self._following(start) as me:
+        with self._following(start, end) as me:
             position = start
             while position < end:
                 if self.error is not None and not self.verified:
@@ -330,7 +349,7 @@ class Download:
     async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes `[start, end)` as they arrive; returns only once the digest checks out (even for no
         bytes at all) and raises DownloadFailed if the download fails first."""
-        with self._following(start) as me:
+        with self._following(start, end) as me:
             position = start
             while True:
                 if self.error is not None and not self.verified:
@@ -339,7 +358,7 @@ class Download:
                 if position < available:
                     want = min(CHUNK, available - position, (end - position) if end is not None else CHUNK)
                     if self.spill_from is not None and position >= self.spill_from:
-                        data = self._from_memory(position, want)
+                        data = self._from_memory(position, want) or self._held.get(me, b"")
                     else:
                         want = min(want, (available if self.spill_from is None else self.spill_from) - position)
                         data = os.pread(self._read_fd, want, position)
