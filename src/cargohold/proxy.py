@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from cargohold.upstream.routes import Router, Target
 log = logging.getLogger("cargohold.proxy")
 
 MAX_MANIFEST = 4 << 20
+# HEAD answers remembered for tags whose manifest no GET has fetched yet (per process, least recent dropped).
+HEAD_ANSWERS = 10_000
 MAX_TAG_LIST = 16 << 20
 
 
@@ -101,6 +104,13 @@ async def _get_manifest(target: Target, reference: str, accept: str) -> tuple[by
 
 def _source(target: Target) -> tuple[str, str]:
     return target.upstream.name, target.repository
+
+
+def _head_size(size: int | None) -> int | None:
+    """A manifest size an upstream's HEAD gives, or None when it is not believable (fetch instead)."""
+    return size if size is not None and 2 <= size <= MAX_MANIFEST else None
+
+
 def _is_json_object(body: bytes) -> bool:
     try:
         return isinstance(json.loads(body), dict)
@@ -123,6 +133,8 @@ class PullThrough:
         self._manifests: SingleFlight[Manifest] = SingleFlight()
         self._tags: SingleFlight[TagEntry] = SingleFlight()
         self._links: SingleFlight[None] = SingleFlight()
+        self._heads: OrderedDict[tuple[str, str, str], ManifestHead] = OrderedDict()
+        self._head_flights: SingleFlight[ManifestHead | None] = SingleFlight()
 
     @property
     def joins(self) -> int:
@@ -207,7 +219,7 @@ class PullThrough:
             tag = check_tag(reference)
             entry = await self.index.get_tag(target.upstream.name, target.repository, tag)
             if entry is None or await self.index.get_manifest(entry.digest) is None:
-                head = await self._head_tag(target, tag, accept)
+                head = await self._head_uncached_tag(target, tag, accept, entry)
                 if head is not None:
                     return head
         manifest = await self.manifest(target, reference, accept)
@@ -216,22 +228,49 @@ class PullThrough:
     async def _head_digest(self, target: Target, digest: Digest) -> ManifestHead | None:
         """The upstream's answer to a HEAD of the digest; None when it says too little to answer with."""
         claimed, media_type, size = await self._ask(target, str(digest), FULL_ACCEPT)
+        size = _head_size(size)
         if (claimed and Digest.parse_or_none(claimed) != digest) or size is None or media_type not in KNOWN:
             return None
         await self._link(target, str(digest))
         return ManifestHead(str(digest), size, media_type, "miss")
 
+    async def _head_uncached_tag(
+        self, target: Target, tag: str, accept: frozenset[str], entry: TagEntry | None
+    ) -> ManifestHead | None:
+        """A HEAD of a tag whose manifest is not cached: within `tag_ttl` the last upstream HEAD's answer
+        (remembered for the full Accept), after it one shared upstream HEAD, stale if that fails."""
+        key = (target.upstream.name, target.repository, tag)
+        if not takes_everything(accept):
+            return await self._head_tag(target, tag, accept)
+        known = self._heads.get(key) if entry is not None else None
+        if known is None or entry is None or known.digest != entry.digest:
+            return await self._head_flights.run(key, lambda: self._head_tag(target, tag, accept))
+        self._heads.move_to_end(key)
+        if time.time() - entry.checked_at < target.upstream.config.tag_ttl:
+            return replace(known, cache="hit")
+        try:
+            return await self._head_flights.run(key, lambda: self._head_tag(target, tag, accept))
+        except UpstreamError as exc:
+            log.warning("serving stale %s/%s:%s (%s): %s", *key, known.digest, exc.message)
+            return replace(known, cache="stale")
+
     async def _head_tag(self, target: Target, tag: str, accept: frozenset[str]) -> ManifestHead | None:
         """The upstream's answer to a HEAD of the tag; None when it says too little to answer with."""
         everything = takes_everything(accept)
         claimed, media_type, size = await self._ask(target, tag, FULL_ACCEPT if everything else ", ".join(sorted(accept)))
-        digest = Digest.parse_or_none(claimed)
+        digest, size = Digest.parse_or_none(claimed), _head_size(size)
         if digest is None or size is None or media_type not in KNOWN:
             return None
         await self._link(target, str(digest))
+        head = ManifestHead(str(digest), size, media_type, "miss")
         if everything:  # the index holds answers to the full Accept only
-            await self.index.put_tag(target.upstream.name, target.repository, tag, str(digest), media_type)
-        return ManifestHead(str(digest), size, media_type, "miss")
+            key = (target.upstream.name, target.repository, tag)
+            await self.index.put_tag(*key, str(digest), media_type)
+            self._heads[key] = head
+            self._heads.move_to_end(key)
+            if len(self._heads) > HEAD_ANSWERS:
+                self._heads.popitem(last=False)
+        return head
 
     async def _fetch_tag(self, target: Target, tag: str, accept: frozenset[str] | None, remember: bool) -> Manifest:
         """GET a manifest by tag; `remember` records the tag (only for answers to the full Accept)."""
