@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import weakref
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,6 +22,7 @@ from cargohold.cache.store import Pin
 from cargohold.digests import Digest
 from cargohold.errors import RangeInvalid, StorageUnavailable, UpstreamInvalid
 from cargohold.handlers.remote import send_remote
+from cargohold.handlers.sending import STALLED, ClientStalled, cut_off, within
 from cargohold.handlers.target import proxy_of, target_of
 from cargohold.keys import CACHE, SETTINGS
 from cargohold.proxy import PullThrough
@@ -30,7 +30,6 @@ from cargohold.upstream.routes import Target
 
 log = logging.getLogger("cargohold.blobs")
 MAX_PIECE = 64 << 20
-STALLED = "cutting off a client of %s: it took no piece of the blob within send_timeout"
 
 
 class BlobFileResponse(web.FileResponse):
@@ -63,7 +62,7 @@ class BlobFileResponse(web.FileResponse):
         try:
             await _send_file(request, writer, fobj, offset, offset + count, self._send_timeout)
         except ClientStalled:
-            _cut_off(request, STALLED, self._digest)
+            cut_off(request, STALLED, self._digest)
             raise ConnectionResetError("client stalled") from None  # aiohttp's signal: no traceback
         await web.StreamResponse.write_eof(self)
         return writer
@@ -174,12 +173,12 @@ async def _follow(request: web.Request, download: Download, digest: Digest) -> w
             start = await _sendfile(request, writer, download, start, end, timeout)
         async with contextlib.aclosing(download.read(start, end)) as chunks:  # TLS, or what only memory holds
             async for chunk in chunks:
-                await _within(timeout, response.write(chunk))
+                await within(timeout, response.write(chunk))
     except DownloadFailed:
-        _cut_off(request, "cutting off a client of failed download %s", digest)
+        cut_off(request, "cutting off a client of failed download %s", digest)
         return response
     except ClientStalled:
-        _cut_off(request, STALLED, digest)
+        cut_off(request, STALLED, digest)
         return response
     except ConnectionResetError:
         # The client went away (a cancelled pull): normal, and the download goes on without it.
@@ -187,27 +186,6 @@ async def _follow(request: web.Request, download: Download, digest: Digest) -> w
         return response
     await response.write_eof()
     return response
-
-
-class ClientStalled(Exception):
-    """The client accepted no piece of a blob within `send_timeout`."""
-
-
-def _cut_off(request: web.BaseRequest, message: str, digest: Digest) -> None:
-    """Abort the connection: once the headers are gone, the only honest signal left. Whatever the
-    response held (pin, reader of a download) is released by its caller; the download goes on."""
-    log.warning(message, digest)
-    if request.transport is not None:
-        request.transport.abort()
-
-
-async def _within(timeout: float, send: Awaitable[object]) -> None:
-    """Await one piece of sending; ClientStalled if the client does not take it in time."""
-    try:
-        async with asyncio.timeout(timeout):
-            await send
-    except TimeoutError:
-        raise ClientStalled from None
 
 
 def _can_sendfile(request: web.BaseRequest) -> bool:
@@ -233,8 +211,7 @@ async def _send_file(
 ) -> None:
     """Send bytes `[start, end)` of `file` a piece at a time, each accepted within `timeout`: with
     sendfile on plain TCP, else read (in a worker thread) and written. Pieces start at `CHUNK` and
-    grow while the client takes them quickly (each call costs a few syscalls and a timer), shrinking
-    again when it slows, so a piece always fits well inside the timeout of a client still reading."""
+    grow with the client's rate (each call costs a few syscalls and a timer), see `_next_piece`."""
     loop = asyncio.get_running_loop()
     piece = CHUNK
     while start < end:
@@ -245,7 +222,7 @@ async def _send_file(
         began = loop.time()
         if _can_sendfile(request):
             try:
-                await _within(timeout, loop.sendfile(transport, file, start, length, fallback=False))
+                await within(timeout, loop.sendfile(transport, file, start, length, fallback=False))
             except asyncio.SendfileNotAvailableError as exc:  # what a reset socket gives a new sendfile
                 raise ConnectionResetError(str(exc)) from exc
             writer.output_size += length  # bytes the writer did not see: counted for the access log
@@ -254,17 +231,15 @@ async def _send_file(
             data = await loop.run_in_executor(None, os.pread, file.fileno(), length, start)
             if not data:
                 raise ConnectionResetError(f"{file.name} ended early")
-            await _within(timeout, writer.write(data))
+            await within(timeout, writer.write(data))
             length = len(data)
         start += length
-        piece = _next_piece(piece, loop.time() - began, timeout)
+        piece = _next_piece(piece, length, loop.time() - began, timeout)
 
 
-def _next_piece(piece: int, took: float, timeout: float) -> int:
-    """Double a piece the client took in under a second (and a tenth of the timeout), up to
-    `MAX_PIECE`; halve one that took over a quarter of the timeout, down to `CHUNK`."""
-    if took < min(1.0, timeout / 10):
-        return min(piece * 2, MAX_PIECE)
-    if took > timeout / 4:
-        return max(piece // 2, CHUNK)
-    return piece
+def _next_piece(piece: int, sent: int, took: float, timeout: float) -> int:
+    """At most double the last piece, and no more than the client took in an eighth of the timeout
+    at its latest rate (so only a client that slows eightfold within one piece is cut off while
+    still reading); between `CHUNK` and `MAX_PIECE`."""
+    fits = sent / max(took, 1e-3) * timeout / 8
+    return int(max(CHUNK, min(piece * 2, fits, MAX_PIECE)))

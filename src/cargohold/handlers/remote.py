@@ -9,6 +9,8 @@ from aiohttp import web
 
 from cargohold.cache.store import Pin, RemoteBlob
 from cargohold.digests import Digest
+from cargohold.handlers.sending import STALLED, ClientStalled, cut_off, within
+from cargohold.keys import SETTINGS
 
 log = logging.getLogger("cargohold.blobs")
 
@@ -35,16 +37,18 @@ async def send_remote(
             if span:
                 response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
             await response.prepare(request)
+            timeout = request.app[SETTINGS].send_timeout
             try:
                 async for chunk in chunks:
-                    await response.write(chunk)
+                    await within(timeout, response.write(chunk))
+            except ClientStalled:
+                cut_off(request, STALLED, digest)
+                return response
             except ConnectionResetError:
                 log.debug("client of %s went away after %d bytes", digest, response.body_length)
                 return response
             except Exception as exc:  # noqa: BLE001 - headers are gone: a cut connection is the only signal left
-                log.warning("cutting off a client of %s: storage failed mid-stream: %s", digest, exc)
-                if request.transport is not None:
-                    request.transport.abort()
+                cut_off(request, "cutting off a client of %s: storage failed mid-stream: %s", digest, exc)
                 return response
         await response.write_eof()
         return response
