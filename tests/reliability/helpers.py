@@ -61,7 +61,6 @@ def cached_blob(srv: Cargohold, digest: str) -> Path:
 
 
 def temp_files(srv: Cargohold) -> list[Path]:
-    settled(srv)  # a download whose clients are served may still be renaming its temp file
     tmp = srv.data_dir / "tmp"
     return sorted(tmp.iterdir()) if tmp.is_dir() else []
 
