@@ -249,6 +249,7 @@ class AuthConfig(Strict):
     rules: list[AccessRule] | None = Field(default=None, description="unset: every user may pull everything")
     groups: dict[str, list[str]] = Field(default_factory=dict, description="group name -> user names")
     token_ttl: Duration = 300.0
+    refresh_token_ttl: Duration = Field(30 * 86400.0, gt=0, description="how long a refresh token from POST /token is good for")
     max_failed_logins: int = Field(default=10, ge=1)
     failed_login_window: Duration = 300.0
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -20,7 +22,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from cargohold.app import build_app
 from cargohold.auth import htpasswd, logins
-from cargohold.auth.service import Auth
+from cargohold.auth.service import Auth, password_fingerprint
+from cargohold.auth.tokens import Tokens, load_or_create_key
 from cargohold.config import ConfigError, Settings
 from cargohold.identity import IDENTITY
 from cargohold.keys import AUTH
@@ -349,3 +352,55 @@ async def test_oauth_form_errors_and_throttling(make_client: Any) -> None:
     assert (await client.post("/token", data={"grant_type": "password"})).status == 400
     noauth = await make()
     assert (await noauth.post("/token", data={"grant_type": "password"})).status == 404
+
+
+async def test_refresh_token_is_bound_to_the_hash_the_password_was_checked_against(
+    make_client: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The htpasswd file is reread (password changed) while bcrypt checks the old password: the
+    refresh token must carry the old hash's fingerprint, so the change revokes it."""
+    make, _ = make_client
+    client = await make({})
+    users = client.server.app[AUTH].users
+    entered, release = threading.Event(), threading.Event()
+    real = logins.verify_password
+
+    def held(password: bytes, stored: bytes) -> bool:
+        ok = real(password, stored)
+        entered.set()
+        release.wait(30)
+        return ok
+
+    monkeypatch.setattr(logins, "verify_password", held)
+    form = {"grant_type": "password", "username": "alice", "password": "alice-pw", "access_type": "offline"}
+    login = asyncio.ensure_future(client.post("/token", data=form, headers=from_ip("192.0.2.7")))
+    assert await asyncio.to_thread(entered.wait, 30)
+    old = users.hash_of("alice")
+    htpasswd.set_user(tmp_path / "htpasswd", "alice", htpasswd.hash_password("new-secret", rounds=4))
+    await _wait_reread(client, lambda: users.hash_of("alice") != old)
+    release.set()
+    resp = await login
+    assert resp.status == 200, await resp.text()
+    refresh = (await resp.json())["refresh_token"]
+    monkeypatch.setattr(logins, "verify_password", real)
+    await _oauth(client, 401, grant_type="refresh_token", refresh_token=refresh)
+    await _oauth(client, 401, grant_type="password", username="alice", password="alice-pw")
+    renewed = await _oauth(client, grant_type="password", username="alice", password="new-secret", access_type="offline")
+    await _oauth(client, grant_type="refresh_token", refresh_token=renewed["refresh_token"])
+
+
+async def test_refresh_tokens_expire(make_client: Any, tmp_path: Path) -> None:
+    make, _ = make_client
+    client = await make({"refresh_token_ttl": "2d", "max_failed_logins": 1})
+    body = await _oauth(client, grant_type="password", username="alice", password="alice-pw", access_type="offline")
+    claims = _claims(body["refresh_token"])
+    assert claims["exp"] - claims["iat"] == 2 * 86400
+    # One issued by this instance (same key, same password) three days ago has expired.
+    auth = client.server.app[AUTH]
+    past = Tokens(load_or_create_key(tmp_path / "data"), 300, 2 * 86400, clock=lambda: time.time() - 3 * 86400)
+    old = past.issue_refresh("alice", password_fingerprint(auth.users.hash_of("alice") or b""))
+    for _ in range(2):  # no guess: not counted against the address (max_failed_logins is 1)
+        error = await _oauth(client, 401, ip="192.0.2.3", grant_type="refresh_token", refresh_token=old)
+        assert error["errors"][0]["code"] == "UNAUTHORIZED" and "expired" in error["errors"][0]["message"]
+    await _oauth(client, ip="192.0.2.3", grant_type="refresh_token", refresh_token=body["refresh_token"])
+    assert Settings.model_validate({"auth": {"htpasswd": "x"}}).auth.refresh_token_ttl == 30 * 86400  # type: ignore[union-attr]

@@ -79,14 +79,14 @@ async def issue_oauth_token(request: web.Request) -> web.Response:
     if grant_type == "password":
         if not field.get("username") or "password" not in field:
             raise BadRequest("grant_type=password needs username and password")
-        who = await auth.login_password(request[IDENTITY], field["username"], field["password"])
+        proof = await auth.login_password(request[IDENTITY], field["username"], field["password"])
     elif grant_type == "refresh_token":
         if not field.get("refresh_token"):
             raise BadRequest("grant_type=refresh_token needs refresh_token")
-        who = auth.refresh(request[IDENTITY], field["refresh_token"])
+        proof = auth.refresh(request[IDENTITY], field["refresh_token"])
     else:
         raise BadRequest("unsupported grant_type; use password or refresh_token", {"grant_type": grant_type[:64]})
-    request[IDENTITY] = who
+    who = request[IDENTITY] = auth.identity(request[IDENTITY].address, proof.user)
     token, granted = _access(request, auth, who, [v for k, v in form.items() if k == "scope" and isinstance(v, str)])
     body: dict[str, object] = {
         "access_token": token,
@@ -94,6 +94,6 @@ async def issue_oauth_token(request: web.Request) -> web.Response:
         "scope": " ".join(map(str, granted)),
         "issued_at": _issued_at(),
     }
-    if field.get("access_type") == "offline" and who.user is not None:
-        body["refresh_token"] = auth.refresh_token(who.user)
+    if field.get("access_type") == "offline":
+        body["refresh_token"] = auth.refresh_token(proof)
     return web.json_response(body, headers=NO_STORE)
