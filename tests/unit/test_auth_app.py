@@ -404,3 +404,45 @@ async def test_refresh_tokens_expire(make_client: Any, tmp_path: Path) -> None:
         assert error["errors"][0]["code"] == "UNAUTHORIZED" and "expired" in error["errors"][0]["message"]
     await _oauth(client, ip="192.0.2.3", grant_type="refresh_token", refresh_token=body["refresh_token"])
     assert Settings.model_validate({"auth": {"htpasswd": "x"}}).auth.refresh_token_ttl == 30 * 86400  # type: ignore[union-attr]
+
+
+def _multipart(*part_headers: bytes) -> bytes:
+    return b"--xx\r\n" + b"".join(h + b"\r\n" for h in part_headers) + b"\r\nvalue\r\n--xx--\r\n"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"grant_type=password"),  # no boundary: ValueError
+        ("multipart/form-data; boundary=xx", _multipart(b"Content-Disposition: form-data")),  # part without a name
+        ("multipart/form-data; boundary=xx", _multipart(b"Content-Disposition: form-data; name=a",
+                                                        b"Content-Type: text/plain; charset=bogus")),  # LookupError
+        ("multipart/form-data; boundary=xx", _multipart(b"Content-Disposition: form-data; name=a",
+                                                        b"Content-Transfer-Encoding: bogus")),  # RuntimeError
+        ("multipart/form-data; boundary=xx", _multipart(b"Content-Disposition: form-data; name=a",
+                                                        b"no colon here")),  # HttpProcessingError
+        ("application/x-www-form-urlencoded; charset=bogus", b"grant_type=password"),  # LookupError
+        ("application/x-www-form-urlencoded", b"grant_type=\xff\xfe"),  # UnicodeDecodeError
+    ],
+    ids=["no-boundary", "part-without-name", "part-charset", "part-transfer-encoding", "part-header",
+         "form-charset", "form-bytes"],
+)
+async def test_malformed_token_forms_are_400_without_a_traceback(
+    make_client: Any, caplog: Any, content_type: str, body: bytes
+) -> None:
+    make, _ = make_client
+    client = await make({})
+    resp = await client.post("/token", data=body, headers=from_ip("192.0.2.50", {"Content-Type": content_type}))
+    assert resp.status == 400 and resp.content_type == "application/json", await resp.text()
+    error = (await resp.json())["errors"][0]
+    assert error["code"] == "UNSUPPORTED" and error["detail"]["reason"]
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+
+
+async def test_too_large_a_token_form_is_413(make_client: Any, caplog: Any) -> None:
+    make, _ = make_client
+    client = await make({})
+    resp = await client.post("/token", data=b"a=" + b"x" * (100 << 10),  # over client_max_size
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status == 413 and (await resp.json())["errors"][0]["code"] == "UNSUPPORTED"
+    assert "Traceback" not in caplog.text
