@@ -22,7 +22,7 @@ DOCKER_HUB = "docker.io"
 
 _HOSTNAME = r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?"
 _HOST = re.compile(rf"{_HOSTNAME}(:\d+)?")
-_REALM_HOST = re.compile(rf"(\*\.)?{_HOSTNAME}")
+_REALM_HOST = re.compile(rf"(\*\.)?{_HOSTNAME}(:\d{{1,5}})?")
 _GLOB = re.compile(r"[a-z0-9._*?/-]{1,255}")
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
@@ -169,7 +169,7 @@ class UpstreamConfig(Strict):
     @field_validator("token_realms")
     @classmethod
     def _token_realms(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else _host_names(value, _REALM_HOST, "auth.docker.io or *.docker.io")
+        return None if value is None else _host_names(value, _REALM_HOST, "auth.docker.io, *.docker.io or auth.example.com:5001")
 
     @field_validator("repositories")
     @classmethod
@@ -249,6 +249,7 @@ class AuthConfig(Strict):
     rules: list[AccessRule] | None = Field(default=None, description="unset: every user may pull everything")
     groups: dict[str, list[str]] = Field(default_factory=dict, description="group name -> user names")
     token_ttl: Duration = 300.0
+    refresh_token_ttl: Duration = Field(30 * 86400.0, gt=0, description="how long a refresh token from POST /token is good for")
     max_failed_logins: int = Field(default=10, ge=1)
     failed_login_window: Duration = 300.0
 

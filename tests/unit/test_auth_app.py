@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -20,7 +22,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from cargohold.app import build_app
 from cargohold.auth import htpasswd, logins
-from cargohold.auth.service import Auth
+from cargohold.auth.service import Auth, password_fingerprint
+from cargohold.auth.tokens import Tokens, load_or_create_key
 from cargohold.config import ConfigError, Settings
 from cargohold.identity import IDENTITY
 from cargohold.keys import AUTH
@@ -349,3 +352,97 @@ async def test_oauth_form_errors_and_throttling(make_client: Any) -> None:
     assert (await client.post("/token", data={"grant_type": "password"})).status == 400
     noauth = await make()
     assert (await noauth.post("/token", data={"grant_type": "password"})).status == 404
+
+
+async def test_refresh_token_is_bound_to_the_hash_the_password_was_checked_against(
+    make_client: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The htpasswd file is reread (password changed) while bcrypt checks the old password: the
+    refresh token must carry the old hash's fingerprint, so the change revokes it."""
+    make, _ = make_client
+    client = await make({})
+    users = client.server.app[AUTH].users
+    entered, release = threading.Event(), threading.Event()
+    real = logins.verify_password
+
+    def held(password: bytes, stored: bytes) -> bool:
+        ok = real(password, stored)
+        entered.set()
+        release.wait(30)
+        return ok
+
+    monkeypatch.setattr(logins, "verify_password", held)
+    form = {"grant_type": "password", "username": "alice", "password": "alice-pw", "access_type": "offline"}
+    login = asyncio.ensure_future(client.post("/token", data=form, headers=from_ip("192.0.2.7")))
+    assert await asyncio.to_thread(entered.wait, 30)
+    old = users.hash_of("alice")
+    htpasswd.set_user(tmp_path / "htpasswd", "alice", htpasswd.hash_password("new-secret", rounds=4))
+    await _wait_reread(client, lambda: users.hash_of("alice") != old)
+    release.set()
+    resp = await login
+    assert resp.status == 200, await resp.text()
+    refresh = (await resp.json())["refresh_token"]
+    monkeypatch.setattr(logins, "verify_password", real)
+    await _oauth(client, 401, grant_type="refresh_token", refresh_token=refresh)
+    await _oauth(client, 401, grant_type="password", username="alice", password="alice-pw")
+    renewed = await _oauth(client, grant_type="password", username="alice", password="new-secret", access_type="offline")
+    await _oauth(client, grant_type="refresh_token", refresh_token=renewed["refresh_token"])
+
+
+async def test_refresh_tokens_expire(make_client: Any, tmp_path: Path) -> None:
+    make, _ = make_client
+    client = await make({"refresh_token_ttl": "2d", "max_failed_logins": 1})
+    body = await _oauth(client, grant_type="password", username="alice", password="alice-pw", access_type="offline")
+    claims = _claims(body["refresh_token"])
+    assert claims["exp"] - claims["iat"] == 2 * 86400
+    # One issued by this instance (same key, same password) three days ago has expired.
+    auth = client.server.app[AUTH]
+    past = Tokens(load_or_create_key(tmp_path / "data"), 300, 2 * 86400, clock=lambda: time.time() - 3 * 86400)
+    old = past.issue_refresh("alice", password_fingerprint(auth.users.hash_of("alice") or b""))
+    for _ in range(2):  # no guess: not counted against the address (max_failed_logins is 1)
+        error = await _oauth(client, 401, ip="192.0.2.3", grant_type="refresh_token", refresh_token=old)
+        assert error["errors"][0]["code"] == "UNAUTHORIZED" and "expired" in error["errors"][0]["message"]
+    await _oauth(client, ip="192.0.2.3", grant_type="refresh_token", refresh_token=body["refresh_token"])
+    assert Settings.model_validate({"auth": {"htpasswd": "x"}}).auth.refresh_token_ttl == 30 * 86400  # type: ignore[union-attr]
+
+
+def _multipart(*part_headers: bytes) -> bytes:
+    return b"--xx\r\n" + b"".join(h + b"\r\n" for h in part_headers) + b"\r\nvalue\r\n--xx--\r\n"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"grant_type=password"),  # no boundary: ValueError
+        ("multipart/form-data; boundary=xx", _multipart(b"Content-Disposition: form-data")),  # part without a name
+        ("multipart/form-data; boundary=xx", _multipart(b"Content-Disposition: form-data; name=a",
+                                                        b"Content-Type: text/plain; charset=bogus")),  # LookupError
+        ("multipart/form-data; boundary=xx", _multipart(b"Content-Disposition: form-data; name=a",
+                                                        b"Content-Transfer-Encoding: bogus")),  # RuntimeError
+        ("multipart/form-data; boundary=xx", _multipart(b"Content-Disposition: form-data; name=a",
+                                                        b"no colon here")),  # HttpProcessingError
+        ("application/x-www-form-urlencoded; charset=bogus", b"grant_type=password"),  # LookupError
+        ("application/x-www-form-urlencoded", b"grant_type=\xff\xfe"),  # UnicodeDecodeError
+    ],
+    ids=["no-boundary", "part-without-name", "part-charset", "part-transfer-encoding", "part-header",
+         "form-charset", "form-bytes"],
+)
+async def test_malformed_token_forms_are_400_without_a_traceback(
+    make_client: Any, caplog: Any, content_type: str, body: bytes
+) -> None:
+    make, _ = make_client
+    client = await make({})
+    resp = await client.post("/token", data=body, headers=from_ip("192.0.2.50", {"Content-Type": content_type}))
+    assert resp.status == 400 and resp.content_type == "application/json", await resp.text()
+    error = (await resp.json())["errors"][0]
+    assert error["code"] == "UNSUPPORTED" and error["detail"]["reason"]
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+
+
+async def test_too_large_a_token_form_is_413(make_client: Any, caplog: Any) -> None:
+    make, _ = make_client
+    client = await make({})
+    resp = await client.post("/token", data=b"a=" + b"x" * (100 << 10),  # over client_max_size
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status == 413 and (await resp.json())["errors"][0]["code"] == "UNSUPPORTED"
+    assert "Traceback" not in caplog.text

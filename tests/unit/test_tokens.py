@@ -7,9 +7,19 @@ import json
 import time
 from pathlib import Path
 
+import jwt
 import pytest
 
-from cargohold.auth.tokens import KEY_FILE, InvalidToken, Scope, Tokens, load_or_create_key, parse_scopes
+from cargohold.auth.tokens import (
+    KEY_FILE,
+    REFRESH_AUDIENCE,
+    ExpiredToken,
+    InvalidToken,
+    Scope,
+    Tokens,
+    load_or_create_key,
+    parse_scopes,
+)
 
 
 def test_key_is_made_once_private_and_reused(tmp_path: Path) -> None:
@@ -39,6 +49,21 @@ def test_expired_token_is_refused(tmp_path: Path) -> None:
     old = Tokens(key, 60, clock=lambda: time.time() - 3600).issue("alice", [])
     with pytest.raises(InvalidToken, match="expired"):
         Tokens(key, 60).verify(old)
+
+
+def test_refresh_tokens_expire_and_need_an_expiry(tmp_path: Path) -> None:
+    key = load_or_create_key(tmp_path)
+    tokens = Tokens(key, 60, refresh_ttl=3600)
+    assert tokens.verify_refresh(tokens.issue_refresh("alice", "fp")) == ("alice", "fp")
+    old = Tokens(key, 60, refresh_ttl=3600, clock=lambda: time.time() - 7200).issue_refresh("alice", "fp")
+    with pytest.raises(ExpiredToken):
+        tokens.verify_refresh(old)
+    now = int(time.time())  # as issued before refresh tokens had an expiry
+    ageless = jwt.encode({"iss": "cargohold", "sub": "alice", "aud": REFRESH_AUDIENCE, "iat": now, "pwd": "fp"},
+                         key, algorithm="ES256")
+    with pytest.raises(InvalidToken) as refused:
+        tokens.verify_refresh(ageless)
+    assert not isinstance(refused.value, ExpiredToken)
 
 
 def test_tampered_or_foreign_tokens_are_refused(tmp_path: Path) -> None:

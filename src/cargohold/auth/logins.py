@@ -52,8 +52,12 @@ class Logins:
         self._verified: Expiring[bytes, bool] = Expiring(MAX_CACHED, clock)
         self._checking: dict[bytes, asyncio.Future[bool]] = {}
 
-    async def check(self, user: str, password: str, address: IPAddress) -> str:
-        """The user name when the password is right; Unauthorized or TooManyRequests otherwise."""
+    async def check(self, user: str, password: str, address: IPAddress) -> bytes:
+        """The stored hash the password proved right against; Unauthorized or TooManyRequests otherwise.
+
+        That hash, not a later read of the file, is what a refresh token is bound to: the file may be
+        reread (a password changed) while bcrypt runs.
+        """
         keys = (f"user:{user}", f"ip:{address}")
         self.refuse_if_throttled(keys)
         try:
@@ -61,11 +65,12 @@ class Logins:
         except PasswordError as exc:
             self.failed(keys, user, address)
             raise Unauthorized(f"login refused: {exc}") from None
-        if not await self._verify(user, raw):
+        stored = await self._verify(user, raw)
+        if stored is None:
             self.failed(keys, user, address)
             raise Unauthorized("wrong user name or password")
         self.throttle.succeeded(keys[0])
-        return user
+        return stored
 
     def refuse_if_throttled(self, keys: tuple[str, ...]) -> None:
         """TooManyRequests while any of `keys` (`user:NAME`, `ip:ADDRESS`) has failed too often."""
@@ -80,17 +85,18 @@ class Logins:
         self.throttle.failed(keys)
         log.warning("failed login for user %r from %s", user[:64], address)
 
-    async def _verify(self, user: str, password: bytes) -> bool:
+    async def _verify(self, user: str, password: bytes) -> bytes | None:
+        """The hash read once, before the check, that `password` matches; None when it does not."""
         stored = self.users.hash_of(user)
         key = hashlib.sha256(b"\0".join((user.encode(), password, stored or b""))).digest()
         if stored is not None and self._verified.get(key):
-            return True
+            return stored
         pending = self._checking.get(key)
         if pending is None:
             pending = asyncio.ensure_future(asyncio.to_thread(verify_password, password, stored or _NO_SUCH_USER))
             self._checking[key] = pending
             pending.add_done_callback(lambda _: self._checking.pop(key, None))
-        ok = await asyncio.shield(pending) and stored is not None
-        if ok:
-            self._verified.put(key, True, self._clock() + CACHE_TTL)
-        return ok
+        if not await asyncio.shield(pending) or stored is None:
+            return None
+        self._verified.put(key, True, self._clock() + CACHE_TTL)
+        return stored

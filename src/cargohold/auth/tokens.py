@@ -33,6 +33,10 @@ class InvalidToken(Exception):
     """Expired, tampered with, or not ours."""
 
 
+class ExpiredToken(InvalidToken):
+    """Ours and intact, but past its `exp`: no guess, so not worth counting as a failed login."""
+
+
 @dataclass(frozen=True)
 class Scope:
     """One `repository:NAME:ACTIONS` request; NAME may hold a registry host with a port."""
@@ -99,10 +103,17 @@ class Tokens:
     request, so verified tokens are remembered until they expire.
     """
 
-    def __init__(self, key: ec.EllipticCurvePrivateKey, ttl: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        ttl: float,
+        refresh_ttl: float = 30 * 86400,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._key = key
         self._public = key.public_key()
         self.ttl = int(ttl)
+        self.refresh_ttl = int(refresh_ttl)
         self._clock = clock
         self._verified: Expiring[str, Grant] = Expiring(MAX_CACHED, time.time)
 
@@ -121,31 +132,38 @@ class Tokens:
         return jwt.encode(claims, self._key, algorithm=ALGORITHM)
 
     def issue_refresh(self, user: str, fingerprint: str) -> str:
-        """An OAuth2 refresh token: no expiry (as the spec has it), good while `fingerprint` (of the
-        user's password hash) still matches, so removing the user or changing the password revokes it."""
+        """An OAuth2 refresh token, good for `refresh_ttl` while `fingerprint` (of the user's password
+        hash) still matches, so removing the user or changing the password revokes it."""
         now = int(self._clock())
         claims = {
             "iss": ISSUER,
             "sub": user,
             "aud": REFRESH_AUDIENCE,
             "iat": now,
+            "exp": now + self.refresh_ttl,
             "jti": secrets.token_urlsafe(16),
             "pwd": fingerprint,
         }
         return jwt.encode(claims, self._key, algorithm=ALGORITHM)
 
     def verify_refresh(self, token: str) -> tuple[str, str]:
-        """(user, password fingerprint) of a refresh token this instance issued; InvalidToken otherwise."""
+        """(user, password fingerprint) of an unexpired refresh token this instance issued.
+
+        ExpiredToken past its `exp`, InvalidToken otherwise (one without `exp`, from before refresh
+        tokens expired, too).
+        """
         try:
-            claims = self._decode(token, REFRESH_AUDIENCE, "pwd")
+            claims = self._decode(token, REFRESH_AUDIENCE, "pwd", "exp")
+        except jwt.ExpiredSignatureError as exc:  # checked after the signature: it is ours
+            raise ExpiredToken(str(exc)) from None
         except jwt.PyJWTError as exc:
             raise InvalidToken(str(exc)) from None
         if not isinstance(claims["sub"], str) or not claims["sub"] or not isinstance(claims["pwd"], str):
             raise InvalidToken("malformed refresh token")
         return claims["sub"], claims["pwd"]
 
-    def _decode(self, token: str, audience: str, required: str) -> dict[str, Any]:
-        """The claims of a token signed with our key for `audience`; `required` names a claim it must have."""
+    def _decode(self, token: str, audience: str, *required: str) -> dict[str, Any]:
+        """The claims of a token signed with our key for `audience`; `required` names claims it must have."""
         return jwt.decode(
             token,
             self._public,
@@ -153,7 +171,7 @@ class Tokens:
             audience=audience,
             issuer=ISSUER,
             leeway=LEEWAY,
-            options={"require": ["iat", "sub", "aud", "iss", required]},
+            options={"require": ["iat", "sub", "aud", "iss", *required]},
         )
 
     def verify(self, token: str) -> Grant:

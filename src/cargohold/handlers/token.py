@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import MultiDictProxy
 
 from cargohold.auth.service import Auth
 from cargohold.auth.tokens import Scope, parse_scopes
@@ -52,6 +54,21 @@ def _access(request: web.Request, auth: Auth, who: Identity, scopes: Iterable[st
     return auth.tokens.issue(who.user, granted), granted
 
 
+# What aiohttp's form parsing raises on a malformed body: ValueError (no multipart boundary, a part
+# without a name, bytes that do not decode), LookupError (an unknown charset), RuntimeError (an
+# unknown Content-Transfer-Encoding), HttpProcessingError (bad part headers), and AssertionError
+# from its internal checks. Too large a body is aiohttp's own 413.
+_MALFORMED_FORM = (ValueError, LookupError, RuntimeError, HttpProcessingError, AssertionError)
+
+
+async def _form(request: web.Request) -> MultiDictProxy[str | bytes | bytearray | web.FileField]:
+    """The POST form; 400 for a body that cannot be read as one (the client's fault, not ours)."""
+    try:
+        return await request.post()
+    except _MALFORMED_FORM as exc:
+        raise BadRequest("the form could not be read", {"reason": str(exc)[:200]}) from None
+
+
 def _issued_at() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -73,20 +90,20 @@ async def issue_token(request: web.Request) -> web.Response:
 async def issue_oauth_token(request: web.Request) -> web.Response:
     """The OAuth2 form of the token spec; a refresh token is returned when `access_type=offline`."""
     auth = _auth_of(request)
-    form = await request.post()
+    form = await _form(request)
     field = {k: v for k, v in form.items() if isinstance(v, str)}
     grant_type = field.get("grant_type", "")
     if grant_type == "password":
         if not field.get("username") or "password" not in field:
             raise BadRequest("grant_type=password needs username and password")
-        who = await auth.login_password(request[IDENTITY], field["username"], field["password"])
+        proof = await auth.login_password(request[IDENTITY], field["username"], field["password"])
     elif grant_type == "refresh_token":
         if not field.get("refresh_token"):
             raise BadRequest("grant_type=refresh_token needs refresh_token")
-        who = auth.refresh(request[IDENTITY], field["refresh_token"])
+        proof = auth.refresh(request[IDENTITY], field["refresh_token"])
     else:
         raise BadRequest("unsupported grant_type; use password or refresh_token", {"grant_type": grant_type[:64]})
-    request[IDENTITY] = who
+    who = request[IDENTITY] = auth.identity(request[IDENTITY].address, proof.user)
     token, granted = _access(request, auth, who, [v for k, v in form.items() if k == "scope" and isinstance(v, str)])
     body: dict[str, object] = {
         "access_token": token,
@@ -94,6 +111,6 @@ async def issue_oauth_token(request: web.Request) -> web.Response:
         "scope": " ".join(map(str, granted)),
         "issued_at": _issued_at(),
     }
-    if field.get("access_type") == "offline" and who.user is not None:
-        body["refresh_token"] = auth.refresh_token(who.user)
+    if field.get("access_type") == "offline":
+        body["refresh_token"] = auth.refresh_token(proof)
     return web.json_response(body, headers=NO_STORE)
