@@ -116,7 +116,7 @@ def test_metrics_listener_ready_and_json_logs(
     assert ready.status == 200
     assert json.loads(ready.body) == {
         "status": "ready",
-        "checks": {"storage": "ok", "index": "ok"},
+        "checks": {"storage": "ok", "store": "ok", "index": "ok"},
         "upstreams": {"docker.io": "ok"},
     }
     assert http_request("GET", f"{srv.url}/health").status == 200

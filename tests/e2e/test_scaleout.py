@@ -228,6 +228,9 @@ def test_a_failing_bucket_or_redis_answers_503_in_oci_json(
         assert answer.status == 503, answer.body
         assert answer.json()["errors"][0]["code"] == "UNAVAILABLE"  # type: ignore[index]
     assert ("s3 get_object of" if failing == "bucket" else "index (redis) get_tag failed") in a.log_text()
+    ready = http_request("GET", f"{a.url}/ready")
+    assert ready.status == 503
+    assert ready.json()["checks"]["store" if failing == "bucket" else "index"] != "ok"  # type: ignore[index]
 
 
 def test_prune_and_rm_through_the_cli_delete_objects(hub: Hub, replica: Factory, s3: S3Server, tmp_path: Path) -> None:

@@ -11,10 +11,14 @@ from aiohttp import web
 
 from cargohold import __version__
 from cargohold.cache.index import TagRow
+from cargohold.digests import Digest
+from cargohold.errors import StorageUnavailable
 from cargohold.keys import METRICS, PROXY, SETTINGS
 from cargohold.metrics import UpstreamState
 
 TOP_IMAGES = 10
+# Looked up by /ready and never stored: the store (a bucket) has to answer, "not there" is an answer.
+PROBE = Digest.of(b"cargohold /ready probe", "sha256")
 
 
 def _probe_storage(request: web.Request) -> None:
@@ -30,13 +34,19 @@ def _probe_storage(request: web.Request) -> None:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Ready when storage is writable and the index readable; upstream state is reported, never failing it."""
+    """Ready when the local spool is writable, the store (a bucket, with S3) answers and the index is
+    readable; upstream state is reported, never failing it."""
     checks: dict[str, str] = {}
     try:
         await asyncio.get_running_loop().run_in_executor(None, _probe_storage, request)
         checks["storage"] = "ok"
     except OSError as exc:
         checks["storage"] = f"not writable: {exc.strerror or exc}"
+    try:
+        await request.app[PROXY].store.locate(PROBE)
+        checks["store"] = "ok"
+    except StorageUnavailable as exc:
+        checks["store"] = f"not answering: {exc.message}"
     try:
         await request.app[PROXY].index.usage()
         checks["index"] = "ok"
