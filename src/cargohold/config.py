@@ -212,6 +212,14 @@ class BudgetOverrides(Strict):
     pulls_per_hour: Count | None = None
 
 
+def _local_or_redis(field: str, value: str, local: str) -> str:
+    """`local` (this process or this disk), or a redis:// or rediss:// URL with a host (shared)."""
+    parts = urlsplit(value)
+    if value != local and (parts.scheme not in ("redis", "rediss") or not parts.hostname):
+        raise ValueError(f"invalid {field} {value!r} (expected {local} or redis://host:port[/db])")
+    return value
+
+
 class RateLimitConfig(BudgetOverrides):
     """Request limits; `trusted_proxies` also decides whose X-Forwarded-For is believed."""
 
@@ -225,10 +233,7 @@ class RateLimitConfig(BudgetOverrides):
     @field_validator("storage")
     @classmethod
     def _storage(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if value != "memory://" and (parts.scheme not in ("redis", "rediss") or not parts.hostname):
-            raise ValueError(f"invalid storage {value!r} (expected memory:// or redis://host:port[/db])")
-        return value
+        return _local_or_redis("storage", value, "memory://")
 
 
 class AccessRule(Strict):
@@ -326,10 +331,7 @@ class IndexConfig(Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if value != "sqlite" and (parts.scheme not in ("redis", "rediss") or not parts.hostname):
-            raise ValueError(f"invalid url {value!r} (expected sqlite or redis://host:port[/db])")
-        return value
+        return _local_or_redis("url", value, "sqlite")
 
     @property
     def redis(self) -> bool:

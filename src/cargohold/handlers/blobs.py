@@ -22,7 +22,16 @@ from cargohold.cache.store import Pin
 from cargohold.digests import Digest
 from cargohold.errors import RangeInvalid, StorageUnavailable, UpstreamInvalid
 from cargohold.handlers.remote import send_remote
-from cargohold.handlers.sending import STALLED, ClientStalled, cut_off, within
+from cargohold.handlers.sending import (
+    STALLED,
+    ClientStalled,
+    blob_headers,
+    blob_response,
+    cut_off,
+    send_body,
+    within,
+    write_all,
+)
 from cargohold.handlers.target import proxy_of, target_of
 from cargohold.keys import CACHE, SETTINGS
 from cargohold.proxy import PullThrough
@@ -104,15 +113,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     if request.method == hdrs.METH_HEAD:
         size, request[CACHE] = await proxy.blob_size(target, digest)
         requested_range(request, size)
-        return web.Response(
-            headers={
-                "Content-Length": str(size),
-                "Docker-Content-Digest": str(digest),
-                "Content-Type": "application/octet-stream",
-                "ETag": f'"{digest}"',
-                "Accept-Ranges": "bytes",
-            }
-        )
+        return web.Response(headers={**blob_headers(digest), "Content-Length": str(size), "Accept-Ranges": "bytes"})
     found = await proxy.blob(target, digest)
     if not isinstance(found, Path | Download):
         span = requested_range(request, found.size)
@@ -151,41 +152,38 @@ async def _refetch(proxy: PullThrough, target: Target, digest: Digest) -> Downlo
 async def _follow(request: web.Request, download: Download, digest: Digest) -> web.StreamResponse:
     """Stream a blob from the download in progress, at this client's own pace."""
     span = requested_range(request, download.size)
-    response = web.StreamResponse(
-        status=206 if span else 200,
-        headers={"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream", "ETag": f'"{digest}"'},
-    )
+    response = blob_response(digest, span, download.size)
     start, end = span if span else (0, download.size)
-    if span:
-        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{download.size}"
-    if end is not None:
-        response.content_length = end - start
     if end == start:  # an empty body has no last byte to hold back: the headers wait for the digest
         try:
             async for _ in download.read(start, end):  # no bytes: returns once verified
                 pass
         except DownloadFailed:
             raise UpstreamInvalid(f"upstream blob failed: {download.error}", {"digest": str(digest)}) from None
-    timeout = request.app[SETTINGS].send_timeout
     writer = await response.prepare(request)
+    body = _send_following(request, response, writer, download, start, end)
     try:
-        if end is not None and writer is not None and _can_sendfile(request):
-            start = await _sendfile(request, writer, download, start, end, timeout)
-        async with contextlib.aclosing(download.read(start, end)) as chunks:  # TLS, or what only memory holds
-            async for chunk in chunks:
-                await within(timeout, response.write(chunk))
+        return await send_body(request, response, digest, body)
     except DownloadFailed:
         cut_off(request, "cutting off a client of failed download %s", digest)
         return response
-    except ClientStalled:
-        cut_off(request, STALLED, digest)
-        return response
-    except ConnectionResetError:
-        # The client went away (a cancelled pull): normal, and the download goes on without it.
-        log.debug("client of %s went away after %d bytes", digest, response.body_length)
-        return response
-    await response.write_eof()
-    return response
+
+
+async def _send_following(
+    request: web.Request,
+    response: web.StreamResponse,
+    writer: AbstractStreamWriter | None,
+    download: Download,
+    start: int,
+    end: int | None,
+) -> None:
+    """The body of a follower: sendfile for what is on disk, then what is left (TLS, or what only
+    memory holds) written chunk by chunk."""
+    timeout = request.app[SETTINGS].send_timeout
+    if end is not None and writer is not None and _can_sendfile(request):
+        start = await _sendfile(request, writer, download, start, end, timeout)
+    async with contextlib.aclosing(download.read(start, end)) as chunks:
+        await write_all(response, chunks, timeout)
 
 
 def _can_sendfile(request: web.BaseRequest) -> bool:
