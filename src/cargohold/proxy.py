@@ -146,11 +146,12 @@ class PullThrough:
     async def manifest(self, target: Target, reference: str, accept: frozenset[str]) -> Manifest:
         if looks_like_digest(reference):
             return await self._by_digest(target, Digest.parse(reference))
-        return await self._by_tag(target, check_tag(reference), accept)
+        tag = check_tag(reference)
+        return await self._by_tag(target, tag, accept, await self.index.get_tag(target.upstream.name, target.repository, tag))
 
-    async def _by_tag(self, target: Target, tag: str, accept: frozenset[str]) -> Manifest:
+    async def _by_tag(self, target: Target, tag: str, accept: frozenset[str], entry: TagEntry | None) -> Manifest:
+        """`entry`: the index's row for the tag, as just read."""
         key = (target.upstream.name, target.repository, tag)
-        entry = await self.index.get_tag(*key)
         if entry is None:
             # Fetched with the full Accept and remembered, so a client that accepts the manifest's own type
             # (most do, whatever else they list) is answered from cache next time.
@@ -215,6 +216,7 @@ class PullThrough:
                 head = await self._head_digest(target, digest)
                 if head is not None:
                     return head
+            manifest = await self._by_digest(target, digest)
         else:
             tag = check_tag(reference)
             entry = await self.index.get_tag(target.upstream.name, target.repository, tag)
@@ -222,7 +224,7 @@ class PullThrough:
                 head = await self._head_uncached_tag(target, tag, accept, entry)
                 if head is not None:
                     return head
-        manifest = await self.manifest(target, reference, accept)
+            manifest = await self._by_tag(target, tag, accept, entry)
         return ManifestHead(manifest.digest, len(manifest.body), manifest.media_type, manifest.cache)
 
     async def _head_digest(self, target: Target, digest: Digest) -> ManifestHead | None:
@@ -242,15 +244,18 @@ class PullThrough:
         key = (target.upstream.name, target.repository, tag)
         if not takes_everything(accept):
             return await self._head_tag(target, tag, accept)
-        known = self._heads.get(key) if entry is not None else None
-        if known is None or entry is None or known.digest != entry.digest:
-            return await self._head_flights.run(key, lambda: self._head_tag(target, tag, accept))
-        self._heads.move_to_end(key)
-        if time.time() - entry.checked_at < target.upstream.config.tag_ttl:
-            return replace(known, cache="hit")
+        known = self._heads.get(key)
+        if entry is None or known is None or known.digest != entry.digest:
+            known = None
+        else:
+            self._heads.move_to_end(key)
+            if time.time() - entry.checked_at < target.upstream.config.tag_ttl:
+                return replace(known, cache="hit")
         try:
             return await self._head_flights.run(key, lambda: self._head_tag(target, tag, accept))
         except UpstreamError as exc:
+            if known is None:
+                raise
             log.warning("serving stale %s/%s:%s (%s): %s", *key, known.digest, exc.message)
             return replace(known, cache="stale")
 
