@@ -239,7 +239,9 @@ def pull(
     """`clients` pullers of repo:ref at once (1 = a plain pull, 20 = a herd): bytes, wall time and
     how many pulls failed (only with `tolerate`; else a failure is an error)."""
     tokens = Tokens()
-    total, seconds, failed = _together(clients, lambda _: _pull(base, repo, ref, auth, tokens, parallel), tolerate=tolerate)
+    total, seconds, failed = _together(
+        clients, lambda _: _pull(base, repo, ref, auth, tokens, parallel), tolerate=tolerate
+    )
     return {"bytes": total, "seconds": seconds, "failed": failed}
 
 

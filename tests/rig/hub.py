@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import binascii
+import contextlib
 import datetime as dt
 import hashlib
 import hmac

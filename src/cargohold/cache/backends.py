@@ -69,7 +69,9 @@ async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
             except redis.RedisError as exc:
                 await client.aclose()
                 where = urlsplit(settings.index.url)
-                raise ConfigError(f"index.url: cannot reach redis at {where.hostname}:{where.port or 6379}: {exc}") from None
+                raise ConfigError(
+                    f"index.url: cannot reach redis at {where.hostname}:{where.port or 6379}: {exc}"
+                ) from None
             index = RedisIndex(client)
             if settings.storage.backend == "s3":  # replicas share content only through a bucket
                 peers = Peers(client, settings.index.peer_wait, settings.index.lease)
