@@ -162,8 +162,8 @@ class AcmeManager:
         verify: bool | str = str(self.config.ca_bundle) if self.config.ca_bundle else True
         net = client.ClientNetwork(
             self._account_key(),
-            verify_ssl=verify,
-            user_agent=f"cargohold/{__version__}",  # type: ignore[arg-type]
+            verify_ssl=verify,  # type: ignore[arg-type]  # acme types it bool; requests also takes a CA bundle path
+            user_agent=f"cargohold/{__version__}",
         )
         acme = client.ClientV2(client.ClientV2.get_directory(self.config.directory, net), net)
         registration = messages.NewRegistration.from_data(email=self.config.email, terms_of_service_agreed=True)
