@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import re
@@ -32,11 +31,7 @@ class Cdn:
         return f"{self.cdn_url}{path}?expires={expires}&signature={self._cdn_sign(path, expires)}"
 
     async def _cdn(self, request: web.Request) -> web.StreamResponse:
-        if self._is_down("cdn", request):
-            raise asyncio.CancelledError
-        rec = self._record("cdn", request)
-        fault = self._take_fault("cdn", request)
-        early = await self._pre_fault(fault, request, rec)
+        rec, fault, early = await self._enter("cdn", request)
         if early is not None:
             return early
         m = re.match(r"^/registry-v2/docker/registry/v2/blobs/sha256/[a-f0-9]{2}/([a-f0-9]{64})/data$", request.path)

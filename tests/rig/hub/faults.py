@@ -36,6 +36,17 @@ class Faults:
                     return f
         return None
 
+    async def _enter(
+        self, service: str, request: web.Request
+    ) -> tuple[Recorded, Fault | None, web.StreamResponse | None]:
+        """Every service's first steps: drop the request while the service is down, record it, take its fault
+        and the early answer that fault gives (None: go on, with the fault still to shape the body)."""
+        if self._is_down(service, request):
+            raise asyncio.CancelledError
+        rec = self._record(service, request)
+        fault = self._take_fault(service, request)
+        return rec, fault, await self._pre_fault(fault, request, rec)
+
     async def _pre_fault(self, fault: Fault | None, request: web.Request, rec: Recorded) -> web.StreamResponse | None:
         """Apply the request-level part of a fault; a response means: answer this."""
         if fault is None:

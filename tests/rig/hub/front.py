@@ -16,11 +16,7 @@ class Front:
     """The counting front (a part of `Hub`)."""
 
     async def _front(self, request: web.Request) -> web.StreamResponse:
-        if self._is_down("registry", request):
-            raise asyncio.CancelledError
-        rec = self._record("registry", request)
-        fault = self._take_fault("registry", request)
-        early = await self._pre_fault(fault, request, rec)
+        rec, fault, early = await self._enter("registry", request)
         if early is not None:
             return early
         assert self._session is not None

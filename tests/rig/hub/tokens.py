@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import datetime as dt
@@ -87,11 +86,7 @@ class Tokens:
         return {"token": token, "access_token": token, "expires_in": self.token_ttl, "issued_at": issued}
 
     async def _token_get(self, request: web.Request) -> web.StreamResponse:
-        if self._is_down("token", request):
-            raise asyncio.CancelledError
-        rec = self._record("token", request)
-        fault = self._take_fault("token", request)
-        early = await self._pre_fault(fault, request, rec)
+        rec, _, early = await self._enter("token", request)
         if early is not None:
             return early
         user: str | None = None
@@ -121,11 +116,7 @@ class Tokens:
 
     async def _token_post(self, request: web.Request) -> web.StreamResponse:
         """OAuth2 form flavour (containerd uses it when it has credentials)."""
-        if self._is_down("token", request):
-            raise asyncio.CancelledError
-        rec = self._record("token", request)
-        fault = self._take_fault("token", request)
-        early = await self._pre_fault(fault, request, rec)
+        rec, _, early = await self._enter("token", request)
         if early is not None:
             return early
         form = await request.post()
