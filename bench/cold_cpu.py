@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.load import Auth
 from bench.scenarios import _auth, load
-from bench.systems import CargoholdSystem, Nginx, NginxRelay, NginxSystem, Upstream, cpu_seconds, process_tree
+from bench.systems import CargoholdSystem, Nginx, NginxRelay, NginxSystem, System, Upstream, cpu_seconds, process_tree
 from rig.hub import Hub
 from rig.images import big_image
 
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--layer-mib", type=int, default=256)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cargohold-cold-cpu-"))
-    systems: list[NginxSystem | CargoholdSystem] = []
+    systems: list[System] = []
     try:
         with Hub(work / "hub") as hub:
             big = hub.push_image(

@@ -219,7 +219,8 @@ def _pull(base: str, repo: str, ref: str, auth: Auth, tokens: Tokens, parallel: 
         if not hasattr(local, "client"):
             local.client = Client(base, auth, tokens)
             opened.append(local.client)
-        status, body, n = local.client.get(f"/v2/{repo}/blobs/{blob['digest']}")
+        client: Client = local.client
+        status, body, n = client.get(f"/v2/{repo}/blobs/{blob['digest']}")
         _expect_ok(status, f"blob {blob['digest']}", body)
         if n != blob["size"]:
             raise LoadError(f"blob {blob['digest']}: {n} bytes, manifest says {blob['size']}")

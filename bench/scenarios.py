@@ -113,7 +113,7 @@ def load(spec: dict[str, Any], timeout: float = 900) -> dict[str, float]:
         check=False,  # a failure is read from the output below
     )
     try:
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         raise RuntimeError(f"load generator failed ({proc.returncode}): {proc.stderr[-3000:]}") from None
     if "error" in result:
@@ -253,7 +253,7 @@ def ab(
 
 def _manifest_variants(system: System, repo: str) -> list[tuple[str, dict[str, str], tuple[str, str] | None]]:
     """(label, extra headers, Basic credentials) for each way clients authenticate to `system` (`auths`)."""
-    variants = []
+    variants: list[tuple[str, dict[str, str], tuple[str, str] | None]] = []
     for auth in system.auths:
         if auth.mode == "basic" and auth.user and auth.password:
             variants.append(

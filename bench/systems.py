@@ -216,6 +216,10 @@ class Upstream:
 class NginxSystem:
     """A system that is one nginx and keeps nothing to wipe between runs."""
 
+    name: str
+    url: str
+    auth: Auth
+    auths: list[Auth]
     nginx: Nginx
 
     def _serve(self, workdir: Path, block: str, auth: Auth) -> None:
