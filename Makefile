@@ -3,12 +3,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := docker.io docker-registry skopeo containerd nginx apache2-utils chromium redis-server
 
-.PHONY: run test soak venv system-packages bench
+.PHONY: run test lint soak venv system-packages bench
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,lint]'
 	touch $@
 
 run: venv
@@ -22,6 +22,12 @@ system-packages:
 	  missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
 	fi
+
+# ruff (rules, format) and mypy --strict: settings and per-module relaxations in pyproject.toml.
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
 
 test: system-packages venv
 	$(PY) -m pytest tests -q

@@ -19,12 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from rig.hub import Hub
-from rig.images import big_image
-
 from bench.load import Auth
 from bench.scenarios import _auth, load
-from bench.systems import CargoholdSystem, Nginx, NginxRelay, NginxSystem, Upstream, cpu_seconds, process_tree
+from bench.systems import CargoholdSystem, Nginx, NginxRelay, NginxSystem, System, Upstream, cpu_seconds, process_tree
+from rig.hub import Hub
+from rig.images import big_image
 
 
 class NginxCache(NginxSystem):
@@ -39,7 +38,9 @@ class NginxCache(NginxSystem):
             f"    location / {{ proxy_pass http://{upstream}; proxy_http_version 1.1; proxy_set_header Host $http_host;"
             " proxy_cache c; proxy_cache_valid 200 1h; proxy_cache_key $uri; proxy_ignore_headers Cache-Control Set-Cookie; }"
         )
-        self.nginx = Nginx(workdir, block, access_log=False, http_block=f"  proxy_cache_path {self.cache} keys_zone=c:10m max_size=2g;")
+        self.nginx = Nginx(
+            workdir, block, access_log=False, http_block=f"  proxy_cache_path {self.cache} keys_zone=c:10m max_size=2g;"
+        )
         self.nginx.start()
         self.url = self.nginx.url
         self.auth = Auth("bearer")
@@ -61,12 +62,18 @@ def main() -> None:
     parser.add_argument("--layer-mib", type=int, default=256)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cargohold-cold-cpu-"))
-    systems: list[NginxSystem | CargoholdSystem] = []
+    systems: list[System] = []
     try:
         with Hub(work / "hub") as hub:
-            big = hub.push_image(big_image(work / "images", args.layer_mib << 20, seed="bench-big"), "bench/big", "latest")
+            big = hub.push_image(
+                big_image(work / "images", args.layer_mib << 20, seed="bench-big"), "bench/big", "latest"
+            )
             hub_pids = [p for p in process_tree(os.getpid()) if p != os.getpid()]
-            systems = [NginxRelay(work / "relay", hub.url), NginxCache(work / "nginx-cache", hub.url), CargoholdSystem(work / "cargohold", hub.url)]
+            systems = [
+                NginxRelay(work / "relay", hub.url),
+                NginxCache(work / "nginx-cache", hub.url),
+                CargoholdSystem(work / "cargohold", hub.url),
+            ]
             print(f"{'pull':12} {'MB/s':>6}  CPU s: {'front':>5} {'hub':>5} {'client':>6} {'mirror':>6}")
             for _ in range(args.pulls):
                 for system in [Upstream(hub), *systems]:
@@ -74,11 +81,16 @@ def main() -> None:
                     time.sleep(0.5)  # let a restarted mirror settle
                     mirror = system.pids()
                     before = (time.process_time(), cpu_seconds(hub_pids), _children_cpu(), cpu_seconds(mirror))
-                    result = load({"op": "pull", "base": system.url, "repo": big.repo, "ref": big.tag, "auth": _auth(system)})
+                    result = load(
+                        {"op": "pull", "base": system.url, "repo": big.repo, "ref": big.tag, "auth": _auth(system)}
+                    )
                     after = (time.process_time(), cpu_seconds(hub_pids), _children_cpu(), cpu_seconds(mirror))
                     front, hub_cpu, client, used = (b - a for a, b in zip(before, after, strict=True))
                     mbs = result["bytes"] / result["seconds"] / 1e6
-                    print(f"{system.name:12} {mbs:6.0f}         {front:5.2f} {hub_cpu:5.2f} {client:6.2f} {used if mirror else 0:6.2f}", flush=True)
+                    print(
+                        f"{system.name:12} {mbs:6.0f}         {front:5.2f} {hub_cpu:5.2f} {client:6.2f} {used if mirror else 0:6.2f}",
+                        flush=True,
+                    )
     finally:
         for system in systems:
             system.stop()

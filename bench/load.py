@@ -219,7 +219,8 @@ def _pull(base: str, repo: str, ref: str, auth: Auth, tokens: Tokens, parallel: 
         if not hasattr(local, "client"):
             local.client = Client(base, auth, tokens)
             opened.append(local.client)
-        status, body, n = local.client.get(f"/v2/{repo}/blobs/{blob['digest']}")
+        client: Client = local.client
+        status, body, n = client.get(f"/v2/{repo}/blobs/{blob['digest']}")
         _expect_ok(status, f"blob {blob['digest']}", body)
         if n != blob["size"]:
             raise LoadError(f"blob {blob['digest']}: {n} bytes, manifest says {blob['size']}")
@@ -239,7 +240,9 @@ def pull(
     """`clients` pullers of repo:ref at once (1 = a plain pull, 20 = a herd): bytes, wall time and
     how many pulls failed (only with `tolerate`; else a failure is an error)."""
     tokens = Tokens()
-    total, seconds, failed = _together(clients, lambda _: _pull(base, repo, ref, auth, tokens, parallel), tolerate=tolerate)
+    total, seconds, failed = _together(
+        clients, lambda _: _pull(base, repo, ref, auth, tokens, parallel), tolerate=tolerate
+    )
     return {"bytes": total, "seconds": seconds, "failed": failed}
 
 

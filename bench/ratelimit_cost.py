@@ -29,16 +29,15 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from rig.hub import Hub  # noqa: E402
-from rig.images import simple_image  # noqa: E402
-from rig.redisd import RedisServer  # noqa: E402
-from rig.server import Cargohold  # noqa: E402
-
-from cargohold.config import load_settings  # noqa: E402
-from cargohold.identity import Identity  # noqa: E402
-from cargohold.mediatypes import FULL_ACCEPT  # noqa: E402
-from cargohold.ratelimit.limiter import Kind, RateLimiter  # noqa: E402
-from cargohold.ratelimit.memory import MovingWindowMemory  # noqa: E402
+from cargohold.config import load_settings
+from cargohold.identity import Identity
+from cargohold.mediatypes import FULL_ACCEPT
+from cargohold.ratelimit.limiter import Kind, RateLimiter
+from cargohold.ratelimit.memory import MovingWindowMemory
+from rig.hub import Hub
+from rig.images import simple_image
+from rig.redisd import RedisServer
+from rig.server import Cargohold
 
 CONNECTIONS = 32
 REPO, TAG = "bench/ratelimit", "latest"

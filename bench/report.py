@@ -89,7 +89,7 @@ class Results:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = []
         for n, row in enumerate(rows):
-            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
             if n == 0:
                 lines.append("  ".join("-" * w for w in widths))
         return "\n".join(lines)

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import aiohttp
-from rig.hub import Hub
-from rig.images import Image, big_image, make_image, make_layer, simple_image
 
 from bench.report import CARGOHOLD, REPLACED, Results
 from bench.scenarios import METRICS, SCENARIOS, Bench, Options
 from bench.systems import CargoholdSystem, NginxFile, NginxRelay, ReplacedStack, System, Upstream
+from rig.hub import Hub
+from rig.images import Image, big_image, make_image, make_layer, simple_image
 
 QUICK = Options(
     runs=1, layer_mib=2, herd_layer_kib=4, herd_clients=20, warm_reads=1, warm_clients=8, manifest_seconds=1
@@ -33,7 +33,11 @@ QUICK = Options(
 def machine() -> dict[str, str]:
     """The facts a figure needs next to it."""
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         platform.processor(),
     )
     mem_kib = int(Path("/proc/meminfo").read_text().split()[1])

@@ -6,6 +6,7 @@ manifests. Peak RSS is taken around scenarios 2, 3 and 4 from the processes' hig
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -15,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rig.hub import Hub
-from rig.images import ACCEPT_ALL, Image
-
 from bench.load import token
 from bench.report import CARGOHOLD, REPLACED, Metric, Results, Target
 from bench.systems import System, cpu_seconds, peak_rss_mib, reset_peak_rss, rss_mib
+from rig.hub import Hub
+from rig.images import ACCEPT_ALL, Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NGINX_FILE, NGINX_RELAY, UPSTREAM, IDEAL = "nginx-file", "nginx-relay", "upstream", "ideal"
@@ -69,13 +69,35 @@ METRICS = [
     Metric("herd_gets", "4. herd, upstream blob GETs", "GETs", IDEAL, Target("== 1 per blob", lambda v, ref: v == ref)),
     Metric("herd_seconds", "4. herd, wall time", "s", None, None, 2),
     Metric("herd_failed", "4. herd, pulls that failed", "pulls", None, Target("== 0", lambda v, ref: v == 0)),
-    Metric("manifest_rps", "5. warm manifest by tag", "req/s", REPLACED, Target(">= 10x replaced", lambda v, ref: ref is not None and v >= 10 * ref)),
+    Metric(
+        "manifest_rps",
+        "5. warm manifest by tag",
+        "req/s",
+        REPLACED,
+        Target(">= 10x replaced", lambda v, ref: ref is not None and v >= 10 * ref),
+    ),
     Metric("manifest_p99", "5. warm manifest p99", "ms", None, None, 1),
-    Metric("manifest_upstream", "5. upstream requests in the run", "requests", None, Target("== 0", lambda v, ref: v == 0)),
+    Metric(
+        "manifest_upstream", "5. upstream requests in the run", "requests", None, Target("== 0", lambda v, ref: v == 0)
+    ),
     Metric("rss_idle", "6. RSS at start of a run", "MiB", None, None, 1),
     Metric("rss_warm8", "6. peak RSS in scenario 2", "MiB", None, None, 1),
-    Metric("rss_cold", "6. peak RSS in scenario 3", "MiB", None, Target(f"< {RSS_LIMIT_MIB} MiB (flat)", lambda v, ref: v < RSS_LIMIT_MIB), 1),
-    Metric("rss_herd", "6. peak RSS in scenario 4", "MiB", None, Target(f"< {RSS_LIMIT_MIB} MiB", lambda v, ref: v < RSS_LIMIT_MIB), 1),
+    Metric(
+        "rss_cold",
+        "6. peak RSS in scenario 3",
+        "MiB",
+        None,
+        Target(f"< {RSS_LIMIT_MIB} MiB (flat)", lambda v, ref: v < RSS_LIMIT_MIB),
+        1,
+    ),
+    Metric(
+        "rss_herd",
+        "6. peak RSS in scenario 4",
+        "MiB",
+        None,
+        Target(f"< {RSS_LIMIT_MIB} MiB", lambda v, ref: v < RSS_LIMIT_MIB),
+        1,
+    ),
 ]
 
 
@@ -88,9 +110,10 @@ def load(spec: dict[str, Any], timeout: float = 900) -> dict[str, float]:
         timeout=timeout,
         cwd=REPO_ROOT,
         stdin=subprocess.DEVNULL,
+        check=False,  # a failure is read from the output below
     )
     try:
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         raise RuntimeError(f"load generator failed ({proc.returncode}): {proc.stderr[-3000:]}") from None
     if "error" in result:
@@ -126,7 +149,7 @@ def cold_pull(b: Bench, run: int) -> None:
             b.results.add("rss_idle", system.name, rss_mib(system.pids()))
         spec = {"op": "pull", "base": system.url, "repo": b.big.repo, "ref": b.big.tag, "auth": _auth(system)}
         cpu = cpu_seconds(system.pids())
-        result, peak = _with_peak_rss(system, lambda: load(spec))
+        result, peak = _with_peak_rss(system, functools.partial(load, spec))
         b.results.add("cold", system.name, _mb_per_s(result))
         if system.pids():
             b.results.add("cold_cpu", system.name, cpu_seconds(system.pids()) - cpu)
@@ -136,7 +159,16 @@ def cold_pull(b: Bench, run: int) -> None:
 
 def _read_big(b: Bench, system: System, clients: int, repeat: int) -> dict[str, float]:
     path = f"/v2/{b.big.repo}/blobs/{_big_layer(b)}"
-    return load({"op": "read_blob", "base": system.url, "path": path, "clients": clients, "repeat": repeat, "auth": _auth(system)})
+    return load(
+        {
+            "op": "read_blob",
+            "base": system.url,
+            "path": path,
+            "clients": clients,
+            "repeat": repeat,
+            "auth": _auth(system),
+        }
+    )
 
 
 def warm_blob_one(b: Bench, run: int) -> None:
@@ -152,7 +184,7 @@ def warm_blob_one(b: Bench, run: int) -> None:
 def warm_blob_many(b: Bench, run: int) -> None:
     """2. `warm_clients` clients read the cached big layer at once: aggregate MB/s."""
     for system in b.among(NGINX_FILE, REPLACED, CARGOHOLD):
-        result, peak = _with_peak_rss(system, lambda: _read_big(b, system, b.options.warm_clients, 1))
+        result, peak = _with_peak_rss(system, functools.partial(_read_big, b, system, b.options.warm_clients, 1))
         b.results.add("warm8", system.name, _mb_per_s(result))
         b.results.add("rss_warm8", system.name, peak)
         b.log(f"  run {run + 1} warm blob x{b.options.warm_clients} {system.name:15} {_mb_per_s(result):9,.0f} MB/s")
@@ -173,7 +205,7 @@ def herd(b: Bench, run: int) -> None:
             "auth": _auth(system),
             "tolerate": True,
         }
-        result, peak = _with_peak_rss(system, lambda: load(spec))
+        result, peak = _with_peak_rss(system, functools.partial(load, spec))
         gets = b.hub.count("GET", rf"^/v2/{re.escape(image.repo)}/blobs/")
         b.results.add("herd_gets", system.name, gets)
         b.results.add("herd_seconds", system.name, result["seconds"])
@@ -192,7 +224,9 @@ class AbResult:
     p99_ms: float
 
 
-def ab(url: str, *, seconds: int, connections: int, headers: dict[str, str], basic: tuple[str, str] | None) -> AbResult:
+def ab(
+    url: str, *, seconds: float, connections: int, headers: dict[str, str], basic: tuple[str, str] | None
+) -> AbResult:
     """ApacheBench with keep-alive for a bounded time; refuses results with failed or non-2xx answers."""
     whole = max(1, round(seconds))  # ab reads -t as whole seconds (0 would mean no limit)
     cmd = ["ab", "-q", "-k", "-c", str(connections), "-t", str(whole), "-n", str(whole * 200_000), "-s", "30"]
@@ -200,7 +234,9 @@ def ab(url: str, *, seconds: int, connections: int, headers: dict[str, str], bas
         cmd += ["-H", f"{name}: {value}"]
     if basic:
         cmd += ["-A", f"{basic[0]}:{basic[1]}"]
-    out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=whole + 120, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [*cmd, url], capture_output=True, text=True, timeout=whole + 120, stdin=subprocess.DEVNULL, check=False
+    )
     if out.returncode != 0:
         raise RuntimeError(f"ab failed: {out.stderr[-2000:]}")
     text = out.stdout
@@ -209,7 +245,7 @@ def ab(url: str, *, seconds: int, connections: int, headers: dict[str, str], bas
     if bad or (failed and int(failed.group(1))):
         raise RuntimeError(f"ab saw failures against {url}:\n{text}")
     rps = re.search(r"Requests per second:\s+([\d.]+)", text)
-    p99 = re.search(r"^\s*99%\s+(\d+)", text, re.M)
+    p99 = re.search(r"^\s*99%\s+(\d+)", text, re.MULTILINE)
     if not rps or not p99:
         raise RuntimeError(f"cannot read ab's output:\n{text}")
     return AbResult(float(rps.group(1)), float(p99.group(1)))
@@ -217,10 +253,12 @@ def ab(url: str, *, seconds: int, connections: int, headers: dict[str, str], bas
 
 def _manifest_variants(system: System, repo: str) -> list[tuple[str, dict[str, str], tuple[str, str] | None]]:
     """(label, extra headers, Basic credentials) for each way clients authenticate to `system` (`auths`)."""
-    variants = []
+    variants: list[tuple[str, dict[str, str], tuple[str, str] | None]] = []
     for auth in system.auths:
         if auth.mode == "basic" and auth.user and auth.password:
-            variants.append((system.name if len(system.auths) == 1 else f"{system.name} (basic)", {}, (auth.user, auth.password)))
+            variants.append(
+                (system.name if len(system.auths) == 1 else f"{system.name} (basic)", {}, (auth.user, auth.password))
+            )
         elif auth.mode == "bearer" and auth.user:
             bearer = {"Authorization": f"Bearer {token(system.url, repo, auth)}"}
             variants.append((f"{system.name} (bearer)", bearer, None))
@@ -250,7 +288,9 @@ def manifests(b: Bench, run: int) -> None:
             b.results.add("manifest_p99", label, result.p99_ms)
             if system.name != NGINX_FILE:
                 b.results.add("manifest_upstream", label, upstream)
-            b.log(f"  run {run + 1} manifests    {label:15} {result.rps:9,.0f} req/s p99 {result.p99_ms:.0f} ms, {upstream} upstream requests")
+            b.log(
+                f"  run {run + 1} manifests    {label:15} {result.rps:9,.0f} req/s p99 {result.p99_ms:.0f} ms, {upstream} upstream requests"
+            )
 
 
 SCENARIOS: dict[str, Callable[[Bench, int], None]] = {

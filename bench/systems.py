@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -17,11 +18,11 @@ from pathlib import Path
 from typing import Protocol
 
 import yaml
+
+from bench.load import Auth
 from rig.hub import Hub
 from rig.server import Cargohold
 from rig.util import free_port, http_request, run, start_process, stop_process, tail, wait_until
-
-from bench.load import Auth
 
 USER, PASSWORD = "bench", "benchpass"
 NGINX = "/usr/sbin/nginx"
@@ -67,10 +68,8 @@ def process_tree(root: int) -> list[int]:
 def reset_peak_rss(pids: list[int]) -> None:
     """Start a new high-water mark (VmHWM) for each process (Linux: clear_refs 5)."""
     for pid in pids:
-        try:
+        with contextlib.suppress(OSError):
             Path(f"/proc/{pid}/clear_refs").write_text("5")
-        except OSError:
-            pass
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -128,7 +127,9 @@ class Nginx:
 
     def config(self) -> str:
         w = self.workdir
-        temps = "\n".join(f"  {kind}_temp_path {w}/tmp-{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        temps = "\n".join(
+            f"  {kind}_temp_path {w}/tmp-{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
         log = f"access_log {w}/access.log;" if self.access_log else "access_log off;"
         user = "user root;" if os.geteuid() == 0 else ""
         return f"""{user}
@@ -158,14 +159,26 @@ http {{
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "nginx.conf"
         conf.write_text(self.config())
-        cmd = [NGINX, "-p", str(self.workdir), "-c", str(conf), "-e", str(self.workdir / "error.log"), "-g", "daemon off;"]
+        cmd = [
+            NGINX,
+            "-p",
+            str(self.workdir),
+            "-c",
+            str(conf),
+            "-e",
+            str(self.workdir / "error.log"),
+            "-g",
+            "daemon off;",
+        ]
         self._proc = start_process(cmd, self.workdir / "nginx.out")
         try:
             wait_until(
                 lambda: http_request("GET", f"{self.url}/nginx-ready", timeout=2).status > 0,
                 timeout=20,
                 what="nginx",
-                alive=lambda: None if self._proc is None or self._proc.poll() is None else tail(self.workdir / "error.log"),
+                alive=lambda: (
+                    None if self._proc is None or self._proc.poll() is None else tail(self.workdir / "error.log")
+                ),
             )
         except BaseException:
             self.stop()
@@ -203,6 +216,10 @@ class Upstream:
 class NginxSystem:
     """A system that is one nginx and keeps nothing to wipe between runs."""
 
+    name: str
+    url: str
+    auth: Auth
+    auths: list[Auth]
     nginx: Nginx
 
     def _serve(self, workdir: Path, block: str, auth: Auth) -> None:

@@ -40,8 +40,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     stats.add_argument("--json", action="store_true", help="machine-readable figures")
     sub.add_parser("ls", parents=[config], help="cached images and tags with size and last pull")
     prune = sub.add_parser("prune", parents=[config], help="evict least-recently-used content now")
-    prune.add_argument("--max-size", type=parse_size, help="evict until the cache fits, e.g. 10GiB (default cache.max_size)")
-    prune.add_argument("--older-than", type=parse_duration, help="evict content unused this long, e.g. 30d (default cache.max_age)")
+    prune.add_argument(
+        "--max-size", type=parse_size, help="evict until the cache fits, e.g. 10GiB (default cache.max_size)"
+    )
+    prune.add_argument(
+        "--older-than", type=parse_duration, help="evict content unused this long, e.g. 30d (default cache.max_age)"
+    )
     rm = sub.add_parser("rm", parents=[config], help="remove an image (all its tags) or one tag")
     rm.add_argument("image", help="IMAGE[:TAG], e.g. alpine, library/alpine:3.20, ghcr.io/org/app:1")
     warm = commands.add_parser("warm", parents=[config], help="prefetch images through the running instance")
@@ -172,7 +176,8 @@ async def rm(settings: Settings, args: argparse.Namespace) -> int:
         index, store = backends.index, backends.store
         rows = await index.tag_rows()
         chosen = [
-            r for r in rows
+            r
+            for r in rows
             if (r.upstream, r.repository) == (wanted.upstream, wanted.repository) and wanted.tag in (None, r.tag)
         ]
         if not chosen:
@@ -224,7 +229,12 @@ class Progress:
     def _draw(self, end: str) -> None:
         share = self.done / self.total if self.total else 1.0
         bar = "#" * int(30 * min(share, 1.0))
-        print(f"\r{self.name} [{bar:30}] {human(self.done)}/{human(self.total)} {self.finished}/{self.blobs} blobs", end=end, file=sys.stderr, flush=True)
+        print(
+            f"\r{self.name} [{bar:30}] {human(self.done)}/{human(self.total)} {self.finished}/{self.blobs} blobs",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.tty:
@@ -281,7 +291,7 @@ async def warm(settings: Settings, images: list[str], platform: str | None, url:
         for image in images:
             try:
                 await _warm_one(session, base, image, platform)
-            except (aiohttp.ClientError, RuntimeError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError, RuntimeError) as exc:
                 failed += 1
                 print(f"cargohold: warming {image} failed: {exc or type(exc).__name__}", file=sys.stderr)
     return 1 if failed else 0

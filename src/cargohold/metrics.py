@@ -50,28 +50,49 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "cargohold_http_requests", "Responses by route, method and status", ["route", "method", "status"], registry=r
+            "cargohold_http_requests",
+            "Responses by route, method and status",
+            ["route", "method", "status"],
+            registry=r,
         )
         self.cache = Counter(
-            "cargohold_cache_requests", "GET of manifests and blobs by cache outcome (hit, miss, stale)", ["kind", "result"], registry=r
+            "cargohold_cache_requests",
+            "GET of manifests and blobs by cache outcome (hit, miss, stale)",
+            ["kind", "result"],
+            registry=r,
         )
         self.served_bytes = Counter(
-            "cargohold_served_bytes", "Body bytes of manifest and blob GETs, by source (cache or upstream)", ["source"], registry=r
+            "cargohold_served_bytes",
+            "Body bytes of manifest and blob GETs, by source (cache or upstream)",
+            ["source"],
+            registry=r,
         )
         self.upstream_requests = Counter(
-            "cargohold_upstream_requests", "Requests sent upstream by status", ["upstream", "method", "status"], registry=r
+            "cargohold_upstream_requests",
+            "Requests sent upstream by status",
+            ["upstream", "method", "status"],
+            registry=r,
         )
         self.upstream_seconds = Histogram(
-            "cargohold_upstream_request_seconds", "Time to an upstream answer's headers", ["upstream", "method"], registry=r
+            "cargohold_upstream_request_seconds",
+            "Time to an upstream answer's headers",
+            ["upstream", "method"],
+            registry=r,
         )
         self.upstream_errors = Counter(
-            "cargohold_upstream_errors", "Upstream failures (timeout, connection, 5xx, 429)", ["upstream", "kind"], registry=r
+            "cargohold_upstream_errors",
+            "Upstream failures (timeout, connection, 5xx, 429)",
+            ["upstream", "kind"],
+            registry=r,
         )
         self.upstream_bytes = Counter(
             "cargohold_upstream_bytes", "Body bytes announced by successful upstream GETs", ["upstream"], registry=r
         )
         self.ratelimit_remaining = Gauge(
-            "cargohold_upstream_ratelimit_remaining", "Docker Hub pulls left, from the last ratelimit-remaining header", ["upstream"], registry=r
+            "cargohold_upstream_ratelimit_remaining",
+            "Docker Hub pulls left, from the last ratelimit-remaining header",
+            ["upstream"],
+            registry=r,
         )
         self.ratelimit_rejections = Counter(
             "cargohold_ratelimit_rejections", "Client requests refused by cargohold's own rate limit", registry=r
@@ -166,15 +187,21 @@ class _Live:
 
     def collect(self) -> Iterator[Metric]:
         usage = self._metrics.usage
-        yield GaugeMetricFamily("cargohold_cache_size_bytes", "Bytes of manifests and blobs in the cache", value=usage.size)
+        yield GaugeMetricFamily(
+            "cargohold_cache_size_bytes", "Bytes of manifests and blobs in the cache", value=usage.size
+        )
         entries = GaugeMetricFamily("cargohold_cache_entries", "Entries in the cache index", labels=["kind"])
         for kind, count in (("blob", usage.blobs), ("manifest", usage.manifests), ("tag", usage.tags)):
             entries.add_metric([kind], count)
         yield entries
         if self._metrics.max_size is not None:
-            yield GaugeMetricFamily("cargohold_cache_max_size_bytes", "The configured cache.max_size", value=self._metrics.max_size)
+            yield GaugeMetricFamily(
+                "cargohold_cache_max_size_bytes", "The configured cache.max_size", value=self._metrics.max_size
+            )
         downloads = self._proxy.downloads
-        yield GaugeMetricFamily("cargohold_downloads_in_flight", "Blob downloads running now", value=downloads.in_flight)
+        yield GaugeMetricFamily(
+            "cargohold_downloads_in_flight", "Blob downloads running now", value=downloads.in_flight
+        )
         joins = CounterMetricFamily(
             "cargohold_singleflight_joins", "Requests that joined a fetch already running", labels=["kind"]
         )
@@ -182,11 +209,15 @@ class _Live:
         joins.add_metric(["manifest"], self._proxy.joins)
         yield joins
         yield CounterMetricFamily(
-            "cargohold_downloads_uncached", "Blob downloads streamed without caching (disk full)", value=downloads.uncached
+            "cargohold_downloads_uncached",
+            "Blob downloads streamed without caching (disk full)",
+            value=downloads.uncached,
         )
         if self._proxy.peers is not None:
             waits = CounterMetricFamily(
-                "cargohold_peer_waits", "Blob misses that waited for another replica's download, by outcome", labels=["outcome"]
+                "cargohold_peer_waits",
+                "Blob misses that waited for another replica's download, by outcome",
+                labels=["outcome"],
             )
             for outcome in ("landed", "took_over", "timed_out"):
                 waits.add_metric([outcome], self._proxy.peers.waits[outcome])

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .util import CommandError, Managed, RigError, run, start_process, stop_process, tail, wait_started, wait_until
+from .util import CommandError, ManagedProcess, RigError, run, start_process, wait_started, wait_until
 
 #: Names a client may fall back to when a Docker Hub mirror fails; /etc/hosts maps them to loopback.
 DOCKER_HUB_HOSTS = (
@@ -169,13 +169,16 @@ def skopeo_inspect(
 # -- dockerd ----------------------------------------------------------------------------------
 
 
-class Dockerd(Managed):
+class Dockerd(ManagedProcess):
     """A private dockerd (vfs, no iptables, no bridge) with its own root, exec-root and socket.
 
     Registry mirrors and insecure registries live in its daemon.json and can be changed
     without a restart (`reconfigure`, via SIGHUP), so one daemon serves a whole session.
     127.0.0.0/8 is an insecure registry for docker by default, so plain-HTTP hubs work as is.
     """
+
+    name = "dockerd"
+    stop_timeout = 20.0
 
     def __init__(
         self,
@@ -253,14 +256,6 @@ class Dockerd(Managed):
             alive=self._dead,
         )
         return self
-
-    def _dead(self) -> str | None:
-        p = self._proc
-        return None if p is None or p.poll() is None else f"dockerd exited {p.returncode}: {tail(self.log_path)}"
-
-    def stop(self) -> None:
-        stop_process(self._proc, timeout=20)
-        self._proc = None
 
     def env(self) -> dict[str, str]:
         """Environment for the docker CLI: this daemon, a private DOCKER_CONFIG (no creds)."""
@@ -372,7 +367,7 @@ class CtrPull:
     output: str = ""
 
 
-class Containerd(Managed):
+class Containerd(ManagedProcess):
     """A private containerd (no CRI) with its own root, state and socket.
 
     content_sharing_policy is "isolated", so a blob fetched in one namespace does not satisfy
@@ -381,6 +376,9 @@ class Containerd(Managed):
     """
 
     _ns_counter = itertools.count(1)
+
+    name = "containerd"
+    stop_timeout = 15.0
 
     def __init__(self, workdir: Path, *, snapshotter: str = "native") -> None:
         self.workdir = Path(workdir)
@@ -446,14 +444,6 @@ class Containerd(Managed):
             alive=self._dead,
         )
         return self
-
-    def _dead(self) -> str | None:
-        p = self._proc
-        return None if p is None or p.poll() is None else f"containerd exited {p.returncode}: {tail(self.log_path)}"
-
-    def stop(self) -> None:
-        stop_process(self._proc, timeout=15)
-        self._proc = None
 
     def ctr(
         self, *args: str, namespace: str = "default", timeout: float = 300, check: bool = True

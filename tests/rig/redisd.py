@@ -7,11 +7,13 @@ import subprocess
 from pathlib import Path
 
 from .clients import need_binary
-from .util import Managed, free_port, start_process, stop_process, tail, wait_until
+from .util import ManagedProcess, free_port, start_process, wait_until
 
 
-class RedisServer(Managed):
+class RedisServer(ManagedProcess):
     """redis-server on 127.0.0.1 and a free port, without persistence, its files in `workdir`."""
+
+    name = "redis-server"
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = Path(workdir)
@@ -32,14 +34,5 @@ class RedisServer(Managed):
         cmd = [need_binary("redis-server", "/usr/bin/redis-server"), "--bind", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
         self._proc = start_process(cmd, self.log_path)
-
-        def dead() -> str | None:
-            proc = self._proc
-            return None if proc is None or proc.poll() is None else f"redis-server exited: {tail(self.log_path, 2000)}"
-
-        wait_until(self.ping, timeout=timeout, what="redis-server to answer PING", alive=dead)
+        wait_until(self.ping, timeout=timeout, what="redis-server to answer PING", alive=self._dead)
         return self
-
-    def stop(self) -> None:
-        stop_process(self._proc)
-        self._proc = None

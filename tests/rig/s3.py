@@ -12,14 +12,16 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from .util import Managed, free_port, start_process, stop_process, tail, wait_started
+from .util import ManagedProcess, free_port, start_process, wait_started
 
 ACCESS_KEY = "rig-access"
 SECRET_KEY = "rig-secret"
 
 
-class S3Server(Managed):
+class S3Server(ManagedProcess):
     """`python -m moto.server` on 127.0.0.1 and a free port, with one bucket created at start."""
+
+    name = "moto server"
 
     def __init__(self, workdir: Path, bucket: str = "cargohold") -> None:
         self.workdir = Path(workdir)
@@ -76,13 +78,5 @@ class S3Server(Managed):
                 client.create_bucket(Bucket=self.bucket)
             return True
 
-        def dead() -> str | None:
-            proc = self._proc
-            return None if proc is None or proc.poll() is None else f"moto server exited: {tail(self.log_path, 2000)}"
-
-        wait_started(ready, stop=self.stop, timeout=timeout, interval=0.2, what="moto's S3 server", alive=dead)
+        wait_started(ready, stop=self.stop, timeout=timeout, interval=0.2, what="moto's S3 server", alive=self._dead)
         return self
-
-    def stop(self) -> None:
-        stop_process(self._proc)
-        self._proc = None

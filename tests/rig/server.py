@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .util import Managed, RigError, free_port, http_request, start_process, stop_process, tail, wait_until
+from .util import ManagedProcess, RigError, free_port, http_request, start_process, stop_process, tail, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class Cargohold(Managed):
+class Cargohold(ManagedProcess):
     """One cargohold server process with its own port, data dir, config file and log.
 
     Args:
@@ -46,6 +46,8 @@ class Cargohold(Managed):
         upstream: merged into upstreams[0] (e.g. {"tag_ttl": "0s", "username": ...}).
         env: extra environment variables (e.g. CARGOHOLD_* settings).
     """
+
+    name = "cargohold"
 
     def __init__(
         self,
@@ -130,19 +132,13 @@ class Cargohold(Managed):
     def wait_ready(self, timeout: float = 20) -> None:
         """Poll GET /health until 200 (bounded); fail with the log tail if the process dies."""
 
-        def _dead() -> str | None:
-            p = self._proc
-            if p is None or p.poll() is None:
-                return None
-            return f"cargohold exited with {p.returncode}; log:\n{tail(self.log_path)}"
-
         try:
             wait_until(
                 lambda: http_request("GET", f"{self.url}/health", timeout=2).status == 200,
                 timeout=timeout,
                 interval=0.05,
                 what=f"cargohold /health on {self.url}",
-                alive=_dead,
+                alive=self._dead,
             )
         except RigError as exc:
             raise RigError(f"{exc}\n--- cargohold log ---\n{tail(self.log_path)}") from None

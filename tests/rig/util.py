@@ -138,6 +138,25 @@ class Managed:
         self.stop()
 
 
+class ManagedProcess(Managed):
+    """A rig server that is one subprocess: how to tell it died (`wait_until`'s `alive`) and how to stop it."""
+
+    name = "process"  # what messages call it
+    stop_timeout = 10.0  # SIGTERM, then SIGKILL after this many seconds
+    log_path: Path
+    _proc: subprocess.Popen[bytes] | None = None
+
+    def _dead(self) -> str | None:
+        p = self._proc
+        if p is None or p.poll() is None:
+            return None
+        return f"{self.name} exited with {p.returncode}; log:\n{tail(self.log_path)}"
+
+    def stop(self) -> None:
+        stop_process(self._proc, timeout=self.stop_timeout)
+        self._proc = None
+
+
 def wait_started(
     ready: Callable[[], bool],
     *,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis
@@ -13,8 +14,19 @@ import redis.asyncio as redis
 from cargohold.cache.index import Index, SqliteIndex
 from cargohold.cache.peers import Peers
 from cargohold.cache.redisindex import RedisIndex
-from cargohold.cache.store import BlobStore, FsBlobStore
+from cargohold.cache.store import BlobStore, FsBlobStore, RemoteBlob
 from cargohold.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    # Checked assignments: mypy proves each store and index matches its protocol (nothing runs; the
+    # protocols are structural, so a drifted method shows up here rather than where it is used).
+    from cargohold.cache.s3store import S3BlobStore, S3Object
+
+    _fs_store: type[BlobStore] = FsBlobStore
+    _s3_store: type[BlobStore] = S3BlobStore
+    _s3_object: type[RemoteBlob] = S3Object
+    _sqlite_index: type[Index] = SqliteIndex
+    _redis_index: type[Index] = RedisIndex
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +69,9 @@ async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
             except redis.RedisError as exc:
                 await client.aclose()
                 where = urlsplit(settings.index.url)
-                raise ConfigError(f"index.url: cannot reach redis at {where.hostname}:{where.port or 6379}: {exc}") from None
+                raise ConfigError(
+                    f"index.url: cannot reach redis at {where.hostname}:{where.port or 6379}: {exc}"
+                ) from None
             index = RedisIndex(client)
             if settings.storage.backend == "s3":  # replicas share content only through a bucket
                 peers = Peers(client, settings.index.peer_wait, settings.index.lease)

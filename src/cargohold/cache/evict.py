@@ -103,14 +103,18 @@ async def repair(index: Index, store: BlobStore) -> tuple[int, int]:
         else:
             await index.put_blob(str(digest), files[digest])
     if dropped or adopted:
-        log.warning("index repaired: %d rows without a file dropped, %d files without a row indexed", len(dropped), len(adopted))
+        log.warning(
+            "index repaired: %d rows without a file dropped, %d files without a row indexed", len(dropped), len(adopted)
+        )
     return len(dropped), len(adopted)
 
 
 class Evictor:
     """Keeps one instance's cache within `cache.max_size` and `cache.max_age`."""
 
-    def __init__(self, index: Index, store: BlobStore, config: CacheConfig, busy: Busy, evicted: Evicted | None = None) -> None:
+    def __init__(
+        self, index: Index, store: BlobStore, config: CacheConfig, busy: Busy, evicted: Evicted | None = None
+    ) -> None:
         self._index = index
         self._store = store
         self._config = config
@@ -156,4 +160,3 @@ class Evictor:
             except Exception:
                 log.exception("eviction failed")
             await asyncio.sleep(interval)
-

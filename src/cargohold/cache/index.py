@@ -134,7 +134,9 @@ class AccessBuffer:
 
     def _take(
         self,
-    ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str, str], float], Counter[tuple[str, str, str]], Counter[str]]:
+    ) -> tuple[
+        dict[tuple[str, str], float], dict[tuple[str, str, str], float], Counter[tuple[str, str, str]], Counter[str]
+    ]:
         """What was gathered since the last flush (touched, tags, tag pulls, counts), and start afresh."""
         taken = self._touched, self._touched_tags, self._tag_pulls, self._counts
         self._touched, self._touched_tags, self._tag_pulls, self._counts = {}, {}, Counter(), Counter()

@@ -29,7 +29,9 @@ log = logging.getLogger("cargohold.peers")
 
 POLL_FIRST, POLL_MAX = 0.05, 0.5
 # Renew or delete the lock only while it is still ours (it may have expired and been taken over).
-RENEW_SCRIPT = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+RENEW_SCRIPT = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+)
 RELEASE_SCRIPT = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
@@ -98,7 +100,9 @@ class Peers:
                 return found
             if loop.time() >= deadline:
                 self.waits["timed_out"] += 1
-                log.warning("waited %.0fs for another replica's download of %s; fetching it here too", self._wait, digest)
+                log.warning(
+                    "waited %.0fs for another replica's download of %s; fetching it here too", self._wait, digest
+                )
                 return None
             if not waited:
                 log.info("another replica is fetching %s; waiting for it to land", digest)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Concatenate, ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis.asyncio as redis
+from redis.typing import ZSetRangeResponse
 
 from cargohold.cache.index import CONTENT_TABLES, AccessBuffer, ManifestEntry, Stored, TagEntry, TagRow, Usage
 from cargohold.errors import StorageUnavailable
@@ -35,12 +36,12 @@ return 1
 
 
 def _unavailable(
-    method: Callable[Concatenate[RedisIndex, P], Awaitable[R]],
-) -> Callable[Concatenate[RedisIndex, P], Awaitable[R]]:
+    method: Callable[Concatenate[RedisIndex, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[RedisIndex, P], Coroutine[Any, Any, R]]:
     """A Redis failure becomes a 503 for the client (a retry may work), not an internal error."""
 
     @functools.wraps(method)
-    async def call(self: RedisIndex, *args: P.args, **kwargs: P.kwargs) -> R:
+    async def call(self: RedisIndex, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await method(self, *args, **kwargs)
         except redis.RedisError as exc:
@@ -48,6 +49,24 @@ def _unavailable(
             raise StorageUnavailable("the cache's index failed", {"operation": method.__name__}) from None
 
     return call
+
+
+def _text(reply: bytes | str) -> str:
+    """A reply as text: the client decodes responses (`decode_responses=True`), which its types do not know."""
+    if isinstance(reply, bytes):
+        raise TypeError("the redis client must be created with decode_responses=True")
+    return reply
+
+
+def _scored(reply: ZSetRangeResponse) -> list[tuple[str, float]]:
+    """The (member, score) pairs of a `zrange(..., withscores=True)`, typed as such."""
+    pairs = []
+    for item in reply:
+        if isinstance(item, (bytes, str)):
+            raise TypeError("zrange must be called with withscores=True")
+        member, score = item
+        pairs.append((_text(member), float(score)))
+    return pairs
 
 
 def _k(name: str) -> str:
@@ -77,7 +96,7 @@ class RedisIndex(AccessBuffer):
         )
         if digest is None or media_type is None or checked is None:
             return None
-        return TagEntry(digest, media_type, float(checked))
+        return TagEntry(_text(digest), _text(media_type), float(checked))
 
     @_unavailable
     async def put_tag(self, upstream: str, repository: str, tag: str, digest: str, media_type: str) -> None:
@@ -135,10 +154,10 @@ class RedisIndex(AccessBuffer):
 
     @_unavailable
     async def counters(self) -> dict[str, float]:
-        return {name: float(value) for name, value in (await self.client.hgetall(_k("counters"))).items()}
+        return {_text(name): float(value) for name, value in (await self.client.hgetall(_k("counters"))).items()}
 
     async def _sizes(self) -> dict[str, int]:
-        return {member: int(size) for member, size in (await self.client.hgetall(_k("sizes"))).items()}
+        return {_text(member): int(size) for member, size in (await self.client.hgetall(_k("sizes"))).items()}
 
     @_unavailable
     async def usage(self) -> Usage:
@@ -150,12 +169,12 @@ class RedisIndex(AccessBuffer):
     async def least_recent(self, limit: int, offset: int = 0) -> list[Stored]:
         """Manifests and blobs, least recently used first (`limit` -1: all)."""
         stop = -1 if limit < 0 else offset + limit - 1
-        ranked = await self.client.zrange(_k("lru"), offset, stop, withscores=True)
+        ranked = _scored(await self.client.zrange(_k("lru"), offset, stop, withscores=True))
         if not ranked:
             return []
         sizes = await self.client.hmget(_k("sizes"), [member for member, _ in ranked])
         entries = []
-        for (member, when), size in zip(ranked, sizes):
+        for (member, when), size in zip(ranked, sizes, strict=True):
             table, _, digest = member.partition(":")
             entries.append(Stored(table, digest, int(size or 0), float(when)))
         return entries
@@ -179,13 +198,13 @@ class RedisIndex(AccessBuffer):
 
     @_unavailable
     async def tag_rows(self) -> list[TagRow]:
-        keys = sorted(await self.client.smembers(_k("tags")))
+        keys = sorted(_text(key) for key in await self.client.smembers(_k("tags")))
         async with self.client.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.hmget(key, ["digest", "last_access", "pulls"])
             values = await pipe.execute()
         rows = []
-        for key, (digest, last_access, pulls) in zip(keys, values):
+        for key, (digest, last_access, pulls) in zip(keys, values, strict=True):
             if digest is None:
                 continue
             upstream, repository, tag = key.removeprefix(_k("tag:")).split(SEP)

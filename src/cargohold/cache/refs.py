@@ -42,7 +42,11 @@ def references(body: bytes) -> Refs:
         for d in document.get("manifests") or []
         if isinstance(d, dict) and isinstance(d.get("digest"), str)
     ]
-    descriptors = [document.get("config")] + list(document.get("layers") or [])
-    blobs = [Child(d["digest"], int(d.get("size", 0))) for d in descriptors if isinstance(d, dict) and isinstance(d.get("digest"), str)]
+    descriptors = [document.get("config"), *(document.get("layers") or [])]
+    blobs = [
+        Child(d["digest"], int(d.get("size", 0)))
+        for d in descriptors
+        if isinstance(d, dict) and isinstance(d.get("digest"), str)
+    ]
     blobs += [Child(d["blobSum"], 0) for d in document.get("fsLayers") or [] if isinstance(d, dict) and "blobSum" in d]
     return Refs(children, blobs)

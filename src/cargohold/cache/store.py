@@ -20,7 +20,8 @@ log = logging.getLogger("cargohold.cache")
 class RemoteBlob(Protocol):
     """A stored blob that is not a local file (object storage): streamed or redirected to, not sendfile'd."""
 
-    size: int
+    @property
+    def size(self) -> int: ...  # a property: implementations may be frozen (read-only)
 
     async def chunks(self, start: int, end: int) -> AsyncIterator[bytes] | None:
         """Bytes `[start, end)` as they come, or None if the blob is gone (evicted since it was found)."""

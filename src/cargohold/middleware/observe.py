@@ -9,10 +9,11 @@ import uuid
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
 
+from cargohold import logs
 from cargohold.errors import NotFound, RegistryError, Unsupported, error_response
 from cargohold.identity import IDENTITY, Identity, client_address
-from cargohold import logs
 from cargohold.keys import CACHE, REQUEST_ID, SETTINGS
 from cargohold.logs import mask_secrets
 
@@ -31,7 +32,7 @@ def _as_registry_error(exc: web.HTTPException) -> web.Response:
 
 
 @web.middleware
-async def observe(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost middleware: every failure leaves as an OCI error, never as a traceback."""
     given = request.headers.get("X-Request-Id", "")
     request[REQUEST_ID] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]

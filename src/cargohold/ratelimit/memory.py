@@ -20,7 +20,7 @@ SWEEP = 10.0
 class MovingWindowMemory(MemoryStorage):
     """Moving windows only (what the limiter uses): per key its expiry and the hit times, oldest first."""
 
-    STORAGE_SCHEME = ["async+cargohold-memory"]
+    STORAGE_SCHEME = ["async+cargohold-memory"]  # noqa: RUF012  # limits declares it a plain list attribute
 
     def __init__(self) -> None:
         super().__init__()

@@ -25,7 +25,11 @@ async def open_storage(uri: str) -> AsyncIterator[MovingWindowSupport]:
     )
     try:
         yield RedisStorage(
-            "async+" + uri, implementation="redispy", connection_pool=pool, key_prefix="cargohold", wrap_exceptions=True
+            "async+" + uri,
+            implementation="redispy",
+            connection_pool=pool,  # type: ignore[arg-type]  # limits types its options as scalars; redis-py takes a pool
+            key_prefix="cargohold",
+            wrap_exceptions=True,
         )
     finally:
         await pool.aclose()

@@ -15,12 +15,12 @@ import logging
 import ssl
 from pathlib import Path
 
-import josepy as jose
 from acme import challenges, client, crypto_util, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from josepy.jwk import JWKRSA
 
 from cargohold import __version__
 from cargohold.config import AcmeConfig
@@ -35,11 +35,13 @@ ORDER_TIMEOUT = 120.0  # seconds for the CA to validate and issue
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def renewal_time(cert_pem: bytes) -> datetime.datetime:
@@ -142,7 +144,7 @@ class AcmeManager:
             response, validation = chall.response_and_validation(acme.net.key)
             self.challenges[chall.chall.encode("token")] = validation
             acme.answer_challenge(chall, response)
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)  # noqa: DTZ005  # acme compares with naive now()
         order = acme.poll_and_finalize(order, deadline)
         # Were the process to die between the two writes, the pair would not load: has_certificate() says so.
         write_private(self.key_path, key_pem)
@@ -159,7 +161,9 @@ class AcmeManager:
     def _client(self) -> client.ClientV2:
         verify: bool | str = str(self.config.ca_bundle) if self.config.ca_bundle else True
         net = client.ClientNetwork(
-            self._account_key(), verify_ssl=verify, user_agent=f"cargohold/{__version__}"  # type: ignore[arg-type]
+            self._account_key(),
+            verify_ssl=verify,  # type: ignore[arg-type]  # acme types it bool; requests also takes a CA bundle path
+            user_agent=f"cargohold/{__version__}",
         )
         acme = client.ClientV2(client.ClientV2.get_directory(self.config.directory, net), net)
         registration = messages.NewRegistration.from_data(email=self.config.email, terms_of_service_agreed=True)
@@ -169,10 +173,10 @@ class AcmeManager:
             acme.query_registration(messages.RegistrationResource(uri=exc.location, body=messages.Registration()))
         return acme
 
-    def _account_key(self) -> jose.JWKRSA:
+    def _account_key(self) -> JWKRSA:
         """The account key, created once (RSA 2048: what every ACME CA accepts for accounts)."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not self.account_key_path.exists():
             write_private(self.account_key_path, _pem(rsa.generate_private_key(public_exponent=65537, key_size=2048)))
         loaded = serialization.load_pem_private_key(self.account_key_path.read_bytes(), None)
-        return jose.JWKRSA(key=loaded)
+        return JWKRSA(key=loaded)
