@@ -151,9 +151,11 @@ class PullThrough:
             await self._confirm(target, digest, "blobs")
 
     async def _confirm(self, target: Target, digest: Digest, kind: Kind) -> None:
+        """The blob path's way to `Links.confirm`: one HEAD upstream before cached content reaches a new repository."""
         await self.links.confirm(remote_of(target), digest, kind)
 
     async def _link(self, target: Target, digest: str) -> None:
+        """The blob path's way to `Links.add`: the upstream repository named or served this digest."""
         await self.links.add(remote_of(target), digest)
 
     # tags
