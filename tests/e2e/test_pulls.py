@@ -349,6 +349,30 @@ def test_restrictive_accept_gets_what_upstream_answers(hub: Hub, cargohold: Fact
     assert headers["content-type"] == direct.headers["content-type"]
 
 
+async def _get_manifest_as(session: aiohttp.ClientSession, url: str, accept: str) -> tuple[int, bytes]:
+    async with session.get(url, headers={"Accept": accept}) as resp:
+        return resp.status, await resp.read()
+
+
+async def test_clients_with_another_accept_cost_one_upstream_get(hub: Hub, cargohold: Factory) -> None:
+    """Issue 21 item 8: twenty concurrent schema2-only GETs of a manifest-list tag are one upstream GET (a counted
+    Docker Hub pull); a second round within tag_ttl is none."""
+    srv = cargohold()
+    mlist = hub.images["manifestlist"]
+    _pull_manifest(srv, mlist)  # the list is cached under its tag
+    only_schema2 = "application/vnd.docker.distribution.manifest.v2+json"
+    hub.reset_counts()
+    async with aiohttp.ClientSession() as session:
+        for upstream_gets in (1, 1):  # the second round adds none
+            answers = await asyncio.gather(
+                *(_get_manifest_as(session, _manifest_url(srv, mlist), only_schema2) for _ in range(20))
+            )
+            assert len(set(answers)) == 1 and answers[0][0] == 200, answers[0]
+            assert hub.count("GET", r"/manifests/", status=200) == upstream_gets
+    assert json.loads(answers[0][1])["mediaType"] == only_schema2
+    assert "Traceback" not in srv.log_text()
+
+
 def test_client_listing_only_its_own_type_is_served_from_cache(hub: Hub, cargohold: Factory) -> None:
     srv = cargohold()
     im = hub.images["oci"]

@@ -7,10 +7,12 @@ from aiohttp import hdrs, web
 from cargohold.handlers.target import proxy_of, target_of
 from cargohold.keys import CACHE
 from cargohold.mediatypes import parse_accept
+from cargohold.upstream.repository import Descriptor
 
 
-def _headers(media_type: str, digest: str) -> dict[str, str]:
-    return {"Content-Type": media_type, "Docker-Content-Digest": digest, "ETag": f'"{digest}"'}
+def _headers(descriptor: Descriptor) -> dict[str, str]:
+    digest = str(descriptor.digest)
+    return {"Content-Type": descriptor.media_type, "Docker-Content-Digest": digest, "ETag": f'"{digest}"'}
 
 
 async def get_manifest(request: web.Request) -> web.Response:
@@ -20,7 +22,7 @@ async def get_manifest(request: web.Request) -> web.Response:
     if request.method == hdrs.METH_HEAD:
         head = await proxy.manifest_head(target_of(request), reference, accept)
         request[CACHE] = head.cache
-        return web.Response(headers={**_headers(head.media_type, head.digest), "Content-Length": str(head.size)})
+        return web.Response(headers={**_headers(head.descriptor), "Content-Length": str(head.descriptor.size)})
     manifest = await proxy.manifest(target_of(request), reference, accept)
     request[CACHE] = manifest.cache
-    return web.Response(body=manifest.body, headers=_headers(manifest.media_type, manifest.digest))
+    return web.Response(body=manifest.body, headers=_headers(manifest.descriptor))

@@ -9,7 +9,7 @@ from cargohold.handlers.target import proxy_of, target_of
 
 async def list_tags(request: web.Request) -> web.Response:
     target = target_of(request)
-    result = await proxy_of(request).tags(target, request.query.get("n"), request.query.get("last"))
+    result = await proxy_of(request).tag_list(target, request.query.get("n"), request.query.get("last"))
     headers = {}
     if result.link:
         # The upstream's pagination link names its own repository; point it back at the client's name.
