@@ -20,7 +20,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -54,7 +54,7 @@ class Registry:
         name, _, server = text.partition("=")
         name = name.strip().lower()
         if not _REGISTRY.fullmatch(name) or ".." in name:
-            raise SetupError(f"--registry {text!r}: expected a registry host such as ghcr.io or registry.example.com:5000")
+            raise SetupError(f"--registry {text!r}: expected a registry host such as ghcr.io or example.com:5000")
         return cls(name, check_url(server or KNOWN_SERVERS.get(name, f"https://{name}"), f"--registry {name}"))
 
 
@@ -75,9 +75,11 @@ class Mirror:
 def check_url(url: str, what: str) -> str:
     """An http(s) URL with a host, no query, and nothing that could break out of a TOML string."""
     url = url.strip().rstrip("/")
+    if "$(" in url:  # Kubernetes leaves $(NAME) as is when NAME is not in the pod's environment
+        raise SetupError(f"{what}: {url!r} names a variable the pod does not have (created before the Service?)")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise SetupError(f"{what}: {url!r} is not an http(s) URL with a host (is a $(VARIABLE) unset?)")
+        raise SetupError(f"{what}: {url!r} is not an http(s) URL with a host")
     if not _URL_CHARS.fullmatch(url.partition("://")[2]):
         raise SetupError(f"{what}: {url!r} has characters a registry address cannot have")
     return url
@@ -174,19 +176,26 @@ class ConfigDir:
             self.local(d).mkdir(mode=0o755)
             self.created_dirs.append(d)
 
-    def write(self, relative: str, text: str) -> bool:
-        """Write `relative` under this directory unless a file that is not ours is there."""
+    def write(self, relative: str, text: str) -> str | None:
+        """Write `relative` under this directory unless a file that is not ours is there; its node path."""
         node_path = f"{self.path.rstrip('/')}/{relative}"
         target = self.local(node_path)
-        if target.exists() and not _ours(target):
+        if target.is_symlink() or (target.exists() and not _ours(target)):
             self.log.append(f"left alone (not written by cargohold): {node_path}")
-            return False
+            return None
         self._ensure_dir(node_path.rsplit("/", 1)[0])
         _write_atomically(target, text)
         if node_path not in self.files:
             self.files.append(node_path)
         self.log.append(f"wrote {node_path}")
-        return True
+        return node_path
+
+    def sync(self, wanted: Mapping[str, str]) -> list[str]:
+        """Write `wanted` (relative path -> text), remove our other files, record what is ours; the log."""
+        kept = [p for relative, text in wanted.items() if (p := self.write(relative, text)) is not None]
+        self.remove(keep=kept)
+        self.save()
+        return self.log
 
     def remove(self, keep: Sequence[str] = ()) -> None:
         """Remove our files not in `keep`, then the directories we created that are left empty."""
@@ -215,23 +224,22 @@ class ConfigDir:
             _write_atomically(self.state_path, json.dumps(state, indent=1) + "\n")
 
 
-def install(root: Path, registries: Sequence[Registry], mirror: Mirror, *, containerd: str | None, containers: str | None) -> list[str]:
+def install(
+    root: Path, registries: Sequence[Registry], mirror: Mirror, *, containerd: str | None, containers: str | None
+) -> list[str]:
     """Write every file (idempotent; files of registries no longer listed go); returns what it did."""
     log: list[str] = []
     if containerd:
-        cdir = ConfigDir(root, containerd).load()
-        written = [f"{cdir.path.rstrip('/')}/{r.name}/hosts.toml" for r in registries if cdir.write(f"{r.name}/hosts.toml", hosts_toml(r, mirror))]
-        cdir.remove(keep=written)
-        cdir.save()
-        log += cdir.log
+        hosts = {f"{r.name}/hosts.toml": hosts_toml(r, mirror) for r in registries}
+        log += ConfigDir(root, containerd).load().sync(hosts)
     if containers:
         served = [r for r in registries if ":" not in r.name]  # a host:port cannot be a path component
-        log += [f"skipped for CRI-O/podman (a port in a mirror path is not a valid image name): {r.name}" for r in registries if r not in served]
-        kdir = ConfigDir(root, containers).load()
-        kept = [f"{kdir.path.rstrip('/')}/{DROP_IN}"] if served and kdir.write(DROP_IN, registries_conf(served, mirror)) else []
-        kdir.remove(keep=kept)
-        kdir.save()
-        log += kdir.log
+        log += [
+            f"skipped for CRI-O/podman (a port cannot be in a mirror's path): {r.name}"
+            for r in registries
+            if r not in served
+        ]
+        log += ConfigDir(root, containers).load().sync({DROP_IN: registries_conf(served, mirror)} if served else {})
     return log
 
 
@@ -252,11 +260,16 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     modes = node.add_subparsers(dest="node_command", required=True)
     inst = modes.add_parser("install", help="write hosts.toml files and the registries.conf.d drop-in")
     inst.add_argument("--mirror", required=True, help="the mirror's URL as nodes reach it, e.g. http://10.96.0.50:5000")
-    inst.add_argument("--registry", action="append", required=True, metavar="NAME[=SERVER]",
-                      help="a mirrored registry (repeat); SERVER is its fallback URL (default https://NAME)")
+    inst.add_argument(
+        "--registry",
+        action="append",
+        required=True,
+        metavar="NAME[=SERVER]",
+        help="a mirrored registry (repeat); SERVER is its fallback URL (default https://NAME)",
+    )
     inst.add_argument("--ca", help="CA file on the node to verify the mirror with (containerd `ca`)")
     inst.add_argument("--skip-verify", action="store_true", help="do not verify the mirror's certificate")
-    inst.add_argument("--wait", action="store_true", help="then wait for SIGTERM and uninstall (a DaemonSet's container)")
+    inst.add_argument("--wait", action="store_true", help="then wait for SIGTERM and uninstall (a DaemonSet pod)")
     uninst = modes.add_parser("uninstall", help="remove what install wrote")
     for p in (inst, uninst):
         p.add_argument("--root", default="/", help="where the node's / is mounted (default /)")
