@@ -184,9 +184,10 @@ class ConfigDir:
             self.log.append(f"left alone (not written by cargohold): {node_path}")
             return None
         self._ensure_dir(node_path.rsplit("/", 1)[0])
-        _write_atomically(target, text)
         if node_path not in self.files:
             self.files.append(node_path)
+            self.save()  # first: what this run creates is never forgotten, even if it fails half-way
+        _write_atomically(target, text)
         self.log.append(f"wrote {node_path}")
         return node_path
 
@@ -277,16 +278,15 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         p.add_argument("--containers-dir", default=CONTAINERS_DIR, help="CRI-O/podman registries.conf.d; '' to skip")
 
 
-def _wait_for_termination() -> None:
-    """Block until SIGTERM or SIGINT (a pod's end); works as PID 1, which has no default handlers."""
-    signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    signal.sigwait(signals)
+_END = {signal.SIGTERM, signal.SIGINT}  # a pod's end; as PID 1 there are no default handlers
 
 
 def run(args: argparse.Namespace) -> int:
     """Carry out `node-setup`; 2 for bad arguments, 1 for a node file in the way or unreadable."""
     root = Path(args.root)
+    waiting = args.node_command == "install" and args.wait
+    if waiting:  # held from the start: a SIGTERM during install must still lead to the uninstall
+        signal.pthread_sigmask(signal.SIG_BLOCK, _END)
     dirs = {"containerd": args.containerd_dir or None, "containers": args.containers_dir or None}
     try:
         if args.node_command == "uninstall":
@@ -302,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cargohold node-setup: {exc}", file=sys.stderr)
         return 1
     print("\n".join(log) or "nothing to do", flush=True)
-    if args.node_command == "install" and args.wait:
-        _wait_for_termination()
+    if waiting:
+        signal.sigwait(_END)
         print("\n".join(uninstall(root, **dirs)) or "nothing to remove", flush=True)
     return 0
