@@ -3,7 +3,6 @@ restores a node root exactly, leaving files it did not write alone."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,28 +10,20 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from rig.tree import snapshot
 
 from cargohold.cli import main
-from cargohold.nodesetup import MARK, Mirror, Registry, SetupError, hosts_toml, registries_conf
+from cargohold.nodesetup import (
+    MARK,
+    Mirror,
+    Registry,
+    SetupError,
+    hosts_toml,
+    registries_conf,
+)
 
 MIRROR = "http://10.96.0.50:5000"
 DEAD = "http://127.0.0.1:9"  # tests' fallback: nothing leaves loopback
-
-
-def snapshot(root: Path) -> dict[str, tuple[str, int, bytes]]:
-    """Every path under root: kind, mode and content (a link's target), to compare trees byte for byte."""
-    found: dict[str, tuple[str, int, bytes]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath, name)
-            st = path.lstat()
-            if path.is_symlink():
-                found[str(path.relative_to(root))] = ("link", st.st_mode, os.readlink(path).encode())
-            elif path.is_dir():
-                found[str(path.relative_to(root))] = ("dir", st.st_mode, b"")
-            else:
-                found[str(path.relative_to(root))] = ("file", st.st_mode, path.read_bytes())
-    return found
 
 
 def node_setup(root: Path, *args: str) -> int:
