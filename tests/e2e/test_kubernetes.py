@@ -96,6 +96,11 @@ def mirror_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return next(c for c in spec["containers"] if c["name"] == "cargohold")
 
 
+def config_check(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cargohold", "config", "check", str(path)], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
 def kubelet_expand(args: list[str], env: dict[str, str]) -> list[str]:
     """The kubelet's `$(NAME)` expansion of a container's args (unknown names stay as they are)."""
     return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in args]
@@ -144,24 +149,12 @@ def test_the_config_with_each_containers_environment_passes_config_check(
     path.write_text(config_map["data"]["cargohold.yaml"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARGOHOLD_")}
     env |= {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-    check = subprocess.run(
-        [sys.executable, "-m", "cargohold", "config", "check", str(path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    check = config_check(path, env)
     assert check.returncode == 0, check.stderr
     assert container["args"][-1] == "/etc/cargohold/config/cargohold.yaml"
     # the Kubernetes service links of a Service named cargohold would be read as config keys:
     # this is why the mirror's pods have enableServiceLinks: false
-    linked = subprocess.run(
-        [sys.executable, "-m", "cargohold", "config", "check", str(path)],
-        env=env | SERVICE_LINKS,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    linked = config_check(path, env | SERVICE_LINKS)
     assert linked.returncode == 2 and "port" in linked.stderr
     assert pod_specs(objects)["cargohold"]["enableServiceLinks"] is False
 
@@ -246,9 +239,11 @@ def node_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def mirror(cargohold: Callable[..., Cargohold], hub: Hub, hub2: Hub) -> Cargohold:
+def mirror(cargohold: Callable[..., Cargohold], hub: Hub, hub2: Hub) -> Iterator[Cargohold]:
     """cargohold with docker.io (the rig's hub) and ghcr.io (the second hub under that name)."""
-    return cargohold(upstreams=[{"name": "docker.io", "url": hub.url}, {"name": "ghcr.io", "url": hub2.url}])
+    server = cargohold(upstreams=[{"name": "docker.io", "url": hub.url}, {"name": "ghcr.io", "url": hub2.url}])
+    yield server
+    assert "Traceback" not in server.log_text()
 
 
 @pytest.fixture
@@ -285,31 +280,54 @@ def podman_dir() -> Iterator[Path]:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _podman(home: Path, work: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Rootful podman with its own storage; HOME makes it read the node's containers config."""
-    podman = shutil.which("podman") or "podman"
+def _podman(node: Path, work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Rootful podman with its own storage, reading the node's containers config: as root it takes
+    registries.conf(.d) from $HOME/.config/containers, which here is the node's /etc/containers."""
+    home = work / "home"
+    if not home.exists():
+        (home / ".config").mkdir(parents=True)
+        (home / ".config/containers").symlink_to(node / "etc/containers")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERS_")} | {"HOME": str(home)}
     storage = ["--root", str(work / "storage"), "--runroot", str(work / "run"), "--storage-driver", "vfs"]
-    return run([podman, *storage, "--events-backend", "file", *args], env=env, timeout=300)
+    return run([shutil.which("podman") or "podman", *storage, "--events-backend", "file", *args], env=env, timeout=300)
 
 
 def test_podman_pulls_through_the_mirror_with_the_written_drop_in(
-    installed: Path, mirror: Cargohold, hub: Hub, hub2: Hub, podman_dir: Path, tmp_path: Path
+    installed: Path, mirror: Cargohold, hub: Hub, hub2: Hub, podman_dir: Path
 ) -> None:
-    """podman reads the registries.conf.d format CRI-O reads; as root it takes the drop-in directory
-    from $HOME/.config/containers, which here is the node's /etc/containers."""
-    home = tmp_path / "home"
-    (home / ".config").mkdir(parents=True)
-    (home / ".config/containers").symlink_to(installed / "etc/containers")
-    registries = _podman(home, podman_dir, "info", "--format", "{{json .Registries}}").stdout
+    """podman reads the registries.conf.d format CRI-O reads, through the same library."""
+    registries = _podman(installed, podman_dir, "info", "--format", "{{json .Registries}}").stdout
     assert f"127.0.0.1:{mirror.port}/ghcr.io" in registries
     tool, app = hub.images["oci"], hub2.images["app"]
     for ref, image in ((f"docker.io/{tool.ref}", tool), (f"ghcr.io/{app.ref}", app)):
-        _podman(home, podman_dir, "pull", "--quiet", ref)
+        _podman(installed, podman_dir, "pull", "--quiet", ref)
         assert (
-            _podman(home, podman_dir, "image", "inspect", "--format", "{{.Digest}}", ref).stdout.strip() == image.digest
+            _podman(installed, podman_dir, "image", "inspect", "--format", "{{.Digest}}", ref).stdout.strip()
+            == image.digest
         )
     paths = {r.path for r in hub2.requests}
     assert f"/v2/{app.repo}/manifests/{app.tag}" in paths
     assert f"/v2/ghcr.io/{app.repo}/manifests/{app.tag}" in mirror.log_text()
     assert hub.manifest_count(repo=app.repo) == 0
+
+
+def test_with_the_mirror_down_containerd_and_podman_fall_back_to_the_registry(
+    rendered: dict[str, list[dict[str, Any]]],
+    node_root: Path,
+    mirror: Cargohold,
+    containerd: Containerd,
+    hub: Hub,
+    podman_dir: Path,
+) -> None:
+    """The fallback is the registry itself: here the rig's hub, on loopback, in place of registry-1.docker.io."""
+    args = node_agent_args(rendered["single"], node_root, "127.0.0.1", mirror.port)
+    args = [f"--registry=docker.io={hub.url}" if a.startswith("--registry=docker.io=") else a for a in args]
+    assert main(args) == 0
+    mirror.stop()
+    tool = hub.images["oci"]
+    assert (
+        containerd.pull(f"docker.io/{tool.ref}", hosts_dir=node_root / "etc/containerd/certs.d").digest == tool.digest
+    )
+    _podman(node_root, podman_dir, "pull", "--quiet", f"docker.io/{tool.ref}")
+    assert hub.manifest_count(repo=tool.repo) >= 2  # both asked the hub directly
+    assert main(["node-setup", "uninstall", f"--root={node_root}"]) == 0
