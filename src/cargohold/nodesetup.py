@@ -114,7 +114,8 @@ def registries_conf(registries: Iterable[Registry], mirror: Mirror) -> str:
         lines += ["", "[[registry]]", f"prefix = {_toml(reg.name)}", f"location = {_toml(_location(reg.server))}"]
         if reg.server.startswith("http://"):
             lines.append("insecure = true")
-        lines += ["", "[[registry.mirror]]", f"location = {_toml(_location(mirror.url) + '/' + reg.name)}"]
+        root = _location(mirror.url).removesuffix("/v2")  # containerd's override_path; CRI-O adds /v2 itself
+        lines += ["", "[[registry.mirror]]", f"location = {_toml(root + '/' + reg.name)}"]
         lines.append('pull-from-mirror = "all"')
         if mirror.insecure:
             lines.append("insecure = true")
@@ -159,11 +160,15 @@ class ConfigDir:
     def load(self) -> ConfigDir:
         """Read what an earlier run created (a missing or foreign state file: nothing)."""
         path = self.state_path
-        if path.is_file() and not path.is_symlink() and path.stat().st_size <= MAX_STATE_BYTES:
-            state = json.loads(path.read_text())
-            prefix = self.path.rstrip("/") + "/"
-            self.created_dirs = [d for d in state.get("created_dirs", []) if isinstance(d, str)]
-            self.files = [f for f in state.get("files", []) if isinstance(f, str) and f.startswith(prefix)]
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > MAX_STATE_BYTES:
+            return self
+        state = json.loads(path.read_text())
+        if isinstance(state, dict):
+            base = self.path.rstrip("/")
+            related = [d for d in state.get("created_dirs", []) if isinstance(d, str) and d.startswith("/")]
+            # only this directory, its ancestors and what is below it: never anything else on the node
+            self.created_dirs = [d for d in related if base.startswith(d) or d.startswith(base + "/")]
+            self.files = [f for f in state.get("files", []) if isinstance(f, str) and f.startswith(base + "/")]
         return self
 
     def _ensure_dir(self, node_dir: str) -> None:
@@ -292,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
         if args.node_command == "uninstall":
             log = uninstall(root, **dirs)
         else:
+            if args.ca is not None and not args.ca.startswith("/"):
+                raise SetupError(f"--ca {args.ca!r}: expected an absolute path on the node")
             mirror = Mirror(check_url(args.mirror, "--mirror"), args.ca, args.skip_verify)
             registries = list({r.name: r for r in map(Registry.parse, args.registry)}.values())
             log = install(root, registries, mirror, **dirs)

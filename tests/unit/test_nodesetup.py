@@ -84,6 +84,8 @@ def test_registries_conf_sends_each_registry_to_its_path_prefix_on_the_mirror() 
     assert ghcr["mirror"][0]["location"] == "10.96.0.50:5000/ghcr.io"
     https = tomllib.loads(registries_conf(regs[:1], Mirror("https://mirror.example.com")))
     assert "insecure" not in https["registry"][0] and "insecure" not in https["registry"][0]["mirror"][0]
+    api_root = tomllib.loads(registries_conf(regs[:1], Mirror("https://mirror.example.com/cache/v2")))
+    assert api_root["registry"][0]["mirror"][0]["location"] == "mirror.example.com/cache/docker.io"
 
 
 @pytest.mark.parametrize(
@@ -184,3 +186,22 @@ def test_the_daemonset_container_installs_then_uninstalls_on_sigterm(node: Path)
     assert proc.returncode == 0
     assert "removed /etc/containerd/certs.d/docker.io/hosts.toml" in out
     assert snapshot(node) == before
+
+
+def test_a_state_file_cannot_lead_outside_the_config_directory(node: Path) -> None:
+    (node / "srv/empty").mkdir(parents=True)
+    assert install(node, "docker.io", extra=("--containers-dir", "")) == 0
+    state = node / "etc/containerd/certs.d/.cargohold-node-setup.json"
+    state.write_text(state.read_text().replace('"created_dirs": [', '"created_dirs": ["/srv/empty", "/srv", '))
+    assert node_setup(node, "uninstall") == 0
+    assert (node / "srv/empty").is_dir()
+    state.write_text("[1, 2]")  # not the shape it writes: ignored, nothing removed
+    assert node_setup(node, "uninstall") == 0
+
+
+def test_the_ca_is_a_path_on_the_node(node: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert install(node, "docker.io", extra=("--ca", "ca.pem")) == 2
+    assert "absolute path" in capsys.readouterr().err
+    assert install(node, "docker.io", mirror="https://m.example", extra=("--ca", "/etc/m.pem")) == 0
+    hosts = tomllib.loads((node / "etc/containerd/certs.d/docker.io/hosts.toml").read_text())
+    assert hosts["host"]["https://m.example"]["ca"] == "/etc/m.pem"
