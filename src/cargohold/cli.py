@@ -1,4 +1,4 @@
-"""`cargohold serve | config check | user ... | cache stats|ls|prune|rm | warm`."""
+"""`cargohold serve | config check | user ... | cache stats|ls|prune|rm | warm | node-setup`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import resource
 import sys
 
-from cargohold import __version__, cachecli
+from cargohold import __version__, cachecli, nodesetup
 from cargohold.config import ConfigError, Settings, load_settings
 from cargohold.logs import setup_logging
 from cargohold.usercli import UserCommandError, add_user_commands, run_user_command
@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     add_user_commands(commands)
     cachecli.add_commands(commands)
+    nodesetup.add_commands(commands)
     return parser
 
 
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "user":
             return run_user_command(args)
+        if args.command == "node-setup":  # reads no config: a node agent needs none
+            return nodesetup.run(args)
         overrides = {"listen": args.listen, "data_dir": args.data_dir} if args.command == "serve" else None
         settings = load_settings(args.config, overrides=overrides)
         if args.command in ("cache", "warm"):
