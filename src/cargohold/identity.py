@@ -12,6 +12,7 @@ from aiohttp import web
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_HOP = 64
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,11 @@ def _parse_ip(text: str) -> IPAddress | None:
 
 
 def parse_hop(text: str) -> IPAddress | None:
-    """An X-Forwarded-For hop: `ip`, `ip:port` (IPv4), `[ipv6]` or `[ipv6]:port`; None for anything else."""
+    """An X-Forwarded-For hop: `ip`, `ip:port` (IPv4), `[ipv6]` or `[ipv6]:port`; None for anything else
+    (and for anything longer than an address with a port and a short zone can be: it becomes a key)."""
     text = text.strip()
+    if len(text) > MAX_HOP:
+        return None
     if text.startswith("["):
         inside, bracket, port = text[1:].partition("]")
         if not bracket or (port and not (port.startswith(":") and port[1:].isdigit())):

@@ -11,7 +11,13 @@ import time
 from collections.abc import Callable
 
 from cargohold.auth.expiring import Expiring
-from cargohold.auth.htpasswd import PasswordError, Users, check_password, valid_username, verify_password
+from cargohold.auth.htpasswd import (
+    PasswordError,
+    Users,
+    check_password,
+    valid_username,
+    verify_password,
+)
 from cargohold.auth.throttle import LoginThrottle
 from cargohold.errors import TooManyRequests, Unauthorized
 from cargohold.identity import ClientAddress

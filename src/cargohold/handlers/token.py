@@ -18,7 +18,13 @@ from multidict import MultiDictProxy
 
 from cargohold.auth.service import Auth, Proof
 from cargohold.auth.tokens import ROUTE, Scope, parse_scopes
-from cargohold.errors import BadRequest, NotFound, RegistryError, Unauthorized, error_response
+from cargohold.errors import (
+    BadRequest,
+    NotFound,
+    RegistryError,
+    Unauthorized,
+    error_response,
+)
 from cargohold.handlers.target import proxy_of
 from cargohold.identity import IDENTITY, Identity
 from cargohold.keys import AUTH

@@ -16,9 +16,9 @@ from yarl import URL
 from cargohold.auth.service import Auth
 from cargohold.auth.tokens import ROUTE, SERVICE, Grant, InvalidToken
 from cargohold.errors import Denied, RegistryError, Unauthorized
+from cargohold.external import public_base_url
 from cargohold.handlers.target import proxy_of, target_of
 from cargohold.identity import IDENTITY, Identity
-from cargohold.external import public_base_url
 from cargohold.keys import AUTH, SETTINGS
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/token"})
