@@ -56,10 +56,12 @@ IDENTITY = web.RequestKey("identity", Identity)
 
 
 def _parse_ip(text: str) -> IPAddress | None:
+    """An address; an IPv4-mapped IPv6 one (a dual-stack socket's) as the IPv4 address it is."""
     try:
-        return ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
+    return address.ipv4_mapped or address if isinstance(address, ipaddress.IPv6Address) else address
 
 
 def parse_hop(text: str) -> IPAddress | None:
@@ -73,7 +75,7 @@ def parse_hop(text: str) -> IPAddress | None:
         if not bracket or (port and not (port.startswith(":") and port[1:].isdigit())):
             return None
         parsed = _parse_ip(inside)
-        return parsed if isinstance(parsed, ipaddress.IPv6Address) else None
+        return parsed if ":" in inside else None
     if text.count(":") == 1:
         host, _, port = text.partition(":")
         parsed = _parse_ip(host)
