@@ -75,12 +75,12 @@ def _shows_all(request: web.Request) -> bool:
 async def _visible_rows(request: web.Request) -> list[TagRow] | None:
     """The most pulled tags this client may pull; None (aggregates only) for anonymous clients of a
     mirror with logins, unless `status.public`."""
-    rows = await request.app[PROXY].index.tag_rows()
-    auth = request.app.get(AUTH)
+    auth = None if _shows_all(request) else request.app[AUTH]
     who = request[IDENTITY]
-    if not _shows_all(request) and auth is not None:
-        if who.user is None:
-            return None
+    if auth is not None and who.user is None:
+        return None
+    rows = await request.app[PROXY].index.tag_rows()
+    if auth is not None:
         rows = [row for row in rows if auth.acl.allows(who, row.upstream, row.repository)]
     return sorted(rows, key=lambda r: (-r.pulls, -r.last_access))[:TOP_IMAGES]
 
