@@ -267,6 +267,15 @@ class AuthConfig(Strict):
         return self
 
 
+class StatusConfig(Strict):
+    """The status page `/` and `/ready` for clients who are not logged in (see docs/security.md)."""
+
+    public: bool = Field(
+        default=False,
+        description="show anonymous clients the whole status page (images, upstream URLs) and /ready's checks",
+    )
+
+
 class CacheConfig(Strict):
     """Bounds on the disk cache: least-recently-used content goes first (None: unbounded)."""
 
@@ -359,6 +368,7 @@ class Settings(Strict):
     index: IndexConfig = Field(default_factory=IndexConfig)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     auth: AuthConfig | None = None
+    status: StatusConfig = Field(default_factory=StatusConfig)
     external_url: str | None = None
     idle_timeout: Duration = Field(
         75.0, gt=0, description="close a client connection that has not sent a complete request for this long"

@@ -6,6 +6,7 @@ Users are made with the real `cargohold user` command; the server is the real pr
 from __future__ import annotations
 
 import base64
+import socket
 import subprocess
 import sys
 import time
@@ -33,8 +34,10 @@ def user_command(srv: Cargohold, *args: str, password: str | None = None) -> sub
     return subprocess.run(cmd, input=password or "", capture_output=True, text=True, timeout=60, check=True)
 
 
-def auth_server(cargohold: Callable[..., Cargohold], auth: dict[str, Any], *users: tuple[str, str]) -> Cargohold:
-    srv = cargohold(start=False)
+def auth_server(
+    cargohold: Callable[..., Cargohold], auth: dict[str, Any], *users: tuple[str, str], **top: Any
+) -> Cargohold:
+    srv = cargohold(start=False, **top)
     srv.config["auth"] = {"htpasswd": str(srv.workdir / "htpasswd"), **auth}
     srv.write_config()
     for name, password in users:
@@ -218,3 +221,152 @@ def test_no_request_reaches_upstream_without_a_valid_login(hub: Hub, cargohold: 
                     assert res.json()["errors"][0]["code"] == "UNAUTHORIZED"  # type: ignore[index]
     assert hub.requests == []
     assert http_request("GET", f"{srv.url}/health").status == 200
+
+
+# -- issue 21: what a security review got through ------------------------------------------------
+
+# Tests that tell clients apart by address trust the loopback proxy's X-Forwarded-For (that is the
+# setting they are about); everything else stays as shipped.
+BEHIND_PROXY = {"rate_limit": {"trusted_proxies": ["127.0.0.0/8"]}}
+
+
+def _no_traceback(srv: Cargohold) -> None:
+    assert "Traceback" not in srv.log_text()
+
+
+def _form(**fields: str) -> dict[str, Any]:
+    return {"body": urllib.parse.urlencode(fields).encode(),
+            "headers": {"Content-Type": "application/x-www-form-urlencoded"}}
+
+
+def test_failed_logins_for_a_user_never_lock_her_out_elsewhere(cargohold: Callable[..., Cargohold]) -> None:
+    """Issue 21.2: ten failures for alice from one address made alice 429 from every address."""
+    srv = auth_server(cargohold, {"max_failed_logins": 3}, ALICE, **BEHIND_PROXY)
+    attacker = {"X-Forwarded-For": "198.51.100.66"}
+    for _ in range(10):
+        http_request("GET", f"{srv.url}/token", headers={**attacker, **basic("alice", "guess")})
+    assert http_request("GET", f"{srv.url}/v2/", headers={**attacker, **basic(*ALICE)}).status == 429
+    alice = {"X-Forwarded-For": "192.0.2.7"}
+    assert http_request("GET", f"{srv.url}/v2/", headers={**alice, **basic(*ALICE)}).status == 200
+    assert http_request("GET", f"{srv.url}/token", headers={**alice, **basic(*ALICE)}).status == 200
+    form = _form(grant_type="password", username="alice", password=ALICE[1])
+    res = http_request("POST", f"{srv.url}/token", body=form["body"], headers={**alice, **form["headers"]})
+    assert res.status == 200
+    _no_traceback(srv)
+
+
+def test_a_forwarded_hop_that_is_not_an_address_is_an_outsider(hub: Hub, cargohold: Callable[..., Cargohold]) -> None:
+    """Issue 21.4: from a trusted proxy inside the anonymous network, `unknown` or `ip:port` hops were
+    served as the proxy itself."""
+    im = hub.images["oci"]
+    srv = auth_server(cargohold, {"anonymous": ["127.0.0.0/8", "10.0.0.0/8"]}, ALICE, **BEHIND_PROXY)
+    url = f"{srv.url}/v2/{im.repo}/tags/list"
+    assert http_request("GET", url).status == 200  # the proxy itself is inside
+    for hop in ("10.9.9.9:4321", "[::ffff:10.9.9.9]:443"):  # a port is no reason to refuse
+        assert http_request("GET", url, headers={"X-Forwarded-For": hop}).status == 200, hop
+    for hop in ("192.0.2.9:4321", "[2001:db8::1]:443", "unknown", "for=10.9.9.9", "10.9.9.9, garbage"):
+        assert http_request("GET", url, headers={"X-Forwarded-For": hop}).status == 401, hop
+    _no_traceback(srv)
+
+
+def test_status_page_and_ready_show_only_what_the_viewer_may_pull(
+    hub: Hub, cargohold: Callable[..., Cargohold]
+) -> None:
+    """Issue 21.5: a user with no rights, and anonymous clients, saw every cached repository and the
+    upstream URL on `/`."""
+    im = hub.images["oci"]
+    rules = [{"users": ["alice"], "repositories": [im.repo]}, {"repositories": ["nothing/*"]}]
+    srv = auth_server(cargohold, {"rules": rules, "anonymous": True}, ALICE, BOB)
+    accept = {"Accept": im.media_type or "*/*"}
+    assert http_request("GET", f"{srv.url}/v2/{im.repo}/manifests/{im.tag}", headers={**accept, **basic(*ALICE)}).status == 200
+    name = f"{im.repo}:{im.tag}"
+    assert name in http_request("GET", f"{srv.url}/", headers=basic(*ALICE)).body.decode()
+    for headers in (basic(*BOB), {}):
+        page = http_request("GET", f"{srv.url}/", headers=headers).body.decode()
+        assert name not in page and hub.url not in page and 'id="hit-ratio"' in page
+    assert http_request("GET", f"{srv.url}/ready").json() == {"status": "ready"}
+    _no_traceback(srv)
+
+
+def test_user_names_with_a_newline_are_refused_and_a_bad_line_is_not_fatal(cargohold: Callable[..., Cargohold]) -> None:
+    """Issue 21.13: `user add $'mallory\\n'` was accepted, and `serve` then refused to start."""
+    srv = auth_server(cargohold, {}, ALICE)
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        user_command(srv, "add", "mallory\n", password="m-secret")
+    assert "invalid user name" in refused.value.stderr
+    htpasswd_file = srv.workdir / "htpasswd"
+    htpasswd_file.write_text(htpasswd_file.read_text() + "mallory\n:$2y$10$" + "a" * 53 + "\n")  # as the old one wrote
+    srv.restart()
+    assert http_request("GET", f"{srv.url}/v2/", headers=basic(*ALICE)).status == 200
+    assert "htpasswd entry left out" in srv.log_text()
+    _no_traceback(srv)
+
+
+def test_token_form_bodies_are_bounded_and_checked(cargohold: Callable[..., Cargohold]) -> None:
+    """Issues 21.9 and 21.12: corrupt gzip was a 500 with a traceback; a dribbled body was never cut off."""
+    srv = auth_server(cargohold, {}, ALICE)
+    res = http_request("POST", f"{srv.url}/token", body=b"\x1f\x8b\x08\x00garbage", headers={
+        "Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "gzip"})
+    assert res.status == 400 and res.json()["errors"][0]["code"] == "UNSUPPORTED"  # type: ignore[index]
+    with socket.create_connection((srv.host, srv.port), timeout=60) as conn:
+        conn.sendall(b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: 100000\r\n\r\ngrant_type=")
+        answer = b""
+        for _ in range(120):  # a byte a second, until the server answers and closes (bounded)
+            try:
+                conn.sendall(b"p")
+            except OSError:
+                break
+            conn.settimeout(1)
+            try:
+                chunk = conn.recv(4096)
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    _no_traceback(srv)
+
+
+def test_tokens_for_host_routed_upstreams_behind_external_url(hub: Hub, cargohold: Callable[..., Cargohold]) -> None:
+    """Issue 21.14: behind external_url, /token resolved names under its own Host, so a rule on a
+    Host-routed upstream gave no access, and the pull answered 401 insufficient_scope."""
+    im = hub.images["oci"]
+    routed = {"name": "ghcr.io", "url": hub.url, "hosts": ["ghcr.mirror.test"]}
+    rules = [{"users": ["alice"], "upstream": "ghcr.io", "repositories": [im.repo]}]
+    srv = cargohold(start=False, external_url="https://mirror.example.test")
+    srv.config["upstreams"].append(routed)
+    srv.config["auth"] = {"htpasswd": str(srv.workdir / "htpasswd"), "rules": rules}
+    srv.write_config()
+    user_command(srv, "add", *ALICE[:1], password=ALICE[1])
+    srv.start()
+    at_ghcr = {"Host": "ghcr.mirror.test", "Accept": im.media_type or "*/*"}
+    url = f"{srv.url}/v2/{im.repo}/manifests/{im.tag}"
+    challenge = http_request("GET", url, headers=at_ghcr).header("WWW-Authenticate") or ""
+    realm = urllib.parse.urlsplit(challenge.split('realm="')[1].split('"')[0])
+    assert realm.netloc == "mirror.example.test"
+    query = realm.query + "&service=cargohold&scope=" + urllib.parse.quote(f"repository:{im.repo}:pull")
+    token = http_request("GET", f"{srv.url}{realm.path}?{query}", headers=basic(*ALICE)).json()["token"]  # type: ignore[index]
+    res = http_request("GET", url, headers={**at_ghcr, "Authorization": f"Bearer {token}"})
+    assert res.status == 200, res.body[:300]
+    _no_traceback(srv)
+
+
+def test_tokens_of_a_removed_user_stay_dead_when_the_name_comes_back(
+    hub: Hub, cargohold: Callable[..., Cargohold]
+) -> None:
+    """Issue 21, minor: access tokens are bound to the password hash, as refresh tokens are."""
+    im = hub.images["oci"]
+    srv = auth_server(cargohold, {}, BOB)
+    scope = urllib.parse.quote(f"repository:{im.repo}:pull")
+    token = http_request("GET", f"{srv.url}/token?scope={scope}", headers=basic(*BOB)).json()["token"]  # type: ignore[index]
+    url, bearer = f"{srv.url}/v2/{im.repo}/tags/list", {"Authorization": f"Bearer {token}"}
+    assert http_request("GET", url, headers=bearer).status == 200
+    user_command(srv, "remove", "bob")
+    wait_until(lambda: http_request("GET", url, headers=bearer).status == 401, timeout=10, what="bob's token refused")
+    user_command(srv, "add", "bob", password="another-secret")
+    wait_until(lambda: http_request("GET", f"{srv.url}/v2/", headers=basic("bob", "another-secret")).status == 200,
+               timeout=10, what="bob back")
+    assert http_request("GET", url, headers=bearer).status == 401
+    _no_traceback(srv)

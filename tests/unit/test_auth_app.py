@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
+import logging
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -24,9 +27,11 @@ from cargohold.app import build_app
 from cargohold.auth import htpasswd, logins
 from cargohold.auth.service import Auth, password_fingerprint
 from cargohold.auth.tokens import Tokens, load_or_create_key
+from cargohold.badrequests import QuietBadRequests
 from cargohold.config import ConfigError, Settings
+from cargohold.handlers import token as token_handler
 from cargohold.identity import IDENTITY
-from cargohold.keys import AUTH
+from cargohold.keys import AUTH, PROXY, SETTINGS
 
 PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
 
@@ -112,7 +117,7 @@ async def _token(client: TestClient, *scopes: str, user: str = "alice", password
 
 
 async def test_without_auth_section_everything_stays_open(make_client: Any) -> None:
-    make, counts = make_client
+    make, _ = make_client
     client = await make()
     assert (await client.get("/v2/")).status == 200
     assert (await client.get("/v2/library/alpine/tags/list")).status == 200
@@ -147,7 +152,7 @@ async def test_challenge_and_open_paths(make_client: Any) -> None:
 
 
 async def test_basic_auth_sets_identity_and_costs_one_bcrypt(make_client: Any, monkeypatch: Any) -> None:
-    make, counts = make_client
+    make, _ = make_client
     client = await make({"groups": {"devs": ["alice"]}})
     checks: list[bytes] = []
     real = logins.verify_password
@@ -217,25 +222,39 @@ async def test_anonymous_by_network(make_client: Any) -> None:
     assert counts == Counter({"library/alpine": 2, "acme/tool": 1})
 
 
-async def test_failed_logins_are_throttled_per_address_and_per_user(make_client: Any) -> None:
-    make, counts = make_client
+async def test_failed_logins_are_throttled_per_user_and_address_and_per_address(make_client: Any) -> None:
+    make, _ = make_client
     client = await make({"max_failed_logins": 3, "failed_login_window": "1h"})
     for _ in range(3):
         assert (await client.get("/v2/", headers=from_ip("192.0.2.1", basic("alice", "guess")))).status == 401
-    resp = await client.get("/v2/", headers=from_ip("192.0.2.1", basic("bob")))  # right password, same address
+    resp = await client.get("/v2/", headers=from_ip("192.0.2.1", basic("alice")))  # that name from that address
     assert resp.status == 429 and await _error(resp) == "TOOMANYREQUESTS"
     assert 3500 < int(resp.headers["Retry-After"]) <= 3600
-    resp = await client.get("/token", headers=from_ip("192.0.2.1", basic("bob")))
+    resp = await client.get("/token", headers=from_ip("192.0.2.1", basic("alice")))
     assert resp.status == 429 and "Retry-After" in resp.headers
+    assert (await client.get("/v2/", headers=from_ip("192.0.2.1", basic("bob")))).status == 200  # a NAT's other users
+    for user in ("bob", "carol") * 3:  # the address itself: three times the limit, whatever the names
+        assert (await client.get("/v2/", headers=from_ip("192.0.2.1", basic(user, "guess")))).status == 401
+    assert (await client.get("/v2/", headers=from_ip("192.0.2.1", basic("dave", "x")))).status == 429
     assert (await client.get("/v2/", headers=from_ip("192.0.2.2", basic("bob")))).status == 200
-    for i in range(3):  # one user guessed at from many addresses
-        assert (await client.get("/v2/", headers=from_ip(f"198.51.100.{i}", basic("carol", "guess")))).status == 401
-    assert (await client.get("/v2/", headers=from_ip("198.51.100.99", basic("carol")))).status == 429
-    assert (await client.get("/v2/", headers=from_ip("198.51.100.99", basic("bob")))).status == 200
+
+
+async def test_nobody_can_lock_another_user_out(make_client: Any) -> None:
+    """Issue 21.2: failures for `alice` from attacker addresses never refuse her right password elsewhere,
+    on Basic, GET /token and the password grant; a window later the attacker is where he started."""
+    make, _ = make_client
+    client = await make({"max_failed_logins": 3, "failed_login_window": "1h"})
+    for i in range(10):  # one attacker address after another, each to its own limit and beyond
+        for _ in range(4):
+            await client.get("/v2/", headers=from_ip(f"198.51.100.{i}", basic("alice", "guess")))
+    assert (await client.get("/v2/", headers=from_ip("192.0.2.7", basic("alice")))).status == 200
+    assert (await client.get("/token", headers=from_ip("192.0.2.8", basic("alice")))).status == 200
+    await _oauth(client, ip="192.0.2.9", grant_type="password", username="alice", password="alice-pw")
+    assert (await client.get("/v2/", headers=from_ip("198.51.100.0", basic("alice")))).status == 429
 
 
 async def test_removed_user_is_refused_without_restart(make_client: Any, tmp_path: Path) -> None:
-    make, counts = make_client
+    make, _ = make_client
     client = await make({})
     token = await _token(client, "repository:library/alpine:pull", user="bob")
     assert (await client.get("/v2/library/alpine/tags/list", headers=basic("bob"))).status == 200
@@ -251,13 +270,21 @@ async def test_removed_user_is_refused_without_restart(make_client: Any, tmp_pat
     assert (await client.get("/v2/", headers=basic("alice"))).status == 200
 
 
-def test_bad_htpasswd_stops_the_start(tmp_path: Path) -> None:
+async def test_a_bad_htpasswd_line_is_left_out_not_fatal(make_client: Any, tmp_path: Path, caplog: Any) -> None:
+    """Issue 21.13: one bad line (here what `user add $'mallory\\n'` wrote before the fix) used to stop
+    the start; now it is logged and left out, and every other user logs in."""
+    make, _ = make_client
     path = tmp_path / "htpasswd"
-    path.write_text("alice:$apr1$abc$def\n")
+    hashed = htpasswd.hash_password("m-pw", rounds=4)
+    path.write_text(path.read_text() + f"mallory\n:{hashed}\ndave:$apr1$abc$def\n")
+    client = await make({})
+    assert (await client.get("/v2/", headers=basic("alice"))).status == 200
+    assert (await client.get("/v2/", headers=basic("mallory", "m-pw"))).status == 401
+    assert "line 4: not a `user:hash` entry" in caplog.text and "line 6: user 'dave': Apache MD5" in caplog.text
+    path.unlink()
     settings = Settings.model_validate({"data_dir": str(tmp_path / "d"), "auth": {"htpasswd": str(path)}})
-    with pytest.raises(ConfigError, match=r"auth\.htpasswd: .*htpasswd line 1: user 'alice': Apache MD5"):
+    with pytest.raises(ConfigError, match=r"auth\.htpasswd: cannot read htpasswd file"):
         Auth.open(settings)
-
 
 
 async def test_token_names_resolve_at_the_host_the_client_used(make_client: Any) -> None:
@@ -335,7 +362,7 @@ async def test_oauth_password_and_refresh_grants(make_client: Any, tmp_path: Pat
 
 
 async def test_oauth_form_errors_and_throttling(make_client: Any) -> None:
-    make, counts = make_client
+    make, _ = make_client
     client = await make({"max_failed_logins": 3, "failed_login_window": "1h"})
     for form in ({"grant_type": "client_credentials"}, {}, {"grant_type": "password", "username": "alice"},
                  {"grant_type": "refresh_token"}):
@@ -343,10 +370,11 @@ async def test_oauth_form_errors_and_throttling(make_client: Any) -> None:
         assert error["errors"][0]["code"] == "UNSUPPORTED"
     for _ in range(3):
         await _oauth(client, 401, ip="192.0.2.1", grant_type="password", username="alice", password="guess")
-    resp = await client.post("/token", data={"grant_type": "password", "username": "bob", "password": "bob-pw"},
+    resp = await client.post("/token", data={"grant_type": "password", "username": "alice", "password": "alice-pw"},
                              headers=from_ip("192.0.2.1"))
     assert resp.status == 429 and "Retry-After" in resp.headers
-    for _ in range(3):  # guessing refresh tokens counts against the address too
+    await _oauth(client, ip="192.0.2.1", grant_type="password", username="bob", password="bob-pw")
+    for _ in range(9):  # guessing refresh tokens counts against the address (three times the limit)
         await _oauth(client, 401, ip="192.0.2.2", grant_type="refresh_token", refresh_token="guess")
     await _oauth(client, 429, ip="192.0.2.2", grant_type="refresh_token", refresh_token="guess")
     assert (await client.post("/token", data={"grant_type": "password"})).status == 400
@@ -446,3 +474,180 @@ async def test_too_large_a_token_form_is_413(make_client: Any, caplog: Any) -> N
                              headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert resp.status == 413 and (await resp.json())["errors"][0]["code"] == "UNSUPPORTED"
     assert "Traceback" not in caplog.text
+
+
+# -- issue 21: what a security review got through ------------------------------------------------
+
+
+@pytest.mark.parametrize("hop", ["192.0.2.9:4321", "[2001:db8::1]:443", "unknown", "for=192.0.2.1", "10.9.9.9, garbage"])
+async def test_an_unparseable_forwarded_hop_is_an_outsider_not_the_proxy(make_client: Any, hop: str) -> None:
+    """Issue 21.4: from a trusted proxy (loopback, inside the anonymous network), a hop that is not a
+    bare address used to be served as the proxy itself."""
+    make, counts = make_client
+    client = await make({"anonymous": ["127.0.0.0/8"]})
+    assert (await client.get("/v2/library/alpine/tags/list")).status == 200  # the proxy itself is inside
+    resp = await client.get("/v2/library/alpine/tags/list", headers=from_ip(hop))
+    assert resp.status == 401, hop
+    who = await (await client.get("/whoami", headers=from_ip(hop, basic("alice")))).json()
+    assert who["user"] == "alice"
+    resp = await client.get("/v2/", headers=from_ip(hop, basic("alice", "guess")))
+    assert resp.status == 401
+    throttle = client.server.app[AUTH].logins.per_address
+    assert throttle.retry_after(["ip:127.0.0.1"]) == 0 and len(throttle) == 1  # counted under its own key
+    assert counts == Counter({"library/alpine": 1})
+
+
+async def test_failed_login_table_stays_small_under_huge_names(make_client: Any) -> None:
+    """Issue 21.6: 60 KB user names from many addresses used to be kept whole in the failed-login table."""
+    make, _ = make_client
+    client = await make({})
+    name = "n" * 60_000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i in range(100):
+            resp = await client.post("/token", data={"grant_type": "password", "username": f"{name}{i}", "password": "x"},
+                                     headers=from_ip(f"198.51.100.{i}"))
+            assert resp.status == 401 and name not in await resp.text()
+        gc.collect()
+        grown = sum(stat.size_diff for stat in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    finally:
+        tracemalloc.stop()
+    assert grown < 2_000_000  # 100 names of 60 KB would be 6 MB (twice over, with the per-user key)
+    logins = client.server.app[AUTH].logins
+    assert len(logins.per_address) == 100 and len(logins.per_login) == 100
+
+
+async def test_too_long_a_password_is_refused_alike_everywhere(make_client: Any, tmp_path: Path) -> None:
+    """Issue 21.6: a password bcrypt cannot check whole is refused (not truncated) by every door."""
+    make, _ = make_client
+    client = await make({})
+    long = "x" * 73
+    htpasswd.set_user(tmp_path / "htpasswd", "dave", htpasswd.hash_password(long[:72], rounds=4))  # as Apache would
+    await _wait_reread(client, lambda: "dave" in client.server.app[AUTH].users)
+    for resp in (await client.get("/v2/", headers=basic("dave", long)),
+                 await client.get("/token", headers=basic("dave", long)),
+                 await client.post("/token", data={"grant_type": "password", "username": "dave", "password": long})):
+        assert resp.status == 401 and "72 bytes" in (await resp.json())["errors"][0]["message"]
+    with pytest.raises(htpasswd.PasswordError, match="72 bytes"):
+        htpasswd.hash_password(long)
+
+
+async def test_a_slow_token_form_is_cut_off(make_client: Any, monkeypatch: Any) -> None:
+    """Issue 21.9: a POST /token body dribbled a byte at a time used to hold its connection forever."""
+    monkeypatch.setattr(token_handler, "FORM_TIMEOUT", 0.5, raising=False)  # raising: the test ran on the old code too
+    make, _ = make_client
+    client = await make({})
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                 b"Content-Length: 1000\r\n\r\ngrant_type=")
+    await writer.drain()
+
+    async def dribble() -> None:
+        for _ in range(200):
+            writer.write(b"p")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    dribbling = asyncio.ensure_future(dribble())
+    try:
+        answer = await asyncio.wait_for(reader.read(), 20)  # until the server closes the connection
+    finally:
+        dribbling.cancel()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 ") and b'"code": "UNSUPPORTED"' in answer
+
+
+async def test_corrupt_gzip_token_form_is_400(make_client: Any, caplog: Any) -> None:
+    """Issue 21.12: a form that says gzip and is not used to be a 500 with a traceback."""
+    make, _ = make_client
+    client = await make({})
+    quiet = QuietBadRequests()  # as `cargohold serve` installs it: aiohttp meets the error again draining the body
+    logging.getLogger("aiohttp.server").addFilter(quiet)
+    try:
+        resp = await client.post("/token", data=b"\x1f\x8b\x08\x00garbage-not-deflate", headers={
+            "Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "gzip"})
+        assert resp.status == 400 and (await resp.json())["errors"][0]["code"] == "UNSUPPORTED"
+    finally:
+        logging.getLogger("aiohttp.server").removeFilter(quiet)
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+
+
+async def test_tokens_cover_host_routed_upstreams_behind_external_url(make_client: Any) -> None:
+    """Issue 21.14: behind external_url, /token resolved the scope under its own Host (docker.io), so a
+    rule on ghcr.io gave `"access": []`. The realm now names the Host the pull is routed by."""
+    make, counts = make_client
+    client = await make({"rules": [{"users": ["alice"], "upstream": "ghcr.io", "repositories": ["plain/*"]}]},
+                        external_url="https://mirror.example.com")
+    at_ghcr = {"Host": "ghcr.mirror.test"}
+    resp = await client.get("/v2/plain/app/tags/list", headers=at_ghcr)
+    challenge = resp.headers["WWW-Authenticate"]
+    assert 'realm="https://mirror.example.com/token?route=ghcr.mirror.test"' in challenge
+    # The client asks the realm (at the external host: here the same server) with its own parameters added.
+    resp = await client.get("/token", params={"route": "ghcr.mirror.test", "scope": "repository:plain/app:pull"},
+                            headers=basic("alice"))
+    token = (await resp.json())["token"]
+    assert _claims(token)["access"] == [{"type": "repository", "name": "plain/app", "actions": ["pull"]}]
+    assert (await client.get("/v2/plain/app/tags/list", headers={**bearer(token), **at_ghcr})).status == 200
+    resp = await client.get("/v2/plain/app/tags/list", headers=bearer(token))  # docker.io/plain/app: no rule
+    assert resp.status in (401, 403)
+    form = {"grant_type": "password", "username": "alice", "password": "alice-pw", "scope": "repository:plain/app:pull"}
+    resp = await client.post("/token", params={"route": "ghcr.mirror.test"}, data=form)
+    assert (await resp.json())["scope"] == "repository:plain/app:pull"
+    resp = await client.get("/v2/plain/app/tags/list")  # at the external host itself: no route to name
+    assert 'realm="https://mirror.example.com/token"' in resp.headers["WWW-Authenticate"]
+    assert counts == Counter({"plain/app": 1})
+
+
+async def test_a_removed_and_re_added_user_does_not_get_old_tokens_back(make_client: Any, tmp_path: Path) -> None:
+    """Issue 21, minor: access tokens are bound to the password hash, as refresh tokens are."""
+    make, _ = make_client
+    client = await make({})
+    users = client.server.app[AUTH].users
+    old = await _token(client, "repository:library/alpine:pull", user="bob")
+    htpasswd.remove_user(tmp_path / "htpasswd", "bob")
+    await _wait_reread(client, lambda: "bob" not in users)
+    htpasswd.set_user(tmp_path / "htpasswd", "bob", htpasswd.hash_password("new-bob", rounds=4))
+    await _wait_reread(client, lambda: "bob" in users)
+    resp = await client.get("/v2/library/alpine/tags/list", headers=bearer(old))
+    assert resp.status == 401 and 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+    new = await _token(client, "repository:library/alpine:pull", user="bob", password="new-bob")
+    assert (await client.get("/v2/library/alpine/tags/list", headers=bearer(new))).status == 200
+    anonymous = await make({"anonymous": True})  # anonymous tokens carry no password to bind to
+    resp = await anonymous.get("/token", params={"scope": "repository:library/alpine:pull"})
+    anon = (await resp.json())["token"]
+    assert "pwd" not in _claims(anon)
+    assert (await anonymous.get("/v2/library/alpine/tags/list", headers=bearer(anon))).status == 200
+
+
+async def _status(client: TestClient, headers: dict[str, str] | None = None) -> str:
+    resp = await client.get("/", headers=headers or {})
+    assert resp.status == 200, await resp.text()
+    return await resp.text()
+
+
+async def test_status_page_shows_each_viewer_only_what_they_may_pull(make_client: Any) -> None:
+    """Issue 21.5: a user with no rights (and anonymous clients) saw every cached repository and the
+    upstream URLs on `/`, and /ready's checks."""
+    make, _ = make_client
+    rules = {"rules": [{"users": ["alice"], "repositories": ["library/*"]}, {"users": ["bob"], "repositories": ["acme/*"]}],
+             "anonymous": True}
+    client = await make(rules)
+    index = client.server.app[PROXY].index
+    await index.put_tag("docker.io", "library/alpine", "3", "sha256:" + "a" * 64, "application/vnd.oci.image.index.v1+json")
+    await index.put_tag("docker.io", "acme/many", "1", "sha256:" + "b" * 64, "application/vnd.oci.image.index.v1+json")
+    upstream_url = str(client.server.app[SETTINGS].upstreams[0].url)
+    alice = await _status(client, basic("alice"))
+    assert "library/alpine:3" in alice and "acme/many" not in alice and upstream_url not in alice
+    bob = await _status(client, basic("bob"))
+    assert "acme/many:1" in bob and "library/alpine" not in bob
+    carol = await _status(client, basic("carol"))
+    assert "acme/many" not in carol and "library/alpine" not in carol and upstream_url not in carol
+    anonymous = await _status(client)
+    assert "acme/many" not in anonymous and "library/alpine" not in anonymous and "Log in" in anonymous
+    assert 'id="hit-ratio"' in anonymous and '<td>docker.io</td>' in anonymous  # the aggregates stay
+    assert await (await client.get("/ready")).json() == {"status": "ready"}
+    public = await make(rules, status={"public": True})
+    everything = await _status(public)
+    assert "library/alpine:3" in everything and "acme/many:1" in everything and upstream_url in everything
+    assert set(await (await public.get("/ready")).json()) == {"status", "checks", "upstreams"}

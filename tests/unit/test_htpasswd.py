@@ -62,12 +62,22 @@ def test_2b_and_2y_both_verify(tmp_path: Path) -> None:
         ("just-a-name", "not a `user:hash` entry"),
     ],
 )
-def test_other_hash_kinds_are_refused_naming_the_line(tmp_path: Path, line: str, kind: str) -> None:
+def test_other_hash_kinds_are_left_out_naming_the_line(
+    tmp_path: Path, line: str, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One bad line is logged and skipped: it must not keep the mirror from starting (issue 21.13)."""
     path = tmp_path / "htpasswd"
     path.write_text(f"ok:{htpasswd.hash_password('pw', rounds=4)}\n\n{line}\n")
-    with pytest.raises(HtpasswdError) as err:
-        htpasswd.load(path)
-    assert f"{path} line 3" in str(err.value) and kind in str(err.value)
+    assert list(htpasswd.load(path)) == ["ok"]
+    assert f"{path} line 3" in caplog.text and kind in caplog.text
+
+
+@pytest.mark.parametrize("name", ["mallory\n", "mallory\r", " mallory", "a:b", "", "x" * 256])
+def test_user_names_that_would_break_the_file_are_refused(name: str) -> None:
+    """Issue 21.13: `re.match` with `$` let a name end in a newline, which split the entry in two."""
+    with pytest.raises(ValueError, match="invalid user name"):
+        htpasswd.check_username(name)
+    assert not htpasswd.valid_username(name)
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:

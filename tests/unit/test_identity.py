@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from cargohold.identity import Identity, client_address
+from cargohold.identity import Identity, UnknownAddress, client_address, within
 
 PROXIES = [ipaddress.ip_network("10.0.0.0/8")]
 
@@ -32,8 +33,29 @@ def test_chain_stops_at_first_untrusted_hop() -> None:
     assert str(client_address(req, PROXIES)) == "203.0.113.9"
 
 
-def test_garbage_header_falls_back_to_last_trusted_hop() -> None:
-    assert str(client_address(_request("10.1.1.1", "not-an-ip"), PROXIES)) == "10.1.1.1"
+@pytest.mark.parametrize(
+    ("hop", "address"),
+    [("203.0.113.9:4321", "203.0.113.9"), ("[2001:db8::1]:443", "2001:db8::1"), ("[2001:db8::1]", "2001:db8::1"),
+     ("2001:db8::1", "2001:db8::1")],
+)
+def test_hops_with_a_port_are_addresses(hop: str, address: str) -> None:
+    assert str(client_address(_request("10.1.1.1", hop), PROXIES)) == address
+
+
+@pytest.mark.parametrize(
+    "forwarded",
+    ["not-an-ip", "unknown", "for=203.0.113.9", "203.0.113.9, garbage", "[2001:db8::1]:x", "[10.2.2.2]:1",
+     "203.0.113.9:", "", "fe80::1%" + "x" * 100],
+)
+def test_an_unparseable_hop_is_an_unknown_outsider_never_the_proxy(forwarded: str) -> None:
+    """Issue 21.4: it used to fall back to the proxy's own address (inside every trusted network)."""
+    req = make_mocked_request("GET", "/v2/", headers={"X-Forwarded-For": forwarded})
+    req._transport_peername = ("10.1.1.1", 1234)  # type: ignore[attr-defined]
+    address = client_address(req, PROXIES)
+    assert isinstance(address, UnknownAddress) and not within(address, [ipaddress.ip_network("0.0.0.0/0")])
+    assert str(address).startswith("unknown-") and len(str(address)) == 24
+    other = client_address(_request("10.1.1.1", "something else"), PROXIES)
+    assert Identity(address).key != Identity(other).key != "ip:10.1.1.1"  # its own rate-limit key
 
 
 def test_identity_key_prefers_user() -> None:

@@ -33,6 +33,22 @@ def test_throttle_blocks_after_limit_until_the_window_ends() -> None:
     assert throttle.retry_after(keys) == 0
 
 
+def test_the_table_is_bounded_in_entries_and_age() -> None:
+    """Issue 21.6: the table was swept only when 100,000 entries were reached, and grew past that."""
+    clock = Clock()
+    throttle = LoginThrottle(limit=3, window=60, clock=clock, max_tracked=100)
+    for i in range(1000):
+        throttle.failed([f"ip:198.51.{i // 256}.{i % 256}"])
+    assert len(throttle) == 100  # the oldest made room
+    assert throttle.retry_after(["ip:198.51.3.231"]) == 0
+    for _ in range(2):
+        throttle.failed(["ip:198.51.3.231"])  # the newest keeps counting
+    assert throttle.retry_after(["ip:198.51.3.231"]) == 60
+    clock.now += 61
+    throttle.failed(["ip:192.0.2.1"])  # a window later the lapsed ones are swept
+    assert len(throttle) == 1
+
+
 def test_success_clears_the_user_but_not_the_address() -> None:
     throttle = LoginThrottle(limit=2, window=60, clock=Clock())
     keys = ("user:alice", "ip:192.0.2.1")

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 
 from cargohold.config import AccessRule, AuthConfig
-from cargohold.identity import Identity, IPAddress, IPNetwork
+from cargohold.identity import ClientAddress, Identity, IPNetwork, within
 
 ANY_USER = "*"
 
@@ -49,9 +49,11 @@ class Acl:
     def from_config(cls, config: AuthConfig) -> Acl:
         return cls(config.rules, config.anonymous, config.groups)
 
-    def anonymous_allowed(self, address: IPAddress) -> bool:
-        """Whether a client without credentials gets in (dockerd's registry-mirrors never sends any)."""
-        return self._anonymous_all or any(address in net for net in self._anonymous_nets)
+    def anonymous_allowed(self, address: ClientAddress) -> bool:
+        """Whether a client without credentials gets in (dockerd's registry-mirrors never sends any).
+
+        A client a proxy forwarded for without a usable address is inside no network."""
+        return self._anonymous_all or within(address, self._anonymous_nets)
 
     def groups_of(self, user: str) -> frozenset[str]:
         return frozenset(name for name, members in self._groups.items() if user in members)

@@ -19,8 +19,9 @@ log = logging.getLogger("cargohold.auth")
 
 MAX_PASSWORD_BYTES = 72  # bcrypt ignores everything after; refusing is better than silently truncating
 BCRYPT_ROUNDS = 10  # ~70 ms a check: paid once per login, then cached
-_BCRYPT = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
-_USER = re.compile(r"^[^:\s]{1,255}$")
+# Always with fullmatch: `$` also matches before a final newline, which let `user add $'mallory\n'` in.
+_BCRYPT = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+_USER = re.compile(r"[^:\s]{1,255}")
 
 
 class HtpasswdError(Exception):
@@ -53,9 +54,14 @@ def check_password(password: str) -> bytes:
     return raw
 
 
+def valid_username(name: str) -> bool:
+    """1-255 characters, none of them a colon or white space (a newline would split the file's line)."""
+    return _USER.fullmatch(name) is not None
+
+
 def check_username(name: str) -> str:
-    if not _USER.match(name):
-        raise ValueError(f"invalid user name {name!r} (1-255 characters, no ':' or spaces)")
+    if not valid_username(name):
+        raise ValueError(f"invalid user name {name[:64]!r} (1-255 characters, no ':' or spaces)")
     return name
 
 
@@ -80,9 +86,9 @@ def parse(text: str, source: str) -> tuple[dict[str, bytes], list[str]]:
             continue
         user, sep, hashed = line.partition(":")
         where = f"{source} line {number}"
-        if not sep or not _USER.match(user):
+        if not sep or not valid_username(user):
             problems.append(f"{where}: not a `user:hash` entry")
-        elif not _BCRYPT.match(hashed):
+        elif not _BCRYPT.fullmatch(hashed):
             problems.append(
                 f"{where}: user {user!r}: {_hash_kind(hashed)} hash; only bcrypt is accepted "
                 "(set it again with `cargohold user passwd` or `htpasswd -B`)"
@@ -93,14 +99,21 @@ def parse(text: str, source: str) -> tuple[dict[str, bytes], list[str]]:
 
 
 def load(path: Path) -> dict[str, bytes]:
-    """Read the file at start: any unusable entry is an error."""
+    """Read the file at start. An unusable entry is left out and logged, never fatal: one bad line
+    (a hand edit, an Apache MD5 hash) must not keep the mirror from starting for every other user.
+    Only a file that cannot be read at all is an error."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise HtpasswdError(f"cannot read htpasswd file {path}: {exc.strerror}") from None
-    users, problems = parse(text, str(path))
-    if problems:
-        raise HtpasswdError("; ".join(problems))
+    return usable(text, str(path))
+
+
+def usable(text: str, source: str) -> dict[str, bytes]:
+    """The usable entries of the file's text; each one left out is logged, naming its line."""
+    users, problems = parse(text, source)
+    for problem in problems:
+        log.error("htpasswd entry left out: %s", problem)
     return users
 
 
@@ -142,9 +155,7 @@ class Users:
         except OSError as exc:
             log.error("cannot reread htpasswd file %s: %s; keeping %d users", self.path, exc.strerror, len(self.users))
             return False
-        users, problems = parse(text, str(self.path))
-        for problem in problems:
-            log.error("htpasswd entry left out: %s", problem)
+        users = usable(text, str(self.path))
         if seen is None:
             log.warning("htpasswd file %s is gone: no user can log in", self.path)
         self.users = users

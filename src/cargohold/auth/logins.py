@@ -11,15 +11,22 @@ import time
 from collections.abc import Callable
 
 from cargohold.auth.expiring import Expiring
-from cargohold.auth.htpasswd import PasswordError, Users, check_password, verify_password
+from cargohold.auth.htpasswd import (
+    PasswordError,
+    Users,
+    check_password,
+    valid_username,
+    verify_password,
+)
 from cargohold.auth.throttle import LoginThrottle
 from cargohold.errors import TooManyRequests, Unauthorized
-from cargohold.identity import IPAddress
+from cargohold.identity import ClientAddress
 
 log = logging.getLogger("cargohold.auth")
 
 CACHE_TTL = 60.0
 MAX_CACHED = 10_000
+ADDRESS_FACTOR = 3  # failures an address may have, in multiples of the per-login limit
 # Checked when the user does not exist, so an unknown name costs as much as a wrong password.
 _NO_SUCH_USER = b"$2b$10$CWUxvK1EDNtOZjvU.mqo5OD6F13IysETFPlm64zKloqIEP.KBe5bm"
 
@@ -37,53 +44,71 @@ def basic_credentials(header: str) -> tuple[str, str] | None:
     return (user, password) if sep and user else None
 
 
+def login_key(user: str, address: ClientAddress) -> str:
+    """The throttle key of one user name from one address: a digest, so a long name costs no memory."""
+    return f"login:{address}/{hashlib.sha256(user.encode(errors='replace')).hexdigest()[:24]}"
+
+
 class Logins:
     """The one place a password is checked, for Basic auth on /v2/ and for /token alike.
+
+    Failures are counted per (user, address) and per address, never per user alone: a user's right
+    password from an address that has not failed is always checked, whoever guesses at her name
+    elsewhere. An address gets ADDRESS_FACTOR times the limit, for the users sharing it (a NAT).
 
     A verified login is remembered for CACHE_TTL under a hash of user, password and stored hash,
     so a pull sending Basic on every request costs one bcrypt check, and a changed password or
     a removed user stops matching at once.
     """
 
-    def __init__(self, users: Users, throttle: LoginThrottle, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, users: Users, limit: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.users = users
-        self.throttle = throttle
+        self.per_login = LoginThrottle(limit, window, clock)
+        self.per_address = LoginThrottle(limit * ADDRESS_FACTOR, window, clock)
         self._clock = clock
         self._verified: Expiring[bytes, bool] = Expiring(MAX_CACHED, clock)
         self._checking: dict[bytes, asyncio.Future[bool]] = {}
 
-    async def check(self, user: str, password: str, address: IPAddress) -> bytes:
+    async def check(self, user: str, password: str, address: ClientAddress) -> bytes:
         """The stored hash the password proved right against; Unauthorized or TooManyRequests otherwise.
 
         That hash, not a later read of the file, is what a refresh token is bound to: the file may be
-        reread (a password changed) while bcrypt runs.
+        reread (a password changed) while bcrypt runs. A user name no htpasswd entry can have (too
+        long, spaces, a colon) and a password bcrypt cannot take whole are refused at the door,
+        counted like a wrong password, without bcrypt.
         """
-        keys = (f"user:{user}", f"ip:{address}")
-        self.refuse_if_throttled(keys)
+        self.refuse_if_throttled(address, user)
+        if not valid_username(user):
+            self.failed(address, user)
+            raise Unauthorized("login refused: not a valid user name")
         try:
             raw = check_password(password)
         except PasswordError as exc:
-            self.failed(keys, user, address)
+            self.failed(address, user)
             raise Unauthorized(f"login refused: {exc}") from None
         stored = await self._verify(user, raw)
         if stored is None:
-            self.failed(keys, user, address)
+            self.failed(address, user)
             raise Unauthorized("wrong user name or password")
-        self.throttle.succeeded(keys[0])
+        self.per_login.succeeded(login_key(user, address))
         return stored
 
-    def refuse_if_throttled(self, keys: tuple[str, ...]) -> None:
-        """TooManyRequests while any of `keys` (`user:NAME`, `ip:ADDRESS`) has failed too often."""
-        wait = self.throttle.retry_after(keys)
+    def refuse_if_throttled(self, address: ClientAddress, user: str | None = None) -> None:
+        """TooManyRequests while the address, or this user name from it, has failed too often."""
+        wait = self.per_address.retry_after([f"ip:{address}"])
+        if user is not None:
+            wait = max(wait, self.per_login.retry_after([login_key(user, address)]))
         if wait:
             raise TooManyRequests(
                 "too many failed logins; try again later", {"retry_after": wait}, {"Retry-After": str(wait)}
             )
 
-    def failed(self, keys: tuple[str, ...], user: str, address: IPAddress) -> None:
+    def failed(self, address: ClientAddress, user: str | None, named: str | None = None) -> None:
         """Count it and say so (the name only, never the password), for operators and fail2ban alike."""
-        self.throttle.failed(keys)
-        log.warning("failed login for user %r from %s", user[:64], address)
+        self.per_address.failed([f"ip:{address}"])
+        if user is not None:
+            self.per_login.failed([login_key(user, address)])
+        log.warning("failed login for user %r from %s", (named or user or "")[:64], address)
 
     async def _verify(self, user: str, password: bytes) -> bytes | None:
         """The hash read once, before the check, that `password` matches; None when it does not."""

@@ -9,17 +9,17 @@ from dataclasses import dataclass
 from cargohold.auth.acl import Acl
 from cargohold.auth.htpasswd import HtpasswdError, Users
 from cargohold.auth.logins import Logins, basic_credentials
-from cargohold.auth.throttle import LoginThrottle
 from cargohold.auth.tokens import ExpiredToken, InvalidToken, Tokens, load_or_create_key
 from cargohold.config import ConfigError, Settings
 from cargohold.errors import Unauthorized
-from cargohold.identity import Identity, IPAddress
+from cargohold.identity import ClientAddress, Identity
 
 log = logging.getLogger("cargohold.auth")
 
 
 def password_fingerprint(stored_hash: bytes) -> str:
-    """Ties a refresh token to the password it was issued under (no use for guessing the password)."""
+    """Ties a token (access or refresh) to the password it was issued under: a SHA-256 a check costs
+    microseconds of, and no use for guessing the password."""
     return hashlib.sha256(b"cargohold-refresh\0" + stored_hash).hexdigest()[:32]
 
 
@@ -40,7 +40,8 @@ class Auth:
 
     @classmethod
     def open(cls, settings: Settings) -> Auth:
-        """Users, signing key and rules; a bad htpasswd entry is a config error that stops the start."""
+        """Users, signing key and rules; an htpasswd file that cannot be read stops the start (a bad
+        entry in it is left out and logged)."""
         config = settings.auth
         if config is None:
             raise ConfigError("auth: not configured")
@@ -52,12 +53,12 @@ class Auth:
         log.info("auth on: %d users from %s, anonymous pulls: %s", len(users.users), users.path, config.anonymous)
         return cls(
             users=users,
-            logins=Logins(users, LoginThrottle(config.max_failed_logins, config.failed_login_window)),
+            logins=Logins(users, config.max_failed_logins, config.failed_login_window),
             tokens=Tokens(load_or_create_key(settings.data_dir), config.token_ttl, config.refresh_token_ttl),
             acl=Acl.from_config(config),
         )
 
-    def identity(self, address: IPAddress, user: str | None) -> Identity:
+    def identity(self, address: ClientAddress, user: str | None) -> Identity:
         """The Identity of a client that proved to be `user` (None: anonymous)."""
         return Identity(address, user=user, groups=self.acl.groups_of(user) if user else frozenset())
 
@@ -66,21 +67,29 @@ class Auth:
 
         Raises Unauthorized (the caller adds its challenge) or TooManyRequests.
         """
+        proof = await self.login_proof(anonymous, authorization)
+        return anonymous if proof is None else self.identity(anonymous.address, proof.user)
+
+    async def login_proof(self, anonymous: Identity, authorization: str) -> Proof | None:
+        """As `login`, with the proof a token is bound to; None for an anonymous client let in."""
         if not authorization:
             if self.acl.anonymous_allowed(anonymous.address):
-                return anonymous
+                return None
             raise Unauthorized("authentication required")
         creds = basic_credentials(authorization)
         if creds is None:
             raise Unauthorized("unsupported credentials; use Basic (user name and password) or a Bearer token")
-        user, password = creds
-        await self.logins.check(user, password, anonymous.address)
-        return self.identity(anonymous.address, user)
+        return await self.login_password(anonymous, *creds)
 
     async def login_password(self, anonymous: Identity, user: str, password: str) -> Proof:
-        """The user of an OAuth2 `grant_type=password` form, checked and throttled like Basic credentials."""
+        """The user of Basic credentials or of an OAuth2 `grant_type=password` form, checked and throttled."""
         stored = await self.logins.check(user, password, anonymous.address)
         return Proof(user, password_fingerprint(stored))
+
+    def holds(self, user: str, fingerprint: str | None) -> bool:
+        """Whether `user` still exists with the password hash `fingerprint` was taken of."""
+        stored = self.users.hash_of(user)
+        return stored is not None and fingerprint == password_fingerprint(stored)
 
     def refresh_token(self, proof: Proof) -> str:
         """A refresh token (OAuth2 `access_type=offline`) bound to the password hash that was checked."""
@@ -92,16 +101,14 @@ class Auth:
         A refused one counts as a failed login of the address, so tokens cannot be guessed freely;
         an expired one (our signature, so no guess) does not.
         """
-        keys = (f"ip:{anonymous.address}",)
-        self.logins.refuse_if_throttled(keys)
+        self.logins.refuse_if_throttled(anonymous.address)
         try:
             user, fingerprint = self.tokens.verify_refresh(token)
         except ExpiredToken:
             raise Unauthorized("the refresh token has expired; log in again") from None
         except InvalidToken:
             user, fingerprint = "", ""
-        stored = self.users.hash_of(user) if user else None
-        if stored is None or fingerprint != password_fingerprint(stored):
-            self.logins.failed(keys, user or "(refresh token)", anonymous.address)
+        if not user or not self.holds(user, fingerprint):
+            self.logins.failed(anonymous.address, None, user or "(refresh token)")
             raise Unauthorized("the refresh token is invalid, or its user was removed or changed password")
         return Proof(user, fingerprint)

@@ -23,6 +23,7 @@ from cargohold.auth.expiring import Expiring
 ALGORITHM = "ES256"
 ISSUER = "cargohold"
 SERVICE = "cargohold"
+ROUTE = "route"  # realm query parameter: the Host a challenged request was routed by (see handlers/token.py)
 REFRESH_AUDIENCE = "cargohold-refresh"  # never accepted as an access token, nor an access token as one
 KEY_FILE = "token-signing-key.pem"
 LEEWAY = 5  # seconds of clock skew tolerated between instances
@@ -64,10 +65,12 @@ def parse_scopes(values: Iterable[str]) -> list[Scope]:
 
 @dataclass(frozen=True)
 class Grant:
-    """A verified token: who (None: anonymous) and which repository names it may do what with."""
+    """A verified token: who (None: anonymous), which repository names it may do what with, and the
+    fingerprint of the password hash the user logged in with (None for anonymous tokens)."""
 
     user: str | None
     access: dict[str, frozenset[str]]
+    fingerprint: str | None = None
 
 
 def load_or_create_key(data_dir: Path) -> ec.EllipticCurvePrivateKey:
@@ -117,9 +120,10 @@ class Tokens:
         self._clock = clock
         self._verified: Expiring[str, Grant] = Expiring(MAX_CACHED, time.time)
 
-    def issue(self, user: str | None, granted: Iterable[Scope]) -> str:
+    def issue(self, user: str | None, granted: Iterable[Scope], fingerprint: str | None = None) -> str:
+        """An access token; a user's carries `pwd`, the fingerprint of their password hash."""
         now = int(self._clock())
-        claims = {
+        claims: dict[str, object] = {
             "iss": ISSUER,
             "sub": user or "",
             "aud": SERVICE,
@@ -129,6 +133,8 @@ class Tokens:
             "jti": secrets.token_urlsafe(16),
             "access": [{"type": s.type, "name": s.name, "actions": sorted(s.actions)} for s in granted],
         }
+        if fingerprint is not None:
+            claims["pwd"] = fingerprint
         return jwt.encode(claims, self._key, algorithm=ALGORITHM)
 
     def issue_refresh(self, user: str, fingerprint: str) -> str:
@@ -191,4 +197,7 @@ class Tokens:
             }
         except (jwt.PyJWTError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidToken(str(exc)) from None
-        return float(claims["exp"]) + LEEWAY, Grant(claims["sub"] or None, access)
+        fingerprint = claims.get("pwd")
+        return float(claims["exp"]) + LEEWAY, Grant(
+            claims["sub"] or None, access, fingerprint if isinstance(fingerprint, str) else None
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from html import escape
@@ -13,8 +14,11 @@ from cargohold import __version__
 from cargohold.cache.index import TagRow
 from cargohold.digests import Digest
 from cargohold.errors import StorageUnavailable
-from cargohold.keys import METRICS, PROXY, SETTINGS
+from cargohold.identity import IDENTITY
+from cargohold.keys import AUTH, METRICS, PROXY, SETTINGS
 from cargohold.metrics import UpstreamState
+
+log = logging.getLogger("cargohold.status")
 
 TOP_IMAGES = 10
 # Looked up by /ready and never stored: the store (a bucket) has to answer, "not there" is an answer.
@@ -52,11 +56,33 @@ async def ready(request: web.Request) -> web.Response:
         checks["index"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any index failure means not ready
         checks["index"] = f"not readable: {exc}"
-    upstreams = {name: state.state for name, state in request.app[METRICS].upstreams.items()}
     ok = all(value == "ok" for value in checks.values())
-    return web.json_response(
-        {"status": "ready" if ok else "not ready", "checks": checks, "upstreams": upstreams}, status=200 if ok else 503
-    )
+    body: dict[str, object] = {"status": "ready" if ok else "not ready"}
+    if _shows_all(request):
+        body["checks"] = checks
+        body["upstreams"] = {name: state.state for name, state in request.app[METRICS].upstreams.items()}
+    elif not ok:
+        log.warning("not ready: %s", ", ".join(f"{name} {value}" for name, value in checks.items() if value != "ok"))
+    return web.json_response(body, status=200 if ok else 503)
+
+
+def _shows_all(request: web.Request) -> bool:
+    """Whether this client may see everything: `status.public`, or an open mirror (no `auth`), where
+    everyone may pull everything anyway. /ready never asks for a login, so it is the same for all."""
+    return request.app[SETTINGS].status.public or request.app.get(AUTH) is None
+
+
+async def _visible_rows(request: web.Request) -> list[TagRow] | None:
+    """The most pulled tags this client may pull; None (aggregates only) for anonymous clients of a
+    mirror with logins, unless `status.public`."""
+    auth = None if _shows_all(request) else request.app[AUTH]
+    who = request[IDENTITY]
+    if auth is not None and who.user is None:
+        return None
+    rows = await request.app[PROXY].index.tag_rows()
+    if auth is not None:
+        rows = [row for row in rows if auth.acl.allows(who, row.upstream, row.repository)]
+    return sorted(rows, key=lambda r: (-r.pulls, -r.last_access))[:TOP_IMAGES]
 
 
 def human(size: float) -> str:
@@ -107,8 +133,10 @@ def _outcome_chart(counts: dict[str, float]) -> str:
     return f'<svg class="chart" id="outcome-chart" viewBox="0 0 300 130" width="300" height="130" role="img" aria-label="cache outcomes">{"".join(parts)}</svg>'
 
 
-def _images_chart(rows: list[TagRow]) -> str:
-    """Horizontal bars of the most pulled images."""
+def _images_chart(rows: list[TagRow] | None) -> str:
+    """Horizontal bars of the most pulled images (those the client may pull)."""
+    if rows is None:
+        return "<p>Log in to see the images you may pull.</p>"
     if not rows:
         return "<p>No images pulled yet.</p>"
     top = max(row.pulls for row in rows) or 1
@@ -126,15 +154,17 @@ def _images_chart(rows: list[TagRow]) -> str:
     return f'<svg class="chart" id="images-chart" viewBox="0 0 600 {height}" width="600" height="{height}" role="img" aria-label="top images">{"".join(parts)}</svg>'
 
 
-def _upstream_rows(states: dict[str, UpstreamState], urls: dict[str, str]) -> str:
+def _upstream_rows(states: dict[str, UpstreamState], urls: dict[str, str] | None) -> str:
+    """One row per upstream; its URL and last error (which may name internal hosts) only when `urls`."""
     rows = []
     for name, state in states.items():
         pulls = "-" if state.ratelimit_remaining is None else f"{state.ratelimit_remaining}" + (
             f" of {state.ratelimit_limit}" if state.ratelimit_limit else ""
         )
-        error = f"{state.error} {_ago(state.last_error)}" if state.last_error else "-"
+        error = (f"{state.error} {_ago(state.last_error)}" if state.last_error else "-") if urls is not None else "-"
+        url = urls.get(name, "") if urls is not None else "-"
         rows.append(
-            f'<tr class="upstream {state.state}"><td>{escape(name)}</td><td>{escape(urls.get(name, ""))}</td>'
+            f'<tr class="upstream {state.state}"><td>{escape(name)}</td><td>{escape(url)}</td>'
             f"<td>{state.state}</td><td>{_ago(state.last_ok)}</td><td>{escape(error)}</td><td>{pulls}</td></tr>"
         )
     return "".join(rows)
@@ -150,7 +180,10 @@ tr.failing td{color:#c0392b}tr.ok td:nth-child(3){color:#27ae60}
 
 
 async def status_page(request: web.Request) -> web.Response:
-    """Cache size against the cap, hit ratio, bytes saved, top images and each upstream's state."""
+    """Cache size against the cap, hit ratio, bytes saved, top images and each upstream's state.
+
+    Behind logins a user sees only the images their rules let them pull, and no upstream URLs or
+    errors; an anonymous client only the aggregates (unless `status.public`)."""
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
     index = request.app[PROXY].index
@@ -159,8 +192,8 @@ async def status_page(request: web.Request) -> web.Response:
     counts = await index.counters()
     answered = sum(counts.get(k, 0) for k in ("hit", "miss", "stale"))
     ratio = f"{(counts.get('hit', 0) + counts.get('stale', 0)) / answered:.0%}" if answered else "-"
-    top = sorted(await index.tag_rows(), key=lambda r: (-r.pulls, -r.last_access))[:TOP_IMAGES]
-    urls = {u.name: u.url for u in settings.upstreams}
+    top = await _visible_rows(request)
+    urls = {u.name: u.url for u in settings.upstreams} if _shows_all(request) else None
     html = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cargohold status</title><style>{STYLE}</style></head>
 <body>

@@ -8,15 +8,17 @@ user the rules do not allow gets 403 DENIED.
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 from aiohttp import web
+from yarl import URL
 
 from cargohold.auth.service import Auth
-from cargohold.auth.tokens import SERVICE, Grant, InvalidToken
+from cargohold.auth.tokens import ROUTE, SERVICE, Grant, InvalidToken
 from cargohold.errors import Denied, RegistryError, Unauthorized
+from cargohold.external import public_base_url
 from cargohold.handlers.target import proxy_of, target_of
 from cargohold.identity import IDENTITY, Identity
-from cargohold.external import public_base_url
 from cargohold.keys import AUTH, SETTINGS
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/token"})
@@ -24,8 +26,22 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9._/:-]{1,512}$")
 
 
 def token_realm(request: web.Request) -> str:
-    """Where clients get tokens: our /token as they reach it (external_url, else a trusted proxy's headers)."""
-    return public_base_url(request, request.app[SETTINGS]) + "/token"
+    """Where clients get tokens: our /token as they reach it (external_url, else a trusted proxy's headers).
+
+    When this request's Host chose its upstream (an upstream's `hosts`) and /token is on another host
+    (behind `external_url`), the realm names the Host as `?route=`, so /token resolves the scope's
+    name the way this request is routed. Clients keep a realm's query when they add theirs.
+    """
+    base = public_base_url(request, request.app[SETTINGS])
+    host = request.host.lower()
+    if urlsplit(base).netloc.lower() == host or not _routed_by_host(request, host):
+        return base + "/token"
+    return str(URL(base + "/token").with_query({ROUTE: request.host}))
+
+
+def _routed_by_host(request: web.Request, host: str) -> bool:
+    hosts = {h.lower() for u in proxy_of(request).router.upstreams for h in u.config.hosts}
+    return host in hosts or host.rsplit(":", 1)[0] in hosts
 
 
 def _scope(request: web.Request) -> str | None:
@@ -69,8 +85,8 @@ async def _identify(request: web.Request, auth: Auth) -> tuple[Identity, Grant |
     address = request[IDENTITY].address
     if grant.user is None and not auth.acl.anonymous_allowed(address):
         raise _refuse(request, auth, "anonymous tokens are not accepted from this address", "invalid_token")
-    if grant.user is not None and grant.user not in auth.users:
-        raise _refuse(request, auth, "the token's user no longer exists", "invalid_token")
+    if grant.user is not None and not auth.holds(grant.user, grant.fingerprint):
+        raise _refuse(request, auth, "the token's user no longer exists or changed password", "invalid_token")
     return auth.identity(address, grant.user), grant
 
 
