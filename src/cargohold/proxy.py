@@ -67,7 +67,7 @@ class TagList:
 
 def _upstream_failure(resp: aiohttp.ClientResponse, unknown: type[RegistryError], what: str) -> RegistryError:
     """The error for a non-success upstream answer; only 404/401/403 mean "it does not exist"."""
-    detail = {"upstream": str(resp.url.host), "status": resp.status}
+    detail = {"status": resp.status}  # not resp.url's host: an internal name, or a CDN's after a redirect
     if resp.status in (401, 403, 404):
         return unknown(f"{what} not found upstream", detail)
     if resp.status == 429:
@@ -312,7 +312,7 @@ class PullThrough:
         try:
             media_type = media_type_of(content_type, body)
         except ValueError:
-            raise UpstreamInvalid("upstream sent a manifest that is not a JSON object", {"digest": str(digest)}) from None
+            raise UpstreamInvalid("upstream sent something that is not a manifest", {"digest": str(digest)}) from None
         manifest = Manifest(body, media_type, str(digest), "miss")
         try:
             await self.store.save(digest, body)
@@ -441,5 +441,5 @@ class PullThrough:
             body = await _read_limited(resp, MAX_TAG_LIST, "tag list")
             link = resp.headers.get("Link")
         if not _is_json_object(body):
-            raise UpstreamInvalid("upstream sent a tag list that is not a JSON object", {"upstream": str(resp.url.host)})
+            raise UpstreamInvalid("upstream sent a tag list that is not a JSON object", {"upstream": target.upstream.name})
         return TagList(body, link)

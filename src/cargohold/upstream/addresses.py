@@ -27,7 +27,8 @@ PUBLIC = "public"
 
 
 class ForbiddenAddress(OSError):
-    """A connection to an address the upstream may not send us to (aiohttp reports it as a connect error)."""
+    """A connection to an address the upstream may not send us to (aiohttp reports it as a connect
+    error). Its text names the kind of address, never the host (clients may see it)."""
 
 
 def address_kind(address: str) -> str:
@@ -81,7 +82,7 @@ class AddressGuard(AbstractResolver):
         """Raise ForbiddenAddress for a literal address the upstream may not send us to."""
         address = literal_address(host)
         if address is not None and not self.allows(address):
-            raise ForbiddenAddress(f"{address_kind(address)} address {address} refused")
+            raise ForbiddenAddress(f"{address_kind(address)} address refused")
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         found = await self._inner.resolve(host, port, family)
@@ -94,7 +95,7 @@ class AddressGuard(AbstractResolver):
         allowed = [entry for entry in found if self.allows(entry["host"])]
         if not allowed:
             kinds = sorted({address_kind(entry["host"]) for entry in found})
-            raise ForbiddenAddress(f"{host} resolves to a {'/'.join(kinds)} address only: refused")
+            raise ForbiddenAddress(f"{'/'.join(kinds)} address refused")
         return allowed
 
     async def close(self) -> None:

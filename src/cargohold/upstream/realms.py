@@ -124,8 +124,11 @@ def _host_and_port(entry: str) -> tuple[str, int | None]:
 class HostPolicy:
     """Answers whether a URL an upstream named (token realm, redirect) is one it may send us to."""
 
-    def __init__(self, config: UpstreamConfig, extra: list[str], what: str, setting: str) -> None:
+    def __init__(self, config: UpstreamConfig, extra: list[str], what: str, setting: str, any_own_port: bool) -> None:
         base = URL(config.url)
+        # A token service beside the registry (docker_auth on :5001) may be on any port of its host;
+        # a redirect may not: on a loopback upstream that would be every service of this machine.
+        self._any_own_port = any_own_port
         self._name = config.name
         self._what = what  # "token realm", "redirect": for messages
         self._setting = setting  # the setting that widens the policy, named in messages
@@ -148,8 +151,8 @@ class HostPolicy:
         schemes = ("https",) if self._https else ("http", "https")
         if not host or url.scheme not in schemes:
             raise UpstreamInvalid(f"upstream {self._name} named an unusable {self._what}", {self._what.split()[-1]: target[:200]})
-        if host == self._host:
-            return  # the upstream's very host, any port: a token service beside the registry
+        if host == self._host and self._any_own_port:
+            return
         usual = (DEFAULT_PORTS[url.scheme], self._port)
         ports = [port for pattern, port in self._allowed if _matches(host, pattern)]
         if not ports:
@@ -179,7 +182,7 @@ class RealmPolicy(HostPolicy):
     """Where this upstream's token realm may be."""
 
     def __init__(self, config: UpstreamConfig) -> None:
-        super().__init__(config, realm_hosts(config), "token realm", "token_realms")
+        super().__init__(config, realm_hosts(config), "token realm", "token_realms", any_own_port=True)
 
 
 def default_redirect_hosts(host: str) -> list[str]:
@@ -198,4 +201,4 @@ class RedirectPolicy(HostPolicy):
     def __init__(self, config: UpstreamConfig) -> None:
         host = URL(config.url).raw_host or ""
         extra = realm_hosts(config) + default_redirect_hosts(host) + config.redirect_hosts
-        super().__init__(config, extra, "redirect", "redirect_hosts")
+        super().__init__(config, extra, "redirect", "redirect_hosts", any_own_port=False)
