@@ -130,7 +130,11 @@ class TokenCache:
             log.warning("token service of %s (%s) failed: %s", self._name, where(exc, realm), why)
             error = UpstreamTimeout if isinstance(exc, asyncio.TimeoutError) else UpstreamUnavailable
             raise error(f"token service of {self._name} failed: {why}", {**detail, "cause": why}) from None
-        token, lifetime = _token_of(body)
+        try:
+            # 64 KiB of JSON can take milliseconds (a list of 30,000 numbers: 4 ms here): off the loop.
+            token, lifetime = await asyncio.to_thread(_token_of, body)
+        except ValueError:
+            raise UpstreamUnavailable(f"token service of {self._name} failed: it sent no JSON", detail) from None
         if token is None:
             raise UpstreamInvalid(f"token service of {self._name} gave no token", detail)
         # Renew a little early so a token never expires between our check and the upstream's.
@@ -140,12 +144,12 @@ class TokenCache:
 
 
 def _token_of(body: bytes) -> tuple[str | None, float]:
-    """The token and its lifetime from a token response; (None, _) when it holds none.
-    The body is at most MAX_TOKEN_RESPONSE bytes: parsing it takes well under a millisecond."""
+    """The token and its lifetime from a token response; (None, _) when it holds none. ValueError
+    when it is not JSON."""
     try:
         document = json.loads(body)
-    except (ValueError, RecursionError):
-        return None, 0.0
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     if not isinstance(document, dict):
         return None, 0.0
     token = document.get("token") or document.get("access_token")
