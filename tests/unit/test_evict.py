@@ -56,7 +56,10 @@ async def test_repair_drops_rows_without_files_and_indexes_files_without_rows(tm
     store.remove(d[b"file gone"])
     manifest = (
         b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",'
-        b'"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:' + b"0" * 64 + b'","size":2},'
+        b'"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:'
+        + b"0"
+        * 64
+        + b'","size":2},'
         b'"layers":[]}'
     )
     config = b'{"architecture":"amd64","rootfs":{}}'

@@ -44,16 +44,19 @@ async def test_an_endless_token_response_is_cut_off_at_64_kib(tmp_path: Path) ->
         return resp
 
     async with served({"/token": endless}) as realm:
+
         async def manifest(request: web.Request) -> web.Response:
             if "Authorization" not in request.headers:
                 return _challenge(str(realm.make_url("/token")))
             return manifest_response()
 
-        async with served({"/v2/team/app/manifests/{tag}": manifest}) as upstream:
-            async with mirror(tmp_path, {"name": "docker.io", "url": str(upstream.make_url(""))}) as client:
-                resp = await client.get("/v2/team/app/manifests/1")
-                error = await error_of(resp)
-                assert resp.status == 502 and "too large" in error["message"], error
+        async with (
+            served({"/v2/team/app/manifests/{tag}": manifest}) as upstream,
+            mirror(tmp_path, {"name": "docker.io", "url": str(upstream.make_url(""))}) as client,
+        ):
+            resp = await client.get("/v2/team/app/manifests/1")
+            error = await error_of(resp)
+            assert resp.status == 502 and "too large" in error["message"], error
     assert sent[0] < 32 << 20
 
 
@@ -87,17 +90,22 @@ async def test_a_failing_realm_is_forgotten_and_the_registry_asked_again(tmp_pat
 
 async def test_a_hanging_upstream_does_not_hold_back_another(tmp_path: Path) -> None:
     """Issue 21.10: the `upstream_fetches` gate was shared by every upstream."""
-    release, arrived = asyncio.Event(), [0]
+    release, both_arrived, arrived = asyncio.Event(), asyncio.Event(), [0]
 
     async def hanging(request: web.Request) -> web.Response:
         arrived[0] += 1
+        if arrived[0] == 2:
+            both_arrived.set()
         await release.wait()
         return manifest_response()
 
     async def quick(request: web.Request) -> web.Response:
         return manifest_response()
 
-    async with served({"/v2/{name:.*}/manifests/{tag}": hanging}) as slow, served({"/v2/{name:.*}/manifests/{tag}": quick}) as fast:
+    async with (
+        served({"/v2/{name:.*}/manifests/{tag}": hanging}) as slow,
+        served({"/v2/{name:.*}/manifests/{tag}": quick}) as fast,
+    ):
         upstreams = (
             {"name": "docker.io", "url": str(slow.make_url("")), "timeout": "60s"},
             {"name": "quay.io", "url": str(fast.make_url(""))},
@@ -106,8 +114,7 @@ async def test_a_hanging_upstream_does_not_hold_back_another(tmp_path: Path) -> 
         async with mirror(tmp_path, *upstreams, rate_limit={"upstream_fetches": 2}) as client:
             stuck = [asyncio.create_task(client.get(f"/v2/team/app{i}/manifests/1")) for i in range(2)]
             try:
-                while arrived[0] < 2:
-                    await asyncio.sleep(0.01)
+                await asyncio.wait_for(both_arrived.wait(), NOT_HELD_BACK)
                 resp = await asyncio.wait_for(client.get("/v2/quay.io/team/app/manifests/1"), NOT_HELD_BACK)
                 assert resp.status == 200
             finally:
@@ -118,15 +125,16 @@ async def test_a_hanging_upstream_does_not_hold_back_another(tmp_path: Path) -> 
 
 async def test_no_gate_is_held_while_a_token_is_fetched(tmp_path: Path) -> None:
     """Issue 21.10: 80 requests to a realm that dribbled made every upstream request wait."""
-    release, waiting = asyncio.Event(), [0]
+    release, waiting = asyncio.Event(), asyncio.Event()
 
     async def token(request: web.Request) -> web.Response:
         if "slow" in request.query.get("scope", ""):
-            waiting[0] += 1
+            waiting.set()
             await release.wait()
         return web.json_response({"token": request.query["scope"], "expires_in": 300})
 
     async with served({"/token": token}) as realm:
+
         async def manifest(request: web.Request) -> web.Response:
             if "Authorization" not in request.headers:
                 return _challenge(str(realm.make_url("/token")))
@@ -139,8 +147,7 @@ async def test_no_gate_is_held_while_a_token_is_fetched(tmp_path: Path) -> None:
                 assert (await client.get("/v2/team/fast/manifests/1")).status == 200  # challenge and token known
                 stuck = asyncio.create_task(client.get("/v2/team/slow/manifests/1"))
                 try:
-                    while not waiting[0]:
-                        await asyncio.sleep(0.01)
+                    await asyncio.wait_for(waiting.wait(), NOT_HELD_BACK)
                     resp = await asyncio.wait_for(client.get("/v2/team/fast/manifests/2"), NOT_HELD_BACK)
                     assert resp.status == 200
                 finally:
@@ -196,12 +203,18 @@ async def test_causes_dns_certificate_and_proxy(tmp_path: Path, caplog: pytest.L
                 guard = AddressGuard("registry.test", inner=ScriptedResolver(answers))
                 async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=guard)) as session:
                     with pytest.raises(UpstreamUnavailable) as caught:
-                        await UpstreamClient(config, session, guard=guard).open("GET", "team/app", "/v2/team/app/manifests/1")
+                        await UpstreamClient(config, session, guard=guard).open(
+                            "GET", "team/app", "/v2/team/app/manifests/1"
+                        )
                 assert caught.value.message == f"upstream r.test unreachable: {cause}"
                 assert "sekr3t" not in json.dumps(caught.value.detail)
     finally:
         await runner.cleanup()
-    assert f"127.0.0.1:{closed}" in caplog.text and f"127.0.0.1:{tls_port}" in caplog.text and "registry.test:5000" in caplog.text
+    assert (
+        f"127.0.0.1:{closed}" in caplog.text
+        and f"127.0.0.1:{tls_port}" in caplog.text
+        and "registry.test:5000" in caplog.text
+    )
     assert "sekr3t" not in caplog.text
 
 
@@ -214,7 +227,9 @@ async def test_error_details_name_the_upstream_not_its_host(tmp_path: Path) -> N
     async def garbage(request: web.Request) -> web.Response:
         return web.Response(body=b"]]garbage", content_type="application/json")
 
-    async with served({"/v2/team/app/manifests/{tag}": failing, "/v2/team/app/tags/list": garbage}, host="127.0.0.2") as upstream:
+    async with served(
+        {"/v2/team/app/manifests/{tag}": failing, "/v2/team/app/tags/list": garbage}, host="127.0.0.2"
+    ) as upstream:
         up = {"name": "docker.io", "url": str(upstream.make_url(""))}
         async with mirror(tmp_path, up) as client:
             for path in ("/v2/team/app/manifests/1", "/v2/team/app/tags/list"):

@@ -39,19 +39,24 @@ async def test_a_redirect_to_a_host_outside_the_policy_is_not_followed(tmp_path:
         return web.json_response(STATS)
 
     async with served({"/stats": stats}, host="127.0.0.2") as other_host, served({"/stats": stats}) as own_host:
-        targets = [str(other_host.make_url("/stats")), str(own_host.make_url("/stats"))]  # another host; ours, other port
+        targets = [
+            str(other_host.make_url("/stats")),
+            str(own_host.make_url("/stats")),
+        ]  # another host; ours, other port
 
         async def manifest(request: web.Request) -> web.Response:
             raise web.HTTPFound(targets[int(request.match_info["tag"])])
 
-        async with served({"/v2/team/app/manifests/{tag}": manifest}) as upstream:
-            async with mirror(tmp_path, {"name": "docker.io", "url": str(upstream.make_url(""))}) as client:
-                for tag in ("0", "1"):
-                    resp = await client.get(f"/v2/team/app/manifests/{tag}")
-                    error = await error_of(resp)
-                    assert resp.status == 502 and "redirect" in error["message"], error
-                    assert "requests_total" not in json.dumps(error)
-                assert hits == Counter()
+        async with (
+            served({"/v2/team/app/manifests/{tag}": manifest}) as upstream,
+            mirror(tmp_path, {"name": "docker.io", "url": str(upstream.make_url(""))}) as client,
+        ):
+            for tag in ("0", "1"):
+                resp = await client.get(f"/v2/team/app/manifests/{tag}")
+                error = await error_of(resp)
+                assert resp.status == 502 and "redirect" in error["message"], error
+                assert "requests_total" not in json.dumps(error)
+            assert hits == Counter()
 
 
 async def test_a_listed_cdn_is_followed_without_authorization(tmp_path: Path) -> None:
@@ -62,6 +67,7 @@ async def test_a_listed_cdn_is_followed_without_authorization(tmp_path: Path) ->
         return manifest_response()
 
     async with served({"/cdn/{tail:.*}": cdn}, host="127.0.0.2") as cdn_server:
+
         async def manifest(request: web.Request) -> web.Response:
             raise web.HTTPTemporaryRedirect(str(cdn_server.make_url("/cdn/m")))
 
@@ -79,7 +85,9 @@ async def test_internal_addresses_are_refused_even_when_listed(tmp_path: Path) -
     or private addresses; no connection is even tried."""
 
     async def manifest(request: web.Request) -> web.Response:
-        raise web.HTTPFound({"0": "http://169.254.169.254/latest/meta-data/", "1": "http://10.1.2.3/x"}[request.match_info["tag"]])
+        raise web.HTTPFound(
+            {"0": "http://169.254.169.254/latest/meta-data/", "1": "http://10.1.2.3/x"}[request.match_info["tag"]]
+        )
 
     async with served({"/v2/team/app/manifests/{tag}": manifest}) as upstream:
         up = {"name": "docker.io", "url": str(upstream.make_url("")), "redirect_hosts": ["169.254.169.254", "10.1.2.3"]}
@@ -94,15 +102,19 @@ async def test_internal_addresses_are_refused_even_when_listed(tmp_path: Path) -
 async def test_names_are_checked_on_the_address_connected_to() -> None:
     """The guard is the session's resolver: a listed name that resolves to a link-local address is
     refused when connecting; one that resolves to loopback (like the upstream) is followed."""
+
     async def blob(request: web.Request) -> web.Response:
         return manifest_response()
 
     async with served({"/cdn/{tail:.*}": blob}) as cdn:
+
         async def manifest(request: web.Request) -> web.Response:
             raise web.HTTPFound(f"http://cdn.test:{cdn.port}/cdn/m")
 
         async with served({"/v2/team/app/manifests/{tag}": manifest}) as upstream:
-            config = UpstreamConfig(name="r.test", url=str(upstream.make_url("")), redirect_hosts=[f"cdn.test:{cdn.port}"])
+            config = UpstreamConfig(
+                name="r.test", url=str(upstream.make_url("")), redirect_hosts=[f"cdn.test:{cdn.port}"]
+            )
             for address, allowed in (("169.254.169.254", False), ("127.0.0.1", True)):
                 guard = AddressGuard("127.0.0.1", inner=ScriptedResolver({"cdn.test": [[address]]}))
                 connector = aiohttp.TCPConnector(resolver=guard, use_dns_cache=False)
@@ -137,7 +149,10 @@ async def test_the_guard_keeps_public_addresses_and_the_upstreams_own_kind() -> 
     guard.check_literal("93.184.216.34")
     guard.check_literal("cdn.test")  # names are checked when resolved
 
-    private = AddressGuard("registry.internal", inner=ScriptedResolver({"registry.internal": [["10.0.0.5"]], "s3.internal": [["10.0.0.6"]]}))
+    private = AddressGuard(
+        "registry.internal",
+        inner=ScriptedResolver({"registry.internal": [["10.0.0.5"]], "s3.internal": [["10.0.0.6"]]}),
+    )
     await private.resolve("registry.internal")
     assert [r["host"] for r in await private.resolve("s3.internal")] == ["10.0.0.6"]  # a private registry's own storage
     with pytest.raises(ForbiddenAddress):
@@ -164,7 +179,9 @@ def test_docker_hub_redirects_to_its_cdns_out_of_the_box() -> None:
     ):
         with pytest.raises(UpstreamInvalid):
             policy.check(url)
-    other = RedirectPolicy(UpstreamConfig(name="r.test", url="https://registry.example.com", redirect_hosts=["cdn.example.net:8443"]))
+    other = RedirectPolicy(
+        UpstreamConfig(name="r.test", url="https://registry.example.com", redirect_hosts=["cdn.example.net:8443"])
+    )
     other.check("https://auth.example.com/x")  # its token realm hosts
     other.check("https://cdn.example.net:8443/x")
     with pytest.raises(UpstreamInvalid, match="redirect_hosts"):
@@ -199,10 +216,20 @@ def test_manifests_of_every_known_kind_are_accepted() -> None:
         (DOCKER_LIST, {"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": [child]}),
         (OCI_MANIFEST, {"schemaVersion": 2, "config": CONFIG, "layers": [layer]}),
         (OCI_INDEX, {"schemaVersion": 2, "manifests": []}),
-        (OCI_MANIFEST, {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/vnd.example.sbom",
-                        "config": {**CONFIG, "mediaType": "application/vnd.oci.empty.v1+json"}, "layers": [layer]}),
-        ("application/vnd.oci.artifact.manifest.v1+json",
-         {"schemaVersion": 2, "mediaType": "application/vnd.oci.artifact.manifest.v1+json", "blobs": [layer]}),
+        (
+            OCI_MANIFEST,
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "artifactType": "application/vnd.example.sbom",
+                "config": {**CONFIG, "mediaType": "application/vnd.oci.empty.v1+json"},
+                "layers": [layer],
+            },
+        ),
+        (
+            "application/vnd.oci.artifact.manifest.v1+json",
+            {"schemaVersion": 2, "mediaType": "application/vnd.oci.artifact.manifest.v1+json", "blobs": [layer]},
+        ),
         (DOCKER_SCHEMA1_SIGNED, {"schemaVersion": 1, "name": "x", "tag": "1", "fsLayers": [], "signatures": []}),
     ]
     for expected, document in cases:
@@ -215,9 +242,11 @@ async def test_a_non_manifest_is_neither_served_nor_cached(tmp_path: Path) -> No
     async def manifest(request: web.Request) -> web.Response:
         return answers.pop(0)
 
-    async with served({"/v2/team/app/manifests/{tag}": manifest}) as upstream:
-        async with mirror(tmp_path, {"name": "docker.io", "url": str(upstream.make_url(""))}) as client:
-            resp = await client.get("/v2/team/app/manifests/1")
-            assert resp.status == 502 and "not a manifest" in (await error_of(resp))["message"]
-            resp = await client.get("/v2/team/app/manifests/1")
-            assert resp.status == 200 and await resp.read() == MANIFEST  # asked again: nothing was cached
+    async with (
+        served({"/v2/team/app/manifests/{tag}": manifest}) as upstream,
+        mirror(tmp_path, {"name": "docker.io", "url": str(upstream.make_url(""))}) as client,
+    ):
+        resp = await client.get("/v2/team/app/manifests/1")
+        assert resp.status == 502 and "requests_total" not in json.dumps(await error_of(resp))
+        resp = await client.get("/v2/team/app/manifests/1")
+        assert resp.status == 200 and await resp.read() == MANIFEST  # asked again: nothing was cached

@@ -65,7 +65,9 @@ class ScriptedResolver(AbstractResolver):
         self._answers = {host: list(lists) for host, lists in answers.items()}
         self.asked: list[str] = []
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         self.asked.append(host)
         lists = self._answers.get(host)
         if not lists:

@@ -65,7 +65,9 @@ class AddressGuard(AbstractResolver):
     are public or of a kind the upstream itself has; with none left the connection is refused.
     """
 
-    def __init__(self, upstream_host: str, exempt: frozenset[str] = frozenset(), inner: AbstractResolver | None = None) -> None:
+    def __init__(
+        self, upstream_host: str, exempt: frozenset[str] = frozenset(), inner: AbstractResolver | None = None
+    ) -> None:
         self._upstream = upstream_host.lower()
         self._exempt = {host.lower() for host in exempt}
         self._inner = inner or DefaultResolver()
@@ -84,7 +86,9 @@ class AddressGuard(AbstractResolver):
         if address is not None and not self.allows(address):
             raise ForbiddenAddress(f"{address_kind(address)} address refused")
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         found = await self._inner.resolve(host, port, family)
         name = host.lower().rstrip(".")
         if name == self._upstream:
