@@ -164,7 +164,9 @@ class UpstreamClient:
                 timed_out = isinstance(exc, asyncio.TimeoutError)
                 self._failed(method, "timeout" if timed_out else "connection", started)
                 why = cause(exc)
-                log.warning("upstream %s (%s): %s %s failed: %s", self.name, where(exc, self.base), method, path, why)
+                place = where(exc, self.base)  # host:port of what failed (a CDN, a proxy): the log's, not the client's
+                level = logging.WARNING if last else logging.INFO
+                log.log(level, "upstream %s (%s): %s %s failed: %s", self.name, place, method, path, why)
                 if last:
                     detail = {"upstream": self.name, "cause": why}
                     if timed_out:
