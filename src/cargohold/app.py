@@ -7,10 +7,8 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
-from cargohold import __version__
 from cargohold.auth.context import auth_context
 from cargohold.cache.backends import Backends, open_backends
 from cargohold.cache.download import Downloads
@@ -34,9 +32,6 @@ from cargohold.upstream.routes import Router
 log = logging.getLogger("cargohold.app")
 
 FLUSH_INTERVAL = 5.0
-# How much of an upstream body may wait in memory: large enough that the socket keeps being
-# read while a chunk is written to disk (aiohttp's 64 KiB default stalls blob downloads).
-UPSTREAM_READ_BUFFER = 1 << 20
 
 
 def build_app(settings: Settings) -> web.Application:
@@ -80,18 +75,12 @@ async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[No
     store.clean_temp()
     await repair(index, store)
     metrics = app[METRICS]
-    sessions = [
-        aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-            headers={"User-Agent": f"cargohold/{__version__}"},
-            auto_decompress=False,
-            read_bufsize=UPSTREAM_READ_BUFFER,
-        )
-        for _ in settings.upstreams
-    ]
     fetches = settings.rate_limit.upstream_fetches
-    gate = asyncio.Semaphore(fetches) if fetches else None
-    clients = {u.name: UpstreamClient(u, s, observer=metrics, gate=gate) for u, s in zip(settings.upstreams, sessions)}
+    # A gate per upstream: one that hangs cannot hold the others' requests back.
+    clients = {
+        u.name: UpstreamClient.connect(u, observer=metrics, gate=asyncio.Semaphore(fetches) if fetches else None)
+        for u in settings.upstreams
+    }
     evictor = Evictor(
         index, store, settings.cache, lambda d: store.in_use(d) or downloads.active(d) is not None, metrics.evicted
     )
@@ -110,8 +99,8 @@ async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[No
         await downloads.close()
         if backends.peers is not None:
             await backends.peers.close()
-        for session in sessions:
-            await session.close()
+        for client in clients.values():
+            await client.close()
 
 
 async def _flush_forever(index: Index) -> None:

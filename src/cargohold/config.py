@@ -131,6 +131,9 @@ class UpstreamConfig(Strict):
     hosts: list[str] = Field(default_factory=list, description="Host header names routed to this upstream")
     repositories: list[str] = Field(default_factory=lambda: ["**"], description="globs of repositories allowed")
     token_realms: list[str] | None = Field(default=None, description="hosts allowed as token realm")
+    redirect_hosts: list[str] = Field(
+        default_factory=list, description="hosts (CDNs) this upstream may redirect to, besides its own and built-in ones"
+    )
     timeout: Duration = Field(30.0, gt=0, description="how long the upstream may stay silent (connect, between bytes)")
     failure_pause: Duration = Field(10.0, description="after a failure or a 429, fail fast (serve stale) this long")
     proxy: str | None = Field(default=None, description="HTTP(S) proxy URL for this upstream; wins over HTTPS_PROXY")
@@ -170,6 +173,11 @@ class UpstreamConfig(Strict):
     @classmethod
     def _token_realms(cls, value: list[str] | None) -> list[str] | None:
         return None if value is None else _host_names(value, _REALM_HOST, "auth.docker.io, *.docker.io or auth.example.com:5001")
+
+    @field_validator("redirect_hosts")
+    @classmethod
+    def _redirect_hosts(cls, value: list[str]) -> list[str]:
+        return _host_names(value, _REALM_HOST, "cdn.example.com, *.cloudfront.net or cdn.example.com:8443")
 
     @field_validator("repositories")
     @classmethod

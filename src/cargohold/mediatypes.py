@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import Any
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -41,18 +42,59 @@ def accepts(accept: frozenset[str], media_type: str) -> bool:
 def media_type_of(content_type: str | None, body: bytes) -> str:
     """The manifest's media type: the upstream's Content-Type if it names one, else the document's own.
 
-    Raises ValueError when the body is not a JSON object, so garbage is never cached.
+    Raises ValueError unless the body is a manifest of that type (validate_manifest), so garbage or
+    some other service's JSON (a redirect to an internal endpoint) is never served or cached.
     """
-    document = json.loads(body)
-    if not isinstance(document, dict):
-        raise ValueError("a manifest is a JSON object")
+    document = _json_object(body)
     declared = (content_type or "").split(";", 1)[0].strip().lower()
     if declared in KNOWN:
-        return declared
-    field = document.get("mediaType")
-    if isinstance(field, str) and field:
-        return field
-    if document.get("schemaVersion") == 1:
-        return DOCKER_SCHEMA1_SIGNED if "signatures" in document else DOCKER_SCHEMA1
-    return OCI_INDEX if "manifests" in document else OCI_MANIFEST
+        media_type = declared
+    elif isinstance(document.get("mediaType"), str) and document["mediaType"]:
+        media_type = document["mediaType"]
+    elif document.get("schemaVersion") == 1:
+        media_type = DOCKER_SCHEMA1_SIGNED if "signatures" in document else DOCKER_SCHEMA1
+    else:
+        media_type = OCI_INDEX if "manifests" in document else OCI_MANIFEST
+    validate_manifest(document, media_type)
+    return media_type
 
+
+def validate_manifest(document: dict[str, Any], media_type: str) -> None:
+    """Raise ValueError unless `document` has the shape of a `media_type` manifest: an image
+    manifest (schema 2 or OCI, artifacts included: any config type), an index or manifest list,
+    a schema 1 manifest, or a manifest of another type with a config or a list of descriptors."""
+    if media_type in (DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED):
+        if document.get("schemaVersion") != 1 or not isinstance(document.get("fsLayers"), list):
+            raise ValueError("not a schema 1 manifest")
+        return
+    if document.get("schemaVersion") != 2:
+        raise ValueError("a manifest has schemaVersion 2")
+    if media_type in (OCI_INDEX, DOCKER_LIST):
+        _descriptors(document.get("manifests"), "manifests")
+    elif media_type in (OCI_MANIFEST, DOCKER_MANIFEST):
+        _descriptors([document.get("config")], "config")
+        _descriptors(document.get("layers", [] if media_type == OCI_MANIFEST else None), "layers")
+    elif "config" in document:
+        _descriptors([document.get("config")], "config")
+    else:
+        _descriptors(document.get("manifests", document.get("blobs", document.get("layers"))), "descriptors")
+
+
+def _descriptors(items: object, field: str) -> None:
+    """A list of content descriptors: objects with at least a digest and a size."""
+    if not isinstance(items, list):
+        raise ValueError(f"a manifest's {field} is a list")
+    for item in items:
+        size = item.get("size") if isinstance(item, dict) else None
+        if not (isinstance(item, dict) and isinstance(item.get("digest"), str) and isinstance(size, int)):
+            raise ValueError(f"a manifest's {field} are descriptors (digest, size)")
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if not isinstance(document, dict):
+        raise ValueError("a manifest is a JSON object")
+    return document

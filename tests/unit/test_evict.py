@@ -54,7 +54,14 @@ async def test_age_limit_and_blobs_in_use(tmp_path: Path) -> None:
 async def test_repair_drops_rows_without_files_and_indexes_files_without_rows(tmp_path: Path) -> None:
     index, store, d = await _filled(tmp_path, {b"kept": 1, b"file gone": 1})
     store.remove(d[b"file gone"])
-    manifest = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}'
+    manifest = (
+        b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",'
+        b'"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:'
+        + b"0"
+        * 64
+        + b'","size":2},'
+        b'"layers":[]}'
+    )
     config = b'{"architecture":"amd64","rootfs":{}}'
     for content in (manifest, config):
         store.write(Digest.of(content), content)

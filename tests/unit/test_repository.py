@@ -19,7 +19,9 @@ from cargohold.mediatypes import FULL_ACCEPT, OCI_MANIFEST
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.repository import MAX_MANIFEST, Descriptor, Repository
 
-BODY = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
+BODY = json.dumps(
+    {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {"digest": "sha256:" + "a" * 64, "size": 2}, "layers": []}
+).encode()
 DIGEST = Digest.of(BODY)
 OTHER = Digest.of(b"other")
 

@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
 
 import aiohttp
 
-from cargohold.errors import UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable
+from cargohold.errors import UpstreamError, UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable
 from cargohold.flight import SingleFlight
+from cargohold.upstream.bodies import read_bounded
 from cargohold.upstream.egress import Egress
+from cargohold.upstream.failures import cause, where
 from cargohold.upstream.realms import RealmPolicy
 
 log = logging.getLogger("cargohold.upstream")
 
 _PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 DEFAULT_TOKEN_LIFETIME = 60.0
+# Tokens are a few KiB (Docker Hub's about 2): a realm sending more is refused, not read on.
+MAX_TOKEN_RESPONSE = 64 << 10
 TOKEN_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10)
 
 
@@ -85,15 +91,27 @@ class TokenCache:
         return self.cached(scope) or await self._flight.run(scope, lambda: self._fetch(scope))
 
     async def _fetch(self, scope: str) -> str:
-        assert self.challenge is not None
-        realm = self.challenge.params["realm"]  # checked against the realm policy in use()
+        challenge = self.challenge
+        assert challenge is not None
+        try:
+            return await self._request(challenge, scope)
+        except UpstreamError:
+            # Dropped, so the next request goes without a token and the registry names its realm
+            # again: a realm that fails (or moved) cannot break every request until a restart.
+            if self.challenge is challenge:
+                self.challenge = None
+            raise
+
+    async def _request(self, challenge: Challenge, scope: str) -> str:
+        realm = challenge.params["realm"]  # checked against the realm policy in use()
         query = {"scope": scope}
-        if "service" in self.challenge.params:
-            query["service"] = self.challenge.params["service"]
+        if "service" in challenge.params:
+            query["service"] = challenge.params["service"]
         headers = {}
         if self._credentials:
             headers["Authorization"] = basic_header(*self._credentials)
         started = time.monotonic()
+        detail = {"upstream": self._name}
         try:
             # No redirects: the realm check must hold for the host that finally gets the request.
             async with self._session.get(
@@ -105,22 +123,38 @@ class TokenCache:
                 proxy=self._egress.proxy_for(realm),
             ) as resp:
                 if resp.status != 200:
-                    raise UpstreamUnavailable(
-                        f"token service of {self._name} answered {resp.status}", {"upstream": self._name}
-                    )
-                body = await resp.json(content_type=None)
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout(f"token service of {self._name} timed out", {"upstream": self._name}) from None
-        except (aiohttp.ClientError, ValueError) as exc:
-            raise UpstreamUnavailable(
-                f"token service of {self._name} failed: {type(exc).__name__}", {"upstream": self._name}
-            ) from None
-        token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
-        if not isinstance(token, str) or not token:
-            raise UpstreamInvalid(f"token service of {self._name} gave no token", {"upstream": self._name})
-        lifetime = body.get("expires_in") if isinstance(body.get("expires_in"), int | float) else DEFAULT_TOKEN_LIFETIME
-        lifetime = max(float(lifetime), 1.0)
+                    raise UpstreamUnavailable(f"token service of {self._name} answered {resp.status}", detail)
+                body = await read_bounded(resp, MAX_TOKEN_RESPONSE, f"token response of {self._name}", detail)
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            why = cause(exc)
+            log.warning("token service of %s (%s) failed: %s", self._name, where(exc, realm), why)
+            error = UpstreamTimeout if isinstance(exc, asyncio.TimeoutError) else UpstreamUnavailable
+            raise error(f"token service of {self._name} failed: {why}", {**detail, "cause": why}) from None
+        try:
+            # 64 KiB of JSON can take milliseconds (a list of 30,000 numbers: 4 ms here): off the loop.
+            token, lifetime = await asyncio.to_thread(_token_of, body)
+        except ValueError:
+            raise UpstreamUnavailable(f"token service of {self._name} failed: it sent no JSON", detail) from None
+        if token is None:
+            raise UpstreamInvalid(f"token service of {self._name} gave no token", detail)
         # Renew a little early so a token never expires between our check and the upstream's.
         self._tokens[scope] = (token, started + lifetime - min(30.0, lifetime / 4))
         log.debug("token for %s scope %s, valid %.0fs", self._name, scope, lifetime)
         return token
+
+
+def _token_of(body: bytes) -> tuple[str | None, float]:
+    """The token and its lifetime from a token response; (None, _) when it holds none. ValueError
+    when it is not JSON."""
+    try:
+        document = json.loads(body)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if not isinstance(document, dict):
+        return None, 0.0
+    token = document.get("token") or document.get("access_token")
+    expires = document.get("expires_in")
+    lifetime = DEFAULT_TOKEN_LIFETIME
+    if isinstance(expires, int | float) and not isinstance(expires, bool) and math.isfinite(expires):
+        lifetime = float(expires)
+    return (token if isinstance(token, str) and token else None), max(lifetime, 1.0)

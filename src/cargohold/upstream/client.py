@@ -1,4 +1,8 @@
-"""HTTP client for one upstream registry: token dance, redirects without leaking credentials, retries."""
+"""HTTP client for one upstream registry: token dance, redirects without leaking credentials, retries.
+
+Redirects go only where the upstream's redirect policy allows (realms.py) and to no address it may
+not reach (addresses.py); both are checked before the request is made.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,17 @@ from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+from yarl import URL
 
+from cargohold import __version__
 from cargohold.config import UpstreamConfig
 from cargohold.errors import UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable
+from cargohold.upstream.addresses import AddressGuard, ForbiddenAddress
 from cargohold.upstream.auth import TokenCache, basic_header, parse_challenge
 from cargohold.upstream.breaker import Breaker, retry_after_seconds
 from cargohold.upstream.egress import Egress
-from cargohold.upstream.realms import RealmPolicy
+from cargohold.upstream.failures import cause, where
+from cargohold.upstream.realms import RealmPolicy, RedirectPolicy, normal_host
 
 log = logging.getLogger("cargohold.upstream")
 
@@ -25,6 +33,9 @@ ATTEMPTS = 3
 BACKOFF = 0.25
 MAX_REDIRECTS = 5
 _REDIRECTS = {301, 302, 303, 307, 308}
+# How much of an upstream body may wait in memory: large enough that the socket keeps being
+# read while a chunk is written to disk (aiohttp's 64 KiB default stalls blob downloads).
+UPSTREAM_READ_BUFFER = 1 << 20
 
 
 def timeouts(silence: float) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
@@ -60,10 +71,12 @@ class UpstreamClient:
         *,
         observer: UpstreamObserver | None = None,
         gate: asyncio.Semaphore | None = None,
+        guard: AddressGuard | None = None,
     ) -> None:
         self.config = config
         self.observer = observer
-        # Shared by all upstreams: at most this many requests wait for an upstream answer at once.
+        # This upstream's own: at most this many of its requests wait for an answer at once
+        # (held for the request itself, never while a token is fetched).
         self._gate = gate
         self.name = config.name
         self.base = config.url
@@ -76,11 +89,33 @@ class UpstreamClient:
             else None
         )
         self._egress = Egress(config.proxy)
+        # Without a guard of its own (a session made elsewhere) literal addresses are still checked.
+        self._guard = guard or guard_for(config)
+        self._redirects = RedirectPolicy(config)
         self.tokens = TokenCache(
             session, config.name, self._credentials, RealmPolicy(config), self._small_timeout, self._egress
         )
         self._basic = False
         self.breaker = Breaker(config.name, config.failure_pause)
+
+    @classmethod
+    def connect(
+        cls, config: UpstreamConfig, *, observer: UpstreamObserver | None = None, gate: asyncio.Semaphore | None = None
+    ) -> UpstreamClient:
+        """A client with a session of its own, whose resolver refuses addresses the upstream may not
+        reach (DNS rebinding included); `close()` closes it."""
+        guard = guard_for(config)
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, resolver=guard),
+            headers={"User-Agent": f"cargohold/{__version__}"},
+            auto_decompress=False,
+            read_bufsize=UPSTREAM_READ_BUFFER,
+        )
+        return cls(config, session, observer=observer, gate=gate, guard=guard)
+
+    async def close(self) -> None:
+        await self._session.close()
+        await self._guard.close()
 
     async def open(
         self,
@@ -122,18 +157,21 @@ class UpstreamClient:
             last = attempt == ATTEMPTS
             started = time.monotonic()
             try:
-                async with self._gate or contextlib.nullcontext():
-                    resp = await self._authorized(method, self.base + path, scope, dict(headers or {}), timeout, params)
-            except asyncio.TimeoutError:
-                self._failed(method, "timeout", started)
+                resp = await self._authorized(method, self.base + path, scope, dict(headers or {}), timeout, params)
+            except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ForbiddenAddress):
+                    raise self._refused(where(exc, self.base), str(exc.os_error)) from None
+                timed_out = isinstance(exc, asyncio.TimeoutError)
+                self._failed(method, "timeout" if timed_out else "connection", started)
+                why = cause(exc)
+                place = where(exc, self.base)  # host:port of what failed (a CDN, a proxy): the log's, not the client's
+                level = logging.WARNING if last else logging.INFO
+                log.log(level, "upstream %s (%s): %s %s failed: %s", self.name, place, method, path, why)
                 if last:
-                    raise UpstreamTimeout(f"upstream {self.name} timed out", {"upstream": self.name}) from None
-            except aiohttp.ClientError as exc:
-                self._failed(method, "connection", started)
-                if last:
-                    raise UpstreamUnavailable(
-                        f"upstream {self.name} unreachable: {type(exc).__name__}", {"upstream": self.name}
-                    ) from None
+                    detail = {"upstream": self.name, "cause": why}
+                    if timed_out:
+                        raise UpstreamTimeout(f"upstream {self.name} timed out", detail) from None
+                    raise UpstreamUnavailable(f"upstream {self.name} unreachable: {why}", detail) from None
             else:
                 if self.observer is not None:
                     self.observer.upstream_answered(self.name, method, resp, time.monotonic() - started)
@@ -143,6 +181,13 @@ class UpstreamClient:
             log.info("upstream %s: retrying %s %s (attempt %d)", self.name, method, path, attempt)
             await asyncio.sleep(BACKOFF * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
+
+    def _refused(self, place: str, reason: str) -> UpstreamInvalid:
+        """A redirect (or realm) that would reach an address this upstream may not send us to."""
+        log.warning("upstream %s: refused to connect to %s: %s", self.name, place, reason)
+        return UpstreamInvalid(
+            f"upstream {self.name} sent us to an address it may not use", {"upstream": self.name}
+        )
 
     def _failed(self, method: str, kind: str, started: float) -> None:
         if self.observer is not None:
@@ -195,25 +240,46 @@ class UpstreamClient:
         timeout: aiohttp.ClientTimeout,
         params: Mapping[str, str] | None,
     ) -> aiohttp.ClientResponse:
-        """Follow redirects here, dropping Authorization as soon as they leave the upstream's origin."""
+        """Follow redirects here, only where the redirect policy allows, dropping Authorization as soon
+        as they leave the upstream's origin. The gate is held for each request until its answer."""
         for _ in range(MAX_REDIRECTS + 1):
-            resp = await self._session.request(
-                method,
-                url,
-                headers=headers,
-                allow_redirects=False,
-                timeout=timeout,
-                params=params,
-                proxy=self._egress.proxy_for(url),
-            )
+            async with self._gate or contextlib.nullcontext():
+                resp = await self._session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=timeout,
+                    params=params,
+                    proxy=self._egress.proxy_for(url),
+                )
             location = resp.headers.get("Location")
             if resp.status not in _REDIRECTS or not location:
                 return resp
             resp.release()
             url, params = urljoin(str(resp.url), location), None
+            self._check_redirect(url)
             if _origin(url) != self._origin:
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         raise UpstreamUnavailable(f"upstream {self.name} redirected too often", {"upstream": self.name})
 
+    def _check_redirect(self, url: str) -> None:
+        """Raise UpstreamInvalid for a redirect the policy refuses, or to a literal address refused here."""
+        try:
+            self._redirects.check(url)
+        except UpstreamInvalid as exc:
+            log.warning("upstream %s: refused redirect: %s %s", self.name, exc.message, exc.detail)
+            raise
+        try:
+            self._guard.check_literal(URL(url).raw_host or "")
+        except ForbiddenAddress as exc:
+            raise self._refused(where(exc, url), str(exc)) from None
+
     def __repr__(self) -> str:
         return f"UpstreamClient({self.name!r}, {self.base!r})"
+
+
+def guard_for(config: UpstreamConfig) -> AddressGuard:
+    """The address guard of an upstream: its own host and its egress proxies resolve unchecked."""
+    host = normal_host(URL(config.url).raw_host or "")
+    return AddressGuard(host, Egress(config.proxy).hosts())

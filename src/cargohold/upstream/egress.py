@@ -33,3 +33,8 @@ class Egress:
         if not proxy or urllib.request.proxy_bypass_environment(parts.netloc, self._env):
             return None
         return _with_scheme(proxy)
+
+    def hosts(self) -> frozenset[str]:
+        """Host names of the proxies requests may leave through (the operator's: resolved unchecked)."""
+        proxies = [self._proxy] if self._proxy else [v for k, v in self._env.items() if k != "no"]
+        return frozenset(host for host in (urlsplit(_with_scheme(p)).hostname for p in proxies) if host)

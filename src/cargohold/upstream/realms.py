@@ -1,4 +1,4 @@
-"""Which token realms an upstream may send us (and its credentials) to.
+"""Which token realms an upstream may send us (and its credentials) to, and where it may redirect us.
 
 The realm comes from the upstream's `WWW-Authenticate` challenge, so without a check any
 upstream (or anyone who can answer for it) could make cargohold send that upstream's
@@ -12,6 +12,10 @@ Hosts are compared as aiohttp connects to them: lower case, IDNA A-labels (yarl'
 trailing dot. A realm must use https when the upstream does, and a port that is the default one
 of its scheme or the upstream's own, unless it is on the upstream's very host (a token service
 beside the registry, as docker_auth on :5001) or `token_realms` lists that `host:port`.
+
+Redirects follow the same rules with more hosts: the realm hosts, the CDNs a well-known registry
+sends downloads to (built-in table) and `redirect_hosts`. Which *addresses* those names may reach
+is addresses.py's concern.
 """
 
 from __future__ import annotations
@@ -44,6 +48,28 @@ WELL_KNOWN_REALMS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("*.dkr.ecr.*.amazonaws.com", ()),
     ("*.dkr.ecr.*.amazonaws.com.cn", ()),
     ("*.loca.lt", ()),  # localtunnel: anyone's tunnel
+)
+
+# Registries whose blob downloads go to CDNs on other domains, first match wins: (upstream host
+# pattern, CDN hosts). Docker Hub: its firewall allow-list (production.cloudflare.docker.com,
+# production.cloudfront.docker.com, docker-images-prod.<account>.r2.cloudflarestorage.com) and the
+# regional S3 buckets it redirects AWS clients to.
+_DOCKER_HUB_CDNS = (
+    "*.docker.com",
+    "*.cloudfront.net",
+    "*.r2.cloudflarestorage.com",
+    "docker-images-prod.s3.amazonaws.com",
+    "docker-images-prod.s3.*.amazonaws.com",
+    "docker-images-prod.s3.dualstack.*.amazonaws.com",
+)
+WELL_KNOWN_REDIRECTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("registry-1.docker.io", _DOCKER_HUB_CDNS),
+    ("docker.io", _DOCKER_HUB_CDNS),
+    ("index.docker.io", _DOCKER_HUB_CDNS),
+    ("ghcr.io", ("pkg-containers.githubusercontent.com",)),
+    ("gcr.io", ("storage.googleapis.com", "*.pkg.dev")),
+    ("*.gcr.io", ("storage.googleapis.com", "*.pkg.dev")),
+    ("registry.k8s.io", ("*.pkg.dev", "*.s3.dualstack.*.amazonaws.com")),
 )
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -95,41 +121,84 @@ def _host_and_port(entry: str) -> tuple[str, int | None]:
     return (normal_host(name), int(port)) if colon and port.isdigit() else (normal_host(entry), None)
 
 
-class RealmPolicy:
-    """Answers whether a token realm URL is one this upstream may use."""
+class HostPolicy:
+    """Answers whether a URL an upstream named (token realm, redirect) is one it may send us to."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, extra: list[str], what: str, setting: str, any_own_port: bool) -> None:
         base = URL(config.url)
+        # A token service beside the registry (docker_auth on :5001) may be on any port of its host;
+        # a redirect may not: on a loopback upstream that would be every service of this machine.
+        self._any_own_port = any_own_port
         self._name = config.name
+        self._what = what  # "token realm", "redirect": for messages
+        self._setting = setting  # the setting that widens the policy, named in messages
         self._https = base.scheme == "https"
         self._host = normal_host(base.raw_host or "")
         self._port = base.port
         own = [self._host] if _is_ip(self._host) else [self._host, "*." + self._host]
-        extra = config.token_realms if config.token_realms is not None else default_realm_hosts(self._host)
-        # (host pattern, the one port a `token_realms` entry names, else None: the usual ports)
-        self._allowed: tuple[tuple[str, int | None], ...] = tuple([(host, None) for host in own] + [_host_and_port(entry) for entry in extra])
+        # (host pattern, the one port an entry names, else None: the usual ports)
+        self._allowed: tuple[tuple[str, int | None], ...] = tuple(
+            [(host, None) for host in own] + [_host_and_port(entry) for entry in extra]
+        )
 
-    def check(self, realm: str) -> None:
-        """Raise UpstreamInvalid unless `realm` is http(s) on an allowed host and port (https if the upstream is)."""
+    def check(self, target: str) -> None:
+        """Raise UpstreamInvalid unless `target` is http(s) on an allowed host and port (https if the upstream is)."""
         try:
-            url = URL(realm)
+            url = URL(target)
             host = normal_host(url.raw_host or "")
         except ValueError:
             url, host = URL(), ""
         schemes = ("https",) if self._https else ("http", "https")
         if not host or url.scheme not in schemes:
-            raise UpstreamInvalid(f"upstream {self._name} named an unusable token realm", {"realm": realm[:200]})
-        if host == self._host:
-            return  # the upstream's very host, any port: a token service beside the registry
+            raise UpstreamInvalid(f"upstream {self._name} named an unusable {self._what}", {self._what.split()[-1]: target[:200]})
+        if host == self._host and self._any_own_port:
+            return
         usual = (DEFAULT_PORTS[url.scheme], self._port)
         ports = [port for pattern, port in self._allowed if _matches(host, pattern)]
         if not ports:
             raise UpstreamInvalid(
-                f"upstream {self._name} named a token realm on a host it may not use (see token_realms)",
-                {"upstream": self._name, "realm_host": host[:255]},
+                f"upstream {self._name} named a {self._what} on a host it may not use (see {self._setting})",
+                {"upstream": self._name, self._key("host"): host[:255]},
             )
         if not any(url.port in ((port,) if port is not None else usual) for port in ports):
             raise UpstreamInvalid(
-                f"upstream {self._name} named a token realm on a port it may not use (see token_realms: host:port)",
-                {"upstream": self._name, "realm_host": host[:255], "realm_port": url.port},
+                f"upstream {self._name} named a {self._what} on a port it may not use (see {self._setting}: host:port)",
+                {"upstream": self._name, self._key("host"): host[:255], self._key("port"): url.port},
             )
+
+    def _key(self, field: str) -> str:
+        """Detail keys: realm_host, redirect_host, ..."""
+        return f"{self._what.split()[-1]}_{field}"
+
+
+def realm_hosts(config: UpstreamConfig) -> list[str]:
+    """Token realm hosts besides the upstream's own: `token_realms`, else the default for its host."""
+    if config.token_realms is not None:
+        return config.token_realms
+    return default_realm_hosts(URL(config.url).raw_host or "")
+
+
+class RealmPolicy(HostPolicy):
+    """Where this upstream's token realm may be."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        super().__init__(config, realm_hosts(config), "token realm", "token_realms", any_own_port=True)
+
+
+def default_redirect_hosts(host: str) -> list[str]:
+    """CDN hosts a well-known registry redirects blob downloads to."""
+    host = normal_host(host)
+    for pattern, cdns in WELL_KNOWN_REDIRECTS:
+        if _matches(host, pattern):
+            return list(cdns)
+    return []
+
+
+class RedirectPolicy(HostPolicy):
+    """Where this upstream may redirect us: its own hosts and token realm hosts, the CDNs a
+    well-known registry uses, and `redirect_hosts`."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        host = URL(config.url).raw_host or ""
+        extra = realm_hosts(config) + default_redirect_hosts(host) + config.redirect_hosts
+        super().__init__(config, extra, "redirect", "redirect_hosts", any_own_port=False)

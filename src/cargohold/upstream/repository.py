@@ -23,6 +23,7 @@ from cargohold.errors import (
     UpstreamUnavailable,
 )
 from cargohold.mediatypes import media_type_of
+from cargohold.upstream.bodies import read_bounded
 from cargohold.upstream.client import UpstreamClient
 
 MAX_MANIFEST = 4 << 20
@@ -68,7 +69,7 @@ class Remote(Protocol):
 
 def upstream_failure(resp: aiohttp.ClientResponse, unknown: type[RegistryError], what: str) -> RegistryError:
     """The error for a non-success upstream answer; only 404/401/403 mean "it does not exist"."""
-    detail = {"upstream": str(resp.url.host), "status": resp.status}
+    detail = {"status": resp.status}  # not resp.url's host: an internal name, or a CDN's after a redirect
     if resp.status in (401, 403, 404):
         return unknown(f"{what} not found upstream", detail)
     if resp.status == 429:
@@ -77,18 +78,6 @@ def upstream_failure(resp: aiohttp.ClientResponse, unknown: type[RegistryError],
     if resp.status >= 500:
         return UpstreamUnavailable(f"upstream failed while fetching {what}", detail)
     return UpstreamInvalid(f"unexpected upstream answer while fetching {what}", detail)
-
-
-async def read_limited(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
-    """The whole body, refusing anything over `limit` bytes without reading it all."""
-    if resp.content_length is not None and resp.content_length > limit:
-        raise UpstreamInvalid(f"upstream {what} is too large", {"size": resp.content_length, "limit": limit})
-    body = bytearray()
-    async for chunk in resp.content.iter_chunked(65536):
-        body += chunk
-        if len(body) > limit:
-            raise UpstreamInvalid(f"upstream {what} is too large", {"limit": limit})
-    return bytes(body)
 
 
 def _verified(reference: str, claimed: str | None, body: bytes) -> Digest:
@@ -153,13 +142,13 @@ class Repository:
         async with resp:
             if resp.status != 200:
                 raise upstream_failure(resp, ManifestUnknown, "manifest")
-            body = await read_limited(resp, MAX_MANIFEST, "manifest")
+            body = await read_bounded(resp, MAX_MANIFEST, "upstream manifest", {})
             content_type, claimed = resp.headers.get("Content-Type"), resp.headers.get("Docker-Content-Digest")
         digest = _verified(reference, claimed, body)
         try:
             media_type = media_type_of(content_type, body)
         except ValueError:
-            raise UpstreamInvalid("upstream sent a manifest that is not a JSON object", {"digest": str(digest)}) from None
+            raise UpstreamInvalid("upstream sent something that is not a manifest", {"digest": str(digest)}) from None
         return Descriptor(digest, media_type, len(body)), body
 
     async def head_blob(self, digest: Digest) -> Descriptor:
@@ -188,8 +177,8 @@ class Repository:
         async with resp:
             if resp.status != 200:
                 raise upstream_failure(resp, NameUnknown, "repository")
-            body = await read_limited(resp, MAX_TAG_LIST, "tag list")
+            body = await read_bounded(resp, MAX_TAG_LIST, "upstream tag list", {})
             link = resp.headers.get("Link")
         if not _is_json_object(body):
-            raise UpstreamInvalid("upstream sent a tag list that is not a JSON object", {"upstream": str(resp.url.host)})
+            raise UpstreamInvalid("upstream sent a tag list that is not a JSON object", {"upstream": self.client.name})
         return TagList(body, link)
