@@ -1,5 +1,5 @@
 """`cargohold cache stats|ls|prune|rm|pin|unpin|history` on an instance's cache (data_dir, or bucket + Redis),
-and `cargohold warm IMAGE...`.
+`cargohold warm IMAGE...`, and the air-gap bundles' `cargohold export|import` (see bundle.py).
 
 The cache commands open the index (SQLite in WAL mode) next to a running server safely: rows are
 deleted before files, and the server fetches again whatever disappears under it.
@@ -13,8 +13,10 @@ import asyncio
 import json
 import os
 import sys
+import tarfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 
@@ -59,17 +61,44 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     warm.add_argument("--platform", help="only this platform of multi-platform images, e.g. linux/amd64")
     warm.add_argument("--url", help="the instance's URL (default: http:// + listen)")
     warm.add_argument("--user", help="USER:PASSWORD when the instance requires auth")
+    export = commands.add_parser("export", parents=[config], help="write images to an OCI layout tar (air gap)")
+    export.add_argument("images", nargs="+", metavar="IMAGE", help="IMAGE[:TAG|@DIGEST]")
+    export.add_argument("-o", "--output", required=True, type=Path, help="the bundle to write, e.g. bundle.tar")
+    export.add_argument("--platform", action="append", help="only this platform of multi-platform images (repeatable)")
+    export.add_argument("--url", help="the instance's URL, for content not cached (default: http:// + listen)")
+    export.add_argument("--user", help="USER:PASSWORD when the instance requires auth")
+    load = commands.add_parser("import", parents=[config], help="verify a bundle and seed the cache with it")
+    load.add_argument("bundle", type=Path, help="an OCI layout tar (cargohold export, skopeo oci-archive:)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "warm":
         return asyncio.run(warm(settings, args.images, args.platform, args.url, args.user))
+    if args.command in ("export", "import"):
+        return _bundle(args, settings)
     if not settings.index.redis and not (settings.data_dir / "index.sqlite").exists():
         print(f"cargohold: no cache in {settings.data_dir}", file=sys.stderr)
         return 1
     commands = {"stats": stats, "ls": ls, "prune": prune, "rm": rm, "pin": pin, "unpin": pin, "history": history}
     command = commands[args.cache_command]
     return asyncio.run(command(settings, args))
+
+
+def _bundle(args: argparse.Namespace, settings: Settings) -> int:
+    """Imported here: bundle.py builds on this module (image names, the instance's URL and session)."""
+    from cargohold import bundle
+    from cargohold.errors import RegistryError
+
+    try:
+        if args.command == "export":
+            output = args.output.absolute()
+            asyncio.run(bundle.export(settings, args.images, output, args.platform, args.url, args.user, print))
+        else:
+            asyncio.run(bundle.import_bundle(settings, args.bundle, print))
+    except (bundle.BundleError, RegistryError, OSError, tarfile.TarError, aiohttp.ClientError, TimeoutError) as exc:
+        print(f"cargohold: {args.command} failed: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def stats(settings: Settings, args: argparse.Namespace) -> int:
@@ -239,7 +268,14 @@ async def history(settings: Settings, args: argparse.Namespace) -> int:
 # warm
 
 
-def _base_url(settings: Settings, url: str | None) -> str:
+def client_session(user: str | None) -> aiohttp.ClientSession:
+    """A session for the instance's HTTP API (`USER:PASSWORD` when it requires auth); reads bounded in time."""
+    auth = aiohttp.BasicAuth(*user.split(":", 1)) if user else None
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
+    return aiohttp.ClientSession(auth=auth, timeout=timeout, auto_decompress=False)
+
+
+def base_url(settings: Settings, url: str | None) -> str:
     if url:
         return url.rstrip("/")
     host, port = split_host_port(settings.listen)
@@ -322,11 +358,9 @@ async def _warm_one(session: aiohttp.ClientSession, base: str, image: str, platf
 
 
 async def warm(settings: Settings, images: list[str], platform: str | None, url: str | None, user: str | None) -> int:
-    base = _base_url(settings, url)
-    auth = aiohttp.BasicAuth(*user.split(":", 1)) if user else None
+    base = base_url(settings, url)
     failed = 0
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
-    async with aiohttp.ClientSession(auth=auth, timeout=timeout, auto_decompress=False) as session:
+    async with client_session(user) as session:
         for image in images:
             try:
                 await _warm_one(session, base, image, platform)

@@ -1,4 +1,4 @@
-"""`cargohold serve | config check | user ... | cache stats|ls|prune|rm | warm`."""
+"""`cargohold serve | config check | user ... | cache stats|ls|prune|rm|pin|unpin|history | warm | export | import`."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_user_command(args)
         overrides = {"listen": args.listen, "data_dir": args.data_dir} if args.command == "serve" else None
         settings = load_settings(args.config, overrides=overrides)
-        if args.command in ("cache", "warm"):
+        if args.command in ("cache", "warm", "export", "import"):
             return cachecli.run(args, settings)
         serve(settings)  # a ConfigError can also come from start-up (e.g. a bad htpasswd entry)
     except ConfigError as exc:
