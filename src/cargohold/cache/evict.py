@@ -120,7 +120,7 @@ async def repair(index: Index, store: BlobStore) -> tuple[int, int]:
 
 class Evictor:
     """Keeps one instance's cache within `cache.max_size` and `cache.max_age`, pinned content aside;
-    `pinned_bytes` hears what pins hold at every periodic run (a metric)."""
+    `pinned_bytes` hears what pins hold whenever they were resolved (every periodic run; a metric)."""
 
     def __init__(
         self,
@@ -186,6 +186,8 @@ class Evictor:
                 evicted=self._evicted,
                 pins=pins,
             )
+        if resolved is not None:
+            self._report(resolved)
         if removed:
             log.info("evicted %d entries, %d bytes", len(removed), sum(e.size for e in removed))
         return removed
@@ -201,9 +203,7 @@ class Evictor:
     async def run_forever(self, interval: float = INTERVAL) -> None:
         while True:
             try:
-                pinned = await self.pinned()
-                self._report(pinned)
-                await self.enforce(pinned=pinned)
+                await self.enforce(pinned=await self.pinned())
             except Exception:
                 log.exception("eviction failed")
             await asyncio.sleep(interval)
