@@ -355,7 +355,10 @@ class Seeder:
 
     async def _blob(self, digest: Digest, size: int) -> None:
         """Stream a blob into the store, hashing as it goes; it is committed only if digest and size match."""
-        if await self._store.locate(digest) is None:
+        cached = await self._store.locate(digest)
+        if cached is not None:  # verified when it was stored; the index learns its real size
+            size = cached.stat().st_size if isinstance(cached, Path) else cached.size
+        else:
             fd, temp = self._store.new_temp()
             try:
                 hasher, written = digest.hasher(), 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -143,3 +144,24 @@ def test_skopeo_reads_an_exported_bundle_and_writes_one_that_imports(
     with hub.down():
         copy = skopeo_copy(f"{target.netloc}/{tool.ref}", tmp_path / "pulled")
     assert copy.manifest == tool.manifest
+
+
+def test_export_writes_only_the_platforms_asked_for(
+    cargohold: Callable[..., Cargohold], hub: Hub, hub_images: dict[str, Image], tmp_path: Path
+) -> None:
+    multiarch = hub_images["index"]
+    wanted, other = multiarch.children
+    platform = f"{wanted.platform['os']}/{wanted.platform['architecture']}" if wanted.platform else ""
+    srv = cargohold()
+    bundle = tmp_path / "bundle.tar"
+    cli(srv, "export", multiarch.ref, "--platform", platform, "-o", str(bundle))
+    with tarfile.open(bundle) as tar:
+        names = {name.rsplit("/", 1)[-1] for name in tar.getnames()}
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+    assert {d.split(":")[1] for d in _content(wanted)} <= names, "the platform asked for is whole"
+    assert not {d.split(":")[1] for d in other.blob_digests} & names, "the other platform's layers stay out"
+    assert index["manifests"][0]["digest"] == multiarch.digest  # the index itself, as the tag names it
+
+    res = cli(srv, "export", multiarch.ref, "--platform", "plan9/mips", "-o", str(tmp_path / "none.tar"), check=False)
+    assert res.returncode == 1 and "no plan9/mips platform" in res.stderr
+    assert not (tmp_path / "none.tar").exists() and not (tmp_path / "none.tar.part").exists()
