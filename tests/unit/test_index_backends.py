@@ -127,3 +127,14 @@ async def test_the_tag_move_history_is_bounded(index: Index, monkeypatch: pytest
     for tag in "abcde":
         await index.record_tag_move(UP, REPO, tag, A, B)
     assert [m.tag for m in await index.tag_moves()] == ["e", "d", "c"]
+
+
+async def test_sizes_of_some_digests(index: Index) -> None:
+    await index.put_manifest(A, "application/vnd.oci.image.manifest.v1+json", 100)
+    await index.put_blob(B, 0)
+    assert await index.sizes([A, B, C]) == {A: 100, B: 0}
+    assert await index.sizes([]) == {}
+    many = [f"sha256:{i:064x}" for i in range(1200)]  # more than one SQLite statement's parameters
+    for digest in many[::300]:
+        await index.put_blob(digest, 7)
+    assert await index.sizes(many) == dict.fromkeys(many[::300], 7)

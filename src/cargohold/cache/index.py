@@ -13,7 +13,7 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -124,6 +124,7 @@ class Index(Protocol):
     async def usage(self) -> Usage: ...
     async def least_recent(self, limit: int, offset: int = 0) -> list[Stored]: ...
     async def stored(self) -> list[Stored]: ...
+    async def sizes(self, digests: Collection[str]) -> dict[str, int]: ...
     async def forget(self, table: str, digest: str) -> None: ...
     async def tag_rows(self) -> list[TagRow]: ...
     async def add_pin(self, pattern: str) -> bool: ...
@@ -265,6 +266,17 @@ class SqliteIndex(AccessBuffer):
     async def stored(self) -> list[Stored]:
         """Every manifest and blob the index knows (for the start-up check against the files)."""
         return await self.least_recent(-1)
+
+    async def sizes(self, digests: Collection[str]) -> dict[str, int]:
+        """The stored size of each of these digests the index knows (the others are left out)."""
+        found: dict[str, int] = {}
+        wanted = list(digests)
+        for start in range(0, len(wanted), 500):  # SQLite bounds the parameters of one statement
+            batch = wanted[start : start + 500]
+            marks = ",".join("?" * len(batch))
+            for table in CONTENT_TABLES:
+                found.update(self._db.execute(f"SELECT digest, size FROM {table} WHERE digest IN ({marks})", batch))
+        return found
 
     async def forget(self, table: str, digest: str) -> None:
         """Drop a manifest or blob row; its file is removed after this, never before."""

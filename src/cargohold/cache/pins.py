@@ -62,5 +62,5 @@ async def resolve_pins(index: Index, store: BlobStore, configured: Sequence[str]
     if not roots:
         return NOTHING
     reachable = await closure(store, roots)
-    sizes = {entry.digest: entry.size for entry in await index.stored() if entry.digest in reachable}
+    sizes = await index.sizes(reachable)
     return Pinned(frozenset(sizes), sum(sizes.values()))

@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis.asyncio as redis
@@ -195,6 +195,16 @@ class RedisIndex(AccessBuffer):
     @_unavailable
     async def stored(self) -> list[Stored]:
         return await self.least_recent(-1)
+
+    @_unavailable
+    async def sizes(self, digests: Collection[str]) -> dict[str, int]:
+        """The stored size of each of these digests the index knows (the others are left out)."""
+        wanted = list(digests)
+        if not wanted:
+            return {}
+        members = [_member(table, digest) for digest in wanted for table in CONTENT_TABLES]
+        found = await self.client.hmget(_k("sizes"), members)
+        return {member.partition(":")[2]: int(size) for member, size in zip(members, found, strict=True) if size}
 
     @_unavailable
     async def forget(self, table: str, digest: str) -> None:
