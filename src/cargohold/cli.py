@@ -1,4 +1,4 @@
-"""`cargohold serve | config check | user ... | cache stats|ls|prune|rm|pin|unpin|history | warm | export | import`."""
+"""`cargohold serve | config check | user ... | cache stats|ls|prune|rm | warm`."""
 
 from __future__ import annotations
 
