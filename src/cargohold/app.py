@@ -82,7 +82,12 @@ async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[No
         for u in settings.upstreams
     }
     evictor = Evictor(
-        index, store, settings.cache, lambda d: store.in_use(d) or downloads.active(d) is not None, metrics.evicted
+        index,
+        store,
+        settings.cache,
+        lambda d: store.in_use(d) or downloads.active(d) is not None,
+        metrics.evicted,
+        metrics.pinned_bytes.set,
     )
     downloads = Downloads(store, index, evictor.make_room)
     app[PROXY] = PullThrough(Router(clients, settings.default.name), store, index, downloads, backends.peers)

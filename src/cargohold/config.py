@@ -289,6 +289,10 @@ class CacheConfig(Strict):
 
     max_size: Size | None = None
     max_age: Duration | None = None
+    pin: list[str] = Field(
+        default_factory=list,
+        description="globs of upstream/repository[:tag] never evicted, e.g. docker.io/library/redis:7.*",
+    )
 
 
 class S3Config(Strict):

@@ -99,6 +99,11 @@ class Metrics:
         )
         self.evictions = Counter("cargohold_cache_evictions", "Entries evicted from the cache", ["kind"], registry=r)
         self.evicted_bytes = Counter("cargohold_cache_evicted_bytes", "Bytes evicted from the cache", registry=r)
+        self.pinned_bytes = Gauge(
+            "cargohold_cache_pinned_bytes",
+            "Bytes of pinned images in the cache, as of the last eviction run (more than max_size: pins overflow)",
+            registry=r,
+        )
         self.max_size = max_size
         self.upstreams = {name: UpstreamState() for name in upstreams}
         self.index: Index | None = None
