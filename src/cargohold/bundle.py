@@ -381,9 +381,9 @@ class Seeder:
     async def _manifest(self, digest: Digest, media_type: str | None) -> bytes:
         body = self._layout.document(Layout.blob_name(digest), digest)
         try:
-            media_type = media_type or media_type_of(None, body)
-        except ValueError:
-            raise BundleError(f"manifest {digest}: not a JSON document") from None
+            media_type = media_type_of(media_type, body)  # validated like an upstream's manifest
+        except ValueError as exc:
+            raise BundleError(f"manifest {digest}: not a manifest ({exc})") from None
         await self._store.save(digest, body)
         await self._index.put_manifest(str(digest), media_type, len(body))
         return body
