@@ -95,7 +95,7 @@ async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[No
     evictor = Evictor(
         index, store, settings.cache, lambda d: store.in_use(d) or downloads.active(d) is not None, metrics.evicted
     )
-    downloads = Downloads(store, index, evictor.make_room)
+    downloads = Downloads(store, index, evictor.make_room, settings.max_blob_size)
     app[PROXY] = PullThrough(Router(clients, settings.default.name), store, index, downloads, backends.peers)
     metrics.attach(index, app[PROXY])
     tasks = [asyncio.create_task(_flush_forever(index))]
