@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
@@ -64,7 +64,7 @@ class BlobSource:
         if self._pin is not None:
             self._pin.release()
 
-    async def __aenter__(self) -> BlobSource:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

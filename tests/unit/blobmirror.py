@@ -178,8 +178,8 @@ class KeepAlive:
         return bytes(body)
 
 
-@pytest.fixture
-def server_log(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[], str]]:
+@pytest.fixture(name="server_log")
+def server_log_fixture(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[], str]]:
     """The server's log so far; at the end of the test it must hold no traceback."""
     caplog.set_level(logging.INFO)
     yield lambda: caplog.text

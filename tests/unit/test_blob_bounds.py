@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from blobmirror import Mirror, Upstream, digest_of, mirror, server_log  # noqa: F401 - server_log is a fixture
+from blobmirror import Mirror, Upstream, digest_of, mirror, server_log_fixture  # noqa: F401 - the server_log fixture
 
 
 def _stored(srv: Mirror, digest: str) -> Path:
@@ -19,12 +19,12 @@ def _stored(srv: Mirror, digest: str) -> Path:
 
 async def _get(srv: Mirror, digest: str) -> tuple[int, bytes | None]:
     """Status and body, or None for the body when the connection was cut mid-way."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        async with session.get(f"http://127.0.0.1:{srv.port}/v2/library/app/blobs/{digest}") as res:
-            try:
-                return res.status, await res.read()
-            except aiohttp.ClientPayloadError:
-                return res.status, None
+    url = f"http://127.0.0.1:{srv.port}/v2/library/app/blobs/{digest}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session, session.get(url) as res:
+        try:
+            return res.status, await res.read()
+        except aiohttp.ClientPayloadError:
+            return res.status, None
 
 
 async def test_an_endless_blob_is_cut_at_max_blob_size(tmp_path: Path, server_log: Callable[[], str]) -> None:

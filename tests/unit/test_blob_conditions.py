@@ -9,8 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from blobmirror import Answer, KeepAlive, Upstream, mirror, server_log  # noqa: F401 - server_log is a fixture
-
+from blobmirror import Answer, KeepAlive, Upstream, mirror, server_log_fixture  # noqa: F401 - the server_log fixture
 from rig.s3 import S3Server
 
 # (headers, status, what the body is: "all", "range" = bytes 100..199, "none")

@@ -13,8 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from blobmirror import KeepAlive, Mirror, Upstream, mirror, server_log  # noqa: F401 - server_log is a fixture
-
+from blobmirror import KeepAlive, Mirror, Upstream, mirror, server_log_fixture  # noqa: F401 - the server_log fixture
 from rig.s3 import S3Server
 
 PRESETS = ["off", "personal", "team", "medium"]

@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from rig.s3 import S3Server
 
 from cargohold.cache.s3store import open_s3_store
 from cargohold.cache.store import BlobStore, FsBlobStore, RemoteBlob
 from cargohold.config import S3Config
 from cargohold.digests import Digest
-from rig.s3 import S3Server
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -229,6 +229,7 @@ class Download:
                 views[0] = views[0][done:]
 
     def _commit(self) -> None:
+        assert self.temp is not None  # only a download that is still cached commits
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
@@ -359,7 +360,7 @@ class Download:
             self._drained.set()
             self._close_read_fd_if_unused()
 
-    async def spans(self, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
+    async def spans(self, start: int, end: int) -> AsyncGenerator[tuple[int, int], None]:
         """`(offset, length)` pieces of `[start, end)` of `reader` as they become readable on disk.
         Stops early where an uncached download's bytes live only in memory (read those with `read`);
         raises DownloadFailed if the download fails first."""
@@ -383,7 +384,7 @@ class Download:
                 else:
                     await self._progress.wait()
 
-    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def read(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
         """Bytes `[start, end)` as they arrive; returns only once the digest checks out (even for no
         bytes at all) and raises DownloadFailed if the download fails first."""
         with self._following(start, end) as me:

@@ -4,6 +4,7 @@ connection slot while its handler runs, answer 429 TOOMANYREQUESTS with Retry-Af
 from __future__ import annotations
 
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
 
 from cargohold.digests import looks_like_digest
 from cargohold.identity import IDENTITY
@@ -26,7 +27,7 @@ def kind_of(request: web.Request) -> Kind:
 
 
 @web.middleware
-async def ratelimit(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+async def ratelimit(request: web.Request, handler: Handler) -> web.StreamResponse:
     limiter = request.app[RATE_LIMITER]
     if not limiter.enabled or request.path in UNLIMITED:
         return await handler(request)
