@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Self
 
@@ -86,6 +88,23 @@ class LocalFile(BlobSource):
     def __init__(self, digest: Digest, file: BinaryIO, size: int, pin: Pin) -> None:
         super().__init__(digest, size, "hit", pin)
         self._file = file
+
+    @classmethod
+    async def open(cls, digest: Digest, path: Path, pin: Pin) -> LocalFile:
+        """The file at `path`, opened and sized on a worker thread (both may wait on the disk); the pin
+        is released if it cannot be opened (FileNotFoundError: evicted since it was found)."""
+        try:
+            file = await asyncio.to_thread(open, path, "rb", buffering=0)
+        except BaseException:
+            pin.release()
+            raise
+        source = cls(digest, file, 0, pin)
+        try:
+            source.size = (await asyncio.to_thread(os.fstat, file.fileno())).st_size
+        except BaseException:
+            await source.close()
+            raise
+        return source
 
     async def _send_body(self, request: web.Request, span: Span, timeout: float) -> web.StreamResponse:
         assert self.size is not None

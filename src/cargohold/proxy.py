@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
 
 import aiohttp
 
@@ -104,16 +101,6 @@ async def _get_manifest(target: Target, reference: str, accept: str) -> tuple[by
             raise _upstream_failure(resp, ManifestUnknown, "manifest")
         body = await _read_limited(resp, MAX_MANIFEST, "manifest")
         return body, resp.headers.get("Content-Type"), resp.headers.get("Docker-Content-Digest")
-
-
-def _open_file(path: Path) -> tuple[BinaryIO, int]:
-    """A stored file opened for sending, and its size (on a worker thread: both may block on disk)."""
-    file = open(path, "rb", buffering=0)
-    try:
-        return file, os.fstat(file.fileno()).st_size
-    except BaseException:
-        file.close()
-        raise
 
 
 def _source(target: Target) -> tuple[str, str]:
@@ -366,14 +353,9 @@ class PullThrough:
             again = (lambda: self._fetch_blob(target, digest, refetch=False)) if refetch else None
             return BucketObject(digest, found, pin, again)
         try:
-            file, size = await asyncio.to_thread(_open_file, found)
+            return await LocalFile.open(digest, found, pin)
         except FileNotFoundError:
-            pin.release()
             return None
-        except BaseException:
-            pin.release()
-            raise
-        return LocalFile(digest, file, size, pin)
 
     async def _fetch_blob(self, target: Target, digest: Digest, *, refetch: bool) -> BlobSource:
         """Join (or start) the download of a blob; also for a cached copy that vanished (evicted) just now.
