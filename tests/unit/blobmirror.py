@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from rig.s3 import S3Server
 
 from cargohold.app import build_app
 from cargohold.config import Settings
@@ -185,3 +186,10 @@ def server_log_fixture(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[]
     yield lambda: caplog.text
     text = caplog.text
     assert "Traceback" not in text and "Unhandled exception" not in text and "Error handling request" not in text, text
+
+
+@pytest.fixture(name="s3", scope="module")
+def s3_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 server, one per test module (each test uses its own key prefix)."""
+    with S3Server(tmp_path_factory.mktemp("moto")) as server:
+        yield server

@@ -5,11 +5,11 @@ a hit from the filesystem, a follower of a download and a hit streamed from a bu
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from blobmirror import Answer, KeepAlive, Upstream, mirror, server_log_fixture  # noqa: F401 - the server_log fixture
+from blobmirror import Answer, KeepAlive, Upstream, mirror, s3_fixture, server_log_fixture  # noqa: F401 - fixtures
 from rig.s3 import S3Server
 
 # (headers, status, what the body is: "all", "range" = bytes 100..199, "none")
@@ -27,12 +27,6 @@ CASES = [
     ({"If-Range": '"sha256:other"', "Range": "bytes=100-199"}, 200, "all"),
     ({"If-Range": "Sat, 28 Nov 2026 10:00:00 GMT", "Range": "bytes=100-199"}, 200, "all"),
 ]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with S3Server(tmp_path_factory.mktemp("moto")) as server:
-        yield server
 
 
 def _expect(answer: Answer, status: int, body: str, data: bytes, digest: str) -> None:

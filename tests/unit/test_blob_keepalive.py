@@ -7,22 +7,16 @@ and the connection was reset after the first hit (issue 14)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from blobmirror import KeepAlive, Mirror, Upstream, mirror, server_log_fixture  # noqa: F401 - the server_log fixture
+from blobmirror import KeepAlive, Mirror, Upstream, mirror, s3_fixture, server_log_fixture  # noqa: F401 - fixtures
 from rig.s3 import S3Server
 
 PRESETS = ["off", "personal", "team", "medium"]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with S3Server(tmp_path_factory.mktemp("moto")) as server:
-        yield server
 
 
 def _storage(kind: str, s3: S3Server, tmp_path: Path) -> dict[str, Any]:

@@ -6,22 +6,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from blobmirror import s3_fixture  # noqa: F401 - a fixture
 from rig.s3 import S3Server
 
 from cargohold.cache.s3store import open_s3_store
 from cargohold.cache.store import BlobStore, FsBlobStore, RemoteBlob
 from cargohold.config import S3Config
 from cargohold.digests import Digest
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with S3Server(tmp_path_factory.mktemp("moto")) as server:
-        yield server
 
 
 @pytest.fixture(params=["filesystem", "s3"])
