@@ -341,7 +341,7 @@ class PullThrough:
                 return source
         if not body:
             return await self._described(target, digest)
-        return await self._fetch_blob(target, digest, refetch=False)
+        return await self._fetch_blob(target, digest, refetch=True)
 
     async def _cached(
         self, target: Target, digest: Digest, found: Path | RemoteBlob, *, refetch: bool

@@ -38,6 +38,7 @@ class Upstream:
     unsized: set[str] = field(default_factory=set)
     endless: set[str] = field(default_factory=set)
     claimed: dict[str, int] = field(default_factory=dict)  # a Content-Length to claim instead
+    gets: int = 0  # blob GETs answered
 
     def add(self, data: bytes, *, sized: bool = True) -> str:
         digest = digest_of(data)
@@ -65,6 +66,7 @@ class Upstream:
         length = self.claimed.get(digest, len(data))
         if request.method == "HEAD":
             return web.Response(headers={"Content-Length": str(length)})
+        self.gets += 1
         response = web.StreamResponse()
         if digest not in self.unsized:
             response.content_length = length
