@@ -116,7 +116,8 @@ class LocalFile(BlobSource):
 
     async def close(self) -> None:
         await super().close()
-        await asyncio.to_thread(self._file.close)
+        # Shielded: a request cancelled meanwhile must not leave the descriptor open.
+        await asyncio.shield(asyncio.to_thread(self._file.close))
 
 
 class BucketObject(BlobSource):
@@ -150,9 +151,7 @@ class BucketObject(BlobSource):
             response = blob_response(self.digest, span, self._blob.size)
             await response.prepare(request)
             try:
-                return await send_body(
-                    request, response, self.digest, write_all(response, chunks, timeout)
-                )
+                return await send_body(request, response, self.digest, write_all(response, chunks, timeout))
             except Exception as exc:  # noqa: BLE001 - headers are gone: a cut connection is the only signal left
                 cut_off(request, "cutting off a client of %s: storage failed mid-stream: %s", self.digest, exc)
                 return response
