@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from rig.certs import TestCA
 from rig.s3 import S3Server
 
 from cargohold.app import build_app
@@ -91,6 +93,7 @@ class Mirror:
     server: TestServer
     upstream: Upstream
     data_dir: Path
+    client_tls: ssl.SSLContext | None = None  # trusts the mirror's certificate when it speaks TLS
 
     @property
     def port(self) -> int:
@@ -114,19 +117,31 @@ class Mirror:
         return sorted((self.data_dir / "tmp").iterdir())
 
 
+def _tls(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context for 127.0.0.1 and a client context that trusts it."""
+    ca = TestCA.create()
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    ca.issue(cert, key, [], ["127.0.0.1"])
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    return server, ssl.create_default_context(cadata=ca.pem.decode())
+
+
 @asynccontextmanager
-async def mirror(tmp_path: Path, upstream: Upstream, **config: Any) -> AsyncIterator[Mirror]:
-    """cargohold (shipped defaults but for `config`) in front of `upstream`, both on loopback."""
+async def mirror(tmp_path: Path, upstream: Upstream, *, tls: bool = False, **config: Any) -> AsyncIterator[Mirror]:
+    """cargohold (shipped defaults but for `config`) in front of `upstream`, both on loopback;
+    with `tls`, clients reach it over TLS."""
     hub = TestServer(upstream.app(), host="127.0.0.1")
     await hub.start_server()
     data_dir = tmp_path / "data"
     settings = Settings.model_validate(
         {"data_dir": str(data_dir), "upstreams": [{"name": "docker.io", "url": str(hub.make_url(""))}], **config}
     )
+    server_tls, client_tls = _tls(tmp_path) if tls else (None, None)
     server = TestServer(build_app(settings), host="127.0.0.1")
-    await server.start_server()
+    await server.start_server(ssl=server_tls)
     try:
-        yield Mirror(server, upstream, data_dir)
+        yield Mirror(server, upstream, data_dir, client_tls)
     finally:
         await server.close()
         await hub.close()
@@ -148,8 +163,8 @@ class KeepAlive:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, port: int) -> AsyncIterator[KeepAlive]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def open(cls, port: int, tls: ssl.SSLContext | None = None) -> AsyncIterator[KeepAlive]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
         try:
             yield cls(reader, writer)
         finally:

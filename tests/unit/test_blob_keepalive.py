@@ -67,3 +67,12 @@ async def _follow_then_hit(srv: Mirror, conn: KeepAlive, digest: str, data: byte
     await _check(conn.request, path, data, redirect=redirect)
     again = await conn.request(path)  # and the connection still takes a request after all of that
     assert again.status == (307 if redirect else 200)
+
+
+async def test_blobs_over_tls_keep_the_connection(tmp_path: Path, server_log: Callable[[], str]) -> None:
+    """Under TLS a file goes out read in a worker thread and written (no sendfile): the same answers."""
+    upstream = Upstream()
+    whole = os.urandom(3 << 20)
+    digest = upstream.add(whole)
+    async with mirror(tmp_path, upstream, tls=True) as srv, KeepAlive.open(srv.port, srv.client_tls) as conn:
+        await _follow_then_hit(srv, conn, digest, whole, redirect=False)
