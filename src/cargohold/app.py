@@ -89,7 +89,7 @@ async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[No
         metrics.evicted,
         metrics.pinned_bytes.set,
     )
-    downloads = Downloads(store, index, evictor.make_room)
+    downloads = Downloads(store, index, evictor.make_room, settings.max_blob_size)
     app[PROXY] = PullThrough(Router(clients, settings.default.name), store, index, downloads, backends.peers)
     metrics.attach(index, app[PROXY])
     tasks = [asyncio.create_task(_flush_forever(index))]

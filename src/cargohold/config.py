@@ -388,6 +388,9 @@ class Settings(Strict):
     send_timeout: Duration = Field(
         300.0, gt=0, description="cut a blob response whose client has taken no piece of it for this long"
     )
+    max_blob_size: Size = Field(
+        20 << 30, gt=0, description="the largest blob fetched from upstream; one that claims or sends more is refused"
+    )
 
     @field_validator("listen", "metrics_listen")
     @classmethod

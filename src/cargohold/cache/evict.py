@@ -192,13 +192,18 @@ class Evictor:
             log.info("evicted %d entries, %d bytes", len(removed), sum(e.size for e in removed))
         return removed
 
-    async def make_room(self, incoming: int) -> None:
-        """Called before a download writes `incoming` bytes: evict first if they would exceed the cap."""
-        if self._config.max_size is not None:
-            try:
-                await self.enforce(incoming)
-            except Exception:  # a full cache must not fail the download that is waiting
-                log.exception("eviction before a download failed")
+    async def make_room(self, incoming: int) -> bool:
+        """Called before downloads write `incoming` bytes: evict first if they would exceed the cap.
+        False when they do not fit even so (what is left is in use)."""
+        max_size = self._config.max_size
+        if max_size is None:
+            return True
+        try:
+            await self.enforce(incoming)
+            return (await self._index.usage()).size + incoming <= max_size
+        except Exception:  # a full cache must not fail the download that is waiting
+            log.exception("eviction before a download failed")
+            return True
 
     async def run_forever(self, interval: float = INTERVAL) -> None:
         while True:
