@@ -169,7 +169,7 @@ def test_acme_certificate_serves_skopeo_and_docker_over_https(
     assert moved.header("Location") == f"https://{DOMAIN}:{srv.port}/v2/{image.ref}/tags/list?n=1"
     assert http_request("GET", f"http://{plain}/health").status == 200
     unknown = http_request("GET", f"http://{plain}/.well-known/acme-challenge/nope")
-    assert unknown.status == 404 and unknown.json()["errors"][0]["code"] == "NOT_FOUND"  # type: ignore[index]
+    assert unknown.status == 404 and unknown.json()["errors"][0]["code"] == "UNSUPPORTED"  # type: ignore[index]
 
 
 def test_acme_renewal_replaces_the_certificate_without_dropping_requests(
