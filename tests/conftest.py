@@ -257,6 +257,9 @@ def cargohold(
     yield factory
     for srv in servers:
         srv.stop()
+    crashed = {srv.netloc: srv.crashes() for srv in servers if srv.crashes()}
+    if crashed:
+        pytest.fail(f"cargohold logged a traceback or an unhandled exception: {crashed}", pytrace=False)
 
 
 # -- ACME -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Real registry clients for end-to-end tests: skopeo, a private dockerd, a private containerd.
+"""Real registry clients for end-to-end tests: skopeo, podman, a private dockerd, a private containerd.
 
 Each daemon runs as root with every path (data, state, sockets, pidfile) in its own temp dir,
 so tests never touch the machine's docker or containerd.
@@ -164,6 +164,46 @@ def skopeo_inspect(
             cmd, proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
         )
     return proc.stdout
+
+
+# -- podman -----------------------------------------------------------------------------------
+
+
+class Podman:
+    """Rootful podman with its own storage (vfs), run root, registries.conf and auth file: no daemon.
+
+    Each `pull` with `fresh=True` empties the storage first, so the next pull fetches everything
+    again; plain HTTP on loopback needs `--tls-verify=false` (the README says the same to users).
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.podman = need_binary("podman")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "registries.conf").write_text('unqualified-search-registries = []\n')
+        (self.workdir / "auth.json").write_text("{}")
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["CONTAINERS_REGISTRIES_CONF"] = str(self.workdir / "registries.conf")
+        env["REGISTRY_AUTH_FILE"] = str(self.workdir / "auth.json")
+        env["TMPDIR"] = str(self.workdir)
+        env.pop("DOCKER_CONFIG", None)
+        return env
+
+    def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run `podman --root ... --runroot ... --storage-driver vfs args...`."""
+        w = self.workdir
+        cmd = [self.podman, "--root", str(w / "root"), "--runroot", str(w / "runroot"), "--storage-driver", "vfs",
+               "--events-backend", "none", "--cgroup-manager", "cgroupfs", *args]
+        return run(cmd, timeout=timeout, env=self._env(), check=check)
+
+    def pull(self, ref: str, *, fresh: bool = True, timeout: float = 300) -> str:
+        """Pull `host:port/repo:tag` over plain HTTP; returns the manifest digest podman recorded."""
+        if fresh:
+            self.run("rmi", "--all", "--force", check=False)
+        self.run("pull", "--tls-verify=false", "--quiet", ref, timeout=timeout)
+        return self.run("image", "inspect", "--format", "{{.Digest}}", ref).stdout.strip()
 
 
 # -- dockerd ----------------------------------------------------------------------------------
@@ -554,6 +594,7 @@ __all__ = [
     "DEAD_SERVER",
     "DOCKER_HUB_HOSTS",
     "Dockerd",
+    "Podman",
     "ensure_hosts_entries",
     "need_binary",
     "skopeo_copy",
