@@ -56,9 +56,8 @@ def test_containerd_pulls_twice_in_defaults(
     _twice(hub, lambda: containerd.pull(f"docker.io/{im.ref}", hosts_dir=hosts_dir).digest, im.digest)
 
 
-def test_podman_pulls_twice_in_defaults(hub: Hub, cargohold: Factory, tmp_path: Path) -> None:
+def test_podman_pulls_twice_in_defaults(hub: Hub, cargohold: Factory, podman: Podman) -> None:
     srv = cargohold()
-    podman = Podman(tmp_path / "podman")
     im = hub.images["multi"]
     _twice(hub, lambda: podman.pull(f"{srv.netloc}/{im.ref}"), im.digest)
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,19 +170,31 @@ def skopeo_inspect(
 # -- podman -----------------------------------------------------------------------------------
 
 
-class Podman:
+class Podman(Managed):
     """Rootful podman with its own storage (vfs), run root, registries.conf and auth file: no daemon.
 
     Each `pull` with `fresh=True` empties the storage first, so the next pull fetches everything
     again; plain HTTP on loopback needs `--tls-verify=false` (the README says the same to users).
+    podman refuses a run root path over 50 characters, so that one is a short temp dir of its own.
     """
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = Path(workdir)
         self.podman = need_binary("podman")
+        self.runroot: Path | None = None
+
+    def start(self) -> Podman:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "registries.conf").write_text('unqualified-search-registries = []\n')
+        (self.workdir / "registries.conf").write_text("unqualified-search-registries = []\n")
         (self.workdir / "auth.json").write_text("{}")
+        self.runroot = Path(tempfile.mkdtemp(prefix="rig-podman-"))
+        return self
+
+    def stop(self) -> None:
+        if self.runroot is not None:
+            self.run("rmi", "--all", "--force", check=False)  # vfs mounts nothing: files only
+            shutil.rmtree(self.runroot, ignore_errors=True)
+            self.runroot = None
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -193,8 +206,9 @@ class Podman:
 
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run `podman --root ... --runroot ... --storage-driver vfs args...`."""
-        w = self.workdir
-        cmd = [self.podman, "--root", str(w / "root"), "--runroot", str(w / "runroot"), "--storage-driver", "vfs",
+        if self.runroot is None:
+            raise RigError("podman: start() first")
+        cmd = [self.podman, "--root", str(self.workdir / "root"), "--runroot", str(self.runroot), "--storage-driver", "vfs",
                "--events-backend", "none", "--cgroup-manager", "cgroupfs", *args]
         return run(cmd, timeout=timeout, env=self._env(), check=check)
 
