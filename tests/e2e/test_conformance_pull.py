@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-
 from rig import images as I
 from rig.hub import Hub
 from rig.server import Cargohold
