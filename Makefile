@@ -18,6 +18,8 @@ run: $(VENV)/.runtime
 
 # pebble: the ACME CA of the TLS tests; docker-compose: checks deploy/'s compose files.
 APT_PACKAGES += pebble docker-compose
+# podman: one of the real clients the e2e tests pull with (tests/e2e/test_as_shipped.py).
+APT_PACKAGES += podman
 
 system-packages:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
