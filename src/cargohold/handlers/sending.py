@@ -69,6 +69,6 @@ async def send_body(
         await response.write_eof()
     except ClientStalled:
         cut_off(request, STALLED, digest)
-    except ConnectionResetError:
+    except ConnectionError:  # reset, or a broken pipe from sendfile to a socket the client closed
         log.debug("client of %s went away after %d bytes", digest, response.body_length)
     return response
