@@ -15,6 +15,7 @@ from cargohold.cache.download import Downloads
 from cargohold.cache.evict import Evictor, repair
 from cargohold.cache.index import Index
 from cargohold.config import Settings
+from cargohold.errors import StorageUnavailable
 from cargohold.handlers.metrics import count_response, metrics_listener
 from cargohold.handlers.target import stamp_namespace
 from cargohold.keys import METRICS, PROXY, RATE_LIMITER, SETTINGS
@@ -113,5 +114,7 @@ async def _flush_forever(index: Index) -> None:
         await asyncio.sleep(FLUSH_INTERVAL)
         try:
             await index.flush()
+        except StorageUnavailable:
+            pass  # an index that is down is logged where it failed, with its cause, not as a traceback
         except Exception:
             log.exception("could not write access times to the index")

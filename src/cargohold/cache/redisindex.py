@@ -284,7 +284,11 @@ class RedisIndex(AccessBuffer):
             await pipe.execute()
 
     async def close(self) -> None:
+        """Flush what is pending. A Redis already gone costs those counts (the failure is logged by
+        `flush`), not a clean shutdown."""
         try:
             await self.flush()
+        except StorageUnavailable:
+            pass
         finally:
             await self.client.aclose()
