@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .util import CommandError, ManagedProcess, RigError, run, start_process, wait_started, wait_until
+from .util import CommandError, Managed, ManagedProcess, RigError, run, start_process, wait_started, wait_until
 
 #: Names a client may fall back to when a Docker Hub mirror fails; /etc/hosts maps them to loopback.
 DOCKER_HUB_HOSTS = (
