@@ -16,6 +16,7 @@ from cargohold.errors import NotFound, RegistryError, Unsupported, error_respons
 from cargohold.identity import IDENTITY, Identity, client_address
 from cargohold.keys import CACHE, REQUEST_ID, SETTINGS
 from cargohold.logs import mask_secrets
+from cargohold.metrics import kind_of_route, route_of
 
 log = logging.getLogger("cargohold.server")
 access = logging.getLogger("cargohold.access")
@@ -72,11 +73,12 @@ class AccessLogger(AbstractAccessLogger):
             "status": response.status,
             "bytes": response.body_length,
             "ms": round(time * 1000, 1),
+            "kind": kind_of_route(route_of(request)),
             "cache": request.get(CACHE, "-"),
             "request_id": request.get(REQUEST_ID, "-"),
         }
         self.logger.info(
-            "%(client)s %(user)s %(method)s %(path)s %(status)d %(bytes)d %(ms).1fms cache=%(cache)s rid=%(request_id)s",
+            "%(client)s %(user)s %(method)s %(path)s %(status)d %(bytes)d %(ms).1fms kind=%(kind)s cache=%(cache)s rid=%(request_id)s",
             fields,
             extra={"fields": fields},
         )
