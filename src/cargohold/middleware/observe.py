@@ -14,7 +14,7 @@ from aiohttp.typedefs import Handler
 from cargohold import logs
 from cargohold.errors import NotFound, RegistryError, Unsupported, error_response
 from cargohold.identity import IDENTITY, Identity, client_address
-from cargohold.keys import CACHE, REQUEST_ID, SETTINGS
+from cargohold.keys import CACHE, KIND, REQUEST_ID, SETTINGS
 from cargohold.logs import mask_secrets
 from cargohold.metrics import kind_of_route, route_of
 
@@ -39,6 +39,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
     logs.request_id.set(request[REQUEST_ID])
     request[CACHE] = "-"
+    request[KIND] = kind_of_route(route_of(request))  # here, routed: the access log may see a request that never was
     request[IDENTITY] = Identity(client_address(request, request.app[SETTINGS].rate_limit.trusted_proxies))
     try:
         return await handler(request)
@@ -73,7 +74,7 @@ class AccessLogger(AbstractAccessLogger):
             "status": response.status,
             "bytes": response.body_length,
             "ms": round(time * 1000, 1),
-            "kind": kind_of_route(route_of(request)),
+            "kind": request.get(KIND, "-"),
             "cache": request.get(CACHE, "-"),
             "request_id": request.get(REQUEST_ID, "-"),
         }
