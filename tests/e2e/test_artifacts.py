@@ -11,11 +11,15 @@ tiers, routed by path prefix and by `?ns=`.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import requests
+
+from cacheops import cli, stored
 from rig.artifacts import (
     HELM_CHART,
     HELM_CONFIG,
@@ -71,7 +75,10 @@ def _signed_subject(hub: Hub, tmp_path: Path, repo: str) -> tuple[str, dict[str,
     )
     manifest = requests.get(
         f"{hub.registry_url}/v2/{repo}/manifests/{signature}",
-        headers={"Authorization": f"Bearer {hub.push_token(repo)}", "Accept": "application/vnd.oci.image.manifest.v1+json"},
+        headers={
+            "Authorization": f"Bearer {hub.push_token(repo)}",
+            "Accept": "application/vnd.oci.image.manifest.v1+json",
+        },
         timeout=30,
     ).content
     descriptor = descriptor_of(manifest, signature)
@@ -114,13 +121,26 @@ def test_signature_by_tag_schema_and_helm_chart_pulled_with_oras(
         resp = _get(srv, f"/v2/acme/signed/manifests/{reference}")
         assert resp.status_code == 200 and resp.headers["Docker-Content-Digest"] == signature["digest"]
         assert resp.headers["Content-Type"] == "application/vnd.oci.image.manifest.v1+json"
-    pulled = _oras(srv.netloc).pull(target=f"{srv.netloc}/acme/signed@{signature['digest']}", outdir=str(tmp_path / "sig"))
+    pulled = _oras(srv.netloc).pull(
+        target=f"{srv.netloc}/acme/signed@{signature['digest']}", outdir=str(tmp_path / "sig")
+    )
     assert [Path(p).read_bytes() for p in pulled] == [(tmp_path / "payload.json").read_bytes()]
     pulled = _oras(srv.netloc).pull(target=f"{srv.netloc}/acme/charts/app:0.1.0", outdir=str(tmp_path / "out"))
     assert [Path(p).read_bytes() for p in pulled] == [(chart_dir / "Chart.yaml").read_bytes()]
     resp = _get(srv, f"/v2/acme/charts/app/manifests/{chart}")
     assert json.loads(resp.content)["config"]["mediaType"] == HELM_CONFIG
     assert resp.headers["Content-Type"] == "application/vnd.oci.image.manifest.v1+json"
+
+    # The cache CLI and the status page take an artifact as they take an image.
+    document = json.loads(resp.content)
+    config = _get(srv, f"/v2/acme/charts/app/blobs/{document['config']['digest']}")  # oras-py pulls layers only
+    assert config.content == chart_config.read_bytes()
+    chart_files = {chart, *(d["digest"] for d in [document["config"], *document["layers"]])}
+    assert chart_files <= stored(srv)
+    assert "docker.io/acme/charts/app:0.1.0" in cli(srv, "cache", "ls").stdout
+    cli(srv, "cache", "rm", "acme/charts/app:0.1.0")
+    assert not chart_files & stored(srv) and "acme/charts/app" not in cli(srv, "cache", "ls").stdout
+    assert _get(srv, "/").status_code == 200
 
     log = srv.log_text()
     assert f"GET /v2/acme/signed/referrers/{subject}" in log and "kind=referrers" in log
@@ -137,9 +157,6 @@ def _tiers(cargohold: Callable[..., Cargohold], hub: Hub) -> tuple[Cargohold, Ca
     inner = cargohold(start=False)
     inner.config["auth"] = {"htpasswd": str(inner.workdir / "htpasswd")}
     inner.write_config()
-    import subprocess
-    import sys
-
     subprocess.run(
         [sys.executable, "-m", "cargohold", "user", "add", ALICE[0], "--config", str(inner.config_path), "--password-stdin"],
         input=ALICE[1], text=True, capture_output=True, timeout=60, check=True,
@@ -164,7 +181,9 @@ def test_tiered_caches_pull_and_referrers_through_two_cargoholds(
     resp = _get(outer, f"/v2/regional.test/docker.io/acme/tiered/referrers/{subject}", params={"n": "5"})
     assert resp.status_code == 200 and resp.json()["manifests"] == [signature]
     # ?ns= at the outer tier (as containerd asks), the inner's default upstream behind it.
-    resp = _get(outer, f"/v2/acme/tiered/referrers/{subject}", params={"ns": "regional.test", "artifactType": SIGNATURE})
+    resp = _get(
+        outer, f"/v2/acme/tiered/referrers/{subject}", params={"ns": "regional.test", "artifactType": SIGNATURE}
+    )
     assert resp.status_code == 200 and resp.json()["manifests"] == [signature]
     assert resp.headers["OCI-Filters-Applied"] == "artifactType" and resp.headers["OCI-Namespace"] == "regional.test"
     resp = _get(outer, f"/v2/acme/tiered/manifests/{signature['digest']}", params={"ns": "regional.test"})

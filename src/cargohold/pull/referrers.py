@@ -122,7 +122,7 @@ class Referrers:
         except ManifestUnknown:
             pass
         else:
-            cache = manifest.cache
+            cache = "stale" if manifest.cache == "stale" else "miss"  # upstream was asked (the API) either way
             if manifest.descriptor.media_type == OCI_INDEX:
                 descriptors = _listed(manifest.body)
         body = referrers_index(_of_type(descriptors, artifact_type))
