@@ -189,6 +189,10 @@ def test_tiered_caches_pull_and_referrers_through_two_cargoholds(
     resp = _get(outer, f"/v2/acme/tiered/manifests/{signature['digest']}", params={"ns": "regional.test"})
     assert resp.status_code == 200 and resp.headers["Docker-Content-Digest"] == signature["digest"]
 
+    # The inner tier authorises referrers as a pull: no credentials, no answer.
+    resp = _get(inner, f"/v2/docker.io/acme/tiered/referrers/{subject}")
+    assert resp.status_code == 401 and resp.json()["errors"][0]["code"] == "UNAUTHORIZED"
+
     inner_log = inner.log_text()
     assert "alice GET /token" in inner_log  # the outer logged in at the inner's token service
     assert f"GET /v2/docker.io/acme/tiered/referrers/{subject}" in inner_log  # the API, answered by the inner

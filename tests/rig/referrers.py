@@ -5,7 +5,7 @@ referrers of a digest are the stored manifests whose `subject` names it, listed 
 `Link` to the next one (an absolute URL, as some registries send). `filters`: whether it applies
 `?artifactType=` (and says so in `OCI-Filters-Applied`) or ignores it, as the spec lets a registry do.
 `api`: off, the referrers path answers 404 as registries that predate the API do (clients then use the
-referrers tag schema: `index_of()` builds the `sha256-<hex>` tag's index). `down`: every answer is 503. `requests` records (method, path_qs) of everything asked.
+referrers tag schema: `index_of()` builds the `sha256-<hex>` tag's index). `down`: every answer is 503. `delay`: seconds each referrers answer waits (for concurrent clients to meet). `requests` records (method, path_qs) of everything asked.
 
 Artefacts are built by `artifact()`: an OCI image manifest with an `artifactType`, the empty config
 (`application/vnd.oci.empty.v1+json`) or one given, layers of any media type and an optional subject.
@@ -13,6 +13,7 @@ Artefacts are built by `artifact()`: an OCI image manifest with an `artifactType
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class ReferrersRegistry:
     filters: bool = True
     api: bool = True
     down: bool = False
+    delay: float = 0.0
     manifests: dict[tuple[str, str], Artifact] = field(default_factory=dict)
     tags: dict[tuple[str, str], str] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
@@ -133,6 +135,7 @@ class ReferrersRegistry:
         return web.json_response({"errors": [{"code": "BLOB_UNKNOWN", "message": "no"}]}, status=404)
 
     async def _referrers(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.delay)
         if not self.api:
             return web.json_response({"errors": [{"code": "NOT_FOUND", "message": "no such route"}]}, status=404)
         name, subject = request.match_info["name"], request.match_info["digest"]

@@ -6,6 +6,7 @@ against Debian's docker-registry."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -171,6 +172,17 @@ async def test_routed_by_ns_and_path_prefix_links_included(tmp_path: Path) -> No
         assert link.startswith(f"</v2/charts/app/referrers/{chart.digest}?") and "ns=reg.test" in link
         resp = await client.get(link[1 : link.index(">")])
         assert resp.status == 200 and len(_digests(await resp.json())) == 1
+
+
+async def test_concurrent_clients_share_one_upstream_request(tmp_path: Path) -> None:
+    registry = ReferrersRegistry(delay=0.5)  # long enough for all clients to arrive while the first is asked
+    chart, referrers = _content("flight")
+    for item in (chart, *referrers):
+        registry.add("charts/app", item)
+    async with _setup(tmp_path, registry) as client:
+        answers = await asyncio.gather(*(client.get(f"/v2/charts/app/referrers/{chart.digest}") for _ in range(10)))
+        assert [r.status for r in answers] == [200] * 10
+        assert registry.referrers_asked() == 1
 
 
 async def test_bad_subject_is_digest_invalid(tmp_path: Path) -> None:
