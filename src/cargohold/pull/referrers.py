@@ -32,7 +32,7 @@ ANSWERS = 512
 MAX_REMEMBERED = 64 << 10
 
 # (upstream, repository, subject digest, artifactType or "", upstream's page query)
-ReferrersKey = tuple[str, str, str, str, str]
+ReferrersKey = tuple[str, str, str, str, tuple[tuple[str, str], ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +83,7 @@ class Referrers:
     async def get(
         self, remote: Remote, digest: Digest, artifact_type: str | None, page: Mapping[str, str]
     ) -> ReferrersAnswer:
-        query = "&".join(f"{k}={v}" for k, v in sorted(page.items()))
-        key = (remote.upstream, remote.repository, str(digest), artifact_type or "", query)
+        key = (remote.upstream, remote.repository, str(digest), artifact_type or "", tuple(sorted(page.items())))
         known = self._answers.get(key)
         if known is not None and time.time() - known.checked_at < remote.tag_ttl:
             return replace(known, cache="hit")
