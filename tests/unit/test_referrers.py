@@ -13,10 +13,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
+from cargohold.middleware.ratelimit import kind_of
+from cargohold.ratelimit.limiter import Kind
 from rig.referrers import EMPTY, OCI_INDEX, Artifact, ReferrersRegistry, artifact, index_of
-from unit.upstreamkit import error_of, mirror
+from unit.upstreamkit import error_of, mirror, served
 
 SIGNATURE = "application/vnd.dev.cosign.artifact.sig.v1+json"
 SBOM = "application/spdx+json"
@@ -183,6 +186,33 @@ async def test_concurrent_clients_share_one_upstream_request(tmp_path: Path) -> 
         answers = await asyncio.gather(*(client.get(f"/v2/charts/app/referrers/{chart.digest}") for _ in range(10)))
         assert [r.status for r in answers] == [200] * 10
         assert registry.referrers_asked() == 1
+
+
+async def test_an_answer_that_is_no_index_is_refused_and_not_remembered(tmp_path: Path) -> None:
+    calls = 0
+
+    async def garbage(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return web.json_response({"requests_total": 7}, content_type=OCI_INDEX)
+
+    subject = "sha256:" + "b" * 64
+    async with (
+        served({"/v2/{name:.+}/referrers/{digest}": garbage}) as upstream,
+        mirror(tmp_path, {"name": "reg.test", "url": str(upstream.make_url("")), "tag_ttl": "1h"}) as client,
+    ):
+        for _ in range(2):
+            resp = await client.get(f"/v2/charts/app/referrers/{subject}")
+            assert resp.status == 502 and "not an OCI index" in (await error_of(resp))["message"]
+    assert calls == 2
+
+
+def test_counted_by_the_rate_limit_like_a_manifest_by_digest() -> None:
+    """Not against the blob budget (its digest is no blob's), and not as a pull (no tag is resolved)."""
+    subject = "sha256:" + "b" * 64
+    referrers = make_mocked_request("GET", "/", match_info={"name": "charts/app", "subject": subject})
+    manifest = make_mocked_request("GET", "/", match_info={"name": "charts/app", "reference": subject})
+    assert kind_of(referrers) is kind_of(manifest) is Kind.REQUEST
 
 
 async def test_bad_subject_is_digest_invalid(tmp_path: Path) -> None:
