@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
@@ -17,6 +18,7 @@ from cargohold.flight import SingleFlight
 from cargohold.names import check_tag
 from cargohold.pull.links import Kind, Links
 from cargohold.pull.manifests import Head, Manifest, Manifests
+from cargohold.pull.referrers import Referrers, ReferrersAnswer
 from cargohold.pull.tags import Tags
 from cargohold.upstream.repository import Repository, TagList
 from cargohold.upstream.routes import Router, Target
@@ -46,11 +48,12 @@ class PullThrough:
         self.links = Links(index)
         self.manifests = Manifests(store, index, self.links)
         self.tags = Tags(index, self.manifests, self.links)
+        self.referrers = Referrers(self.tags)
 
     @property
     def joins(self) -> int:
         """Requests that joined a manifest or tag fetch already running (single-flight)."""
-        return self.manifests.joins + self.tags.joins
+        return self.manifests.joins + self.tags.joins + self.referrers.joins
 
     # manifests
 
@@ -66,6 +69,12 @@ class PullThrough:
         if looks_like_digest(reference):
             return await self.manifests.head(remote, Digest.parse(reference))
         return await self.tags.head(remote, check_tag(reference), accept)
+
+    async def referrers_of(
+        self, target: Target, digest: Digest, artifact_type: str | None, page: Mapping[str, str]
+    ) -> ReferrersAnswer:
+        """The OCI 1.1 referrers of a manifest: upstream's API, else its referrers tag schema."""
+        return await self.referrers.get(remote_of(target), digest, artifact_type, page)
 
     # blobs
 
