@@ -20,6 +20,7 @@ from cargohold.pull.links import Kind, Links
 from cargohold.pull.manifests import Head, Manifest, Manifests
 from cargohold.pull.referrers import Referrers, ReferrersAnswer
 from cargohold.pull.tags import Tags
+from cargohold.upstream.offline import OfflineRepository
 from cargohold.upstream.repository import Repository, TagList
 from cargohold.upstream.routes import Router, Target
 
@@ -28,8 +29,10 @@ def _source(target: Target) -> tuple[str, str]:
     return target.upstream.name, target.repository
 
 
-def remote_of(target: Target) -> Repository:
-    """The typed remote for the request's upstream repository."""
+def remote_of(target: Target) -> Repository | OfflineRepository:
+    """The typed remote for the request's upstream repository (one that never asks, when it is offline)."""
+    if target.upstream.config.offline:
+        return OfflineRepository(target.upstream.name, target.repository)
     return Repository(target.upstream, target.repository)
 
 
@@ -47,7 +50,7 @@ class PullThrough:
         self._peer_fetches: SingleFlight[Download | Path | RemoteBlob] = SingleFlight()
         self.links = Links(index)
         self.manifests = Manifests(store, index, self.links)
-        self.tags = Tags(index, self.manifests, self.links)
+        self.tags = Tags(index, self.manifests, self.links, {u.name: u.config for u in router.upstreams})
         self.referrers = Referrers(self.tags)
 
     @property

@@ -1,0 +1,110 @@
+"""When sync entries run: each `every` apart (the first one when the last saved run is that old), one run of an
+entry at a time. A run due while the previous one still goes on (here, in another process, or on another
+replica sharing the Redis index) is skipped and logged. `run_now` is also what `cargohold sync run` calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import redis.asyncio as redis
+
+from cargohold.config import Settings, SyncEntry
+from cargohold.sync.run import Progress, Syncer
+from cargohold.sync.state import EntryState, RunLock, load, save
+
+log = logging.getLogger("cargohold.sync")
+
+
+async def _quiet(state: EntryState, line: str) -> None:
+    log.debug("sync %s: %s", state.name, line)
+
+
+class Scheduler:
+    """The sync entries of one instance and their states (for metrics and the status page)."""
+
+    def __init__(self, settings: Settings, syncer: Syncer, client: redis.Redis | None = None) -> None:
+        self._data_dir: Path = settings.data_dir
+        self._syncer = syncer
+        self._client = client
+        self.entries: dict[str, SyncEntry] = dict(zip(settings.sync_names, settings.sync, strict=True))
+        # A state saved as running by a process that died is not running here.
+        self.states = {name: _stopped(load(self._data_dir, name)) for name in self.entries}
+        self._runs: set[asyncio.Task[EntryState | None]] = set()
+
+    async def run_now(self, name: str, progress: Progress = _quiet) -> EntryState | None:
+        """Run entry `name` now and return its state; None when a run of it is still going on (skipped)."""
+        entry = self.entries[name]
+        lock = RunLock(self._data_dir, name, self._client, entry.every)
+        if not await lock.acquire():
+            self.states[name].skipped_runs += 1
+            log.warning("sync %s: the previous run still goes on: this run is skipped", name)
+            return None
+        try:
+            state = self.states[name] = self.states[name].starting()
+            await self._save(state)
+            log.info("sync %s: started (%d image(s))", name, len(entry.images))
+
+            async def report(state: EntryState, line: str) -> None:
+                await progress(state, line)
+                await self._save(state)
+
+            await self._syncer.run(entry, state, report)
+            state.end()
+            await self._save(state)
+        finally:
+            await lock.release()
+        level = logging.INFO if state.ok else logging.WARNING
+        log.log(level, "sync %s: %s", name, summary(state))
+        return state
+
+    async def _save(self, state: EntryState) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, save, self._data_dir, state)
+
+    async def run_forever(self) -> None:
+        """Every entry on its own clock, until cancelled; runs still going on are cancelled with it."""
+        try:
+            await asyncio.gather(*(self._every(name) for name in self.entries))
+        finally:
+            for task in self._runs:
+                task.cancel()
+            await asyncio.gather(*self._runs, return_exceptions=True)
+
+    async def _every(self, name: str) -> None:
+        every = self.entries[name].every
+        wait = max(0.0, (self.states[name].finished or 0.0) + every - time.time())
+        while True:
+            await asyncio.sleep(wait)
+            wait = every
+            task = asyncio.create_task(self._guarded(name), name=f"sync {name}")
+            self._runs.add(task)
+            task.add_done_callback(self._runs.discard)
+
+    async def _guarded(self, name: str) -> EntryState | None:
+        """A scheduled run: whatever goes wrong is logged, and the schedule goes on."""
+        try:
+            return await self.run_now(name)
+        except Exception:
+            log.exception("sync %s failed", name)
+            return None
+
+
+def _stopped(state: EntryState) -> EntryState:
+    state.running = False
+    return state
+
+
+def summary(state: EntryState) -> str:
+    """`12/12 tags, 2 new or moved, 5 blobs fetched (3.1 MiB)` and the first error, if any."""
+    from cargohold.handlers.status import human
+
+    text = (
+        f"{state.tags_done}/{state.tags_total} tags, {state.tags_changed} new or moved, "
+        f"{state.blobs_fetched} blobs fetched ({human(state.bytes_fetched)})"
+    )
+    if state.errors:
+        text += f"; {len(state.errors)} error(s), first: {state.errors[0]}"
+    return text
