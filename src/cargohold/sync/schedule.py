@@ -14,7 +14,7 @@ import redis.asyncio as redis
 
 from cargohold.config import Settings, SyncEntry
 from cargohold.sync.run import Progress, Syncer
-from cargohold.sync.state import EntryState, RunLock, load, save
+from cargohold.sync.state import EntryState, RunLock, dump, load, save
 
 log = logging.getLogger("cargohold.sync")
 
@@ -34,6 +34,7 @@ class Scheduler:
         # A state saved as running by a process that died is not running here.
         self.states = {name: _stopped(load(self._data_dir, name)) for name in self.entries}
         self._runs: set[asyncio.Task[EntryState | None]] = set()
+        self._saving = asyncio.Lock()
 
     async def run_now(self, name: str, progress: Progress = _quiet) -> EntryState | None:
         """Run entry `name` now and return its state; None when a run of it is still going on (skipped)."""
@@ -62,7 +63,10 @@ class Scheduler:
         return state
 
     async def _save(self, state: EntryState) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, save, self._data_dir, state)
+        """The state as it is now, written off the loop, one write at a time (in the order asked)."""
+        snapshot = dump(state)
+        async with self._saving:
+            await asyncio.get_running_loop().run_in_executor(None, save, self._data_dir, state.name, snapshot)
 
     async def run_forever(self) -> None:
         """Every entry on its own clock, until cancelled; runs still going on are cancelled with it."""

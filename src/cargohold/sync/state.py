@@ -60,13 +60,18 @@ def _directory(data_dir: Path) -> Path:
     return data_dir / "sync"
 
 
-def save(data_dir: Path, state: EntryState) -> None:
-    """Written to a temp name and renamed: a reader never sees half a file."""
+def save(data_dir: Path, name: str, snapshot: str) -> None:
+    """`snapshot` (of `dump`) written to a temp name and renamed: a reader never sees half a file. One writer
+    per entry at a time (the run's lock)."""
     directory = _directory(data_dir)
     directory.mkdir(parents=True, exist_ok=True, mode=0o750)
-    temp = directory / f".{state.name}.json.tmp"
-    temp.write_text(json.dumps(dataclasses.asdict(state)))
-    os.replace(temp, directory / f"{state.name}.json")
+    temp = directory / f".{name}.json.tmp"
+    temp.write_text(snapshot)
+    os.replace(temp, directory / f"{name}.json")
+
+
+def dump(state: EntryState) -> str:
+    return json.dumps(dataclasses.asdict(state))
 
 
 def load(data_dir: Path, name: str) -> EntryState:
