@@ -135,6 +135,10 @@ def test_offline_mode_serves_warm_content_past_its_ttl_without_a_single_upstream
     error = json.loads(res.body)["errors"][0]
     assert res.status == 404 and error["code"] == "BLOB_UNKNOWN" and "offline" in error["detail"]["reason"]
     ready = json.loads(http_request("GET", f"{srv.url}/ready").body)
-    assert ready["status"] == "ready" and ready["offline"] == ["docker.io"] and ready["upstreams"]["docker.io"] == "offline"
+    assert (
+        ready["status"] == "ready"
+        and ready["offline"] == ["docker.io"]
+        and ready["upstreams"]["docker.io"] == "offline"
+    )
     assert 'id="offline"' in http_request("GET", f"{srv.url}/").body.decode()
     assert hub.requests == [], "an offline mirror contacted the upstream"

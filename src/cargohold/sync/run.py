@@ -36,9 +36,11 @@ class SyncFailed(Exception):
     """A tag could not be synced completely (a blob did not land in the cache)."""
 
 
-def version_key(tag: str) -> tuple[tuple[int, int, str], ...]:
-    """Orders `1.9` before `1.10`: runs of digits compare as numbers, and before letters."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", tag) if part)
+def version_key(tag: str) -> tuple[int, tuple[tuple[int, int, str], ...]]:
+    """Orders `1.9` before `1.10` (runs of digits compare as numbers, before letters), and tags that are no
+    version (`latest`, `alpine`) before every version: the N newest tags are versions."""
+    parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", tag) if p)
+    return (1 if re.match(r"v?\d", tag) else 0), parts
 
 
 def platform_wanted(platform: str | None, wanted: list[str]) -> bool:
