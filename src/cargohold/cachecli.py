@@ -33,9 +33,15 @@ from cargohold.sync.entries import sync_pins
 WARM_PARALLEL = 4
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def config_option() -> argparse.ArgumentParser:
+    """The parent parser of every command that reads the config: `--config FILE` (or CARGOHOLD_CONFIG)."""
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument("--config", default=os.environ.get("CARGOHOLD_CONFIG"), help="YAML config file")
+    return config
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    config = config_option()
     cache = commands.add_parser("cache", help="inspect and trim the cache (safe next to a running server)")
     sub = cache.add_subparsers(dest="cache_command", required=True)
     stats = sub.add_parser("stats", parents=[config], help="size, entries, hit ratio")

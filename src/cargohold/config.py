@@ -99,6 +99,14 @@ class Strict(BaseModel):
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
 
+def _all_match(values: list[str], pattern: str, what: str, expected: str) -> list[str]:
+    """`values` if each one matches `pattern`, else a ValueError naming the first that does not."""
+    for value in values:
+        if not re.fullmatch(pattern, value):
+            raise ValueError(f"invalid {what} {value!r} (expected {expected})")
+    return values
+
+
 class AcmeConfig(Strict):
     """Automatic certificates: HTTP-01 answered on `http_listen`, stored in data_dir/acme."""
 
@@ -110,10 +118,8 @@ class AcmeConfig(Strict):
     @field_validator("domains")
     @classmethod
     def _domains(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if not re.fullmatch(r"([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]*[a-z0-9])?", name):
-                raise ValueError(f"invalid domain {name!r} (expected a DNS name like registry.example.com)")
-        return value
+        dns_name = r"([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+        return _all_match(value, dns_name, "domain", "a DNS name like registry.example.com")
 
 
 class TlsConfig(Strict):
@@ -404,18 +410,14 @@ class SyncEntry(Strict):
     @field_validator("images")
     @classmethod
     def _images(cls, value: list[str]) -> list[str]:
-        for image in value:
-            if not re.fullmatch(r"[a-z0-9][a-z0-9._/:-]*(:[A-Za-z0-9_.*?\[\]-]{1,128})?", image) or "@" in image:
-                raise ValueError(f"invalid image {image!r} (expected e.g. library/redis:7.* or ghcr.io/org/app)")
-        return value
+        image = r"[a-z0-9][a-z0-9._/:-]*(:[A-Za-z0-9_.*?\[\]-]{1,128})?"
+        return _all_match(value, image, "image", "e.g. library/redis:7.* or ghcr.io/org/app")
 
     @field_validator("platforms")
     @classmethod
     def _platforms(cls, value: list[str]) -> list[str]:
-        for platform in value:
-            if not re.fullmatch(r"[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?", platform):
-                raise ValueError(f"invalid platform {platform!r} (expected os/arch[/variant], e.g. linux/arm64)")
-        return value
+        platform = r"[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?"
+        return _all_match(value, platform, "platform", "os/arch[/variant], e.g. linux/arm64")
 
 
 def _default_upstreams() -> list[UpstreamConfig]:

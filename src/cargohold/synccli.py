@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
 from collections.abc import AsyncIterator
 from typing import TextIO
@@ -17,7 +16,7 @@ from typing import TextIO
 from cargohold.cache.backends import open_backends
 from cargohold.cache.download import Downloads
 from cargohold.cache.index import Index
-from cargohold.cachecli import _when
+from cargohold.cachecli import _when, config_option
 from cargohold.config import Settings
 from cargohold.proxy import PullThrough
 from cargohold.sync.run import Syncer
@@ -28,8 +27,7 @@ from cargohold.upstream.routes import Router
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    config = argparse.ArgumentParser(add_help=False)
-    config.add_argument("--config", default=os.environ.get("CARGOHOLD_CONFIG"), help="YAML config file")
+    config = config_option()
     sync = commands.add_parser("sync", help="the sync lists: prefetch images on a schedule")
     sub = sync.add_subparsers(dest="sync_command", required=True)
     run = sub.add_parser("run", parents=[config], help="run sync entries now, with progress")
