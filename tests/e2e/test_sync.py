@@ -76,6 +76,11 @@ def test_sync_fetches_new_tags_and_revalidates_unchanged_ones_with_heads_only(
     assert _answered(hub, "HEAD", "/manifests/") == 3 and _answered(hub, "GET", "/manifests/") == 0
     assert hub.blob_count() == 0
 
+    with hub.down():  # a failing upstream fails the run, and says so; the cache keeps what it has
+        failed = cli(srv, "sync", "run", "team", check=False)
+    assert failed.returncode == 1 and "team: FAILED" in failed.stdout
+    assert "team: FAILED" in cli(srv, "sync", "status").stdout and _content(v72) <= stored(srv)
+
     figures = json.loads(cli(srv, "cache", "stats", "--json").stdout)
     assert figures["pinned_size"] >= sum(image.total_size for image in (v70, v71, v72)), "synced images are pinned"
     page = http_request("GET", f"{srv.url}/").body.decode()

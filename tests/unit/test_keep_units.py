@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,8 @@ from cargohold.config import ConfigError, Settings, load_settings
 from cargohold.keys import PROXY
 from cargohold.sync.entries import sync_pins
 from cargohold.sync.run import list_tags, platform_wanted, version_key
+from cargohold.sync.schedule import Scheduler
+from cargohold.sync.state import load
 from cargohold.upstream.repository import TagList
 
 
@@ -112,3 +115,32 @@ async def test_status_page_shows_tag_moves_only_of_images_the_viewer_may_pull(ma
     }
     assert "library/alpine:3" in pages["alice"] and "acme/secret" not in pages["alice"]
     assert "acme/secret" not in pages[""] and "Log in to see the tag moves" in pages[""]
+
+
+class _BlockedSyncer:
+    """Stands in for the syncer: a run that lasts until released."""
+
+    def __init__(self) -> None:
+        self.started, self.release = asyncio.Event(), asyncio.Event()
+
+    async def run(self, entry: Any, state: Any, progress: Any) -> None:
+        self.started.set()
+        await self.release.wait()
+
+
+async def test_a_run_due_while_the_previous_one_goes_on_is_skipped_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings.model_validate({"data_dir": str(tmp_path), "sync": [{"name": "db", "images": ["postgres:16"]}]})
+    syncer = _BlockedSyncer()
+    scheduler = Scheduler(settings, syncer)  # type: ignore[arg-type]
+    first = asyncio.create_task(scheduler.run_now("db"))
+    await syncer.started.wait()
+    other_process = Scheduler(settings, _BlockedSyncer())  # type: ignore[arg-type]  # same data_dir: the file lock
+    assert await scheduler.run_now("db") is None and await other_process.run_now("db") is None
+    assert scheduler.states["db"].skipped_runs == 1 and scheduler.states["db"].running
+    assert "the previous run still goes on: this run is skipped" in caplog.text
+    syncer.release.set()
+    done = await first
+    assert done is not None and done.ok and not done.running
+    assert load(tmp_path, "db").finished == done.finished  # what `cargohold sync status` reads
