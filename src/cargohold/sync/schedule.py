@@ -35,15 +35,18 @@ class Scheduler:
         self.states = {name: _stopped(load(self._data_dir, name)) for name in self.entries}
         self._runs: set[asyncio.Task[EntryState | None]] = set()
         self._saving = asyncio.Lock()
+        self._active: set[str] = set()  # entries this process runs now
 
     async def run_now(self, name: str, progress: Progress = _quiet) -> EntryState | None:
         """Run entry `name` now and return its state; None when a run of it is still going on (skipped)."""
         entry = self.entries[name]
         lock = RunLock(self._data_dir, name, self._client, entry.every)
-        if not await lock.acquire():
+        if name in self._active or not await lock.acquire():
             self.states[name].skipped_runs += 1
-            log.warning("sync %s: the previous run still goes on: this run is skipped", name)
+            where = "" if name in self._active else " (in another process or replica)"
+            log.warning("sync %s: the previous run still goes on%s: this run is skipped", name, where)
             return None
+        self._active.add(name)
         try:
             state = self.states[name] = self.states[name].starting()
             await self._save(state)
@@ -53,10 +56,16 @@ class Scheduler:
                 await progress(state, line)
                 await self._save(state)
 
-            await self._syncer.run(entry, state, report)
-            state.end()
-            await self._save(state)
+            try:
+                await self._syncer.run(entry, state, report)
+            except BaseException as exc:  # cancelled at shutdown, or a bug: the run is over all the same
+                state.fail(f"the run stopped: {exc or type(exc).__name__}")
+                raise
+            finally:
+                state.end()
+                await self._save(state)
         finally:
+            self._active.discard(name)
             await lock.release()
         level = logging.INFO if state.ok else logging.WARNING
         log.log(level, "sync %s: %s", name, summary(state))
