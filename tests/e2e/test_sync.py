@@ -147,3 +147,21 @@ def test_offline_mode_serves_warm_content_past_its_ttl_without_a_single_upstream
     )
     assert 'id="offline"' in http_request("GET", f"{srv.url}/").body.decode()
     assert hub.requests == [], "an offline mirror contacted the upstream"
+
+
+def test_sync_takes_latest_of_an_image_without_a_tag_and_only_the_platforms_asked_for(
+    cargohold: Factory, hub: Hub, hub_images: dict[str, I.Image]
+) -> None:
+    index = hub_images["index"]  # acme/multiarch:latest, this machine's arch and the other
+    here, there = index.child(I.local_arch()), index.child(I.other_arch())
+    # Changed from the defaults: a sync entry of one platform (the point of the test).
+    srv = cargohold(sync=[{"name": "one", "images": ["acme/multiarch"], "platforms": [f"linux/{I.local_arch()}"]}])
+    wait_until(
+        lambda: sample(metrics(srv.url), "cargohold_sync_last_success", entry="one") == 1,
+        timeout=60,
+        what="the scheduled sync run at start-up",
+    )
+    settled(srv)
+    kept = stored(srv)
+    assert {index.digest} | _content(here) <= kept
+    assert not set(there.blob_digests) & kept, "a platform not asked for was synced"
