@@ -518,11 +518,17 @@ class Settings(Strict):
         return self
 
     @model_validator(mode="after")
-    def _sync_names(self) -> Settings:
+    def _sync_entries(self) -> Settings:
         names = self.sync_names
         repeated = {n for n in names if names.count(n) > 1}
         if repeated:
             raise ValueError(f"sync entry names must be unique, repeated: {', '.join(sorted(repeated))}")
+        upstreams = {u.name for u in self.upstreams}
+        for image in (image for entry in self.sync for image in entry.images):
+            first, _, rest = image.partition("/")
+            # Docker's rule, as clients write names: a first component with a dot or a port names a registry.
+            if rest and ("." in first or ":" in first or first == "localhost") and first not in upstreams:
+                raise ValueError(f"sync image {image!r} names a registry that is not an upstream: {first}")
         return self
 
     @property

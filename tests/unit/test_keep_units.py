@@ -66,6 +66,7 @@ def test_sync_entries_are_checked_named_and_pinned(tmp_path: Path) -> None:
         ("sync: [{images: [a], every: 5s}]", "every"),
         ("sync: [{images: [a], tags: newest}]", "tags"),
         ("sync: [{name: x, images: [a]}, {name: x, images: [b]}]", "unique"),
+        ("sync: [{images: [quay.io/org/app]}]", "not an upstream"),
     ):
         with pytest.raises(ConfigError, match=word):
             _settings(tmp_path, bad)
