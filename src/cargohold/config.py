@@ -164,7 +164,7 @@ class UpstreamConfig(Strict):
     )
     immutable_tags: list[str] = Field(
         default_factory=list,
-        description="globs of tags (or repository:tag) whose first digest is kept: a move upstream is recorded, not followed",
+        description="globs of tags (or repository:tag) that keep their first digest: a move upstream is not followed",
     )
 
     @field_validator("name")
