@@ -74,6 +74,12 @@ class SpyRemote:
                                                       (IMAGE_DIGEST, OCI_MANIFEST, IMAGE),
                                                       (INDEX_DIGEST, OCI_INDEX, INDEX)]}
         self.tags = {"multi": str(INDEX_DIGEST), "image": str(IMAGE_DIGEST)}
+        self.content_mirrored = False
+        self.deferred = 0  # times the rules asked for this remote's deferrable twin
+
+    def deferrable(self) -> SpyRemote:
+        self.deferred += 1
+        return self
 
     async def _answer(self, call: str, reference: str, accept: str) -> Descriptor:
         self.calls[call] += 1

@@ -14,7 +14,14 @@ from aiohttp.test_utils import TestServer
 
 from cargohold.config import UpstreamConfig
 from cargohold.digests import Digest
-from cargohold.errors import BlobUnknown, ManifestUnknown, NameUnknown, UpstreamInvalid, UpstreamUnavailable
+from cargohold.errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+    UpstreamInvalid,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
 from cargohold.mediatypes import FULL_ACCEPT, OCI_MANIFEST
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.repository import MAX_MANIFEST, Descriptor, Repository
@@ -95,7 +102,7 @@ async def test_head_manifest_says_what_upstream_named(upstream: Any) -> None:
 
 @pytest.mark.parametrize(
     ("status", "error"),
-    [(404, ManifestUnknown), (401, ManifestUnknown), (403, ManifestUnknown), (429, UpstreamUnavailable),
+    [(404, ManifestUnknown), (401, ManifestUnknown), (403, ManifestUnknown), (429, UpstreamRateLimited),
      (503, UpstreamUnavailable), (418, UpstreamInvalid)],
 )
 async def test_upstream_statuses_become_domain_errors(upstream: Any, status: int, error: type[Exception]) -> None:
