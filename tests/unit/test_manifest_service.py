@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -241,3 +242,32 @@ async def test_cached_manifest_reaches_another_repository_after_one_head_there(p
     nowhere.content.clear()
     with pytest.raises(ManifestUnknown):
         await pull.manifests.get(nowhere, IMAGE_DIGEST)
+
+
+async def test_with_content_mirrors_a_new_tag_is_resolved_by_head_and_fetched_by_digest(pull: Pull) -> None:
+    """Issue 17: with content mirrors, a new tag costs a HEAD (free) and a GET by digest (a mirror's first)."""
+    remote = SpyRemote()
+    remote.content_mirrored = True
+    got = await _together(lambda: pull.tags.get(remote, "image", EVERYTHING))
+    assert {m.body for m in got} == {IMAGE}
+    assert remote.calls == Counter(head_manifest=1, get_manifest=1)
+    assert (await pull.index.inner.get_tag("docker.io", "library/app", "image")).digest == str(IMAGE_DIGEST)
+
+
+async def test_refreshing_a_tag_nobody_asked_about_lately_is_deferrable(
+    pull: Pull, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17: a revalidation's pull for a tag no client asked about within tag_ttl may be deferred when the
+    quota is at its reserve; one asked about within tag_ttl may not."""
+    clock = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    remote = SpyRemote(tag_ttl=600)
+    await pull.tags.get(remote, "image", EVERYTHING)
+    clock[0] += 400
+    await pull.tags.get(remote, "image", EVERYTHING)  # within tag_ttl: answered from the index
+    clock[0] += 400
+    await pull.tags.get(remote, "image", EVERYTHING)  # expired, but asked 400 s ago: a client cares
+    assert remote.deferred == 0 and remote.calls["head_manifest"] == 1
+    clock[0] += 1000
+    await pull.tags.get(remote, "image", EVERYTHING)  # nobody asked within tag_ttl
+    assert remote.deferred == 1 and remote.calls["head_manifest"] == 2

@@ -56,6 +56,8 @@ class Tags:
     async def _get(self, remote: Remote, tag: str, accept: frozenset[str], entry: TagEntry | None) -> Manifest:
         """`entry`: the index's row for the tag, as just read."""
         key = (remote.upstream, remote.repository, tag)
+        now, asked = time.time(), self._asked.get(key)
+        self._asked.put(key, now)
         if entry is None:
             # Upstream may have answered this client's own Accept already: that answer, without asking anew.
             known = self._other_accepts.remembered(remote, tag, accept)
@@ -70,8 +72,6 @@ class Tags:
         if not accepts(accept, entry.media_type):
             return await self._other_accepts.get(remote, tag, accept)
         self._index.touch_tag(*key)
-        now, asked = time.time(), self._asked.get(key)
-        self._asked.put(key, now)
         if now - entry.checked_at < remote.tag_ttl:
             return await self._manifests.get(remote, Digest.parse(entry.digest))
         if asked is None or now - asked >= remote.tag_ttl:
