@@ -102,7 +102,6 @@ class Quota:
         """A 429 to a pull: none is sent again before its Retry-After (else `failure_pause`), at most a window."""
         pause = min(self.window, self._pause if retry_after is None else max(retry_after, 1.0))
         self._until = max(self._until, time.monotonic() + pause)
-        self.remaining = 0
         log.warning("upstream %s: pull quota of %s spent; no pulls for %.0fs", self.upstream, self.account, pause)
 
     def paused_for(self) -> float:
