@@ -24,6 +24,18 @@ def _get_manifest(srv: Cargohold, repo: str, reference: str) -> tuple[int, dict[
     return res.status, {"Retry-After": res.header("Retry-After") or ""}, error
 
 
+def _mirrored_manifests(srv: Cargohold, mirror: Hub, outcome: str) -> float:
+    """cargohold's count of manifests asked of the content mirror, by outcome."""
+    return sample(
+        metrics(srv.url),
+        "cargohold_content_requests_total",
+        upstream="docker.io",
+        source=mirror.netloc,
+        kind="manifest",
+        outcome=outcome,
+    )
+
+
 def test_a_multi_platform_pull_spends_what_a_direct_pull_does_and_a_second_client_none(
     hub: Hub, cargohold: Factory, tmp_path: Path
 ) -> None:
@@ -106,16 +118,7 @@ def test_a_content_mirror_serves_a_cold_pull_for_zero_pulls_and_never_sees_crede
     assert hub2.count("GET", r"/manifests/sha256:", status=200) == 2  # the index and this platform's manifest
     assert hub2.token_requests and all(r.user is None for r in hub2.token_requests)
     assert not any(r.headers.get("authorization", "").lower().startswith("basic") for r in hub2.requests)
-    figures = metrics(srv.url)
-    served = sample(
-        figures,
-        "cargohold_content_requests_total",
-        upstream="docker.io",
-        source=hub2.netloc,
-        kind="manifest",
-        outcome="served",
-    )
-    assert served == 2
+    assert _mirrored_manifests(srv, hub2, "served") == 2
     hub.reset_counts()
     hub2.reset_counts()
     pull(srv, image.ref, tmp_path)  # cached now
@@ -135,16 +138,7 @@ def test_a_content_mirror_serving_a_wrong_manifest_is_caught_and_the_upstream_se
     assert out.digest == image.digest and out.manifest == image.manifest
     assert bad.hits >= 1 and hub.pulls() == 1  # the mirror's wrong bytes (after its 401), then the upstream's
     assert "content mirror" in srv.log_text()
-    figures = metrics(srv.url)
-    invalid = sample(
-        figures,
-        "cargohold_content_requests_total",
-        upstream="docker.io",
-        source=hub2.netloc,
-        kind="manifest",
-        outcome="invalid",
-    )
-    assert invalid == 1
+    assert _mirrored_manifests(srv, hub2, "invalid") == 1
     hub.reset_counts()
     again = skopeo_copy(f"{srv.netloc}/{image.ref}", tmp_path / "again")  # what was cached is the right manifest
     assert again.manifest == image.manifest and hub.pulls() == 0
