@@ -1,21 +1,26 @@
 # `make run` and `make test` do all set-up on a fresh Debian/Ubuntu machine.
 VENV := .venv
 PY := $(VENV)/bin/python
+TEST_EXTRAS := [test,lint]
 APT_PACKAGES := docker.io docker-registry skopeo containerd nginx apache2-utils chromium redis-server
 
 .PHONY: run test lint soak venv system-packages bench
+# Two stamps in one venv: `make run` needs the runtime dependencies only; tests add the test and lint extras.
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.runtime $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,lint]'
+	$(PY) -m pip install -q -e '.$(if $(filter %/.installed,$@),$(TEST_EXTRAS))'
 	touch $@
 
-run: venv
+# Stop it with Ctrl-C (SIGTERM from a service manager works the same way).
+run: $(VENV)/.runtime
 	$(VENV)/bin/cargohold serve $(if $(CONFIG),--config $(CONFIG))
 
 # pebble: the ACME CA of the TLS tests; docker-compose: checks deploy/'s compose files.
 APT_PACKAGES += pebble docker-compose
+# podman: one of the real clients the e2e tests pull with (tests/e2e/test_as_shipped.py).
+APT_PACKAGES += podman
 
 system-packages:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

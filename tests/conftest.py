@@ -9,6 +9,7 @@ Fixtures
   hosts_entries (session) Docker Hub names -> 127.0.0.1 in /etc/hosts (root)
   dockerd     (function) a session dockerd with no images and no mirrors at test start (root)
   containerd  (session)  a private containerd; pull into a fresh namespace per pull (root)
+  podman      (function) rig.clients.Podman: rootful, vfs storage of its own; .pull(ref) -> digest (root)
   hosts_dir   (function) an empty dir for containerd hosts.toml files
   cargohold   (function) factory: cargohold(overrides=None, *, tag_ttl=..., upstream=..., env=...,
                          start=True, **top_level) -> rig.server.Cargohold, stopped at teardown
@@ -48,7 +49,7 @@ _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:  # `rig` is imported as a top-level package (also by bench scripts)
     sys.path.insert(0, _TESTS)
 
-from rig.clients import Containerd, Dockerd, ensure_hosts_entries  # noqa: E402
+from rig.clients import Containerd, Dockerd, Podman, ensure_hosts_entries  # noqa: E402
 from rig.hub import Hub  # noqa: E402
 from rig.images import Image, simple_image  # noqa: E402
 from rig.server import Cargohold  # noqa: E402
@@ -210,6 +211,15 @@ def containerd(tmp_path_factory: pytest.TempPathFactory, hosts_entries: list[str
 
 
 @pytest.fixture
+def podman(tmp_path: Path) -> Iterator[Podman]:
+    """Rootful podman with its own storage in tmp_path (vfs) and a short-lived run root."""
+    if not IS_ROOT:
+        pytest.skip("rootful podman needs root")
+    with Podman(tmp_path / "podman") as p:
+        yield p
+
+
+@pytest.fixture
 def hosts_dir(tmp_path: Path) -> Path:
     """A containerd --hosts-dir for this test (write_hosts_toml(hosts_dir, mirror_url))."""
     d = tmp_path / "hosts.d"
@@ -257,6 +267,10 @@ def cargohold(
     yield factory
     for srv in servers:
         srv.stop()
+    crashed = {srv.log_path: srv.crashes() for srv in servers if srv.crashes()}
+    if crashed:
+        said = "; ".join(f"{len(lines)} lines in {path}, first: {lines[0]}" for path, lines in crashed.items())
+        pytest.fail(f"cargohold logged a traceback or an unhandled exception: {said}", pytrace=False)
 
 
 # -- ACME -------------------------------------------------------------------------------------

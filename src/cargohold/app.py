@@ -15,6 +15,7 @@ from cargohold.cache.download import Downloads
 from cargohold.cache.evict import Evictor, repair
 from cargohold.cache.index import Index
 from cargohold.config import Settings
+from cargohold.errors import StorageUnavailable
 from cargohold.handlers.metrics import count_response, metrics_listener
 from cargohold.handlers.target import stamp_namespace
 from cargohold.keys import METRICS, PROXY, RATE_LIMITER, SETTINGS
@@ -82,9 +83,14 @@ async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[No
         for u in settings.upstreams
     }
     evictor = Evictor(
-        index, store, settings.cache, lambda d: store.in_use(d) or downloads.active(d) is not None, metrics.evicted
+        index,
+        store,
+        settings.cache,
+        lambda d: store.in_use(d) or downloads.active(d) is not None,
+        metrics.evicted,
+        metrics.pinned_bytes.set,
     )
-    downloads = Downloads(store, index, evictor.make_room)
+    downloads = Downloads(store, index, evictor.make_room, settings.max_blob_size)
     app[PROXY] = PullThrough(Router(clients, settings.default.name), store, index, downloads, backends.peers)
     metrics.attach(index, app[PROXY])
     tasks = [asyncio.create_task(_flush_forever(index))]
@@ -108,5 +114,7 @@ async def _flush_forever(index: Index) -> None:
         await asyncio.sleep(FLUSH_INTERVAL)
         try:
             await index.flush()
+        except StorageUnavailable:
+            pass  # an index that is down is logged where it failed, with its cause, not as a traceback
         except Exception:
             log.exception("could not write access times to the index")

@@ -1,4 +1,5 @@
-"""`cargohold cache stats|ls|prune|rm` on an instance's cache (data_dir, or bucket + Redis), and `cargohold warm IMAGE...`.
+"""`cargohold cache stats|ls|prune|rm|pin|unpin|history` on an instance's cache (data_dir, or bucket + Redis),
+`cargohold warm IMAGE...`, and the air-gap bundles' `cargohold export|import` (see bundle.py).
 
 The cache commands open the index (SQLite in WAL mode) next to a running server safely: rows are
 deleted before files, and the server fetches again whatever disappears under it.
@@ -14,16 +15,17 @@ import asyncio
 import json
 import os
 import sys
+import tarfile
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 
 from cargohold.cache.backends import open_backends
 from cargohold.cache.evict import evict
+from cargohold.cache.pins import Pinned, closure, resolve_pins
 from cargohold.cache.refs import Child, references
-from cargohold.cache.store import BlobStore
 from cargohold.config import DOCKER_HUB, Settings, parse_duration, parse_size, split_host_port
 from cargohold.digests import Digest
 from cargohold.handlers.status import human
@@ -53,33 +55,73 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     rm = sub.add_parser("rm", parents=[config], help="remove an image (all its tags) or one tag")
     rm.add_argument("image", help="IMAGE[:TAG], e.g. alpine, library/alpine:3.20, ghcr.io/org/app:1")
+    for verb, what in (("pin", "keep an image (all tags) or tags from eviction"), ("unpin", "undo a `cache pin`")):
+        pin = sub.add_parser(verb, parents=[config], help=what)
+        pin.add_argument("image", help="IMAGE[:TAG] with globs, e.g. alpine, library/redis:7.*, ghcr.io/org/*")
+    history = sub.add_parser("history", parents=[config], help="when the tags of an image moved to a new digest")
+    history.add_argument("image", help="IMAGE[:TAG], e.g. alpine, library/alpine:3.20")
+    history.add_argument("--limit", type=int, default=100, help="newest moves shown (default 100)")
     warm = commands.add_parser("warm", parents=[config], help="prefetch images through the running instance")
     warm.add_argument("images", nargs="+", metavar="IMAGE", help="IMAGE[:TAG|@DIGEST]")
     warm.add_argument("--platform", help="only this platform of multi-platform images, e.g. linux/amd64")
     warm.add_argument("--url", help="the instance's URL (default: http:// + listen)")
     warm.add_argument("--user", help="USER:PASSWORD when the instance requires auth")
+    export = commands.add_parser("export", parents=[config], help="write images to an OCI layout tar (air gap)")
+    export.add_argument("images", nargs="+", metavar="IMAGE", help="IMAGE[:TAG|@DIGEST]")
+    export.add_argument("-o", "--output", required=True, type=Path, help="the bundle to write, e.g. bundle.tar")
+    export.add_argument("--platform", action="append", help="only this platform of multi-platform images (repeatable)")
+    export.add_argument("--url", help="the instance's URL, for content not cached (default: http:// + listen)")
+    export.add_argument("--user", help="USER:PASSWORD when the instance requires auth")
+    load = commands.add_parser("import", parents=[config], help="verify a bundle and seed the cache with it")
+    load.add_argument("bundle", type=Path, help="an OCI layout tar (cargohold export, skopeo oci-archive:)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "warm":
         return asyncio.run(warm(settings, args.images, args.platform, args.url, args.user))
+    if args.command in ("export", "import"):
+        return _bundle(args, settings)
     if not settings.index.redis and not (settings.data_dir / "index.sqlite").exists():
         print(f"cargohold: no cache in {settings.data_dir}", file=sys.stderr)
         return 1
-    command = {"stats": stats, "ls": ls, "prune": prune, "rm": rm}[args.cache_command]
+    commands = {"stats": stats, "ls": ls, "prune": prune, "rm": rm, "pin": pin, "unpin": pin, "history": history}
+    command = commands[args.cache_command]
     return asyncio.run(command(settings, args))
+
+
+def _bundle(args: argparse.Namespace, settings: Settings) -> int:
+    """Imported here: bundle.py builds on this module (image names, the instance's URL and session)."""
+    from cargohold import bundle
+    from cargohold.errors import RegistryError
+
+    try:
+        if args.command == "export":
+            output = args.output.absolute()
+            asyncio.run(bundle.export(settings, args.images, output, args.platform, args.url, args.user, print))
+        else:
+            asyncio.run(bundle.import_bundle(settings, args.bundle, print))
+    except (bundle.BundleError, RegistryError, OSError, tarfile.TarError, aiohttp.ClientError, TimeoutError) as exc:
+        print(f"cargohold: {args.command} failed: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def stats(settings: Settings, args: argparse.Namespace) -> int:
     async with open_backends(settings) as backends:
         usage, counts = await backends.index.usage(), await backends.index.counters()
+        pinned = await resolve_pins(backends.index, backends.store, settings.cache.pin)
+    cap = settings.cache.max_size
+    pins_over_cap = cap is not None and pinned.size > cap
     hits, misses, stale = (int(counts.get(k, 0)) for k in ("hit", "miss", "stale"))
     from_cache, from_upstream = int(counts.get("bytes_cache", 0)), int(counts.get("bytes_upstream", 0))
     ratio = (hits + stale) / (hits + misses + stale) if hits + misses + stale else None
     figures = {
         "data_dir": str(settings.data_dir),
         "size": usage.size,
-        "max_size": settings.cache.max_size,
+        "max_size": cap,
+        "pinned_size": pinned.size,
+        "pinned_entries": len(pinned.digests),
+        "pins_over_cap": pins_over_cap,
         "blobs": usage.blobs,
         "manifests": usage.manifests,
         "tags": usage.tags,
@@ -93,31 +135,16 @@ async def stats(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(figures, indent=2))
         return 0
-    cap = f" of {human(settings.cache.max_size)}" if settings.cache.max_size else " (no cap)"
+    of_cap = f" of {human(cap)}" if cap else " (no cap)"
     s3 = settings.storage.s3 if settings.storage.backend == "s3" else None
     print(f"cache:      {f's3://{s3.bucket}/{s3.prefix}' if s3 else settings.data_dir}")
-    print(f"size:       {human(usage.size)}{cap}")
+    print(f"size:       {human(usage.size)}{of_cap}")
+    over = " - MORE THAN THE CAP: only pinned content is kept" if pins_over_cap else ""
+    print(f"pinned:     {human(pinned.size)} in {len(pinned.digests)} entries{over}")
     print(f"entries:    {usage.blobs} blobs, {usage.manifests} manifests, {usage.tags} tags")
     print(f"hit ratio:  {f'{ratio:.1%}' if ratio is not None else '-'} ({hits} hits, {misses} misses, {stale} stale)")
     print(f"served:     {human(from_cache)} from cache, {human(from_upstream)} fetched upstream")
     return 0
-
-
-async def _closure(store: BlobStore, roots: Iterable[str]) -> set[str]:
-    """Every digest reachable from these manifests (child manifests, configs, layers) that is readable."""
-    seen: set[str] = set()
-    stack = list(roots)
-    while stack:
-        digest = stack.pop()
-        if digest in seen:
-            continue
-        seen.add(digest)
-        body = await store.load(Digest.parse(digest))
-        if body is not None:
-            refs = references(body)
-            stack += [child.digest for child in refs.manifests]
-            seen.update(blob.digest for blob in refs.blobs)
-    return seen
 
 
 def _when(when: float) -> str:
@@ -130,7 +157,7 @@ async def ls(settings: Settings, args: argparse.Namespace) -> int:
         sizes = {entry.digest: entry.size for entry in await backends.index.stored()}
         print(f"{'IMAGE':50} {'DIGEST':19} {'CACHED':>10} {'PULLS':>6}  LAST PULL")
         for row in rows:
-            cached = sum(sizes.get(d, 0) for d in await _closure(backends.store, [row.digest]))
+            cached = sum(sizes.get(d, 0) for d in await closure(backends.store, [row.digest]))
             name = f"{row.upstream}/{row.repository}:{row.tag}"
             print(f"{name:50} {row.digest[:19]:19} {human(cached):>10} {row.pulls:>6}  {_when(row.last_access)}")
     return 0
@@ -143,11 +170,17 @@ async def prune(settings: Settings, args: argparse.Namespace) -> int:
         print("cargohold: give --max-size and/or --older-than (or set cache.max_size / cache.max_age)", file=sys.stderr)
         return 2
     async with open_backends(settings) as backends:
+        index, store = backends.index, backends.store
+
+        async def pins() -> Pinned:
+            return await resolve_pins(index, store, settings.cache.pin)
+
         removed = await evict(
-            backends.index,
-            backends.store,
+            index,
+            store,
             max_size=max_size,
             unused_since=time.time() - max_age if max_age is not None else None,
+            pins=pins,
         )
         usage = await backends.index.usage()
     print(f"removed {len(removed)} entries, {human(sum(e.size for e in removed))} freed; cache is {human(usage.size)}")
@@ -190,8 +223,8 @@ async def rm(settings: Settings, args: argparse.Namespace) -> int:
             return 1
         for row in chosen:
             await index.drop_tag(row.upstream, row.repository, row.tag)
-        kept = await _closure(store, [r.digest for r in rows if r not in chosen])
-        doomed = await _closure(store, [r.digest for r in chosen]) - kept
+        kept = await closure(store, [r.digest for r in rows if r not in chosen])
+        doomed = await closure(store, [r.digest for r in chosen]) - kept
         stored = {entry.digest: entry for entry in await index.stored()}
         freed = 0
         for digest in doomed & stored.keys():
@@ -202,10 +235,52 @@ async def rm(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _pattern(wanted: ImageName) -> str:
+    """The pin (or history) key of a parsed image: `upstream/repository[:tag]`."""
+    return f"{wanted.upstream}/{wanted.repository}" + (f":{wanted.tag}" if wanted.tag else "")
+
+
+async def pin(settings: Settings, args: argparse.Namespace) -> int:
+    """Pins are kept in the index: the running server's next eviction honours them."""
+    pattern = _pattern(parse_image(settings, args.image))
+    async with open_backends(settings) as backends:
+        if args.cache_command == "pin":
+            changed = await backends.index.add_pin(pattern)
+            print(f"pinned {pattern}" if changed else f"{pattern} was pinned already")
+            return 0
+        if await backends.index.remove_pin(pattern):
+            print(f"unpinned {pattern}")
+            return 0
+    configured = " (it is in cache.pin: edit the config)" if pattern in settings.cache.pin else ""
+    print(f"cargohold: {pattern} is not pinned with `cache pin`{configured}", file=sys.stderr)
+    return 1
+
+
+async def history(settings: Settings, args: argparse.Namespace) -> int:
+    wanted = parse_image(settings, args.image)
+    async with open_backends(settings) as backends:
+        moves = await backends.index.tag_moves(wanted.upstream, wanted.repository, wanted.tag, limit=args.limit)
+    if not moves:
+        print(f"no tag of {_pattern(wanted)} has moved")
+        return 0
+    print(f"{'MOVED':16}  {'TAG':40} {'FROM':19} -> TO")
+    for move in moves:
+        name = f"{move.upstream}/{move.repository}:{move.tag}"
+        print(f"{_when(move.moved_at):16}  {name:40} {move.old_digest[:19]:19} -> {move.new_digest[:19]}")
+    return 0
+
+
 # warm
 
 
-def _base_url(settings: Settings, url: str | None) -> str:
+def client_session(user: str | None) -> aiohttp.ClientSession:
+    """A session for the instance's HTTP API (`USER:PASSWORD` when it requires auth); reads bounded in time."""
+    auth = aiohttp.BasicAuth(*user.split(":", 1)) if user else None
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
+    return aiohttp.ClientSession(auth=auth, timeout=timeout, auto_decompress=False)
+
+
+def base_url(settings: Settings, url: str | None) -> str:
     if url:
         return url.rstrip("/")
     host, port = split_host_port(settings.listen)
@@ -307,11 +382,9 @@ async def _warm_one(session: aiohttp.ClientSession, base: str, image: str, platf
 
 
 async def warm(settings: Settings, images: list[str], platform: str | None, url: str | None, user: str | None) -> int:
-    base = _base_url(settings, url)
-    auth = aiohttp.BasicAuth(*user.split(":", 1)) if user else None
+    base = base_url(settings, url)
     failed = deferred = 0
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
-    async with aiohttp.ClientSession(auth=auth, timeout=timeout, auto_decompress=False) as session:
+    async with client_session(user) as session:
         for image in images:
             try:
                 await _warm_one(session, base, image, platform)

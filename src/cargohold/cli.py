@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             return nodesetup.run(args)
         overrides = {"listen": args.listen, "data_dir": args.data_dir} if args.command == "serve" else None
         settings = load_settings(args.config, overrides=overrides)
-        if args.command in ("cache", "warm"):
+        if args.command in ("cache", "warm", "export", "import"):
             return cachecli.run(args, settings)
         serve(settings)  # a ConfigError can also come from start-up (e.g. a bad htpasswd entry)
     except ConfigError as exc:

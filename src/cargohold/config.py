@@ -83,6 +83,21 @@ def parse_size(value: Any) -> int:
 Size = Annotated[int, BeforeValidator(parse_size)]
 
 
+def yaml_word(value: Any) -> Any:
+    """Undo YAML 1.1 reading a bare `off`/`on` (also yes/no) as a boolean where a word is expected.
+
+    `preset: off` is how the docs spell it and how people type it, in a file or in CARGOHOLD_*; PyYAML
+    hands over `False`. The boolean no longer says which word was written, so `False` becomes `off`
+    and `True` `on`; a setting without such a word then fails on a word, not on a type.
+    """
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+Word = BeforeValidator(yaml_word)
+
+
 class Strict(BaseModel):
     """Base for config sections: unknown keys are errors, values are never coerced silently."""
 
@@ -246,7 +261,7 @@ def _host_names(value: list[str], pattern: re.Pattern[str], example: str) -> lis
     return hosts
 
 
-Preset = Literal["off", "personal", "team", "medium"]
+Preset = Annotated[Literal["off", "personal", "team", "medium"], Word]
 Count = Annotated[int, Field(ge=0)]
 
 
@@ -294,7 +309,7 @@ class AccessRule(Strict):
     groups: list[str] = Field(default_factory=list)
     upstream: str = Field(default="*", description="glob on the upstream name, e.g. docker.io")
     repositories: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
-    actions: list[Literal["pull"]] = Field(default_factory=lambda: ["pull"], min_length=1)
+    actions: list[Annotated[Literal["pull"], Word]] = Field(default_factory=lambda: ["pull"], min_length=1)
 
 
 class AuthConfig(Strict):
@@ -334,6 +349,10 @@ class CacheConfig(Strict):
 
     max_size: Size | None = None
     max_age: Duration | None = None
+    pin: list[str] = Field(
+        default_factory=list,
+        description="globs of upstream/repository[:tag] never evicted, e.g. docker.io/library/redis:7.*",
+    )
 
 
 class S3Config(Strict):
@@ -373,7 +392,7 @@ class S3Config(Strict):
 class StorageConfig(Strict):
     """Where blobs and manifests live: files in data_dir, or a bucket shared by replicas."""
 
-    backend: Literal["filesystem", "s3"] = "filesystem"
+    backend: Annotated[Literal["filesystem", "s3"], Word] = "filesystem"
     s3: S3Config | None = None
 
     @model_validator(mode="after")
@@ -417,8 +436,8 @@ class Settings(Strict):
     data_dir: Path = Path("./data")
     upstreams: list[UpstreamConfig] = Field(default_factory=_default_upstreams, min_length=1)
     default_upstream: str | None = None
-    log_level: str = "info"
-    log_format: Literal["text", "json"] = "text"
+    log_level: Annotated[str, Word] = "info"
+    log_format: Annotated[Literal["text", "json"], Word] = "text"
     metrics_listen: str | None = None
     cache: CacheConfig = Field(default_factory=CacheConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -432,6 +451,9 @@ class Settings(Strict):
     )
     send_timeout: Duration = Field(
         300.0, gt=0, description="cut a blob response whose client has taken no piece of it for this long"
+    )
+    max_blob_size: Size = Field(
+        20 << 30, gt=0, description="the largest blob fetched from upstream; one that claims or sends more is refused"
     )
 
     @field_validator("listen", "metrics_listen")

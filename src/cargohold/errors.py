@@ -41,10 +41,6 @@ class NameUnknown(RegistryError):
     status, code = 404, "NAME_UNKNOWN"
 
 
-class TagInvalid(RegistryError):
-    status, code = 400, "TAG_INVALID"
-
-
 class DigestInvalid(RegistryError):
     status, code = 400, "DIGEST_INVALID"
 
@@ -72,7 +68,9 @@ class BadRequest(RegistryError):
 
 
 class NotFound(RegistryError):
-    status, code = 404, "NOT_FOUND"
+    """No such endpoint: the spec defines no code for it, UNSUPPORTED is the one that fits."""
+
+    status, code = 404, "UNSUPPORTED"
 
 
 class Unauthorized(RegistryError):

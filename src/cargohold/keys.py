@@ -20,6 +20,7 @@ RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 # Per request: its id, how the cache answered (hit/miss/stale, for the access log), its target.
 REQUEST_ID = web.RequestKey("request_id", str)
 CACHE = web.RequestKey("cache", str)
+KIND = web.RequestKey("kind", str)  # manifest, blob, referrers or -: for the access log
 TARGET = web.RequestKey("target", Target)
 
 # The plain-HTTP listener (http_listen): pending ACME HTTP-01 answers and where HTTPS listens.

@@ -43,6 +43,21 @@ class UpstreamState:
         return "ok"
 
 
+def route_of(request: web.BaseRequest) -> str:
+    """The matched route's pattern (`/v2/{name}/manifests/{reference}`), or `unmatched`."""
+    info = getattr(request, "match_info", None)
+    resource = info.route.resource if info is not None else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def kind_of_route(route: str) -> str:
+    """What a registry request asks for, for the cache metrics and the access log: `-` for anything else."""
+    for part, kind in (("/manifests/", "manifest"), ("/blobs/", "blob"), ("/referrers/", "referrers")):
+        if part in route:
+            return kind
+    return "-"
+
+
 class Metrics:
     """Everything `/metrics` exports. `ratelimit_rejections` is for the rate-limit middleware to `.inc()`."""
 
@@ -57,7 +72,7 @@ class Metrics:
         )
         self.cache = Counter(
             "cargohold_cache_requests",
-            "GET of manifests and blobs by cache outcome (hit, miss, stale)",
+            "GET of manifests, blobs and referrers by kind and cache outcome (hit, miss, stale)",
             ["kind", "result"],
             registry=r,
         )
@@ -111,6 +126,11 @@ class Metrics:
         )
         self.evictions = Counter("cargohold_cache_evictions", "Entries evicted from the cache", ["kind"], registry=r)
         self.evicted_bytes = Counter("cargohold_cache_evicted_bytes", "Bytes evicted from the cache", registry=r)
+        self.pinned_bytes = Gauge(
+            "cargohold_cache_pinned_bytes",
+            "Bytes of pinned images in the cache, as of the last eviction run (more than max_size: pins overflow)",
+            registry=r,
+        )
         self.max_size = max_size
         self.upstreams = {name: UpstreamState() for name in upstreams}
         self.index: Index | None = None
@@ -135,12 +155,10 @@ class Metrics:
     # responses
 
     def response(self, request: web.BaseRequest, response: web.StreamResponse, outcome: str) -> None:
-        info = getattr(request, "match_info", None)
-        resource = info.route.resource if info is not None else None
-        route = resource.canonical if resource is not None else "unmatched"
+        route = route_of(request)
         self.requests.labels(route, request.method, str(response.status)).inc()
-        kind = "manifest" if "/manifests/" in route else "blob" if "/blobs/" in route else None
-        if kind is None or request.method != "GET" or outcome not in ("hit", "miss", "stale"):
+        kind = kind_of_route(route)
+        if kind == "-" or request.method != "GET" or outcome not in ("hit", "miss", "stale"):
             return
         self.cache.labels(kind, outcome).inc()
         self._lasting(outcome, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from cargohold.errors import NameInvalid, TagInvalid
+from cargohold.errors import ManifestUnknown, NameInvalid
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
@@ -19,6 +19,8 @@ def check_name(name: str) -> str:
 
 
 def check_tag(tag: str) -> str:
+    """A reference that is no tag (nor a digest, checked before) cannot name a manifest: 404 like the
+    registry behind us and as the OCI conformance suite expects, decided here without asking upstream."""
     if not _TAG.match(tag):
-        raise TagInvalid("invalid tag", {"tag": tag[:128]})
+        raise ManifestUnknown("manifest unknown: not a valid tag or digest", {"tag": tag[:128]})
     return tag

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
 
+from cargohold.blobsource import BlobSource, BucketObject, Described, Follower, LocalFile
 from cargohold.cache.download import Download, Downloads
 from cargohold.cache.index import Index
 from cargohold.cache.peers import Lease, Peers
 from cargohold.cache.store import BlobStore, RemoteBlob
 from cargohold.digests import Digest, looks_like_digest
-from cargohold.errors import BlobUnknown, UpstreamInvalid
+from cargohold.errors import StorageUnavailable
 from cargohold.flight import SingleFlight
 from cargohold.names import check_tag
 from cargohold.pull.links import Kind, Links
 from cargohold.pull.manifests import Head, Manifest, Manifests
+from cargohold.pull.referrers import Referrers, ReferrersAnswer
 from cargohold.pull.tags import Tags
 from cargohold.upstream.repository import Repository, TagList
-from cargohold.upstream.repository import upstream_failure as _upstream_failure  # the blob section's name for it
 from cargohold.upstream.routes import Router, Target
 
 
@@ -47,11 +48,12 @@ class PullThrough:
         self.links = Links(index)
         self.manifests = Manifests(store, index, self.links)
         self.tags = Tags(index, self.manifests, self.links)
+        self.referrers = Referrers(self.tags)
 
     @property
     def joins(self) -> int:
         """Requests that joined a manifest or tag fetch already running (single-flight)."""
-        return self.manifests.joins + self.tags.joins
+        return self.manifests.joins + self.tags.joins + self.referrers.joins
 
     # manifests
 
@@ -71,19 +73,45 @@ class PullThrough:
             return await self.manifests.head(remote, Digest.parse(reference))
         return await self.tags.head(remote, check_tag(reference), accept)
 
+    async def referrers_of(
+        self, target: Target, digest: Digest, artifact_type: str | None, page: Mapping[str, str]
+    ) -> ReferrersAnswer:
+        """The OCI 1.1 referrers of a manifest: upstream's API, else its referrers tag schema."""
+        return await self.referrers.get(remote_of(target), digest, artifact_type, page)
+
     # blobs
 
-    async def blob(self, target: Target, digest: Digest) -> Path | RemoteBlob | Download:
-        """The cached file (or object), or the (joined) download that is fetching it now."""
+    async def blob(self, target: Target, digest: Digest, *, body: bool = True) -> BlobSource:
+        """The blob ready to send: the cached copy (pinned, and open when it is a file), or the (joined)
+        download fetching it now. Without `body` (HEAD) an uncached blob is sized by the upstream's
+        HEAD instead of fetched. A copy evicted between finding and opening it is fetched again."""
         found = await self.store.locate(digest)
-        if found is None:
-            return await self.fetch_blob(target, digest)
-        await self._confirm(target, digest, "blobs")
-        self.index.touch("blobs", str(digest))
-        return found
+        if found is not None:
+            await self._confirm(target, digest, "blobs")
+            self.index.touch("blobs", str(digest))
+            source = await self._cached(target, digest, found, refetch=True)
+            if source is not None:
+                return source
+        if not body:
+            return await self._described(target, digest)
+        return await self._fetch_blob(target, digest, refetch=True)
 
-    async def fetch_blob(self, target: Target, digest: Digest) -> Path | RemoteBlob | Download:
-        """Join (or start) the download of a blob; also for a cached file that vanished (evicted) just now.
+    async def _cached(
+        self, target: Target, digest: Digest, found: Path | RemoteBlob, *, refetch: bool
+    ) -> BlobSource | None:
+        """A stored blob as a source, pinned; None if its file is gone already. `refetch`: an object
+        found gone later is fetched again, once (never from the source that refetch returned)."""
+        pin = self.store.pin(digest)
+        if not isinstance(found, Path):
+            again = (lambda: self._fetch_blob(target, digest, refetch=False)) if refetch else None
+            return BucketObject(digest, found, pin, again)
+        try:
+            return await LocalFile.open(digest, found, pin)
+        except FileNotFoundError:
+            return None
+
+    async def _fetch_blob(self, target: Target, digest: Digest, *, refetch: bool) -> BlobSource:
+        """Join (or start) the download of a blob; also for a cached copy that vanished (evicted) just now.
         With peers (replicas sharing a bucket), the blob may come from another replica's download instead.
         What came through another repository is confirmed for this one before it is served."""
         if self.peers is None or self.downloads.active(digest) is not None:
@@ -92,7 +120,12 @@ class PullThrough:
             found = await self._peer_fetches.run(str(digest), lambda: self._fetch_among_peers(target, digest))
         if not isinstance(found, Download) or found.source != _source(target):
             await self._confirm(target, digest, "blobs")
-        return found
+        if isinstance(found, Download):
+            return Follower(found)
+        source = await self._cached(target, digest, found, refetch=refetch)
+        if source is None:  # landed by another replica and gone again at once: the client's retry finds it
+            raise StorageUnavailable("blob moved in the cache while being served; try again", {"digest": str(digest)})
+        return source
 
     async def _join(self, target: Target, digest: Digest) -> Download:
         return await self.downloads.join(digest, lambda: self._open_blob(target, digest), _source(target))
@@ -115,43 +148,23 @@ class PullThrough:
         return download
 
     async def _open_blob(self, target: Target, digest: Digest) -> aiohttp.ClientResponse:
-        resp = await target.upstream.open(
-            "GET", target.repository, f"/v2/{target.repository}/blobs/{digest}", stream=True
-        )
-        if resp.status != 200:
-            resp.release()
-            raise _upstream_failure(resp, BlobUnknown, "blob")
+        resp = await remote_of(target).open_blob(digest)
         await self._link(target, str(digest))
         return resp
 
-    async def blob_size(self, target: Target, digest: Digest) -> tuple[int, str]:
-        """Size of a blob for HEAD, without downloading it; also says where the answer came from."""
-        found = await self.store.locate(digest)
-        await self._confirm_blob(target, digest, found is not None)
-        if isinstance(found, Path):
-            with contextlib.suppress(FileNotFoundError):  # evicted a moment ago: ask upstream instead
-                return found.stat().st_size, "hit"
-        elif found is not None:
-            return found.size, "hit"
+    async def _described(self, target: Target, digest: Digest) -> BlobSource:
+        """For HEAD, an uncached blob without fetching it: the size of its download in progress, else
+        what a HEAD upstream says."""
         active = self.downloads.active(digest)
         if active is not None and active.size is not None:
-            return active.size, "miss"
-        resp = await target.upstream.open("HEAD", target.repository, f"/v2/{target.repository}/blobs/{digest}")
-        async with resp:
-            if resp.status != 200:
-                raise _upstream_failure(resp, BlobUnknown, "blob")
-            if resp.content_length is None:
-                raise UpstreamInvalid("upstream gave no blob size", {"digest": str(digest)})
+            if active.source != _source(target):
+                await self._confirm(target, digest, "blobs")
+            return Follower(active)
+        described = await remote_of(target).head_blob(digest)
         await self._link(target, str(digest))
-        return resp.content_length, "miss"
+        return Described(digest, described.size)
 
     # links: content is stored once, but a repository only gets what its upstream has shown it holds
-
-    async def _confirm_blob(self, target: Target, digest: Digest, cached: bool) -> None:
-        """Confirm a cached blob, or one being fetched through another repository, before joining it."""
-        active = self.downloads.active(digest)
-        if cached or (active is not None and active.source != _source(target)):
-            await self._confirm(target, digest, "blobs")
 
     async def _confirm(self, target: Target, digest: Digest, kind: Kind) -> None:
         """The blob path's way to `Links.confirm`: one HEAD upstream before cached content reaches a new repository."""

@@ -8,6 +8,7 @@ from cargohold.handlers.blobs import get_blob
 from cargohold.handlers.manifests import get_manifest
 from cargohold.handlers.meta import api_version, health, unsupported
 from cargohold.handlers.metrics import metrics_endpoint
+from cargohold.handlers.referrers import get_referrers
 from cargohold.handlers.status import ready, status_page
 from cargohold.handlers.tags import list_tags
 from cargohold.handlers.token import issue_oauth_token, issue_token
@@ -32,3 +33,5 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v2/" + NAME + "/blobs/{digest}", get_blob)
     r.add_route("DELETE", "/v2/" + NAME + "/blobs/{digest}", unsupported)
     r.add_get("/v2/" + NAME + "/tags/list", list_tags)
+    # `subject`, not `digest`: counted like a manifest by digest, not against the blob budget.
+    r.add_get("/v2/" + NAME + "/referrers/{subject}", get_referrers)

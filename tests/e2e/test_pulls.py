@@ -427,13 +427,15 @@ def test_tags_list_passes_through(hub: Hub, cargohold: Factory) -> None:
     for tag in ("a1", "b2", "c3"):
         hub.push_tag("acme/tool", tag, hub.images["oci"])
     token = hub.get_token("repository:acme/tool:pull")["token"]
-    for query in ("", "?n=2", "?n=2&last=a1"):
-        direct = http_request("GET", f"{hub.url}/v2/acme/tool/tags/list{query}", headers={"Authorization": f"Bearer {token}"})
+    direct = http_request("GET", f"{hub.url}/v2/acme/tool/tags/list", headers={"Authorization": f"Bearer {token}"})
+    assert json.loads(http_request("GET", f"{srv.url}/v2/acme/tool/tags/list").body) == json.loads(direct.body)
+    every = sorted(json.loads(direct.body)["tags"])
+    assert set(every) <= {"1.0", "a1", "b2", "c3"}
+    # The hub (distribution 2.x) ignores n and last: cargohold cuts the page the spec asks for.
+    for query, want in (("?n=2", every[:2]), ("?n=2&last=a1", [t for t in every if t > "a1"][:2])):
         res = http_request("GET", f"{srv.url}/v2/acme/tool/tags/list{query}")
-        assert res.status == direct.status == 200
-        assert json.loads(res.body) == json.loads(direct.body)
-        assert set(json.loads(res.body)["tags"]) <= {"1.0", "a1", "b2", "c3"}
-        if "link" in direct.headers:
+        assert res.status == 200 and json.loads(res.body)["tags"] == want
+        if want[-1] != every[-1]:
             assert res.headers["link"].startswith("</v2/acme/tool/tags/list?")
     short = http_request("GET", f"{srv.url}/v2/alpine-test/tags/list")
     assert json.loads(short.body)["name"] == "library/alpine-test"

@@ -40,8 +40,9 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def replica(cargohold: Factory, s3: S3Server, redis: RedisServer) -> Factory:
-    """A cargohold replica on the shared bucket and Redis (each with its own data_dir)."""
+def replica(s3: S3Server, redis: RedisServer, cargohold: Factory) -> Factory:
+    """A cargohold replica on the shared bucket and Redis (each with its own data_dir). The bucket and
+    Redis are set up first so that they stop last: the replicas stop while their index is still up."""
 
     def start(s3_extra: dict[str, object] | None = None, **index: object) -> Cargohold:
         storage = s3.storage("cache/", **(s3_extra or {}))

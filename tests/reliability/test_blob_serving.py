@@ -145,3 +145,42 @@ def test_client_that_stops_reading_is_cut_off_after_send_timeout(
     assert len(hub.requests_matching("GET", blob.digest)) == 1
     assert get(srv, path).body == res.body
     assert "Traceback" not in srv.log_text()
+
+
+def _on_one_connection(
+    conn: http.client.HTTPConnection, path: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> tuple[int, bytes, dict[str, str]]:
+    """A request on `conn`, which must still be the connection of the first request (never reopened)."""
+    before = conn.sock.getsockname() if conn.sock is not None else None
+    conn.request(method, path, headers=headers or {})
+    res = conn.getresponse()
+    body = res.read()
+    assert before is None or conn.sock is not None and conn.sock.getsockname() == before, "the connection was reopened"
+    assert not res.will_close, res.getheaders()
+    return res.status, body, {k.lower(): v for k, v in res.getheaders()}
+
+
+@pytest.mark.parametrize("preset", ["off", "personal", "team", "medium"])
+def test_every_blob_answer_keeps_the_connection(
+    preset: str, hub: Hub, cargohold: Callable[..., Cargohold], fresh_image: Callable[..., I.Image]
+) -> None:
+    """Issue 14: under a preset with a connection cap (`team` is the shipped default), a cache hit was
+    sent twice (by the rate limit, then by aiohttp) and the keep-alive connection was reset."""
+    srv = cargohold(rate_limit={"preset": preset})  # the setting this test is about
+    im = fresh_image(random_bytes=1 << 20)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+    try:
+        for blob in im.blobs:
+            path, data = f"/v2/{im.repo}/blobs/{blob.digest}", blob.read_bytes()
+            assert _on_one_connection(conn, path)[:2] == (200, data)  # a follower of the download
+            settled(srv)
+            assert _on_one_connection(conn, path)[:2] == (200, data)  # a hit
+            status, body, headers = _on_one_connection(conn, path, {"Range": "bytes=1-8"})
+            assert (status, body) == (206, data[1:9]) and headers["etag"] == f'"{blob.digest}"'
+            assert _on_one_connection(conn, path, {"If-None-Match": f'"{blob.digest}"'})[0] == 304
+            status, _, headers = _on_one_connection(conn, path, method="HEAD")
+            assert status == 200 and headers["content-length"] == str(len(data))
+    finally:
+        conn.close()
+    log = srv.log_text()
+    assert "Traceback" not in log and "Unhandled exception" not in log

@@ -1,4 +1,4 @@
-"""Real registry clients for end-to-end tests: skopeo, a private dockerd, a private containerd.
+"""Real registry clients for end-to-end tests: skopeo, podman, a private dockerd, a private containerd.
 
 Each daemon runs as root with every path (data, state, sockets, pidfile) in its own temp dir,
 so tests never touch the machine's docker or containerd.
@@ -13,11 +13,12 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .util import CommandError, ManagedProcess, RigError, run, start_process, wait_started, wait_until
+from .util import CommandError, Managed, ManagedProcess, RigError, run, start_process, wait_started, wait_until
 
 #: Names a client may fall back to when a Docker Hub mirror fails; /etc/hosts maps them to loopback.
 DOCKER_HUB_HOSTS = (
@@ -164,6 +165,59 @@ def skopeo_inspect(
             cmd, proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
         )
     return proc.stdout
+
+
+# -- podman -----------------------------------------------------------------------------------
+
+
+class Podman(Managed):
+    """Rootful podman with its own storage (vfs), run root, registries.conf and auth file: no daemon.
+
+    Each `pull` with `fresh=True` empties the storage first, so the next pull fetches everything
+    again; plain HTTP on loopback needs `--tls-verify=false` (the README says the same to users).
+    podman refuses a run root path over 50 characters, so that one is a short temp dir of its own.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.podman = need_binary("podman")
+        self.runroot: Path | None = None
+
+    def start(self) -> Podman:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "registries.conf").write_text("unqualified-search-registries = []\n")
+        (self.workdir / "auth.json").write_text("{}")
+        self.runroot = Path(tempfile.mkdtemp(prefix="rig-podman-"))
+        return self
+
+    def stop(self) -> None:
+        if self.runroot is not None:
+            self.run("rmi", "--all", "--force", check=False)  # vfs mounts nothing: files only
+            shutil.rmtree(self.runroot, ignore_errors=True)
+            self.runroot = None
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["CONTAINERS_REGISTRIES_CONF"] = str(self.workdir / "registries.conf")
+        env["REGISTRY_AUTH_FILE"] = str(self.workdir / "auth.json")
+        env["TMPDIR"] = str(self.workdir)
+        env.pop("DOCKER_CONFIG", None)
+        return env
+
+    def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run `podman --root ... --runroot ... --storage-driver vfs args...`."""
+        if self.runroot is None:
+            raise RigError("podman: start() first")
+        cmd = [self.podman, "--root", str(self.workdir / "root"), "--runroot", str(self.runroot), "--storage-driver", "vfs",
+               "--events-backend", "none", "--cgroup-manager", "cgroupfs", *args]
+        return run(cmd, timeout=timeout, env=self._env(), check=check)
+
+    def pull(self, ref: str, *, fresh: bool = True, timeout: float = 300) -> str:
+        """Pull `host:port/repo:tag` over plain HTTP; returns the manifest digest podman recorded."""
+        if fresh:
+            self.run("rmi", "--all", "--force", check=False)
+        self.run("pull", "--tls-verify=false", "--quiet", ref, timeout=timeout)
+        return self.run("image", "inspect", "--format", "{{.Digest}}", ref).stdout.strip()
 
 
 # -- dockerd ----------------------------------------------------------------------------------
@@ -544,6 +598,7 @@ __all__ = [
     "DEAD_SERVER",
     "DOCKER_HUB_HOSTS",
     "Dockerd",
+    "Podman",
     "ensure_hosts_entries",
     "need_binary",
     "skopeo_copy",

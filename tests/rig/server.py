@@ -20,6 +20,7 @@ import yaml
 from .util import ManagedProcess, RigError, free_port, http_request, start_process, stop_process, tail, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+CRASH_MARKS = ("Traceback (most recent call last)", "Unhandled exception", "Error handling request")
 
 
 def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,8 +76,8 @@ class Cargohold(ManagedProcess):
             "listen": f"{host}:{self.port}",
             "data_dir": str(self.data_dir),
             "upstreams": [up],
-            # Tests drive many requests from one address; those about limits turn them on themselves.
-            "rate_limit": {"preset": "off"},
+            # Nothing else: tests run what ships (rate limiting on, default timeouts) and change only
+            # what they are about, saying why.
         }
         self.config: dict[str, Any] = deep_merge(base, overrides or {})
         self._proc: subprocess.Popen[bytes] | None = None
@@ -167,6 +168,11 @@ class Cargohold(ManagedProcess):
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def crashes(self) -> list[str]:
+        """Log lines that show an error escaped the server's handling (a traceback, aiohttp's
+        "Unhandled exception"): never acceptable, whatever a test provoked."""
+        return [line for line in self.log_text().splitlines() if any(m in line for m in CRASH_MARKS)]
 
 
 __all__ = ["Cargohold", "deep_merge"]

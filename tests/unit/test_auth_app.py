@@ -123,7 +123,7 @@ async def test_without_auth_section_everything_stays_open(make_client: Any) -> N
     assert (await client.get("/v2/library/alpine/tags/list")).status == 200
     assert (await (await client.get("/whoami")).json())["user"] is None
     resp = await client.get("/token")
-    assert resp.status == 404 and await _error(resp) == "NOT_FOUND"
+    assert resp.status == 404 and await _error(resp) == "UNSUPPORTED"
 
 
 async def test_challenge_and_open_paths(make_client: Any) -> None:

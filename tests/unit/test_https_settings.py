@@ -77,7 +77,7 @@ async def test_plain_listener_answers_challenges_and_health_and_redirects(aiohtt
     answer = await client.get("/.well-known/acme-challenge/tok")
     assert answer.status == 200 and await answer.text() == "tok.thumbprint"
     missing = await client.get("/.well-known/acme-challenge/other")
-    assert missing.status == 404 and (await missing.json())["errors"][0]["code"] == "NOT_FOUND"
+    assert missing.status == 404 and (await missing.json())["errors"][0]["code"] == "UNSUPPORTED"
     assert (await client.get("/health")).status == 200
     moved = await client.get("/v2/library/alpine/manifests/3?x=1", headers={"Host": "mirror.example:80"}, allow_redirects=False)
     assert moved.status == 308

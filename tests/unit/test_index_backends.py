@@ -94,3 +94,47 @@ async def test_links_and_counters(index: Index) -> None:
     index.add_counts({"miss": 1})
     await index.flush()
     assert await index.counters() == {"hit": 3, "bytes_cache": 1.5, "miss": 1}
+
+
+async def test_ad_hoc_pins_are_kept(index: Index) -> None:
+    assert await index.pins() == []
+    assert await index.add_pin("docker.io/library/redis:7.*")
+    assert not await index.add_pin("docker.io/library/redis:7.*")  # once
+    assert await index.add_pin("ghcr.io/org/app")
+    assert await index.pins() == ["docker.io/library/redis:7.*", "ghcr.io/org/app"]
+    assert await index.remove_pin("ghcr.io/org/app")
+    assert not await index.remove_pin("ghcr.io/org/app")
+    assert await index.pins() == ["docker.io/library/redis:7.*"]
+
+
+async def test_tag_moves_are_recorded_newest_first_and_filtered(index: Index) -> None:
+    assert await index.tag_moves() == []
+    await index.record_tag_move(UP, REPO, "3.20", A, B)
+    await index.record_tag_move(UP, REPO, "latest", A, C)
+    await index.record_tag_move(UP, "library/redis", "7", B, C)
+    await index.record_tag_move(UP, REPO, "3.20", B, C)
+    moves = await index.tag_moves(UP, REPO)
+    assert [(m.tag, m.old_digest, m.new_digest) for m in moves] == [("3.20", B, C), ("latest", A, C), ("3.20", A, B)]
+    assert moves[0].moved_at >= moves[-1].moved_at > 0
+    assert [(m.old_digest, m.new_digest) for m in await index.tag_moves(UP, REPO, "3.20")] == [(B, C), (A, B)]
+    assert [m.repository for m in await index.tag_moves(limit=2)] == [REPO, "library/redis"]
+    assert await index.tag_moves("ghcr.io") == []
+
+
+async def test_the_tag_move_history_is_bounded(index: Index, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cargohold.cache.index.MAX_TAG_MOVES", 3)
+    monkeypatch.setattr("cargohold.cache.redisindex.MAX_TAG_MOVES", 3)
+    for tag in "abcde":
+        await index.record_tag_move(UP, REPO, tag, A, B)
+    assert [m.tag for m in await index.tag_moves()] == ["e", "d", "c"]
+
+
+async def test_sizes_of_some_digests(index: Index) -> None:
+    await index.put_manifest(A, "application/vnd.oci.image.manifest.v1+json", 100)
+    await index.put_blob(B, 0)
+    assert await index.sizes([A, B, C]) == {A: 100, B: 0}
+    assert await index.sizes([]) == {}
+    many = [f"sha256:{i:064x}" for i in range(1200)]  # more than one SQLite statement's parameters
+    for digest in many[::300]:
+        await index.put_blob(digest, 7)
+    assert await index.sizes(many) == dict.fromkeys(many[::300], 7)

@@ -18,7 +18,7 @@ from cargohold.config import BudgetOverrides, ConfigError, Settings, UpstreamCon
 from cargohold.errors import TooManyRequests
 from cargohold.identity import Identity
 from cargohold.ratelimit.budgets import PRESETS, Budget, budget_for
-from cargohold.ratelimit.connections import Connections
+from cargohold.ratelimit.connections import QUEUE, Connections
 from cargohold.ratelimit.limiter import Kind, RateLimiter, bucket
 from cargohold.ratelimit.memory import MovingWindowMemory
 from cargohold.upstream.client import UpstreamClient
@@ -123,8 +123,8 @@ def test_preset_off_disables_the_middleware() -> None:
     assert RateLimiter(rate_limit(preset="off", users={"a": {"burst": 1}}).rate_limit, MovingWindowMemory()).enabled
 
 
-async def test_connections_wait_for_a_slot_and_refuse_past_twice_the_cap() -> None:
-    slots = Connections(wait=5)
+async def test_connections_wait_for_a_slot_and_refuse_past_the_queue() -> None:
+    slots = Connections(wait=5, queue=1)
     assert await slots.acquire("k", 2) and await slots.acquire("k", 2)
     waiting = [asyncio.create_task(slots.acquire("k", 2)) for _ in range(2)]
     await asyncio.sleep(0)
@@ -142,6 +142,26 @@ async def test_connections_wait_for_a_slot_and_refuse_past_twice_the_cap() -> No
     assert not await short.acquire("k", 1)  # waited too long
     short.release("k")
     assert short.active("k") == 0
+
+
+async def test_connections_let_a_herd_wait_and_refuse_a_flood() -> None:
+    """20 clients x 3 blobs from one address on team's 20 slots all wait (two slots' worth used to be
+    refused); a flood past QUEUE waiters per slot is refused at once."""
+    slots = Connections(wait=5)
+    herd = [asyncio.create_task(slots.acquire("nat", 20)) for _ in range(60)]
+    await asyncio.sleep(0)
+    assert slots.active("nat") == 60 and all(t.done() for t in herd[:20]) and not any(t.done() for t in herd[20:])
+    for _ in range(60):
+        slots.release("nat")
+        await asyncio.sleep(0)
+    assert all(t.result() for t in herd) and slots.active("nat") == 0
+    flood = [asyncio.create_task(slots.acquire("flood", 2)) for _ in range(2 * (1 + QUEUE) + 5)]
+    await asyncio.sleep(0)
+    refused = [t for t in flood if t.done() and not t.result()]
+    assert len(refused) == 5 and slots.active("flood") == 2 * (1 + QUEUE)
+    for t in flood:
+        t.cancel()
+    await asyncio.gather(*flood, return_exceptions=True)
 
 
 async def test_middleware_limits_everything_but_health(tmp_path: Path) -> None:

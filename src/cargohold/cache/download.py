@@ -7,6 +7,10 @@ after its size and digest check out. Each reader's last byte (the blob's, or its
 back until the digest checks out, so no client ever receives a complete body or range of bad content,
 and a reader of no bytes at all returns only then; the fsync and rename follow.
 
+A blob is bounded: by its Content-Length (checked at the end), and never past `max_blob_size`. One
+whose upstream gives no length reserves room in the cache as it grows, a step at a time; when the
+cache (or the disk) has no room for the next step it goes on uncached, as below.
+
 When the disk is full (ENOSPC/EDQUOT) the download goes on uncached: bytes already on disk are
 still read from the (unlinked) temp file, the rest pass through a bounded window in memory that
 the download refills only as its slowest reader drains it. Nothing is stored; the next request
@@ -21,8 +25,9 @@ import errno
 import hashlib
 import logging
 import os
+import shutil
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,8 +50,13 @@ MEMORY_WINDOW = 16 << 20
 READER_STALL = 60.0
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 Opener = Callable[[], Awaitable[aiohttp.ClientResponse]]
-# Called with a download's size before it is written, so the cache can make room (eviction).
-MakeRoom = Callable[[int], Awaitable[None]]
+# Called with the bytes downloads are about to write, so the cache can make room (eviction); False
+# when they do not fit even so.
+MakeRoom = Callable[[int], Awaitable[bool]]
+# The largest blob fetched when nothing says otherwise (`max_blob_size`).
+MAX_BLOB_SIZE = 20 << 30
+# How much more room a download of unknown size reserves at a time (at least; it doubles as it grows).
+ROOM_STEP = 64 << 20
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -88,10 +98,14 @@ class Download:
         source: Hashable = None,
         make_room: MakeRoom | None = None,
         on_uncached: Callable[[Download], None] | None = None,
+        limit: int = MAX_BLOB_SIZE,
     ) -> None:
         self.digest = digest
         self.source = source  # where it is fetched from (upstream, repository): joiners from elsewhere check first
         self.size: int | None = None
+        self.limit = limit
+        # Bytes the cache has made room for: the size, or (size unknown) what was written so far and a step more.
+        self.reserved = 0
         self.written = 0
         self.verified = False
         self.error: BaseException | None = None
@@ -118,7 +132,7 @@ class Download:
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
-            self._go_uncached(exc)
+            self._go_uncached("disk full", exc)
         self._readers = 0
         self._progress = asyncio.Event()
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -132,13 +146,21 @@ class Download:
         try:
             response = await open_upstream()
             self.size = response.content_length
+            if self.size is not None and self.size > self.limit:
+                raise self._too_large()
             self.ready.set_result(None)
             if self._make_room is not None and self.size:
+                self.reserved = self.size
                 await self._make_room(self.size)
             # One worker-thread job per batch writes it and hashes it (fewer hand-offs than
             # separate, pipelined jobs: measured better on two busy cores); the socket keeps
             # filling aiohttp's buffer meanwhile.
             async for batch in _batches(response.content):
+                incoming = self.written + sum(map(len, batch))
+                if incoming > self.limit:
+                    raise self._too_large()
+                if self.size is None and self.spill_from is None and incoming > self.reserved:
+                    await self._reserve(incoming)
                 hashed = False
                 if self.spill_from is None:
                     try:
@@ -147,7 +169,7 @@ class Download:
                     except OSError as exc:
                         if not is_disk_full(exc):
                             raise
-                        self._go_uncached(exc)
+                        self._go_uncached("disk full", exc)
                 if not hashed:
                     await loop.run_in_executor(None, _hash, hasher, batch)
                 if self.spill_from is not None:
@@ -171,7 +193,7 @@ class Download:
                 except OSError as exc:
                     if not is_disk_full(exc):
                         raise
-                    self._go_uncached(exc)
+                    self._go_uncached("disk full", exc)
             if self.spill_from is None:
                 await self._index.put_blob(str(self.digest), self.written)
         except asyncio.CancelledError as exc:
@@ -207,14 +229,30 @@ class Download:
                 views[0] = views[0][done:]
 
     def _commit(self) -> None:
+        assert self.temp is not None  # only a download that is still cached commits
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
         self._store.commit(self.temp, self.digest)
 
-    def _go_uncached(self, exc: OSError) -> None:
-        """The disk is full: keep streaming from memory, store nothing (the temp file goes now)."""
-        log.error("disk full while caching %s after %d bytes, serving it uncached: %s", self.digest, self.written, exc)
+    def _too_large(self) -> UpstreamInvalid:
+        return UpstreamInvalid("upstream blob is larger than max_blob_size", {"digest": str(self.digest), "limit": self.limit})
+
+    async def _reserve(self, incoming: int) -> None:
+        """Room for a blob of unknown size, a step ahead of `incoming` bytes: in the cache (evicting
+        what it must) and on the disk. Without it the download goes on uncached."""
+        assert self.temp is not None
+        self.reserved = min(max(2 * self.reserved, incoming + ROOM_STEP), self.limit)
+        free = (await asyncio.to_thread(shutil.disk_usage, self.temp.parent)).free
+        if free < self.reserved - self.written:
+            self._go_uncached("no room", f"{free} bytes free on the disk, {self.reserved - self.written} more needed")
+        elif self._make_room is not None and not await self._make_room(self.reserved):
+            self._go_uncached("no room", f"the cache cannot make room for {self.reserved} bytes")
+
+    def _go_uncached(self, what: str, why: object) -> None:
+        """No room (the disk is full, or the cache): keep streaming from memory, store nothing (the
+        temp file goes now)."""
+        log.error("%s while caching %s after %d bytes, serving it uncached: %s", what, self.digest, self.written, why)
         self.spill_from = self._memory_start = self.written
         if self._on_uncached is not None:
             self._on_uncached(self)
@@ -322,7 +360,7 @@ class Download:
             self._drained.set()
             self._close_read_fd_if_unused()
 
-    async def spans(self, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
+    async def spans(self, start: int, end: int) -> AsyncGenerator[tuple[int, int], None]:
         """`(offset, length)` pieces of `[start, end)` of `reader` as they become readable on disk.
         Stops early where an uncached download's bytes live only in memory (read those with `read`);
         raises DownloadFailed if the download fails first."""
@@ -346,7 +384,7 @@ class Download:
                 else:
                     await self._progress.wait()
 
-    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def read(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
         """Bytes `[start, end)` as they arrive; returns only once the digest checks out (even for no
         bytes at all) and raises DownloadFailed if the download fails first."""
         with self._following(start, end) as me:
@@ -379,10 +417,13 @@ class Download:
 class Downloads:
     """The downloads in progress, one per digest: later askers join the running one."""
 
-    def __init__(self, store: BlobStore, index: Index, make_room: MakeRoom | None = None) -> None:
+    def __init__(
+        self, store: BlobStore, index: Index, make_room: MakeRoom | None = None, max_blob_size: int = MAX_BLOB_SIZE
+    ) -> None:
         self._store = store
         self._index = index
         self._make_room = make_room
+        self._max_blob_size = max_blob_size
         self._active: dict[str, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.started = 0
@@ -409,6 +450,7 @@ class Downloads:
                 source,
                 self._room if self._make_room else None,
                 self._went_uncached,
+                self._max_blob_size,
             )
             if download.spill_from is None:  # uncached from the start: not for others to join
                 self._active[key] = download
@@ -421,10 +463,10 @@ class Downloads:
         await asyncio.shield(download.ready)
         return download
 
-    async def _room(self, size: int) -> None:
-        """Make room for every download still writing (each counts its whole size), not just this one."""
+    async def _room(self, size: int) -> bool:
+        """Make room for every download still writing (each counts what it reserved), not just this one."""
         assert self._make_room is not None
-        await self._make_room(sum(d.size or 0 for d in self._active.values() if not d.verified))
+        return await self._make_room(sum(d.reserved for d in self._active.values() if not d.verified))
 
     def _went_uncached(self, download: Download) -> None:
         """A later asker cannot follow an uncached download from its start: it gets its own."""

@@ -2,7 +2,8 @@
 
 The index row goes first, the file after it, so a crash in between leaves a file without a row,
 which the start-up repair puts back in the index (and the next eviction removes again). A blob
-that a client of this process is reading, or that is being downloaded, is never evicted.
+that a client of this process is reading, or that is being downloaded, is never evicted; nor is
+pinned content (see `cache/pins.py`), whose bytes still count toward the cap.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from cargohold.cache.index import Index, Stored
+from cargohold.cache.pins import Pinned, resolve_pins
 from cargohold.cache.store import BlobStore
 from cargohold.config import CacheConfig
 from cargohold.digests import Digest
@@ -27,6 +29,8 @@ MAX_MANIFEST = 4 << 20
 
 Busy = Callable[[Digest], bool]
 Evicted = Callable[[Stored], None]
+PinnedBytes = Callable[[int], None]
+Pins = Callable[[], Awaitable[Pinned]]
 
 
 def _never_busy(digest: Digest) -> bool:
@@ -42,15 +46,18 @@ async def evict(
     incoming: int = 0,
     busy: Busy = _never_busy,
     evicted: Evicted | None = None,
+    pins: Pins | None = None,
 ) -> list[Stored]:
     """Remove least-recently-used content until the cache plus `incoming` bytes fit in `max_size`,
-    and everything not used since `unused_since`. Returns what was removed."""
+    and everything not used since `unused_since`, except pinned content. Returns what was removed.
+    `pins` is asked once, and only when something is to go (it reads manifests)."""
     await index.flush()  # access times still in memory count too
     over = (await index.usage()).size + incoming - max_size if max_size is not None else 0
     if over <= 0 and unused_since is None:
         return []
     removed: list[Stored] = []
     skipped = 0
+    kept: frozenset[str] | None = None
     while True:
         batch = await index.least_recent(BATCH, offset=skipped)
         if not batch:
@@ -59,8 +66,10 @@ async def evict(
             too_old = unused_since is not None and entry.last_access < unused_since
             if over <= 0 and not too_old:
                 return removed
+            if kept is None:
+                kept = (await pins()).digests if pins is not None else frozenset()
             digest = Digest.parse(entry.digest)
-            if busy(digest):
+            if entry.digest in kept or busy(digest):
                 skipped += 1
                 continue
             await index.forget(entry.table, entry.digest)
@@ -110,26 +119,61 @@ async def repair(index: Index, store: BlobStore) -> tuple[int, int]:
 
 
 class Evictor:
-    """Keeps one instance's cache within `cache.max_size` and `cache.max_age`."""
+    """Keeps one instance's cache within `cache.max_size` and `cache.max_age`, pinned content aside;
+    `pinned_bytes` hears what pins hold whenever they were resolved (every periodic run; a metric)."""
 
     def __init__(
-        self, index: Index, store: BlobStore, config: CacheConfig, busy: Busy, evicted: Evicted | None = None
+        self,
+        index: Index,
+        store: BlobStore,
+        config: CacheConfig,
+        busy: Busy,
+        evicted: Evicted | None = None,
+        pinned_bytes: PinnedBytes | None = None,
     ) -> None:
         self._index = index
         self._store = store
         self._config = config
         self._busy = busy
         self._evicted = evicted
+        self._pinned_bytes = pinned_bytes
+        self._pins_over_cap = False
         self._lock = asyncio.Lock()
 
     @property
     def bounded(self) -> bool:
         return self._config.max_size is not None or self._config.max_age is not None
 
-    async def enforce(self, incoming: int = 0) -> list[Stored]:
+    async def pinned(self) -> Pinned:
+        return await resolve_pins(self._index, self._store, self._config.pin)
+
+    def _report(self, pinned: Pinned) -> None:
+        """Tell the metric, and the log when pins alone outgrow the cap (once, not at every run)."""
+        if self._pinned_bytes is not None:
+            self._pinned_bytes(pinned.size)
+        cap = self._config.max_size
+        over = cap is not None and pinned.size > cap
+        if over and not self._pins_over_cap:
+            log.warning(
+                "pinned images alone take %d bytes, more than cache.max_size (%s bytes): they are kept,"
+                " everything else is evicted",
+                pinned.size,
+                cap,
+            )
+        self._pins_over_cap = over
+
+    async def enforce(self, incoming: int = 0, pinned: Pinned | None = None) -> list[Stored]:
         """Evict what the limits say must go now, making room for `incoming` more bytes."""
         if not self.bounded:
             return []
+        resolved = pinned
+
+        async def pins() -> Pinned:
+            nonlocal resolved
+            if resolved is None:
+                resolved = await self.pinned()
+            return resolved
+
         async with self._lock:
             max_age = self._config.max_age
             removed = await evict(
@@ -140,23 +184,31 @@ class Evictor:
                 incoming=incoming,
                 busy=self._busy,
                 evicted=self._evicted,
+                pins=pins,
             )
+        if resolved is not None:
+            self._report(resolved)
         if removed:
             log.info("evicted %d entries, %d bytes", len(removed), sum(e.size for e in removed))
         return removed
 
-    async def make_room(self, incoming: int) -> None:
-        """Called before a download writes `incoming` bytes: evict first if they would exceed the cap."""
-        if self._config.max_size is not None:
-            try:
-                await self.enforce(incoming)
-            except Exception:  # a full cache must not fail the download that is waiting
-                log.exception("eviction before a download failed")
+    async def make_room(self, incoming: int) -> bool:
+        """Called before downloads write `incoming` bytes: evict first if they would exceed the cap.
+        False when they do not fit even so (what is left is in use)."""
+        max_size = self._config.max_size
+        if max_size is None:
+            return True
+        try:
+            await self.enforce(incoming)
+            return (await self._index.usage()).size + incoming <= max_size
+        except Exception:  # a full cache must not fail the download that is waiting
+            log.exception("eviction before a download failed")
+            return True
 
     async def run_forever(self, interval: float = INTERVAL) -> None:
         while True:
             try:
-                await self.enforce()
+                await self.enforce(pinned=await self.pinned())
             except Exception:
                 log.exception("eviction failed")
             await asyncio.sleep(interval)

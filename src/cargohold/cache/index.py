@@ -1,6 +1,7 @@
 """The cache index: tag -> digest with the time it was checked, manifest media types, last access,
 and links: which upstream repository has shown it holds a digest (content is stored once, but
-served to a repository only once linked to it).
+served to a repository only once linked to it). Also what operators keep: ad-hoc pins (eviction
+leaves their content alone) and the history of tags that moved to a new digest.
 
 SQLite in WAL mode; lookups take microseconds, so they run on the event loop. Access times are
 collected in memory and written in batches so a cache hit never waits for a disk write.
@@ -12,7 +13,7 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -37,11 +38,18 @@ CREATE TABLE IF NOT EXISTS links (
     PRIMARY KEY (upstream, repository, digest)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pins (pattern TEXT PRIMARY KEY, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tag_moves (
+    upstream TEXT NOT NULL, repository TEXT NOT NULL, tag TEXT NOT NULL,
+    old_digest TEXT NOT NULL, new_digest TEXT NOT NULL, moved_at REAL NOT NULL
+);
 """
 # Columns added after the first release; added to older index files when they are opened.
 MIGRATIONS = (("tags", "pulls", "INTEGER NOT NULL DEFAULT 0"),)
 # Manifests and blobs share the blob store; both are evicted by last access.
 CONTENT_TABLES = ("manifests", "blobs")
+# The tag-move history keeps this many newest moves (all repositories together): bounded, and plenty to audit.
+MAX_TAG_MOVES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +86,18 @@ class TagRow:
 
 
 @dataclass(frozen=True, slots=True)
+class TagMove:
+    """A tag found pointing at a new digest (newest first in `tag_moves`)."""
+
+    upstream: str
+    repository: str
+    tag: str
+    old_digest: str
+    new_digest: str
+    moved_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     size: int
     blobs: int
@@ -104,8 +124,18 @@ class Index(Protocol):
     async def usage(self) -> Usage: ...
     async def least_recent(self, limit: int, offset: int = 0) -> list[Stored]: ...
     async def stored(self) -> list[Stored]: ...
+    async def sizes(self, digests: Collection[str]) -> dict[str, int]: ...
     async def forget(self, table: str, digest: str) -> None: ...
     async def tag_rows(self) -> list[TagRow]: ...
+    async def add_pin(self, pattern: str) -> bool: ...
+    async def remove_pin(self, pattern: str) -> bool: ...
+    async def pins(self) -> list[str]: ...
+    async def record_tag_move(
+        self, upstream: str, repository: str, tag: str, old_digest: str, new_digest: str
+    ) -> None: ...
+    async def tag_moves(
+        self, upstream: str | None = None, repository: str | None = None, tag: str | None = None, limit: int = 100
+    ) -> list[TagMove]: ...
     async def flush(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -237,6 +267,17 @@ class SqliteIndex(AccessBuffer):
         """Every manifest and blob the index knows (for the start-up check against the files)."""
         return await self.least_recent(-1)
 
+    async def sizes(self, digests: Collection[str]) -> dict[str, int]:
+        """The stored size of each of these digests the index knows (the others are left out)."""
+        found: dict[str, int] = {}
+        wanted = list(digests)
+        for start in range(0, len(wanted), 500):  # SQLite bounds the parameters of one statement
+            batch = wanted[start : start + 500]
+            marks = ",".join("?" * len(batch))
+            for table in CONTENT_TABLES:
+                found.update(self._db.execute(f"SELECT digest, size FROM {table} WHERE digest IN ({marks})", batch))
+        return found
+
     async def forget(self, table: str, digest: str) -> None:
         """Drop a manifest or blob row; its file is removed after this, never before."""
         if table not in CONTENT_TABLES:
@@ -248,6 +289,35 @@ class SqliteIndex(AccessBuffer):
             "SELECT upstream, repository, tag, digest, last_access, pulls FROM tags ORDER BY upstream, repository, tag"
         ).fetchall()
         return [TagRow(*row) for row in rows]
+
+    async def add_pin(self, pattern: str) -> bool:
+        """Pin an `upstream/repository[:tag]` glob; False if it was pinned already."""
+        return self._db.execute("INSERT OR IGNORE INTO pins VALUES (?, ?)", (pattern, time.time())).rowcount > 0
+
+    async def remove_pin(self, pattern: str) -> bool:
+        return self._db.execute("DELETE FROM pins WHERE pattern=?", (pattern,)).rowcount > 0
+
+    async def pins(self) -> list[str]:
+        return [row[0] for row in self._db.execute("SELECT pattern FROM pins ORDER BY pattern")]
+
+    async def record_tag_move(self, upstream: str, repository: str, tag: str, old_digest: str, new_digest: str) -> None:
+        self._write(
+            "INSERT INTO tag_moves VALUES (?, ?, ?, ?, ?, ?)",
+            (upstream, repository, tag, old_digest, new_digest, time.time()),
+        )
+        self._write("DELETE FROM tag_moves WHERE rowid <= (SELECT MAX(rowid) FROM tag_moves) - ?", (MAX_TAG_MOVES,))
+
+    async def tag_moves(
+        self, upstream: str | None = None, repository: str | None = None, tag: str | None = None, limit: int = 100
+    ) -> list[TagMove]:
+        """Recorded moves, newest first, of one tag, one repository or all (None: any)."""
+        rows = self._db.execute(
+            "SELECT upstream, repository, tag, old_digest, new_digest, moved_at FROM tag_moves"
+            " WHERE (?1 IS NULL OR upstream=?1) AND (?2 IS NULL OR repository=?2) AND (?3 IS NULL OR tag=?3)"
+            " ORDER BY rowid DESC LIMIT ?4",
+            (upstream, repository, tag, limit),
+        ).fetchall()
+        return [TagMove(*row) for row in rows]
 
     async def flush(self) -> None:
         touched, tags, pulls, counts = self._take()

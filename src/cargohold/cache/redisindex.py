@@ -2,22 +2,35 @@
 
 Keys (under `cargohold:`): a hash per tag plus the set `tags` of them; `sizes` (`<table>:<digest>`
 -> bytes) and the sorted set `lru` (same members, scored by last access) for manifests and blobs;
-`types` (manifest digest -> media type); the set `links`; the hash `counters`. Access times and
+`types` (manifest digest -> media type); the set `links`; the hash `counters`; the set `pins`; the
+list `tag_moves` (JSON, newest first, trimmed to `MAX_TAG_MOVES`). Access times and
 counters are gathered in memory and written in one pipeline by `flush`, as with SQLite.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis.asyncio as redis
 from redis.typing import ZSetRangeResponse
 
-from cargohold.cache.index import CONTENT_TABLES, AccessBuffer, ManifestEntry, Stored, TagEntry, TagRow, Usage
+from cargohold.cache.index import (
+    CONTENT_TABLES,
+    MAX_TAG_MOVES,
+    AccessBuffer,
+    ManifestEntry,
+    Stored,
+    TagEntry,
+    TagMove,
+    TagRow,
+    Usage,
+)
 from cargohold.errors import StorageUnavailable
 
 log = logging.getLogger("cargohold.cache")
@@ -184,6 +197,16 @@ class RedisIndex(AccessBuffer):
         return await self.least_recent(-1)
 
     @_unavailable
+    async def sizes(self, digests: Collection[str]) -> dict[str, int]:
+        """The stored size of each of these digests the index knows (the others are left out)."""
+        wanted = list(digests)
+        if not wanted:
+            return {}
+        members = [_member(table, digest) for digest in wanted for table in CONTENT_TABLES]
+        found = await self.client.hmget(_k("sizes"), members)
+        return {member.partition(":")[2]: int(size) for member, size in zip(members, found, strict=True) if size}
+
+    @_unavailable
     async def forget(self, table: str, digest: str) -> None:
         """Drop a manifest or blob; its object is removed after this, never before."""
         if table not in CONTENT_TABLES:
@@ -212,6 +235,40 @@ class RedisIndex(AccessBuffer):
         return rows
 
     @_unavailable
+    async def add_pin(self, pattern: str) -> bool:
+        return bool(await self.client.sadd(_k("pins"), pattern))
+
+    @_unavailable
+    async def remove_pin(self, pattern: str) -> bool:
+        return bool(await self.client.srem(_k("pins"), pattern))
+
+    @_unavailable
+    async def pins(self) -> list[str]:
+        return sorted(_text(pattern) for pattern in await self.client.smembers(_k("pins")))
+
+    @_unavailable
+    async def record_tag_move(self, upstream: str, repository: str, tag: str, old_digest: str, new_digest: str) -> None:
+        move = TagMove(upstream, repository, tag, old_digest, new_digest, time.time())
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.lpush(_k("tag_moves"), json.dumps(dataclasses.astuple(move)))
+            pipe.ltrim(_k("tag_moves"), 0, MAX_TAG_MOVES - 1)
+            await pipe.execute()
+
+    @_unavailable
+    async def tag_moves(
+        self, upstream: str | None = None, repository: str | None = None, tag: str | None = None, limit: int = 100
+    ) -> list[TagMove]:
+        """Recorded moves, newest first, of one tag, one repository or all (None: any)."""
+        moves = []
+        for item in await self.client.lrange(_k("tag_moves"), 0, -1):
+            move = TagMove(*json.loads(_text(item)))
+            if upstream in (None, move.upstream) and repository in (None, move.repository) and tag in (None, move.tag):
+                moves.append(move)
+                if len(moves) >= limit:
+                    break
+        return moves
+
+    @_unavailable
     async def flush(self) -> None:
         touched, tags, pulls, counts = self._take()
         if not touched and not tags and not counts:
@@ -227,7 +284,11 @@ class RedisIndex(AccessBuffer):
             await pipe.execute()
 
     async def close(self) -> None:
+        """Flush what is pending. A Redis already gone costs those counts (the failure is logged by
+        `flush`), not a clean shutdown."""
         try:
             await self.flush()
+        except StorageUnavailable:
+            pass
         finally:
             await self.client.aclose()

@@ -99,7 +99,7 @@ class S3BlobStore(Spool):
         """One part read from the file at a time; an upload that fails is aborted (no orphaned parts)."""
         upload = self._on_loop(self._client.create_multipart_upload(**self._bucket(digest)))
         ids = {**self._bucket(digest), "UploadId": upload["UploadId"]}
-        parts = []
+        parts: list[dict[str, Any]] = []
         try:
             while part := source.read(PART_SIZE):
                 number = len(parts) + 1

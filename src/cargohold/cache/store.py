@@ -164,17 +164,20 @@ class FsBlobStore(Spool):
                 except (DigestInvalid, FileNotFoundError):
                     continue
 
+    # The async methods do their file work on a worker thread (as aiohttp's FileResponse does): a
+    # stat, read or fsync can block on a busy disk, and the event loop serves every client.
+
     async def locate(self, digest: Digest) -> Path | None:
-        return self.local_path(digest)
+        return await asyncio.to_thread(self.local_path, digest)
 
     async def load(self, digest: Digest) -> bytes | None:
-        return self.read(digest)
+        return await asyncio.to_thread(self.read, digest)
 
     async def save(self, digest: Digest, data: bytes) -> None:
-        self.write(digest, data)
+        await asyncio.to_thread(self.write, digest, data)
 
     async def delete(self, digest: Digest) -> int:
-        return self.remove(digest)
+        return await asyncio.to_thread(self.remove, digest)
 
     async def entries(self) -> AsyncIterator[tuple[Digest, int]]:
         """`files()`, listed on a worker thread (a big cache is many directories)."""

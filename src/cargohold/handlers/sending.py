@@ -1,19 +1,25 @@
 """Sending a blob body to a client under `send_timeout`: a client that takes no piece in time is cut
-off, one that went away is let go; both the followers of a download and hits from object storage."""
+off, one that went away is let go. Files go out with sendfile on plain TCP and pread (in a worker
+thread) under TLS, a piece at a time; chunks from a download or a bucket are written as they come."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterable, Awaitable
+from typing import BinaryIO
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
+from cargohold.cache.download import CHUNK
 from cargohold.digests import Digest
-
 
 log = logging.getLogger("cargohold.blobs")
 STALLED = "cutting off a client of %s: it took no piece of the blob within send_timeout"
+# The largest piece one sendfile call may take (pieces grow with the client's rate, see `_next_piece`).
+MAX_PIECE = 64 << 20
 
 
 class ClientStalled(Exception):
@@ -38,7 +44,12 @@ async def within(timeout: float, send: Awaitable[object]) -> None:
 
 
 def blob_headers(digest: Digest) -> dict[str, str]:
-    return {"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream", "ETag": f'"{digest}"'}
+    return {
+        "Docker-Content-Digest": str(digest),
+        "Content-Type": "application/octet-stream",
+        "ETag": f'"{digest}"',
+        "Accept-Ranges": "bytes",
+    }
 
 
 def blob_response(digest: Digest, span: tuple[int, int] | None, size: int | None) -> web.StreamResponse:
@@ -69,6 +80,52 @@ async def send_body(
         await response.write_eof()
     except ClientStalled:
         cut_off(request, STALLED, digest)
-    except ConnectionResetError:
+    except ConnectionError:  # reset, or a broken pipe under sendfile
         log.debug("client of %s went away after %d bytes", digest, response.body_length)
     return response
+
+
+def can_sendfile(request: web.BaseRequest) -> bool:
+    """Plain TCP can take sendfile; TLS needs the bytes in user space."""
+    transport = request.transport
+    return transport is not None and transport.get_extra_info("sslcontext") is None
+
+
+async def send_file(
+    request: web.BaseRequest, writer: AbstractStreamWriter, file: BinaryIO, start: int, end: int, timeout: float
+) -> None:
+    """Send bytes `[start, end)` of `file` a piece at a time, each accepted within `timeout`: with
+    sendfile on plain TCP (the response's headers are already out), else read in a worker thread
+    and written. Pieces start at `CHUNK` and grow with the client's rate (each call costs a few
+    syscalls and a timer), see `_next_piece`."""
+    loop = asyncio.get_running_loop()
+    piece = CHUNK
+    while start < end:
+        length = min(piece, end - start)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        began = loop.time()
+        if can_sendfile(request):
+            try:
+                await within(timeout, loop.sendfile(transport, file, start, length, fallback=False))
+            except asyncio.SendfileNotAvailableError as exc:  # what a reset socket gives a new sendfile
+                raise ConnectionResetError(str(exc)) from exc
+            writer.output_size += length  # bytes the writer did not see: counted for the access log
+        else:
+            length = min(length, CHUNK)  # bytes held in memory stay bounded
+            data = await loop.run_in_executor(None, os.pread, file.fileno(), length, start)
+            if not data:
+                raise ConnectionResetError(f"{file.name} ended early")
+            await within(timeout, writer.write(data))
+            length = len(data)
+        start += length
+        piece = _next_piece(piece, length, loop.time() - began, timeout)
+
+
+def _next_piece(piece: int, sent: int, took: float, timeout: float) -> int:
+    """At most double the last piece, and no more than the client took in an eighth of the timeout
+    at its latest rate (so only a client that slows eightfold within one piece is cut off while
+    still reading); between `CHUNK` and `MAX_PIECE`."""
+    fits = sent / max(took, 1e-3) * timeout / 8
+    return int(max(CHUNK, min(piece * 2, fits, MAX_PIECE)))

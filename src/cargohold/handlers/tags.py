@@ -1,17 +1,48 @@
-"""GET /v2/<name>/tags/list, passed through to the upstream with `n` and `last`."""
+"""GET /v2/<name>/tags/list, passed through to the upstream with `n` and `last`.
+
+Some registries (distribution 2.x among them) ignore `n` and `last` and answer every tag in no
+order; the spec wants lexical order, at most `n` after `last`, and a Link to the rest. So the page
+is cut here too: on a list the upstream already paged this changes nothing.
+"""
 
 from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
 from cargohold.handlers.target import proxy_of, target_of
 
 
+def page(body: bytes, n: str | None, last: str | None) -> tuple[bytes, str | None] | None:
+    """The tag list `body` cut to the page `n`/`last` asks for, and the query of the next page;
+    None when nothing is asked or the body has no list of tags to cut."""
+    if n is None and last is None:
+        return None
+    limit = int(n) if n is not None and n.isdigit() else None
+    data: dict[str, Any] = json.loads(body)
+    tags = data.get("tags")
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        return None
+    after = sorted(t for t in tags if last is None or t > last)
+    kept = after if limit is None else after[:limit]
+    following = urlencode({"n": limit, "last": kept[-1]}) if limit and len(after) > len(kept) else None
+    return json.dumps({**data, "tags": kept}).encode(), following
+
+
 async def list_tags(request: web.Request) -> web.Response:
     target = target_of(request)
-    result = await proxy_of(request).tag_list(target, request.query.get("n"), request.query.get("last"))
-    headers = {}
+    n, last = request.query.get("n"), request.query.get("last")
+    result = await proxy_of(request).tag_list(target, n, last)
+    body, headers = result.body, {}
     if result.link:
         # The upstream's pagination link names its own repository; point it back at the client's name.
         headers["Link"] = result.link.replace(f"/v2/{target.repository}/", f"/v2/{request.match_info['name']}/", 1)
-    return web.Response(body=result.body, content_type="application/json", headers=headers)
+    cut = page(body, n, last)
+    if cut is not None:
+        body, following = cut
+        if following is not None and "Link" not in headers:
+            headers["Link"] = f'</v2/{request.match_info["name"]}/tags/list?{following}>; rel="next"'
+    return web.Response(body=body, content_type="application/json", headers=headers)

@@ -14,8 +14,9 @@ from aiohttp.typedefs import Handler
 from cargohold import logs
 from cargohold.errors import NotFound, RegistryError, Unsupported, error_response
 from cargohold.identity import IDENTITY, Identity, client_address
-from cargohold.keys import CACHE, REQUEST_ID, SETTINGS
+from cargohold.keys import CACHE, KIND, REQUEST_ID, SETTINGS
 from cargohold.logs import mask_secrets
+from cargohold.metrics import kind_of_route, route_of
 
 log = logging.getLogger("cargohold.server")
 access = logging.getLogger("cargohold.access")
@@ -38,6 +39,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
     logs.request_id.set(request[REQUEST_ID])
     request[CACHE] = "-"
+    request[KIND] = kind_of_route(route_of(request))  # here, routed: the access log may see a request that never was
     request[IDENTITY] = Identity(client_address(request, request.app[SETTINGS].rate_limit.trusted_proxies))
     try:
         return await handler(request)
@@ -72,11 +74,12 @@ class AccessLogger(AbstractAccessLogger):
             "status": response.status,
             "bytes": response.body_length,
             "ms": round(time * 1000, 1),
+            "kind": request.get(KIND, "-"),
             "cache": request.get(CACHE, "-"),
             "request_id": request.get(REQUEST_ID, "-"),
         }
         self.logger.info(
-            "%(client)s %(user)s %(method)s %(path)s %(status)d %(bytes)d %(ms).1fms cache=%(cache)s rid=%(request_id)s",
+            "%(client)s %(user)s %(method)s %(path)s %(status)d %(bytes)d %(ms).1fms kind=%(kind)s cache=%(cache)s rid=%(request_id)s",
             fields,
             extra={"fields": fields},
         )

@@ -1,9 +1,10 @@
 """Rate limiting, right after auth: count the request against its identity's budgets, hold a
-connection slot while it runs, answer 429 TOOMANYREQUESTS with Retry-After when over."""
+connection slot while its handler runs, answer 429 TOOMANYREQUESTS with Retry-After when over."""
 
 from __future__ import annotations
 
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
 
 from cargohold.digests import looks_like_digest
 from cargohold.identity import IDENTITY
@@ -26,7 +27,7 @@ def kind_of(request: web.Request) -> Kind:
 
 
 @web.middleware
-async def ratelimit(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+async def ratelimit(request: web.Request, handler: Handler) -> web.StreamResponse:
     limiter = request.app[RATE_LIMITER]
     if not limiter.enabled or request.path in UNLIMITED:
         return await handler(request)
@@ -41,13 +42,10 @@ async def ratelimit(request: web.Request, handler: web.RequestHandler) -> web.St
         raise refused
     if not cap:
         return await handler(request)
+    # Held while the handler runs. A blob's body is written before its handler returns (see
+    # `cargohold.blobsource`), so the slot lasts until the client has it; other bodies are small
+    # and go out at once. No response is prepared here: that is aiohttp's, once.
     try:
-        response = await handler(request)
-        if kind is Kind.BLOB and not response.prepared:
-            # Send a cached blob here (its sendfile happens only after the handler returns), so the
-            # slot is held until the client has it. Other bodies are small and sent at once.
-            await response.prepare(request)
-            await response.write_eof()
-        return response
+        return await handler(request)
     finally:
         limiter.connections.release(key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -25,7 +26,7 @@ from cargohold.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from cargohold.mediatypes import media_type_of
+from cargohold.mediatypes import OCI_INDEX, media_type_of, validate_manifest
 from cargohold.upstream.bodies import read_bounded
 from cargohold.upstream.client import Pull, UpstreamClient
 
@@ -56,6 +57,16 @@ class TagList:
     link: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Referrers:
+    """An upstream's answer to the referrers API: the OCI index as sent, whether upstream applied the
+    `artifactType` filter (`OCI-Filters-Applied`), and its next-page Link (naming the upstream's repository)."""
+
+    body: bytes
+    filtered: bool
+    link: str | None
+
+
 class Remote(Protocol):
     """What the pull-through rules need from an upstream repository (implemented by `Repository`)."""
 
@@ -73,6 +84,9 @@ class Remote(Protocol):
     async def head_blob(self, digest: Digest) -> Descriptor: ...
     async def open_blob(self, digest: Digest) -> aiohttp.ClientResponse: ...
     async def list_tags(self, n: str | None, last: str | None) -> TagList: ...
+    async def referrers(
+        self, digest: Digest, artifact_type: str | None, page: Mapping[str, str]
+    ) -> Referrers | None: ...
 
 
 def upstream_failure(resp: aiohttp.ClientResponse, unknown: type[RegistryError], what: str) -> RegistryError:
@@ -254,3 +268,30 @@ class Repository:
         if not _is_json_object(body):
             raise UpstreamInvalid("upstream sent a tag list that is not a JSON object", {"upstream": self.client.name})
         return TagList(body, link)
+
+    async def referrers(self, digest: Digest, artifact_type: str | None, page: Mapping[str, str]) -> Referrers | None:
+        """Upstream's referrers of `digest` (OCI 1.1), `page` being the query of a Link it gave; None when it
+        answers 404, as registries that predate the API do: the caller falls back to the tag schema."""
+        params = {**page, "artifactType": artifact_type} if artifact_type else dict(page)
+        resp = await self.client.open(
+            "GET", self.repository, self._path("referrers", str(digest)), {"Accept": OCI_INDEX}, params=params
+        )
+        async with resp:
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                raise upstream_failure(resp, ManifestUnknown, "referrers")
+            body = await read_bounded(resp, MAX_MANIFEST, "upstream referrers", {})
+            applied = resp.headers.get("OCI-Filters-Applied", "")
+            link = resp.headers.get("Link")
+        try:
+            document = json.loads(body)
+            if not isinstance(document, dict):
+                raise ValueError("not a JSON object")
+            validate_manifest(document, OCI_INDEX)
+        except (ValueError, RecursionError):
+            raise UpstreamInvalid(
+                "upstream sent a referrers answer that is not an OCI index", {"digest": str(digest)}
+            ) from None
+        filtered = "artifacttype" in (f.strip().lower() for f in applied.split(","))
+        return Referrers(body, filtered, link)

@@ -1,0 +1,442 @@
+"""Air-gap bundles: `cargohold export` writes images as an OCI image layout in a tar; `cargohold import`
+verifies one and seeds the cache with it (blobs, manifests, links, tags), next to a running server.
+
+The layout is what skopeo's `oci-archive:` transport reads and writes: `oci-layout`, `index.json` whose
+entries name their image in `org.opencontainers.image.ref.name` (here `upstream/repository:tag`), and
+`blobs/<algorithm>/<hex>` for manifests, configs and layers alike. Export takes content from the cache,
+else through the running instance (which fetches and caches it, as `warm` does). Import trusts nothing in
+the bundle: every blob is hashed while it streams into the store, and documents are read bounded in size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+
+from cargohold.cache.backends import Backends, open_backends
+from cargohold.cache.refs import Child, references
+from cargohold.cachecli import ImageName, base_url, client_session, parse_image
+from cargohold.config import Settings
+from cargohold.digests import Digest, looks_like_digest
+from cargohold.errors import RegistryError
+from cargohold.handlers.status import human
+from cargohold.mediatypes import FULL_ACCEPT, OCI_INDEX, media_type_of
+from cargohold.names import check_name, check_tag
+
+REF_NAME = "org.opencontainers.image.ref.name"
+LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
+MAX_DOCUMENT = 4 << 20  # index.json, oci-layout and manifests are read whole, so bounded
+MAX_MEMBERS = 1_000_000
+CHUNK = 1 << 20
+
+Say = Callable[[str], None]  # where progress lines go (the command line prints them)
+
+
+class BundleError(Exception):
+    """A bundle that cannot be written or is not acceptable; the message says which image and why."""
+
+
+# export
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """An image to export: where it is cached, how the instance's API names it, and the tag or digest."""
+
+    image: ImageName
+    path: str
+    reference: str
+
+    @property
+    def ref_name(self) -> str:
+        sep = "@" if looks_like_digest(self.reference) else ":"
+        return f"{self.image.upstream}/{self.image.repository}{sep}{self.reference}"
+
+
+def _wanted(settings: Settings, image: str) -> Wanted:
+    path, reference = image, "latest"
+    if "@" in image:
+        path, reference = image.split("@", 1)
+    elif ":" in image.rsplit("/", 1)[-1]:
+        path, reference = image.rsplit(":", 1)
+    return Wanted(parse_image(settings, path), path, reference)
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, what: str) -> bytes:
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(CHUNK):
+        body += chunk
+        if len(body) > MAX_DOCUMENT:
+            raise BundleError(f"{what}: larger than {human(MAX_DOCUMENT)}")
+    return bytes(body)
+
+
+class Source:
+    """Content for a bundle: the cache first, else the running instance (which fetches and caches it)."""
+
+    def __init__(self, backends: Backends, session: aiohttp.ClientSession, base: str, spool: Path) -> None:
+        self._index, self._store = backends.index, backends.store
+        self._session, self._base, self._spool = session, base, spool
+
+    async def manifest(self, want: Wanted, reference: str) -> tuple[Digest, str, bytes]:
+        """(digest, media type, body) of a manifest by tag or digest; a cached tag is used whatever its age."""
+        if looks_like_digest(reference):
+            digest: Digest | None = Digest.parse(reference)
+        else:
+            tag = await self._index.get_tag(want.image.upstream, want.image.repository, reference)
+            digest = Digest.parse(tag.digest) if tag is not None else None
+        if digest is not None:
+            body = await self._store.load(digest)
+            if body is not None and Digest.of(body, digest.algorithm) == digest:
+                known = await self._index.get_manifest(str(digest))
+                return digest, known.media_type if known else media_type_of(None, body), body
+        what = f"{want.path}:{reference}" if digest is None else f"{want.path}@{reference}"
+        url = f"{self._base}/v2/{want.path}/manifests/{reference}"
+        async with self._session.get(url, headers={"Accept": FULL_ACCEPT}) as resp:
+            if resp.status != 200:
+                raise BundleError(f"manifest {what}: HTTP {resp.status} {(await resp.text())[:200]}")
+            body = await _read_bounded(resp, f"manifest {what}")
+            content_type = resp.headers.get("Content-Type")
+        got = Digest.of(body, digest.algorithm if digest is not None else "sha256")
+        if looks_like_digest(reference) and got != digest:
+            raise BundleError(f"manifest {what}: the instance answered content of digest {got}")
+        try:
+            return got, media_type_of(content_type, body), body
+        except ValueError:
+            raise BundleError(f"manifest {what}: not a JSON document") from None
+
+    async def blob(self, want: Wanted, digest: Digest, size: int) -> IO[bytes]:
+        """An open file with the blob's bytes (verified while they go into the tar)."""
+        where = await self._store.locate(digest)
+        if isinstance(where, Path):
+            try:
+                return where.open("rb")  # open before reading: an eviction meanwhile cannot cut it short
+            except FileNotFoundError:
+                where = None
+        with tempfile.TemporaryFile(dir=self._spool) as out:
+            chunks = await where.chunks(0, where.size) if where is not None else None
+            if chunks is not None:
+                async for chunk in chunks:
+                    out.write(chunk)
+            else:
+                async with self._session.get(f"{self._base}/v2/{want.path}/blobs/{digest}") as resp:
+                    if resp.status != 200:
+                        raise BundleError(f"blob {digest} of {want.path}: HTTP {resp.status}")
+                    async for chunk in resp.content.iter_chunked(CHUNK):
+                        out.write(chunk)
+                        if size and out.tell() > size:
+                            raise BundleError(f"blob {digest} of {want.path}: more than its {size} bytes")
+            out.seek(0)
+            return os.fdopen(os.dup(out.fileno()), "rb")
+
+
+class _Verifying:
+    """Hashes what `tarfile` copies out of a file, so only the bytes the digest names end up in a bundle."""
+
+    def __init__(self, source: IO[bytes], digest: Digest) -> None:
+        self._source, self._digest, self._hasher = source, digest, digest.hasher()
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._source.read(size)
+        self._hasher.update(chunk)
+        return chunk
+
+    def check(self) -> None:
+        if self._source.read(1) or self._hasher.hexdigest() != self._digest.hex:
+            raise BundleError(f"blob {self._digest}: its content does not match its digest")
+
+
+class LayoutWriter:
+    """An OCI image layout written into a tar: blobs once each, `index.json` at the end."""
+
+    def __init__(self, tar: tarfile.TarFile) -> None:
+        self._tar = tar
+        self._written: set[Digest] = set()
+        self.manifests: list[dict[str, Any]] = []
+        self.size = 0
+        self._member("oci-layout", len(LAYOUT), _Bytes(LAYOUT))
+        for folder in ("blobs", "blobs/sha256"):
+            info = tarfile.TarInfo(folder)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
+            tar.addfile(info)
+
+    def _member(self, name: str, size: int, source: _Verifying | _Bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o644, int(time.time())
+        self._tar.addfile(info, source)
+        self.size += size
+
+    def has(self, digest: Digest) -> bool:
+        return digest in self._written
+
+    def add_blob(self, digest: Digest, source: IO[bytes]) -> None:
+        with source:
+            verifying = _Verifying(source, digest)
+            self._member(f"blobs/{digest.algorithm}/{digest.hex}", os.fstat(source.fileno()).st_size, verifying)
+            verifying.check()
+        self._written.add(digest)
+
+    def add_document(self, digest: Digest, body: bytes) -> None:
+        if digest not in self._written:
+            self._member(f"blobs/{digest.algorithm}/{digest.hex}", len(body), _Bytes(body))
+            self._written.add(digest)
+
+    def finish(self) -> None:
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.manifests}).encode()
+        self._member("index.json", len(body), _Bytes(body))
+
+
+class _Bytes:
+    def __init__(self, data: bytes) -> None:
+        self._data, self._at = data, 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._data) if size < 0 else self._at + size
+        chunk, self._at = self._data[self._at : end], min(end, len(self._data))
+        return chunk
+
+
+def _chosen(children: list[Child], platforms: list[str] | None, image: str) -> list[Child]:
+    """The platform manifests asked for (all without `--platform`); a platform the image lacks is an error."""
+    if not platforms:
+        return children
+
+    def matches(child: Child, platform: str) -> bool:
+        return child.platform == platform or (child.platform or "").startswith(platform + "/")
+
+    for platform in platforms:
+        if not any(matches(child, platform) for child in children):
+            offered = ", ".join(sorted({c.platform or "?" for c in children}))
+            raise BundleError(f"{image}: no {platform} platform (it has {offered})")
+    return [child for child in children if any(matches(child, p) for p in platforms)]
+
+
+async def _export_one(
+    source: Source, writer: LayoutWriter, want: Wanted, platforms: list[str] | None, image: str, say: Say
+) -> None:
+    digest, media_type, body = await source.manifest(want, want.reference)
+    refs = references(body)
+    documents: list[tuple[Digest, bytes]] = []
+    blobs = list(refs.blobs)
+    for child in _chosen(refs.manifests, platforms, image):
+        child_digest, _, child_body = await source.manifest(want, child.digest)
+        documents.append((child_digest, child_body))
+        blobs += references(child_body).blobs
+    for blob in blobs:
+        blob_digest = Digest.parse(blob.digest)
+        if not writer.has(blob_digest):
+            writer.add_blob(blob_digest, await source.blob(want, blob_digest, blob.size))
+    for document in (*documents, (digest, body)):
+        writer.add_document(*document)
+    annotations = {REF_NAME: want.ref_name}
+    writer.manifests.append(
+        {"mediaType": media_type, "digest": str(digest), "size": len(body), "annotations": annotations}
+    )
+    say(f"{image}: exported as {want.ref_name} ({len(documents)} platform(s), {len(blobs)} blobs)")
+
+
+async def export(
+    settings: Settings,
+    images: list[str],
+    output: Path,
+    platforms: list[str] | None,
+    url: str | None,
+    user: str | None,
+    say: Say,
+) -> None:
+    """Write the bundle (`output`: an absolute path) under a temp name and rename it at the end: a failed
+    export leaves no bundle."""
+    partial = output.with_name(output.name + ".part")
+    async with open_backends(settings) as backends, client_session(user) as session:
+        with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as spool:
+            source = Source(backends, session, base_url(settings, url), Path(spool))
+            try:
+                with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+                    writer = LayoutWriter(tar)
+                    for image in images:
+                        await _export_one(source, writer, _wanted(settings, image), platforms, image, say)
+                    writer.finish()
+                partial.replace(output)
+            finally:
+                partial.unlink(missing_ok=True)
+    say(f"wrote {output} ({len(images)} image(s), {human(writer.size)})")
+
+
+# import
+
+
+class Layout:
+    """The members of an OCI layout tar by name; documents read bounded, blobs streamed."""
+
+    def __init__(self, tar: tarfile.TarFile) -> None:
+        self._tar = tar
+        self._members: dict[str, tarfile.TarInfo] = {}
+        for count, member in enumerate(tar, 1):
+            if count > MAX_MEMBERS:
+                raise BundleError(f"more than {MAX_MEMBERS} entries: not a bundle")
+            if member.isfile():
+                self._members[member.name.removeprefix("./")] = member
+
+    @staticmethod
+    def blob_name(digest: Digest) -> str:
+        return f"blobs/{digest.algorithm}/{digest.hex}"
+
+    def has(self, digest: Digest) -> bool:
+        return self.blob_name(digest) in self._members
+
+    def _open(self, name: str) -> tuple[tarfile.TarInfo, IO[bytes]]:
+        member = self._members.get(name)
+        source = self._tar.extractfile(member) if member is not None else None
+        if member is None or source is None:
+            raise BundleError(f"{name} is missing from the bundle")
+        return member, source
+
+    def document(self, name: str, digest: Digest | None = None) -> bytes:
+        """A JSON file of the layout (a manifest when `digest` is given: verified against it)."""
+        member, source = self._open(name)
+        if member.size > MAX_DOCUMENT:
+            raise BundleError(f"{name}: larger than {human(MAX_DOCUMENT)}")
+        with source:
+            body = source.read(MAX_DOCUMENT + 1)
+        if digest is not None and Digest.of(body, digest.algorithm) != digest:
+            raise BundleError(f"{name}: its content does not match its digest")
+        return body
+
+    def chunks(self, digest: Digest) -> Iterator[bytes]:
+        _, source = self._open(self.blob_name(digest))
+        with source:
+            while chunk := source.read(CHUNK):
+                yield chunk
+
+
+def _json_object(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise BundleError(f"{what} is not a JSON object")
+    return document
+
+
+class Seeder:
+    """Puts a bundle's images into the cache: content first, links, then the tag, so nothing half-seeded is served."""
+
+    def __init__(self, settings: Settings, backends: Backends, layout: Layout) -> None:
+        self._settings = settings
+        self._index, self._store = backends.index, backends.store
+        self._layout = layout
+        self.blobs = self.bytes = 0
+
+    def _target(self, ref_name: str) -> tuple[ImageName, str | None]:
+        """`docker.io/acme/tool:1.0` -> (the image, its tag); `...@sha256:...` has no tag; no tag means latest."""
+        name, tag = ref_name, None
+        if "@" in ref_name:
+            name = ref_name.split("@", 1)[0]
+        image = parse_image(self._settings, name)
+        if image.upstream not in {u.name for u in self._settings.upstreams}:
+            raise BundleError(f"{ref_name}: no upstream {image.upstream!r} in the config")
+        try:
+            check_name(image.repository)
+            tag = None if "@" in ref_name else check_tag(image.tag or "latest")
+        except RegistryError as exc:
+            raise BundleError(f"{ref_name}: {exc}") from None
+        return image, tag
+
+    async def _blob(self, digest: Digest, size: int) -> None:
+        """Stream a blob into the store, hashing as it goes; it is committed only if digest and size match."""
+        cached = await self._store.locate(digest)
+        if cached is not None:  # verified when it was stored; the index learns its real size
+            size = cached.stat().st_size if isinstance(cached, Path) else cached.size
+        else:
+            fd, temp = self._store.new_temp()
+            try:
+                hasher, written = digest.hasher(), 0
+                with os.fdopen(fd, "wb") as out:
+                    for chunk in self._layout.chunks(digest):
+                        hasher.update(chunk)
+                        out.write(chunk)
+                        written += len(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                if hasher.hexdigest() != digest.hex or (size and written != size):
+                    raise BundleError(f"blob {digest}: its content does not match its descriptor")
+                size = await asyncio.to_thread(self._store.commit, temp, digest)
+            except BaseException:
+                self._store.discard(temp)
+                raise
+            self.blobs, self.bytes = self.blobs + 1, self.bytes + size
+        await self._index.put_blob(str(digest), size)
+
+    async def _manifest(self, digest: Digest, media_type: str | None) -> bytes:
+        body = self._layout.document(Layout.blob_name(digest), digest)
+        try:
+            media_type = media_type_of(media_type, body)  # validated like an upstream's manifest
+        except ValueError as exc:
+            raise BundleError(f"manifest {digest}: not a manifest ({exc})") from None
+        await self._store.save(digest, body)
+        await self._index.put_manifest(str(digest), media_type, len(body))
+        return body
+
+    async def image(self, descriptor: dict[str, Any]) -> str:
+        """Seed one entry of index.json; returns what it became, for the summary."""
+        annotations = descriptor.get("annotations")
+        ref_name = annotations.get(REF_NAME) if isinstance(annotations, dict) else None
+        if not isinstance(ref_name, str) or not isinstance(descriptor.get("digest"), str):
+            raise BundleError(f"index.json entry without a digest and an {REF_NAME} annotation: {descriptor}")
+        image, tag = self._target(ref_name)
+        top = Digest.parse(descriptor["digest"])
+        refs = references(self._layout.document(Layout.blob_name(top), top))
+        present = [child for child in refs.manifests if self._layout.has(Digest.parse(child.digest))]
+        if refs.manifests and not present:
+            raise BundleError(f"{ref_name}: the bundle holds none of its platforms")
+        linked = [top]
+        for child in present:
+            child_digest = Digest.parse(child.digest)
+            for blob in references(self._layout.document(Layout.blob_name(child_digest), child_digest)).blobs:
+                await self._blob(Digest.parse(blob.digest), blob.size)
+                linked.append(Digest.parse(blob.digest))
+            await self._manifest(child_digest, None)
+            linked.append(child_digest)
+        for blob in refs.blobs:
+            await self._blob(Digest.parse(blob.digest), blob.size)
+            linked.append(Digest.parse(blob.digest))
+        media_type = descriptor.get("mediaType")
+        await self._manifest(top, media_type if isinstance(media_type, str) else None)
+        for digest in linked:
+            await self._index.put_link(image.upstream, image.repository, str(digest))
+        where = f"{image.upstream}/{image.repository}"
+        if tag is None:
+            return f"{where}@{top}"
+        stored = await self._index.get_manifest(str(top))
+        assert stored is not None  # just put
+        await self._index.put_tag(image.upstream, image.repository, tag, str(top), stored.media_type)
+        return f"{where}:{tag}"
+
+
+async def import_bundle(settings: Settings, bundle: Path, say: Say) -> None:
+    with tarfile.open(bundle, "r:*") as tar:
+        layout = Layout(tar)
+        version = _json_object(layout.document("oci-layout"), "oci-layout").get("imageLayoutVersion")
+        if not isinstance(version, str) or not version.startswith("1."):
+            raise BundleError(f"oci-layout: unsupported imageLayoutVersion {version!r}")
+        entries = _json_object(layout.document("index.json"), "index.json").get("manifests")
+        if not isinstance(entries, list) or not entries:
+            raise BundleError("index.json names no image")
+        async with open_backends(settings) as backends:
+            seeder = Seeder(settings, backends, layout)
+            for entry in entries:
+                if not isinstance(entry, dict):
+                    raise BundleError(f"index.json: not a descriptor: {entry!r}")
+                say(f"imported {await seeder.image(entry)}")
+    say(f"{len(entries)} image(s) from {bundle}: {seeder.blobs} new blobs, {human(seeder.bytes)}")
