@@ -119,6 +119,11 @@ def test_a_content_mirror_serves_a_cold_pull_for_zero_pulls_and_never_sees_crede
     assert hub2.token_requests and all(r.user is None for r in hub2.token_requests)
     assert not any(r.headers.get("authorization", "").lower().startswith("basic") for r in hub2.requests)
     assert _mirrored_manifests(srv, hub2, "served") == 2
+    fetched = {r.path.rsplit("/", 1)[-1] for r in hub2.requests_matching("GET", r"/blobs/", status=200)}
+    platform = next(
+        child for child in image.children if child.digest in {r.path.rsplit("/", 1)[-1] for r in hub2.requests}
+    )
+    assert hub.blob_count("GET") == 0 and fetched == set(platform.blob_digests)  # the blobs came from the mirror too
     hub.reset_counts()
     hub2.reset_counts()
     pull(srv, image.ref, tmp_path)  # cached now
