@@ -4,6 +4,7 @@ holding some of the hub's images under the same names) that serve content by dig
 
 from __future__ import annotations
 
+import http.client
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -147,3 +148,28 @@ def test_a_content_mirror_serving_a_wrong_manifest_is_caught_and_the_upstream_se
     hub.reset_counts()
     again = skopeo_copy(f"{srv.netloc}/{image.ref}", tmp_path / "again")  # what was cached is the right manifest
     assert again.manifest == image.manifest and hub.pulls() == 0
+
+
+def test_a_content_mirror_serving_wrong_blob_bytes_is_caught_and_the_upstream_serves_the_retry(
+    hub: Hub, hub2: Hub, cargohold: Factory
+) -> None:
+    image = hub.images["oci"]
+    hub2.push_image(image, image.repo, image.tag)
+    hub2.reset_counts()
+    hub2.inject(method="GET", path_regex=r"/blobs/", corrupt=True)
+    srv = cargohold(upstream={"content_mirrors": [hub2.url]})
+    blob = max(image.blobs, key=lambda b: b.size)
+    url = f"{srv.url}/v2/{image.repo}/blobs/{blob.digest}"
+    try:
+        first = http_request("GET", url)
+        assert first.status != 200 or first.body != blob.read_bytes()
+    except (OSError, http.client.HTTPException):
+        pass  # cut before the last byte: no client gets a complete body of wrong content
+    assert hub.blob_count("GET", blob.digest) == 0  # the mirror's answer was the one tried
+    retry = http_request("GET", url)
+    assert retry.status == 200 and retry.body == blob.read_bytes()
+    assert hub.blob_count("GET", blob.digest) == 1  # the upstream's bytes, the mirror not asked again
+    assert hub2.count("GET", rf"/blobs/{blob.digest}$", status=200) == 1
+    cached = http_request("GET", url)  # from the cache: what was verified
+    assert cached.body == blob.read_bytes() and hub.blob_count("GET", blob.digest) == 1
+    assert "Traceback" not in srv.log_text()
