@@ -160,6 +160,10 @@ def test_a_content_mirror_serving_wrong_blob_bytes_is_caught_and_the_upstream_se
     srv = cargohold(upstream={"content_mirrors": [hub2.url]})
     blob = max(image.blobs, key=lambda b: b.size)
     url = f"{srv.url}/v2/{image.repo}/blobs/{blob.digest}"
+
+    def upstream_gets() -> int:  # answered 200 (a token challenge comes first)
+        return hub.count("GET", rf"/blobs/{blob.digest}$", status=200)
+
     try:
         first = http_request("GET", url)
         assert first.status != 200 or first.body != blob.read_bytes()
@@ -168,8 +172,8 @@ def test_a_content_mirror_serving_wrong_blob_bytes_is_caught_and_the_upstream_se
     assert hub.blob_count("GET", blob.digest) == 0  # the mirror's answer was the one tried
     retry = http_request("GET", url)
     assert retry.status == 200 and retry.body == blob.read_bytes()
-    assert hub.blob_count("GET", blob.digest) == 1  # the upstream's bytes, the mirror not asked again
+    assert upstream_gets() == 1  # the upstream's bytes, the mirror not asked again
     assert hub2.count("GET", rf"/blobs/{blob.digest}$", status=200) == 1
     cached = http_request("GET", url)  # from the cache: what was verified
-    assert cached.body == blob.read_bytes() and hub.blob_count("GET", blob.digest) == 1
+    assert cached.body == blob.read_bytes() and upstream_gets() == 1
     assert "Traceback" not in srv.log_text()
