@@ -139,7 +139,7 @@ def test_a_content_mirror_serving_a_wrong_manifest_is_caught_and_the_upstream_se
     hub.pull_limit = 100
     hub2.reset_counts()
     bad = hub2.inject(method="GET", path_regex=r"/manifests/sha256:", corrupt=True)
-    srv = cargohold(upstream={"content_mirrors": [hub2.url]})
+    srv = cargohold(upstream={"content_mirrors": [hub2.url]})  # the setting under test
     out = skopeo_copy(f"{srv.netloc}/{image.ref}", tmp_path / "first")
     assert out.digest == image.digest and out.manifest == image.manifest
     assert bad.hits >= 1 and hub.pulls() == 1  # the mirror's wrong bytes (after its 401), then the upstream's
@@ -157,7 +157,7 @@ def test_a_content_mirror_serving_wrong_blob_bytes_is_caught_and_the_upstream_se
     hub2.push_image(image, image.repo, image.tag)
     hub2.reset_counts()
     hub2.inject(method="GET", path_regex=r"/blobs/", corrupt=True)
-    srv = cargohold(upstream={"content_mirrors": [hub2.url]})
+    srv = cargohold(upstream={"content_mirrors": [hub2.url]})  # the setting under test
     blob = max(image.blobs, key=lambda b: b.size)
     url = f"{srv.url}/v2/{image.repo}/blobs/{blob.digest}"
 
