@@ -28,9 +28,9 @@ def _source(target: Target) -> tuple[str, str]:
     return target.upstream.name, target.repository
 
 
-def remote_of(target: Target) -> Repository:
-    """The typed remote for the request's upstream repository."""
-    return Repository(target.upstream, target.repository)
+def remote_of(target: Target, *, waited: bool = True) -> Repository:
+    """The typed remote for the request's upstream repository; `waited`: False for a prefetch (`warm`)."""
+    return Repository(target.upstream, target.repository, waited)
 
 
 class PullThrough:
@@ -57,8 +57,11 @@ class PullThrough:
 
     # manifests
 
-    async def manifest(self, target: Target, reference: str, accept: frozenset[str]) -> Manifest:
-        remote = remote_of(target)
+    async def manifest(
+        self, target: Target, reference: str, accept: frozenset[str], *, waited: bool = True
+    ) -> Manifest:
+        """`waited`: False for a prefetch, whose pulls are deferred when the upstream's quota is at its reserve."""
+        remote = remote_of(target, waited=waited)
         if looks_like_digest(reference):
             return await self.manifests.get(remote, Digest.parse(reference))
         return await self.tags.get(remote, check_tag(reference), accept)

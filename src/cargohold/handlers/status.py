@@ -17,6 +17,7 @@ from cargohold.errors import StorageUnavailable
 from cargohold.identity import IDENTITY
 from cargohold.keys import AUTH, METRICS, PROXY, SETTINGS
 from cargohold.metrics import UpstreamState
+from cargohold.upstream.quota import QuotaFigures
 
 log = logging.getLogger("cargohold.status")
 
@@ -154,18 +155,41 @@ def _images_chart(rows: list[TagRow] | None) -> str:
     return f'<svg class="chart" id="images-chart" viewBox="0 0 600 {height}" width="600" height="{height}" role="img" aria-label="top images">{"".join(parts)}</svg>'
 
 
-def _upstream_rows(states: dict[str, UpstreamState], urls: dict[str, str] | None) -> str:
+def _in(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"in {seconds / length:.0f}{unit}"
+    return f"in {seconds:.0f}s"
+
+
+def _quota_cells(quota: QuotaFigures | None) -> str:
+    """Pulls cargohold spent in the upstream's window, and when the quota resets as far as known."""
+    if quota is None:
+        return "<td>-</td><td>-</td>"
+    window = f"{quota.window / 3600:.0f}h" if quota.window >= 3600 else f"{quota.window:.0f}s"
+    spent = f"{quota.spent} in {window}" + (" (paused)" if quota.paused_for > 0 else "")
+    return f'<td class="spent">{spent}</td><td class="resets">{_in(quota.resets_in)}</td>'
+
+
+def _upstream_rows(
+    states: dict[str, UpstreamState], urls: dict[str, str] | None, quotas: dict[str, QuotaFigures]
+) -> str:
     """One row per upstream; its URL and last error (which may name internal hosts) only when `urls`."""
     rows = []
     for name, state in states.items():
-        pulls = "-" if state.ratelimit_remaining is None else f"{state.ratelimit_remaining}" + (
-            f" of {state.ratelimit_limit}" if state.ratelimit_limit else ""
+        pulls = (
+            "-"
+            if state.ratelimit_remaining is None
+            else f"{state.ratelimit_remaining}" + (f" of {state.ratelimit_limit}" if state.ratelimit_limit else "")
         )
         error = (f"{state.error} {_ago(state.last_error)}" if state.last_error else "-") if urls is not None else "-"
         url = urls.get(name, "") if urls is not None else "-"
         rows.append(
             f'<tr class="upstream {state.state}"><td>{escape(name)}</td><td>{escape(url)}</td>'
-            f"<td>{state.state}</td><td>{_ago(state.last_ok)}</td><td>{escape(error)}</td><td>{pulls}</td></tr>"
+            f"<td>{state.state}</td><td>{_ago(state.last_ok)}</td><td>{escape(error)}</td><td>{pulls}</td>"
+            f"{_quota_cells(quotas.get(name))}</tr>"
         )
     return "".join(rows)
 
@@ -194,6 +218,7 @@ async def status_page(request: web.Request) -> web.Response:
     ratio = f"{(counts.get('hit', 0) + counts.get('stale', 0)) / answered:.0%}" if answered else "-"
     top = await _visible_rows(request)
     urls = {u.name: u.url for u in settings.upstreams} if _shows_all(request) else None
+    quotas = {u.name: u.quota.figures() for u in request.app[PROXY].router.upstreams}
     html = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cargohold status</title><style>{STYLE}</style></head>
 <body>
@@ -210,8 +235,8 @@ async def status_page(request: web.Request) -> web.Response:
 <h2>Cache answers</h2>{_outcome_chart(counts)}
 <h2>Top images</h2>{_images_chart(top)}
 <h2>Upstreams</h2>
-<table id="upstreams"><tr><th>name</th><th>url</th><th>state</th><th>last success</th><th>last error</th><th>pulls left</th></tr>
-{_upstream_rows(metrics.upstreams, urls)}</table>
+<table id="upstreams"><tr><th>name</th><th>url</th><th>state</th><th>last success</th><th>last error</th><th>pulls left</th><th>pulls spent</th><th>quota resets</th></tr>
+{_upstream_rows(metrics.upstreams, urls, quotas)}</table>
 </body></html>
 """
     return web.Response(text=html, content_type="text/html")
