@@ -1,6 +1,7 @@
 # `make run` and `make test` do all set-up on a fresh Debian/Ubuntu machine.
 VENV := .venv
 PY := $(VENV)/bin/python
+TEST_EXTRAS := [test,lint]
 APT_PACKAGES := docker.io docker-registry skopeo containerd nginx apache2-utils chromium redis-server
 
 .PHONY: run test lint soak venv system-packages bench
@@ -9,7 +10,7 @@ venv: $(VENV)/.installed
 $(VENV)/.runtime $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.$(if $(filter %/.installed,$@),[test,lint])'
+	$(PY) -m pip install -q -e '.$(if $(filter %/.installed,$@),$(TEST_EXTRAS))'
 	touch $@
 
 # Stop it with Ctrl-C (SIGTERM from a service manager works the same way).

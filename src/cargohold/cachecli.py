@@ -3,7 +3,9 @@
 
 The cache commands open the index (SQLite in WAL mode) next to a running server safely: rows are
 deleted before files, and the server fetches again whatever disappears under it.
-`warm` goes through the running instance's HTTP API, so the server's cache fills as for a pull.
+`warm` goes through the running instance's HTTP API, so the server's cache fills as for a pull. Its manifest
+requests say they are a prefetch: when an upstream's pull quota is at its reserve the server defers them
+(429, reason quota_reserve) and warm says so and exits with 75 (EX_TEMPFAIL: try again later).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from cargohold.mediatypes import FULL_ACCEPT
 from cargohold.sync.entries import sync_pins
 
 WARM_PARALLEL = 4
+# EX_TEMPFAIL: an image was deferred (the upstream's pull quota is at its reserve); try again later.
+DEFERRED = 75
+PREFETCH = {"Cargohold-Purpose": "prefetch"}
 
 
 def config_option() -> argparse.ArgumentParser:
@@ -330,8 +335,27 @@ class Progress:
             self._draw("\n")
 
 
+class Deferred(Exception):
+    """The server deferred a prefetch: the upstream's pull quota is at the reserve kept for waiting clients."""
+
+
+def _deferred(status: int, body: bytes) -> str | None:
+    """The server's message when it deferred the request (429, reason quota_reserve), else None."""
+    if status != 429:
+        return None
+    try:
+        error = json.loads(body)["errors"][0]
+        return str(error["message"]) if error["detail"]["reason"] == "quota_reserve" else None
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 async def _manifest(session: aiohttp.ClientSession, base: str, name: str, reference: str) -> bytes:
-    async with session.get(f"{base}/v2/{name}/manifests/{reference}", headers={"Accept": FULL_ACCEPT}) as resp:
+    headers = {"Accept": FULL_ACCEPT, **PREFETCH}
+    async with session.get(f"{base}/v2/{name}/manifests/{reference}", headers=headers) as resp:
+        deferred = _deferred(resp.status, await resp.content.read(64 * 1024) if resp.status == 429 else b"")
+        if deferred is not None:
+            raise Deferred(deferred)
         if resp.status != 200:
             raise RuntimeError(f"manifest {name}:{reference}: HTTP {resp.status} {(await resp.text())[:200]}")
         return await resp.read()
@@ -373,12 +397,15 @@ async def _warm_one(session: aiohttp.ClientSession, base: str, image: str, platf
 
 async def warm(settings: Settings, images: list[str], platform: str | None, url: str | None, user: str | None) -> int:
     base = base_url(settings, url)
-    failed = 0
+    failed = deferred = 0
     async with client_session(user) as session:
         for image in images:
             try:
                 await _warm_one(session, base, image, platform)
+            except Deferred as exc:
+                deferred += 1
+                print(f"cargohold: {image} deferred, upstream pull quota at its reserve: {exc}", file=sys.stderr)
             except (TimeoutError, aiohttp.ClientError, RuntimeError) as exc:
                 failed += 1
                 print(f"cargohold: warming {image} failed: {exc or type(exc).__name__}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed else DEFERRED if deferred else 0

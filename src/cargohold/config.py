@@ -16,7 +16,16 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "CARGOHOLD_"
 DOCKER_HUB = "docker.io"
@@ -154,7 +163,8 @@ class UpstreamConfig(Strict):
     repositories: list[str] = Field(default_factory=lambda: ["**"], description="globs of repositories allowed")
     token_realms: list[str] | None = Field(default=None, description="hosts allowed as token realm")
     redirect_hosts: list[str] = Field(
-        default_factory=list, description="hosts (CDNs) this upstream may redirect to, besides its own and built-in ones"
+        default_factory=list,
+        description="hosts (CDNs) this upstream may redirect to, besides its own and built-in ones",
     )
     timeout: Duration = Field(30.0, gt=0, description="how long the upstream may stay silent (connect, between bytes)")
     failure_pause: Duration = Field(10.0, description="after a failure or a 429, fail fast (serve stale) this long")
@@ -165,6 +175,14 @@ class UpstreamConfig(Strict):
     immutable_tags: list[str] = Field(
         default_factory=list,
         description="globs of tags (or repository:tag) that keep their first digest: a move upstream is not followed",
+    )
+    quota_reserve: str | int = Field(
+        "10%",
+        description="pulls (or a % of the limit) kept for clients: below it, nothing no client waits for spends one",
+    )
+    content_mirrors: list[str] = Field(
+        default_factory=list,
+        description="registries tried first for manifests by digest and blobs (verified, anonymous)",
     )
 
     @field_validator("name")
@@ -177,12 +195,7 @@ class UpstreamConfig(Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"invalid url {value!r} (expected http(s)://host[:port])")
-        if parts.username or parts.password:
-            raise ValueError("put credentials in username/password, not in the url")
-        return value.rstrip("/")
+        return _registry_url(value)
 
     @field_validator("proxy")
     @classmethod
@@ -193,6 +206,23 @@ class UpstreamConfig(Strict):
             raise ValueError("invalid proxy url (expected http(s)://[user:password@]host:port)")
         return value
 
+    @field_validator("quota_reserve")
+    @classmethod
+    def _quota_reserve(cls, value: str | int) -> str | int:
+        if isinstance(value, bool) or (isinstance(value, int) and value < 0):
+            raise ValueError(f"invalid quota_reserve {value!r} (a number of pulls, or a share like 10%)")
+        if isinstance(value, int) or value.strip().isdigit():
+            return int(value)
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)%", str(value).strip())
+        if match is None or float(match.group(1)) > 100:
+            raise ValueError(f"invalid quota_reserve {value!r} (a number of pulls, or a share like 10%)")
+        return f"{match.group(1)}%"
+
+    @field_validator("content_mirrors")
+    @classmethod
+    def _content_mirrors(cls, value: list[str]) -> list[str]:
+        return [_registry_url(url) for url in value]
+
     @field_validator("hosts")
     @classmethod
     def _hosts(cls, value: list[str]) -> list[str]:
@@ -201,7 +231,11 @@ class UpstreamConfig(Strict):
     @field_validator("token_realms")
     @classmethod
     def _token_realms(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else _host_names(value, _REALM_HOST, "auth.docker.io, *.docker.io or auth.example.com:5001")
+        return (
+            None
+            if value is None
+            else _host_names(value, _REALM_HOST, "auth.docker.io, *.docker.io or auth.example.com:5001")
+        )
 
     @field_validator("redirect_hosts")
     @classmethod
@@ -225,6 +259,15 @@ class UpstreamConfig(Strict):
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password go together")
         return self
+
+
+def _registry_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid url {value!r} (expected http(s)://host[:port])")
+    if parts.username or parts.password:
+        raise ValueError("put credentials in username/password, not in the url")
+    return value.rstrip("/")
 
 
 def _host_names(value: list[str], pattern: re.Pattern[str], example: str) -> list[str]:
@@ -295,7 +338,9 @@ class AuthConfig(Strict):
     rules: list[AccessRule] | None = Field(default=None, description="unset: every user may pull everything")
     groups: dict[str, list[str]] = Field(default_factory=dict, description="group name -> user names")
     token_ttl: Duration = 300.0
-    refresh_token_ttl: Duration = Field(30 * 86400.0, gt=0, description="how long a refresh token from POST /token is good for")
+    refresh_token_ttl: Duration = Field(
+        30 * 86400.0, gt=0, description="how long a refresh token from POST /token is good for"
+    )
     max_failed_logins: int = Field(default=10, ge=1)
     failed_login_window: Duration = 300.0
 
@@ -379,8 +424,12 @@ class IndexConfig(Strict):
     """The cache index: SQLite in data_dir, or Redis shared by replicas (which also single-flights across them)."""
 
     url: str = "sqlite"
-    peer_wait: Duration = Field(60.0, gt=0, description="how long to wait for another replica's download before fetching it too")
-    lease: Duration = Field(15.0, ge=1, description="a download lock's life without renewal: how long a dead replica holds others up")
+    peer_wait: Duration = Field(
+        60.0, gt=0, description="how long to wait for another replica's download before fetching it too"
+    )
+    lease: Duration = Field(
+        15.0, ge=1, description="a download lock's life without renewal: how long a dead replica holds others up"
+    )
 
     @field_validator("url")
     @classmethod
@@ -474,7 +523,6 @@ class Settings(Strict):
         ]
         return {**data, "upstreams": marked}
 
-
     @field_validator("listen", "metrics_listen")
     @classmethod
     def _listen(cls, value: str | None) -> str | None:
@@ -557,7 +605,7 @@ def _env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
     for key, raw in sorted(environ.items()):
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
-        path = [part.lower() for part in key[len(ENV_PREFIX):].split("__")]
+        path = [part.lower() for part in key[len(ENV_PREFIX) :].split("__")]
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:

@@ -30,9 +30,7 @@ def error_response(
 ) -> web.Response:
     """The OCI distribution error body with the given status."""
     body = {"errors": [{"code": code, "message": message, "detail": detail if detail is not None else {}}]}
-    return web.Response(
-        status=status, body=json.dumps(body).encode(), content_type="application/json", headers=headers
-    )
+    return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json", headers=headers)
 
 
 class NameInvalid(RegistryError):
@@ -101,6 +99,13 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     status = 504
+
+
+class UpstreamRateLimited(UpstreamError):
+    """The upstream's pull quota is spent (a 429), or at the reserve kept for waiting clients: 429 with the
+    upstream's Retry-After, not 503, so clients back off as the upstream asked; stale content may be served."""
+
+    status, code = 429, "TOOMANYREQUESTS"
 
 
 class UpstreamInvalid(UpstreamError):

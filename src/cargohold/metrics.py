@@ -109,6 +109,18 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.content = Counter(
+            "cargohold_content_requests",
+            "Manifests by digest and blobs asked of each source (the upstream or a content mirror), by outcome",
+            ["upstream", "source", "kind", "outcome"],
+            registry=r,
+        )
+        self.content_bytes = Counter(
+            "cargohold_content_bytes",
+            "Body bytes announced by each source (the upstream or a content mirror) for what it served",
+            ["upstream", "source", "kind"],
+            registry=r,
+        )
         self.ratelimit_rejections = Counter(
             "cargohold_ratelimit_rejections", "Client requests refused by cargohold's own rate limit", registry=r
         )
@@ -183,6 +195,11 @@ class Metrics:
         state = self.upstreams.setdefault(upstream, UpstreamState())
         state.last_error, state.error = time.time(), kind
 
+    def content_fetched(self, upstream: str, source: str, kind: str, outcome: str, size: int) -> None:
+        self.content.labels(upstream, source, kind, outcome).inc()
+        if outcome == "served":
+            self.content_bytes.labels(upstream, source, kind).inc(size)
+
     # the evictor
 
     def evicted(self, entry: Stored) -> None:
@@ -246,3 +263,27 @@ class _Live:
         for upstream in self._proxy.router.upstreams:
             pauses.add_metric([upstream.name], upstream.breaker.trips)
         yield pauses
+        yield from _quota_metrics(self._proxy)
+
+
+def _quota_metrics(proxy: PullThrough) -> Iterator[Metric]:
+    """Pulls cargohold spent per upstream account (manifest GETs its quota counts), the quota's limit and reserve."""
+    pulls = CounterMetricFamily(
+        "cargohold_upstream_pulls",
+        "Manifest GETs answered by an upstream (pulls its quota counts), per account",
+        labels=["upstream", "account"],
+    )
+    limits = GaugeMetricFamily(
+        "cargohold_upstream_ratelimit_limit", "The upstream's pull limit, from ratelimit-limit", labels=["upstream"]
+    )
+    reserves = GaugeMetricFamily(
+        "cargohold_upstream_quota_reserve", "Pulls kept for waiting clients (quota_reserve)", labels=["upstream"]
+    )
+    for upstream in proxy.router.upstreams:
+        quota = upstream.quota
+        pulls.add_metric([upstream.name, quota.account], quota.total)
+        if quota.limit is not None:
+            limits.add_metric([upstream.name], quota.limit)
+        if quota.reserve is not None:
+            reserves.add_metric([upstream.name], quota.reserve)
+    yield from (pulls, limits, reserves)

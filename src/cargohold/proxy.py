@@ -29,11 +29,12 @@ def _source(target: Target) -> tuple[str, str]:
     return target.upstream.name, target.repository
 
 
-def remote_of(target: Target) -> Repository | OfflineRepository:
-    """The typed remote for the request's upstream repository (one that never asks, when it is offline)."""
+def remote_of(target: Target, *, waited: bool = True) -> Repository | OfflineRepository:
+    """The typed remote for the request's upstream repository (one that never asks, when it is offline);
+    `waited`: False for a prefetch (`warm`)."""
     if target.upstream.config.offline:
         return OfflineRepository(target.upstream.name, target.repository)
-    return Repository(target.upstream, target.repository)
+    return Repository(target.upstream, target.repository, waited)
 
 
 class PullThrough:
@@ -60,8 +61,11 @@ class PullThrough:
 
     # manifests
 
-    async def manifest(self, target: Target, reference: str, accept: frozenset[str]) -> Manifest:
-        remote = remote_of(target)
+    async def manifest(
+        self, target: Target, reference: str, accept: frozenset[str], *, waited: bool = True
+    ) -> Manifest:
+        """`waited`: False for a prefetch, whose pulls are deferred when the upstream's quota is at its reserve."""
+        remote = remote_of(target, waited=waited)
         if looks_like_digest(reference):
             return await self.manifests.get(remote, Digest.parse(reference))
         return await self.tags.get(remote, check_tag(reference), accept)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,9 @@ CHILD = _document(DOCKER_MANIFEST, config={"digest": "sha256:" + "c" * 64, "size
 CHILD_DIGEST = Digest.of(CHILD)
 IMAGE = _document(OCI_MANIFEST, config={"digest": "sha256:" + "a" * 64, "size": 2}, layers=[])
 IMAGE_DIGEST = Digest.of(IMAGE)
-INDEX = _document(OCI_INDEX, manifests=[{"mediaType": DOCKER_MANIFEST, "digest": str(CHILD_DIGEST), "size": len(CHILD)}])
+INDEX = _document(
+    OCI_INDEX, manifests=[{"mediaType": DOCKER_MANIFEST, "digest": str(CHILD_DIGEST), "size": len(CHILD)}]
+)
 INDEX_DIGEST = Digest.of(INDEX)
 
 
@@ -70,10 +73,21 @@ class SpyRemote:
         self.tag_ttl = tag_ttl
         self.calls: Counter[str] = Counter()
         self.down = False
-        self.content = {str(d): (t, b) for d, t, b in [(CHILD_DIGEST, DOCKER_MANIFEST, CHILD),
-                                                      (IMAGE_DIGEST, OCI_MANIFEST, IMAGE),
-                                                      (INDEX_DIGEST, OCI_INDEX, INDEX)]}
+        self.content = {
+            str(d): (t, b)
+            for d, t, b in [
+                (CHILD_DIGEST, DOCKER_MANIFEST, CHILD),
+                (IMAGE_DIGEST, OCI_MANIFEST, IMAGE),
+                (INDEX_DIGEST, OCI_INDEX, INDEX),
+            ]
+        }
         self.tags = {"multi": str(INDEX_DIGEST), "image": str(IMAGE_DIGEST)}
+        self.content_mirrored = False
+        self.deferred = 0  # times the rules asked for this remote's deferrable twin
+
+    def deferrable(self) -> SpyRemote:
+        self.deferred += 1
+        return self
 
     async def _answer(self, call: str, reference: str, accept: str) -> Descriptor:
         self.calls[call] += 1
@@ -235,3 +249,32 @@ async def test_cached_manifest_reaches_another_repository_after_one_head_there(p
     nowhere.content.clear()
     with pytest.raises(ManifestUnknown):
         await pull.manifests.get(nowhere, IMAGE_DIGEST)
+
+
+async def test_with_content_mirrors_a_new_tag_is_resolved_by_head_and_fetched_by_digest(pull: Pull) -> None:
+    """Issue 17: with content mirrors, a new tag costs a HEAD (free) and a GET by digest (a mirror's first)."""
+    remote = SpyRemote()
+    remote.content_mirrored = True
+    got = await _together(lambda: pull.tags.get(remote, "image", EVERYTHING))
+    assert {m.body for m in got} == {IMAGE}
+    assert remote.calls == Counter(head_manifest=1, get_manifest=1)
+    assert (await pull.index.inner.get_tag("docker.io", "library/app", "image")).digest == str(IMAGE_DIGEST)
+
+
+async def test_refreshing_a_tag_nobody_asked_about_lately_is_deferrable(
+    pull: Pull, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17: a revalidation's pull for a tag no client asked about within tag_ttl may be deferred when the
+    quota is at its reserve; one asked about within tag_ttl may not."""
+    clock = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    remote = SpyRemote(tag_ttl=600)
+    await pull.tags.get(remote, "image", EVERYTHING)
+    clock[0] += 400
+    await pull.tags.get(remote, "image", EVERYTHING)  # within tag_ttl: answered from the index
+    clock[0] += 400
+    await pull.tags.get(remote, "image", EVERYTHING)  # expired, but asked 400 s ago: a client cares
+    assert remote.deferred == 0 and remote.calls["head_manifest"] == 1
+    clock[0] += 1000
+    await pull.tags.get(remote, "image", EVERYTHING)  # nobody asked within tag_ttl
+    assert remote.deferred == 1 and remote.calls["head_manifest"] == 2

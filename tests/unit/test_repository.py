@@ -14,7 +14,14 @@ from aiohttp.test_utils import TestServer
 
 from cargohold.config import UpstreamConfig
 from cargohold.digests import Digest
-from cargohold.errors import BlobUnknown, ManifestUnknown, NameUnknown, UpstreamInvalid, UpstreamUnavailable
+from cargohold.errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+    UpstreamInvalid,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
 from cargohold.mediatypes import FULL_ACCEPT, OCI_MANIFEST
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.repository import MAX_MANIFEST, Descriptor, Repository
@@ -75,7 +82,9 @@ async def test_get_manifest_is_verified_and_described(upstream: Any) -> None:
         ("1.0", {"body": b"x" * (MAX_MANIFEST + 1), "headers": {}}),  # too large
     ],
 )
-async def test_get_manifest_refuses_what_it_cannot_verify(upstream: Any, reference: str, change: dict[str, Any]) -> None:
+async def test_get_manifest_refuses_what_it_cannot_verify(
+    upstream: Any, reference: str, change: dict[str, Any]
+) -> None:
     fake, remote = upstream
     for name, value in change.items():
         setattr(fake, name, value)
@@ -95,8 +104,14 @@ async def test_head_manifest_says_what_upstream_named(upstream: Any) -> None:
 
 @pytest.mark.parametrize(
     ("status", "error"),
-    [(404, ManifestUnknown), (401, ManifestUnknown), (403, ManifestUnknown), (429, UpstreamUnavailable),
-     (503, UpstreamUnavailable), (418, UpstreamInvalid)],
+    [
+        (404, ManifestUnknown),
+        (401, ManifestUnknown),
+        (403, ManifestUnknown),
+        (429, UpstreamRateLimited),
+        (503, UpstreamUnavailable),
+        (418, UpstreamInvalid),
+    ],
 )
 async def test_upstream_statuses_become_domain_errors(upstream: Any, status: int, error: type[Exception]) -> None:
     fake, remote = upstream
@@ -112,7 +127,10 @@ async def test_blobs_and_tag_lists(upstream: Any) -> None:
     resp = await remote.open_blob(DIGEST)
     async with resp:
         assert await resp.read() == BODY
-    fake.body, fake.headers = b'{"name": "team/app", "tags": ["1.0"]}', {"Link": '</v2/team/app/tags/list?n=1>; rel="next"'}
+    fake.body, fake.headers = (
+        b'{"name": "team/app", "tags": ["1.0"]}',
+        {"Link": '</v2/team/app/tags/list?n=1>; rel="next"'},
+    )
     listed = await remote.list_tags("1", None)
     assert json.loads(listed.body)["tags"] == ["1.0"] and listed.link is not None
     assert fake.seen[-1][:2] == ("GET", "/v2/team/app/tags/list?n=1")

@@ -9,6 +9,9 @@ from cargohold.keys import CACHE
 from cargohold.mediatypes import parse_accept
 from cargohold.upstream.repository import Descriptor
 
+# Sent by `cargohold warm`: nobody waits for this pull, so it may be deferred (upstream/quota.py).
+PURPOSE = "Cargohold-Purpose"
+
 
 def _headers(descriptor: Descriptor) -> dict[str, str]:
     digest = str(descriptor.digest)
@@ -23,6 +26,7 @@ async def get_manifest(request: web.Request) -> web.Response:
         head = await proxy.manifest_head(target_of(request), reference, accept)
         request[CACHE] = head.cache
         return web.Response(headers={**_headers(head.descriptor), "Content-Length": str(head.descriptor.size)})
-    manifest = await proxy.manifest(target_of(request), reference, accept)
+    waited = request.headers.get(PURPOSE) != "prefetch"
+    manifest = await proxy.manifest(target_of(request), reference, accept, waited=waited)
     request[CACHE] = manifest.cache
     return web.Response(body=manifest.body, headers=_headers(manifest.descriptor))

@@ -18,6 +18,7 @@ from cargohold.identity import IDENTITY
 from cargohold.keys import AUTH, METRICS, PROXY, SETTINGS, SYNC
 from cargohold.metrics import UpstreamState
 from cargohold.sync.state import EntryState
+from cargohold.upstream.quota import QuotaFigures
 
 log = logging.getLogger("cargohold.status")
 
@@ -208,18 +209,45 @@ def _images_chart(rows: list[TagRow] | None) -> str:
     return f'<svg class="chart" id="images-chart" viewBox="0 0 600 {height}" width="600" height="{height}" role="img" aria-label="top images">{"".join(parts)}</svg>'
 
 
-def _upstream_rows(states: dict[str, UpstreamState], urls: dict[str, str] | None, offline: set[str]) -> str:
+def _in(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"in {seconds / length:.0f}{unit}"
+    return f"in {seconds:.0f}s"
+
+
+def _quota_cells(quota: QuotaFigures | None) -> str:
+    """Pulls cargohold spent in the upstream's window, and when the quota resets as far as known."""
+    if quota is None:
+        return "<td>-</td><td>-</td>"
+    window = f"{quota.window / 3600:.0f}h" if quota.window >= 3600 else f"{quota.window:.0f}s"
+    spent = f"{quota.spent} in {window}" + (" (paused)" if quota.paused_for > 0 else "")
+    return f'<td class="spent">{spent}</td><td class="resets">{_in(quota.resets_in)}</td>'
+
+
+def _upstream_rows(
+    states: dict[str, UpstreamState],
+    urls: dict[str, str] | None,
+    quotas: dict[str, QuotaFigures],
+    offline: set[str],
+) -> str:
     """One row per upstream; its URL and last error (which may name internal hosts) only when `urls`."""
     rows = []
     for name, state in states.items():
-        pulls = "-" if state.ratelimit_remaining is None else f"{state.ratelimit_remaining}" + (
-            f" of {state.ratelimit_limit}" if state.ratelimit_limit else ""
+        pulls = (
+            "-"
+            if state.ratelimit_remaining is None
+            else f"{state.ratelimit_remaining}" + (f" of {state.ratelimit_limit}" if state.ratelimit_limit else "")
         )
         error = (f"{state.error} {_ago(state.last_error)}" if state.last_error else "-") if urls is not None else "-"
         url = urls.get(name, "") if urls is not None else "-"
+        shown = "offline" if name in offline else state.state
         rows.append(
             f'<tr class="upstream {state.state}"><td>{escape(name)}</td><td>{escape(url)}</td>'
-            f"<td>{'offline' if name in offline else state.state}</td><td>{_ago(state.last_ok)}</td><td>{escape(error)}</td><td>{pulls}</td></tr>"
+            f"<td>{shown}</td><td>{_ago(state.last_ok)}</td><td>{escape(error)}</td><td>{pulls}</td>"
+            f"{_quota_cells(quotas.get(name))}</tr>"
         )
     return "".join(rows)
 
@@ -252,6 +280,7 @@ async def status_page(request: web.Request) -> web.Response:
     banner = f'<p id="offline"><b>Offline</b>: {escape(", ".join(sorted(offline)))} never contacted; only cached content is served.</p>'
     moves = await _visible_moves(request)
     sync = _sync_table(list(request.app[SYNC].states.values()), _shows_all(request)) if top is not None else ""
+    quotas = {u.name: u.quota.figures() for u in request.app[PROXY].router.upstreams}
     html = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cargohold status</title><style>{STYLE}</style></head>
 <body>
@@ -269,8 +298,8 @@ async def status_page(request: web.Request) -> web.Response:
 <h2>Cache answers</h2>{_outcome_chart(counts)}
 <h2>Top images</h2>{_images_chart(top)}
 <h2>Upstreams</h2>
-<table id="upstreams"><tr><th>name</th><th>url</th><th>state</th><th>last success</th><th>last error</th><th>pulls left</th></tr>
-{_upstream_rows(metrics.upstreams, urls, offline)}</table>
+<table id="upstreams"><tr><th>name</th><th>url</th><th>state</th><th>last success</th><th>last error</th><th>pulls left</th><th>pulls spent</th><th>quota resets</th></tr>
+{_upstream_rows(metrics.upstreams, urls, quotas, offline)}</table>
 <h2>Recent tag moves</h2>{_moves_table(moves)}
 {sync}
 </body></html>

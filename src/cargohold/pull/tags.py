@@ -4,6 +4,10 @@
 A tag found pointing at a new digest is recorded in the index's tag-move history. A tag the upstream's
 `immutable_tags` match keeps the first digest seen: a move upstream is recorded and logged, not followed.
 
+A GET is a pull on Docker Hub's quota: with content mirrors a new tag is resolved with a free HEAD and its manifest
+fetched by digest (from a mirror first); a moved tag nobody asked about within `tag_ttl` is refreshed with a pull
+that may be deferred (served stale) when the quota is at its reserve (upstream/quota.py).
+
 The index holds answers to the full Accept. A client that does not take the type a tag points at gets upstream's
 answer for its own Accept, asked once for concurrent clients and remembered (per process) within `tag_ttl`.
 """
@@ -49,6 +53,7 @@ class Tags:
         self._revalidations: SingleFlight[TagEntry] = SingleFlight()
         self._heads: Recent[TagKey, Descriptor] = Recent()
         self._head_flights: SingleFlight[Descriptor | None] = SingleFlight()
+        self._asked: Recent[TagKey, float] = Recent()  # when a client last asked for a tag by GET
         self._other_accepts = OtherAccepts(manifests, links)
 
     @property
@@ -62,6 +67,8 @@ class Tags:
     async def _get(self, remote: Remote, tag: str, accept: frozenset[str], entry: TagEntry | None) -> Manifest:
         """`entry`: the index's row for the tag, as just read."""
         key = (remote.upstream, remote.repository, tag)
+        now, asked = time.time(), self._asked.get(key)
+        self._asked.put(key, now)
         if entry is None:
             # Upstream may have answered this client's own Accept already: that answer, without asking anew.
             known = self._other_accepts.remembered(remote, tag, accept)
@@ -69,15 +76,17 @@ class Tags:
                 return await self._manifests.get(remote, known.digest)
             # Fetched with the full Accept and remembered, so a client that accepts the manifest's own type
             # (most do, whatever else they list) is answered from cache next time.
-            manifest = await self._fetches.run(key, lambda: self._fetch(remote, tag))
+            manifest = await self._fetches.run(key, lambda: self._fetch_new(remote, tag))
             if not accepts(accept, manifest.descriptor.media_type):
                 return await self._other_accepts.get(remote, tag, accept)
             return manifest
         if not accepts(accept, entry.media_type):
             return await self._other_accepts.get(remote, tag, accept)
         self._index.touch_tag(*key)
-        if time.time() - entry.checked_at < remote.tag_ttl:
+        if now - entry.checked_at < remote.tag_ttl:
             return await self._manifests.get(remote, Digest.parse(entry.digest))
+        if asked is None or now - asked >= remote.tag_ttl:
+            remote = remote.deferrable()  # nobody else asked for it lately: not worth the reserve
         try:
             return await self._revalidated(remote, tag, entry)
         except UpstreamError as exc:
@@ -96,7 +105,7 @@ class Tags:
         key = (remote.upstream, remote.repository, tag)
         entry = await self._index.get_tag(*key)
         if entry is None:
-            return await self._fetches.run(key, lambda: self._fetch(remote, tag))
+            return await self._fetches.run(key, lambda: self._fetch_new(remote, tag))
         return await self._revalidated(remote, tag, entry)
 
     async def _moved(self, key: TagKey, old: str, new: str) -> None:
@@ -124,6 +133,19 @@ class Tags:
             remote.upstream, remote.repository, tag, str(descriptor.digest), descriptor.media_type
         )
         return manifest
+
+    async def _fetch_new(self, remote: Remote, tag: str) -> Manifest:
+        """A tag not in the index: with content mirrors, a HEAD names the digest (free) and the manifest comes by
+        digest (from a mirror first); else, or when the HEAD says too little, one GET by tag."""
+        if remote.content_mirrored:
+            found = await self._ask(remote, tag)
+            if found is not None and found.media_type in KNOWN:
+                await self._links.add(remote, str(found.digest))
+                manifest = await self._manifests.get(remote, found.digest)
+                got = manifest.descriptor
+                await self._index.put_tag(remote.upstream, remote.repository, tag, str(got.digest), got.media_type)
+                return manifest
+        return await self._fetch(remote, tag)
 
     async def _ask(self, remote: Remote, tag: str) -> Descriptor | None:
         """HEAD the tag with the full Accept; a tag upstream no longer has is dropped from the index."""

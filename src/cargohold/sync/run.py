@@ -140,7 +140,7 @@ class Syncer:
     ) -> str:
         """Revalidate (HEAD) or fetch the tag, then what its platforms lack; a line saying what was done."""
         proxy = self._proxy
-        remote = remote_of(target)
+        remote = remote_of(target, waited=False)  # a prefetch: deferred when Docker Hub's quota is at its reserve
         manifest = await proxy.tags.refresh(remote, tag)
         changed = manifest.cache == "miss"
         state.tags_changed += changed

@@ -3,8 +3,9 @@
 Without it every request to a dead or hanging upstream pays the full retry budget (a stale tag
 waits for three timeouts), and a 429 storm is answered with more requests. With it an upstream
 that just failed is left alone for `failure_pause` (or the `Retry-After` it asked for, capped);
-stale tags are then answered at once and cold requests get 503 with `Retry-After`. The first
-request after the pause goes through again, so recovery needs no one's help.
+stale tags are then answered at once and cold requests get 503 with `Retry-After` (429 TOOMANYREQUESTS
+after a 429: the upstream is limiting us, not down). The first request after the pause goes through
+again, so recovery needs no one's help. A 429 to a pull (a manifest GET) pauses pulls only (quota.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import math
 import time
 
-from cargohold.errors import UpstreamUnavailable
+from cargohold.errors import UpstreamError, UpstreamRateLimited, UpstreamUnavailable
 
 log = logging.getLogger("cargohold.upstream")
 
@@ -36,24 +37,29 @@ class Breaker:
         self._upstream = upstream
         self._pause = pause
         self._until = 0.0
+        self._limited = False
         self.trips = 0
 
     def remaining(self) -> float:
         return max(0.0, self._until - time.monotonic())
 
     def check(self) -> None:
-        """Raise 503 with Retry-After while the upstream is paused."""
+        """Raise 503 (429 after a 429) with Retry-After while the upstream is paused."""
         left = self.remaining()
         if left > 0:
-            raise UpstreamUnavailable(
-                f"upstream {self._upstream} failed just now; not asking it again for {math.ceil(left)}s",
+            what = "is rate limiting us" if self._limited else "failed just now"
+            error: type[UpstreamError] = UpstreamRateLimited if self._limited else UpstreamUnavailable
+            raise error(
+                f"upstream {self._upstream} {what}; not asking it again for {math.ceil(left)}s",
                 {"upstream": self._upstream},
                 {"Retry-After": str(math.ceil(left))},
             )
 
-    def trip(self, reason: str, seconds: float | None = None) -> None:
+    def trip(self, reason: str, seconds: float | None = None, *, limited: bool = False) -> None:
+        """Pause for `seconds` (a Retry-After) or `failure_pause`; `limited`: the upstream answered 429."""
         pause = min(MAX_PAUSE, self._pause if seconds is None else max(seconds, 1.0))
         if time.monotonic() + pause > self._until:
             self._until = time.monotonic() + pause
+            self._limited = limited
         self.trips += 1
         log.warning("upstream %s paused for %.0fs: %s", self._upstream, pause, reason)

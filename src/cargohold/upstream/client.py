@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Literal, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -25,6 +25,8 @@ from cargohold.upstream.auth import TokenCache, basic_header, parse_challenge
 from cargohold.upstream.breaker import Breaker, retry_after_seconds
 from cargohold.upstream.egress import Egress
 from cargohold.upstream.failures import cause, where
+from cargohold.upstream.mirrors import ContentMirrors, mirror_config
+from cargohold.upstream.quota import Quota
 from cargohold.upstream.realms import RealmPolicy, RedirectPolicy, normal_host
 
 log = logging.getLogger("cargohold.upstream")
@@ -33,6 +35,8 @@ ATTEMPTS = 3
 BACKOFF = 0.25
 MAX_REDIRECTS = 5
 _REDIRECTS = {301, 302, 303, 307, 308}
+# A manifest GET is a pull Docker Hub counts: one a client waits for, or one that may be deferred (see quota.py).
+Pull = Literal["waited", "deferrable"]
 # How much of an upstream body may wait in memory: large enough that the socket keeps being
 # read while a chunk is written to disk (aiohttp's 64 KiB default stalls blob downloads).
 UPSTREAM_READ_BUFFER = 1 << 20
@@ -55,10 +59,16 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 
 class UpstreamObserver(Protocol):
-    """Told about every request that leaves (metrics, upstream state); `kind` is timeout or connection."""
+    """Told about every request that leaves (metrics, upstream state); `kind` is timeout or connection. Also told
+    where content by digest came from (the upstream or one of its content mirrors)."""
 
-    def upstream_answered(self, upstream: str, method: str, response: aiohttp.ClientResponse, seconds: float) -> None: ...
+    def upstream_answered(
+        self, upstream: str, method: str, response: aiohttp.ClientResponse, seconds: float
+    ) -> None: ...
     def upstream_failed(self, upstream: str, method: str, kind: str, seconds: float) -> None: ...
+    def content_fetched(self, upstream: str, source: str, kind: str, outcome: str, size: int) -> None:
+        """Content by digest (`kind` manifest or blob) asked of `source` (the upstream or a content mirror):
+        `outcome` served (`size` bytes announced), missing, invalid (wrong content) or failed."""
 
 
 class UpstreamClient:
@@ -72,6 +82,7 @@ class UpstreamClient:
         observer: UpstreamObserver | None = None,
         gate: asyncio.Semaphore | None = None,
         guard: AddressGuard | None = None,
+        mirrors: ContentMirrors | None = None,
     ) -> None:
         self.config = config
         self.observer = observer
@@ -97,13 +108,19 @@ class UpstreamClient:
         )
         self._basic = False
         self.breaker = Breaker(config.name, config.failure_pause)
+        account = config.username if config.username is not None else "anonymous"
+        self.quota = Quota(config.name, account, config.quota_reserve, config.failure_pause)
+        self.mirrors = mirrors or ContentMirrors()
 
     @classmethod
     def connect(
         cls, config: UpstreamConfig, *, observer: UpstreamObserver | None = None, gate: asyncio.Semaphore | None = None
     ) -> UpstreamClient:
         """A client with a session of its own, whose resolver refuses addresses the upstream may not
-        reach (DNS rebinding included); `close()` closes it."""
+        reach (DNS rebinding included), and a client of each content mirror; `close()` closes them."""
+        mirrors = ContentMirrors(
+            [cls.connect(mirror_config(config, url), observer=observer) for url in config.content_mirrors]
+        )
         guard = guard_for(config)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, resolver=guard),
@@ -111,11 +128,12 @@ class UpstreamClient:
             auto_decompress=False,
             read_bufsize=UPSTREAM_READ_BUFFER,
         )
-        return cls(config, session, observer=observer, gate=gate, guard=guard)
+        return cls(config, session, observer=observer, gate=gate, guard=guard, mirrors=mirrors)
 
     async def close(self) -> None:
         await self._session.close()
         await self._guard.close()
+        await self.mirrors.close()
 
     async def open(
         self,
@@ -126,10 +144,15 @@ class UpstreamClient:
         *,
         stream: bool = False,
         params: Mapping[str, str] | None = None,
+        pull: Pull | None = None,
     ) -> aiohttp.ClientResponse:
         """Send a pull request for `repository`; retried on connection errors, timeouts and 5xx.
         `stream`: a blob body follows, bounded only by silence, not in total. Caller releases it.
-        A failure (after the retries) or a 429 pauses the upstream (see breaker.py)."""
+        `pull`: a manifest GET, which the upstream's quota counts (quota.py): refused with 429 while the quota is
+        spent (or, if deferrable, at its reserve), and a 429 to it pauses pulls only. Any other failure (after the
+        retries) or 429 pauses the upstream (see breaker.py)."""
+        if pull is not None:
+            self.quota.check(deferrable=pull == "deferrable")
         self.breaker.check()
         timeout = self._stream_timeout if stream else self._small_timeout
         try:
@@ -137,10 +160,16 @@ class UpstreamClient:
         except (UpstreamUnavailable, UpstreamTimeout) as exc:
             self.breaker.trip(exc.message)
             raise
-        if resp.status == 429:
-            self.breaker.trip("429 Too Many Requests", retry_after_seconds(resp.headers.get("Retry-After")))
+        self.quota.observe(resp.headers)
+        retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+        if resp.status == 429 and pull is not None:
+            self.quota.refused(retry_after)
+        elif resp.status == 429:
+            self.breaker.trip("429 Too Many Requests", retry_after, limited=True)
         elif resp.status >= 500:
             self.breaker.trip(f"{method} {path} answered {resp.status}")
+        elif resp.status == 200 and pull is not None:
+            self.quota.spent_one()
         return resp
 
     async def _attempts(
@@ -185,9 +214,7 @@ class UpstreamClient:
     def _refused(self, place: str, reason: str) -> UpstreamInvalid:
         """A redirect (or realm) that would reach an address this upstream may not send us to."""
         log.warning("upstream %s: refused to connect to %s: %s", self.name, place, reason)
-        return UpstreamInvalid(
-            f"upstream {self.name} sent us to an address it may not use", {"upstream": self.name}
-        )
+        return UpstreamInvalid(f"upstream {self.name} sent us to an address it may not use", {"upstream": self.name})
 
     def _failed(self, method: str, kind: str, started: float) -> None:
         if self.observer is not None:

@@ -47,6 +47,13 @@ class OfflineRepository:
     def tag_ttl(self) -> float:
         return math.inf
 
+    @property
+    def content_mirrored(self) -> bool:
+        return False
+
+    def deferrable(self) -> OfflineRepository:
+        return self
+
     def _refuse(self, error: type[RegistryError], what: str) -> NoReturn:
         raise error(f"{what} not in the cache", {"reason": OFFLINE, "upstream": self.upstream})
 

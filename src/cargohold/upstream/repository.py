@@ -1,15 +1,17 @@
 """One repository of one upstream, typed: what the pull-through rules ask a remote registry.
 
 It owns the URLs, the mapping of upstream statuses to domain errors and the size limits of what is
-read into memory; everything it returns about content is a `Descriptor`. The rules themselves (what is
+read into memory; everything it returns about content is a `Descriptor`. Content by digest (manifests and
+blobs) is asked at the upstream's content mirrors first (mirrors.py), tags always at the upstream itself. The rules themselves (what is
 cached, when to ask) live in `cargohold.pull`, which talks to any `Remote` (a spy in unit tests).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import aiohttp
@@ -21,11 +23,14 @@ from cargohold.errors import (
     NameUnknown,
     RegistryError,
     UpstreamInvalid,
+    UpstreamRateLimited,
     UpstreamUnavailable,
 )
 from cargohold.mediatypes import OCI_INDEX, media_type_of, validate_manifest
 from cargohold.upstream.bodies import read_bounded
-from cargohold.upstream.client import UpstreamClient
+from cargohold.upstream.client import Pull, UpstreamClient
+
+log = logging.getLogger("cargohold.upstream")
 
 MAX_MANIFEST = 4 << 20
 MAX_TAG_LIST = 16 << 20
@@ -71,6 +76,9 @@ class Remote(Protocol):
     def repository(self) -> str: ...
     @property
     def tag_ttl(self) -> float: ...
+    @property
+    def content_mirrored(self) -> bool: ...
+    def deferrable(self) -> Remote: ...
     async def head_manifest(self, reference: str, accept: str) -> Descriptor | None: ...
     async def get_manifest(self, reference: str, accept: str) -> tuple[Descriptor, bytes]: ...
     async def head_blob(self, digest: Digest) -> Descriptor: ...
@@ -88,7 +96,7 @@ def upstream_failure(resp: aiohttp.ClientResponse, unknown: type[RegistryError],
         return unknown(f"{what} not found upstream", detail)
     if resp.status == 429:
         retry = resp.headers.get("Retry-After")
-        return UpstreamUnavailable(
+        return UpstreamRateLimited(
             f"upstream is rate limiting us while fetching {what}", detail, {"Retry-After": retry} if retry else None
         )
     if resp.status >= 500:
@@ -112,6 +120,13 @@ def _verified(reference: str, claimed: str | None, body: bytes) -> Digest:
     return digest
 
 
+def _outcome(exc: RegistryError) -> str:
+    """How a content mirror failed, for the metrics: it lacks the content, sent wrong content, or failed."""
+    if isinstance(exc, ManifestUnknown | BlobUnknown):
+        return "missing"
+    return "invalid" if isinstance(exc, UpstreamInvalid) else "failed"
+
+
 def _is_json_object(body: bytes) -> bool:
     try:
         return isinstance(json.loads(body), dict)
@@ -119,12 +134,34 @@ def _is_json_object(body: bytes) -> bool:
         return False
 
 
+async def _fetch_manifest(
+    client: UpstreamClient, repository: str, reference: str, accept: str, pull: Pull | None
+) -> tuple[Descriptor, bytes]:
+    """GET a manifest at `client`, read up to MAX_MANIFEST bytes and verified: its digest (the one asked for, and the
+    one the registry claims) and its media type (the Content-Type if it names one, else the document's)."""
+    path = f"/v2/{repository}/manifests/{reference}"
+    resp = await client.open("GET", repository, path, {"Accept": accept}, pull=pull)
+    async with resp:
+        if resp.status != 200:
+            raise upstream_failure(resp, ManifestUnknown, "manifest")
+        body = await read_bounded(resp, MAX_MANIFEST, "upstream manifest", {})
+        content_type, claimed = resp.headers.get("Content-Type"), resp.headers.get("Docker-Content-Digest")
+    digest = _verified(reference, claimed, body)
+    try:
+        media_type = media_type_of(content_type, body)
+    except ValueError:
+        raise UpstreamInvalid("upstream sent something that is not a manifest", {"digest": str(digest)}) from None
+    return Descriptor(digest, media_type, len(body)), body
+
+
 @dataclass(frozen=True, slots=True)
 class Repository:
-    """`repository` at upstream `client`; cheap to make, one per request."""
+    """`repository` at upstream `client`; cheap to make, one per request. `waited`: a client waits for what it
+    fetches (else its pulls are deferred when the quota is at its reserve: a prefetch)."""
 
     client: UpstreamClient
     repository: str
+    waited: bool = True
 
     @property
     def upstream(self) -> str:
@@ -134,8 +171,21 @@ class Repository:
     def tag_ttl(self) -> float:
         return self.client.config.tag_ttl
 
+    @property
+    def content_mirrored(self) -> bool:
+        """Whether content by digest is asked elsewhere first (then a new tag is worth a free HEAD before a GET)."""
+        return bool(self.client.mirrors.clients)
+
+    def deferrable(self) -> Repository:
+        """This repository for fetches no client waits for."""
+        return replace(self, waited=False)
+
     def _path(self, kind: str, reference: str) -> str:
         return f"/v2/{self.repository}/{kind}/{reference}"
+
+    def _counted(self, source: UpstreamClient, kind: str, outcome: str, size: int = 0) -> None:
+        if self.client.observer is not None:
+            self.client.observer.content_fetched(self.client.name, source.name, kind, outcome, size)
 
     async def head_manifest(self, reference: str, accept: str) -> Descriptor | None:
         """What upstream's HEAD names for the reference (free under Docker Hub's pull limit); None when it
@@ -154,20 +204,22 @@ class Repository:
         return None if digest is None else Descriptor(digest, media_type, size)
 
     async def get_manifest(self, reference: str, accept: str) -> tuple[Descriptor, bytes]:
-        """The manifest, read up to MAX_MANIFEST bytes and verified: its digest (the one asked for, and the
-        one upstream claims) and its media type (the Content-Type if it names one, else the document's)."""
-        resp = await self.client.open("GET", self.repository, self._path("manifests", reference), {"Accept": accept})
-        async with resp:
-            if resp.status != 200:
-                raise upstream_failure(resp, ManifestUnknown, "manifest")
-            body = await read_bounded(resp, MAX_MANIFEST, "upstream manifest", {})
-            content_type, claimed = resp.headers.get("Content-Type"), resp.headers.get("Docker-Content-Digest")
-        digest = _verified(reference, claimed, body)
-        try:
-            media_type = media_type_of(content_type, body)
-        except ValueError:
-            raise UpstreamInvalid("upstream sent something that is not a manifest", {"digest": str(digest)}) from None
-        return Descriptor(digest, media_type, len(body)), body
+        """The manifest, verified (see _fetch_manifest). By digest the content mirrors are asked first; what they
+        lack or get wrong the upstream answers, with a pull its quota counts."""
+        if looks_like_digest(reference):
+            for mirror in self.client.mirrors.clients:
+                try:
+                    found = await _fetch_manifest(mirror, self.repository, reference, accept, None)
+                except RegistryError as exc:
+                    self._counted(mirror, "manifest", _outcome(exc))
+                    log.info("content mirror %s: manifest %s: %s", mirror.name, reference, exc.message)
+                    continue
+                self._counted(mirror, "manifest", "served", found[0].size)
+                return found
+        pull: Pull = "waited" if self.waited else "deferrable"
+        found = await _fetch_manifest(self.client, self.repository, reference, accept, pull)
+        self._counted(self.client, "manifest", "served", found[0].size)
+        return found
 
     async def head_blob(self, digest: Digest) -> Descriptor:
         """The blob's size from upstream's HEAD, without downloading it."""
@@ -181,8 +233,24 @@ class Repository:
             return Descriptor(digest, media_type, resp.content_length)
 
     async def open_blob(self, digest: Digest) -> aiohttp.ClientResponse:
-        """The blob's response with its body still to stream (the caller releases it); a download's opener."""
-        resp = await self.client.open("GET", self.repository, self._path("blobs", str(digest)), stream=True)
+        """The blob's response with its body still to stream (the caller releases it); a download's opener. The
+        content mirrors are asked first (the download verifies what they send); the upstream when they lack it."""
+        for mirror in self.client.mirrors.for_blob(digest):
+            try:
+                resp = await self._open_blob_at(mirror, digest)
+            except RegistryError as exc:
+                self._counted(mirror, "blob", _outcome(exc))
+                log.info("content mirror %s: blob %s: %s", mirror.name, digest, exc.message)
+                continue
+            self.client.mirrors.handed_out(mirror, digest)
+            self._counted(mirror, "blob", "served", resp.content_length or 0)
+            return resp
+        resp = await self._open_blob_at(self.client, digest)
+        self._counted(self.client, "blob", "served", resp.content_length or 0)
+        return resp
+
+    async def _open_blob_at(self, client: UpstreamClient, digest: Digest) -> aiohttp.ClientResponse:
+        resp = await client.open("GET", self.repository, self._path("blobs", str(digest)), stream=True)
         if resp.status != 200:
             resp.release()
             raise upstream_failure(resp, BlobUnknown, "blob")

@@ -35,6 +35,7 @@ from .cdn import Cdn
 from .faults import Faults
 from .front import Front
 from .pushing import Pushing
+from .quota import PullQuota
 from .recording import Recording
 from .records import Fault, Recorded
 from .tokens import Tokens, libtrust_key_id
@@ -42,7 +43,7 @@ from .tokens import Tokens, libtrust_key_id
 T = TypeVar("T")
 
 
-class Hub(Recording, Faults, Tokens, Cdn, Front, Pushing, Managed):
+class Hub(Recording, Faults, Tokens, Cdn, Front, Pushing, PullQuota, Managed):
     """A Docker Hub look-alike on loopback.
 
     Args:
@@ -51,8 +52,9 @@ class Hub(Recording, Faults, Tokens, Cdn, Front, Pushing, Managed):
         token_ttl: `expires_in` of issued tokens (and their JWT exp), seconds.
         redirect_blobs: answer blob GETs with 307 to the CDN on `cdn_host`.
         private_repos: repositories anonymous users may not pull.
-        pull_limit: after this many manifest GETs, answer 429 TOOMANYREQUESTS (HEAD is free),
-            like Docker Hub; ratelimit-* headers are sent while it is set.
+        pull_limit: after this many manifest GETs per address or account, answer 429 TOOMANYREQUESTS (HEAD is
+            free), like Docker Hub; ratelimit-* headers are sent while it is set (see quota.py).
+        pull_retry_after: the Retry-After of that 429 (None: none, as Docker Hub mostly sends).
         cdn_reject_auth: the CDN answers 400 to requests carrying Authorization (as S3 does for
             presigned URLs), so a leaked token fails loudly; it is recorded either way.
     """
@@ -66,6 +68,7 @@ class Hub(Recording, Faults, Tokens, Cdn, Front, Pushing, Managed):
         redirect_blobs: bool = False,
         private_repos: Iterable[str] = ("acme/private",),
         pull_limit: int | None = None,
+        pull_retry_after: int | None = 3600,
         cdn_reject_auth: bool = True,
         service: str = "registry.docker.io",
         issuer: str = "cargohold-rig-auth",
@@ -85,6 +88,7 @@ class Hub(Recording, Faults, Tokens, Cdn, Front, Pushing, Managed):
             "redirect_blobs": redirect_blobs,
             "private_repos": set(private_repos),
             "pull_limit": pull_limit,
+            "pull_retry_after": pull_retry_after,
             "cdn_reject_auth": cdn_reject_auth,
             "users": dict(self.users),
         }
@@ -94,6 +98,7 @@ class Hub(Recording, Faults, Tokens, Cdn, Front, Pushing, Managed):
         self.redirect_blob_heads = False
         self.private_repos: set[str] = set(private_repos)
         self.pull_limit = pull_limit
+        self.pull_retry_after = pull_retry_after
         self.cdn_reject_auth = cdn_reject_auth
         #: Pushed images by key (filled by `seed()` or by the caller).
         self.images: dict[str, imgs.Image] = {}
@@ -101,7 +106,7 @@ class Hub(Recording, Faults, Tokens, Cdn, Front, Pushing, Managed):
         self._lock = threading.Lock()
         self._records: list[Recorded] = []
         self._faults: list[Fault] = []
-        self._manifest_gets = 0
+        self._pulls: dict[str, int] = {}
         self._refresh_tokens: dict[str, str] = {}
         self._cdn_secret = secrets.token_bytes(16)
 
@@ -222,6 +227,7 @@ class Hub(Recording, Faults, Tokens, Cdn, Front, Pushing, Managed):
         self.redirect_blob_heads = False
         self.private_repos = set(self._defaults["private_repos"])  # type: ignore[call-overload]
         self.pull_limit = self._defaults["pull_limit"]  # type: ignore[assignment]
+        self.pull_retry_after = self._defaults["pull_retry_after"]  # type: ignore[assignment]
         self.cdn_reject_auth = self._defaults["cdn_reject_auth"]  # type: ignore[assignment]
         self.users = dict(self._defaults["users"])  # type: ignore[call-overload]
 

@@ -23,25 +23,19 @@ class Front:
         method = request.method
         mm = MANIFEST_RE.match(request.path)
         extra_headers: dict[str, str] = {}
+        counted = ""  # the address or account a manifest GET is counted against, when the quota is on
         if mm and self.pull_limit is not None:
-            with self._lock:
-                if method == "GET":
-                    self._manifest_gets += 1
-                used = self._manifest_gets
-            remaining = max(0, self.pull_limit - used)
+            source = self.pull_source(request)
+            remaining = max(0, self.pull_limit - self.pulls(source))
             extra_headers = {
-                "RateLimit-Limit": f"{self.pull_limit};w=21600",
-                "RateLimit-Remaining": f"{remaining};w=21600",
-                "Docker-RateLimit-Source": request.remote or "127.0.0.1",
+                "ratelimit-limit": f"{self.pull_limit};w=21600",
+                "ratelimit-remaining": f"{remaining};w=21600",
+                "docker-ratelimit-source": source,
             }
-            if method == "GET" and used > self.pull_limit:
+            if method == "GET" and remaining == 0:
                 rec.status = 429
-                return oci_error(
-                    "TOOMANYREQUESTS",
-                    "You have reached your pull rate limit.",
-                    429,
-                    extra_headers,
-                )
+                return self.pull_limit_reached(extra_headers)
+            counted = source if method == "GET" else ""  # HEAD is never counted
         bm = BLOB_RE.match(request.path)
         redirect = bool(
             self.redirect_blobs and bm and (method == "GET" or (method == "HEAD" and self.redirect_blob_heads))
@@ -76,6 +70,9 @@ class Front:
             )
             async with up_cm as up:
                 rec.status = up.status
+                if counted and up.status == 200:
+                    remaining = self.count_pull(counted)
+                    extra_headers["ratelimit-remaining"] = f"{remaining};w=21600"
                 resp = web.StreamResponse(status=up.status, reason=up.reason)
                 for k, v in up.headers.items():
                     kl = k.lower()

@@ -83,7 +83,7 @@ class Recording:
         """Forget recorded requests and the pull-limit counter."""
         with self._lock:
             self._records.clear()
-            self._manifest_gets = 0
+            self._pulls.clear()
 
     def _record(self, service: str, request: web.Request) -> Recorded:
         headers: dict[str, str] = {}
