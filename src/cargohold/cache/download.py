@@ -37,6 +37,7 @@ from cargohold.cache.index import Index
 from cargohold.cache.store import BlobStore
 from cargohold.digests import Digest
 from cargohold.errors import UpstreamInvalid
+from cargohold.tasks import Tasks
 
 log = logging.getLogger("cargohold.cache")
 
@@ -418,14 +419,19 @@ class Downloads:
     """The downloads in progress, one per digest: later askers join the running one."""
 
     def __init__(
-        self, store: BlobStore, index: Index, make_room: MakeRoom | None = None, max_blob_size: int = MAX_BLOB_SIZE
+        self,
+        store: BlobStore,
+        index: Index,
+        tasks: Tasks,
+        make_room: MakeRoom | None = None,
+        max_blob_size: int = MAX_BLOB_SIZE,
     ) -> None:
         self._store = store
         self._index = index
+        self._tasks = tasks  # the app's: a download in flight is cancelled and its temp file removed at shutdown
         self._make_room = make_room
         self._max_blob_size = max_blob_size
         self._active: dict[str, Download] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
         self.started = 0
         self.joins = 0
         # Downloads served without caching because the disk was full (for metrics and tests).
@@ -455,9 +461,8 @@ class Downloads:
             if download.spill_from is None:  # uncached from the start: not for others to join
                 self._active[key] = download
             self.started += 1
-            task = asyncio.create_task(download.run(open_upstream), name=f"download {key}")
-            self._tasks.add(task)
-            task.add_done_callback(lambda t: self._done(key, download, t))
+            task = self._tasks.spawn(download.run(open_upstream), f"download {key}")
+            task.add_done_callback(lambda _: self._done(key, download))
         else:
             self.joins += 1
         await asyncio.shield(download.ready)
@@ -475,13 +480,6 @@ class Downloads:
         if self._active.get(key) is download:
             del self._active[key]
 
-    def _done(self, key: str, download: Download, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+    def _done(self, key: str, download: Download) -> None:
         if self._active.get(key) is download:
             del self._active[key]
-
-    async def close(self) -> None:
-        """Stop every download (at shutdown); their temp files are removed."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -114,6 +114,7 @@ class UpstreamClient:
         return cls(config, session, observer=observer, gate=gate, guard=guard)
 
     async def close(self) -> None:
+        await self.tokens.close()
         await self._session.close()
         await self._guard.close()
 
