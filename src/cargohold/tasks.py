@@ -1,9 +1,10 @@
 """The one owner of an app's background tasks: spawned here, cancelled and awaited at shutdown.
 
-Modelled on aiojobs' Scheduler (`spawn`, `shield`, close in a cleanup context), smaller: a task
-nobody awaits that fails is logged once here, with its name; a task whose callers await it
-(`shield`) hands its failure to them and is not logged. `close` cancels what is left and awaits
-it within a bound, so shutdown neither hangs nor leaves "Task was destroyed but it is pending".
+Modelled on aiojobs' Scheduler (`spawn`, close in a cleanup context), smaller: a task nobody
+awaits that fails is logged once here, with its name; a task whose callers await it
+(`spawn_awaited`, as single-flight does behind `asyncio.shield`) hands its failure to them and is
+not logged. `close` cancels what is left and awaits it within a bound, so shutdown neither hangs
+nor leaves "Task was destroyed but it is pending".
 """
 
 from __future__ import annotations
@@ -44,10 +45,6 @@ class Tasks:
         self._tasks.add(task)
         task.add_done_callback(self._finished)
         return task
-
-    async def shield(self, coro: Coroutine[Any, Any, T], name: str) -> T:
-        """Run `coro` as an owned task and await it: a caller that is cancelled does not cancel it."""
-        return await asyncio.shield(self.spawn_awaited(coro, name))
 
     def spawn_awaited(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
         """Like `spawn`, for a task whose callers await it: its failure is theirs, not logged here."""
