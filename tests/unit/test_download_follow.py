@@ -140,3 +140,50 @@ async def test_an_upstream_of_tiny_chunks_is_cached_whole(tmp_path: Path) -> Non
         await tasks.close()
         await index.close()
         await server.close()
+
+
+async def test_the_temp_file_is_made_off_the_event_loop(tmp_path: Path, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Creating it touches the disk (a directory entry, two opens): a slow disk must not stall the loop."""
+    made_on: list[threading.Thread] = []
+
+    class Recording(FsBlobStore):
+        def new_temp(self) -> tuple[int, Path]:
+            made_on.append(threading.current_thread())
+            return super().new_temp()
+
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    async with Tasks() as tasks:
+        download = await Downloads(Recording(tmp_path), index, tasks).join(DIGEST, upstream)
+        await asyncio.wait_for(download.wait_finished(), 30)
+    await index.close()
+    assert download.verified and download.error is None
+    assert made_on and made_on[0] is not threading.main_thread()
+
+
+async def test_a_temp_file_made_as_shutdown_cancels_the_download_is_removed(tmp_path: Path, upstream) -> None:  # type: ignore[no-untyped-def]
+    entered, gate, made = threading.Event(), threading.Event(), threading.Event()
+
+    class Slow(FsBlobStore):
+        def new_temp(self) -> tuple[int, Path]:
+            entered.set()
+            gate.wait(30)
+            try:
+                return super().new_temp()
+            finally:
+                made.set()
+
+    store = Slow(tmp_path)
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    tasks = Tasks()
+    joining = asyncio.create_task(Downloads(store, index, tasks).join(DIGEST, upstream))
+    await asyncio.to_thread(entered.wait, 30)
+    await tasks.close()  # returns without waiting for the thread
+    gate.set()
+    await asyncio.gather(joining, return_exceptions=True)
+    await asyncio.to_thread(made.wait, 30)
+    for _ in range(200):  # until the thread has made the file and the loop has removed it
+        if not any(store.tmp.iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    await index.close()
+    assert list(store.tmp.iterdir()) == []
