@@ -38,7 +38,9 @@ CHILD = _document(DOCKER_MANIFEST, config={"digest": "sha256:" + "c" * 64, "size
 CHILD_DIGEST = Digest.of(CHILD)
 IMAGE = _document(OCI_MANIFEST, config={"digest": "sha256:" + "a" * 64, "size": 2}, layers=[])
 IMAGE_DIGEST = Digest.of(IMAGE)
-INDEX = _document(OCI_INDEX, manifests=[{"mediaType": DOCKER_MANIFEST, "digest": str(CHILD_DIGEST), "size": len(CHILD)}])
+INDEX = _document(
+    OCI_INDEX, manifests=[{"mediaType": DOCKER_MANIFEST, "digest": str(CHILD_DIGEST), "size": len(CHILD)}]
+)
 INDEX_DIGEST = Digest.of(INDEX)
 
 
@@ -71,9 +73,14 @@ class SpyRemote:
         self.tag_ttl = tag_ttl
         self.calls: Counter[str] = Counter()
         self.down = False
-        self.content = {str(d): (t, b) for d, t, b in [(CHILD_DIGEST, DOCKER_MANIFEST, CHILD),
-                                                      (IMAGE_DIGEST, OCI_MANIFEST, IMAGE),
-                                                      (INDEX_DIGEST, OCI_INDEX, INDEX)]}
+        self.content = {
+            str(d): (t, b)
+            for d, t, b in [
+                (CHILD_DIGEST, DOCKER_MANIFEST, CHILD),
+                (IMAGE_DIGEST, OCI_MANIFEST, IMAGE),
+                (INDEX_DIGEST, OCI_INDEX, INDEX),
+            ]
+        }
         self.tags = {"multi": str(INDEX_DIGEST), "image": str(IMAGE_DIGEST)}
 
     async def _answer(self, call: str, reference: str, accept: str) -> Descriptor:
