@@ -18,7 +18,7 @@ from cargohold.config import Settings
 from cargohold.errors import StorageUnavailable
 from cargohold.handlers.metrics import count_response, metrics_listener
 from cargohold.handlers.target import stamp_namespace
-from cargohold.keys import METRICS, PROXY, RATE_LIMITER, SETTINGS
+from cargohold.keys import METRICS, PROXY, RATE_LIMITER, SETTINGS, TASKS
 from cargohold.metrics import Metrics
 from cargohold.middleware.auth import authenticate
 from cargohold.middleware.observe import observe, stamp_headers
@@ -27,6 +27,7 @@ from cargohold.proxy import PullThrough
 from cargohold.ratelimit.limiter import RateLimiter
 from cargohold.ratelimit.storage import open_storage
 from cargohold.routes import add_routes
+from cargohold.tasks import Tasks
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.routes import Router
 
@@ -41,8 +42,10 @@ def build_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[observe, authenticate, ratelimit], client_max_size=64 * 1024)
     app[SETTINGS] = settings
     app[METRICS] = Metrics([u.name for u in settings.upstreams], settings.cache.max_size)
+    app[TASKS] = Tasks()
     app.cleanup_ctx.append(_rate_limiter)
     app.cleanup_ctx.append(_pull_through)
+    app.cleanup_ctx.append(_supervise)
     if settings.auth is not None:
         app.cleanup_ctx.append(auth_context)
     app.on_response_prepare.append(stamp_headers)
@@ -58,6 +61,13 @@ async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
     config = app[SETTINGS].rate_limit
     async with open_storage(config.storage) as storage:
         app[RATE_LIMITER] = RateLimiter(config, storage)
+        yield
+
+
+async def _supervise(app: web.Application) -> AsyncIterator[None]:
+    """The app's background tasks, cancelled and awaited at shutdown: after the contexts whose resources
+    they use (index, store, upstream sessions) at start, so before those close at shutdown."""
+    async with app[TASKS]:
         yield
 
 
@@ -90,21 +100,16 @@ async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[No
         metrics.evicted,
         metrics.pinned_bytes.set,
     )
-    downloads = Downloads(store, index, evictor.make_room, settings.max_blob_size)
-    app[PROXY] = PullThrough(Router(clients, settings.default.name), store, index, downloads, backends.peers)
+    tasks = app[TASKS]
+    downloads = Downloads(store, index, tasks, evictor.make_room, settings.max_blob_size)
+    app[PROXY] = PullThrough(Router(clients, settings.default.name), store, index, downloads, tasks, backends.peers)
     metrics.attach(index, app[PROXY])
-    tasks = [asyncio.create_task(_flush_forever(index))]
+    tasks.spawn(_flush_forever(index), "index flush")
     if evictor.bounded:
-        tasks.append(asyncio.create_task(evictor.run_forever()))
+        tasks.spawn(evictor.run_forever(), "eviction")
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await downloads.close()
-        if backends.peers is not None:
-            await backends.peers.close()
         for client in clients.values():
             await client.close()
 

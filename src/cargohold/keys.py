@@ -9,6 +9,7 @@ from cargohold.config import Settings
 from cargohold.metrics import Metrics
 from cargohold.proxy import PullThrough
 from cargohold.ratelimit.limiter import RateLimiter
+from cargohold.tasks import Tasks
 from cargohold.upstream.routes import Target
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -16,6 +17,7 @@ PROXY = web.AppKey("proxy", PullThrough)
 AUTH = web.AppKey("auth", Auth)  # only when `auth` is configured
 METRICS = web.AppKey("metrics", Metrics)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+TASKS = web.AppKey("tasks", Tasks)  # every background task of the app: cancelled and awaited at shutdown
 
 # Per request: its id, how the cache answered (hit/miss/stale, for the access log), its target.
 REQUEST_ID = web.RequestKey("request_id", str)
