@@ -18,7 +18,7 @@ from cargohold.config import Settings
 from cargohold.errors import StorageUnavailable
 from cargohold.handlers.metrics import count_response, metrics_listener
 from cargohold.handlers.target import stamp_namespace
-from cargohold.keys import METRICS, PROXY, RATE_LIMITER, SETTINGS, SYNC
+from cargohold.keys import METRICS, PROXY, RATE_LIMITER, SETTINGS, SYNC, TASKS
 from cargohold.metrics import Metrics
 from cargohold.middleware.auth import authenticate
 from cargohold.middleware.observe import observe, stamp_headers
@@ -32,6 +32,7 @@ from cargohold.sync.metrics import KeepCollector
 from cargohold.sync.run import Syncer
 from cargohold.sync.schedule import Scheduler
 from cargohold.sync.state import redis_of
+from cargohold.tasks import Tasks
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.routes import Router
 
@@ -46,8 +47,10 @@ def build_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[observe, authenticate, ratelimit], client_max_size=64 * 1024)
     app[SETTINGS] = settings
     app[METRICS] = Metrics([u.name for u in settings.upstreams], settings.cache.max_size)
+    app[TASKS] = Tasks()
     app.cleanup_ctx.append(_rate_limiter)
     app.cleanup_ctx.append(_pull_through)
+    app.cleanup_ctx.append(_supervise)
     if settings.auth is not None:
         app.cleanup_ctx.append(auth_context)
     app.on_response_prepare.append(stamp_headers)
@@ -63,6 +66,13 @@ async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
     config = app[SETTINGS].rate_limit
     async with open_storage(config.storage) as storage:
         app[RATE_LIMITER] = RateLimiter(config, storage)
+        yield
+
+
+async def _supervise(app: web.Application) -> AsyncIterator[None]:
+    """The app's background tasks, cancelled and awaited at shutdown: after the contexts whose resources
+    they use (index, store, upstream sessions) at start, so before those close at shutdown."""
+    async with app[TASKS]:
         yield
 
 
@@ -95,25 +105,19 @@ async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[No
         metrics.evicted,
         metrics.pinned_bytes.set,
     )
-    downloads = Downloads(store, index, evictor.make_room, settings.max_blob_size)
-    app[PROXY] = PullThrough(Router(clients, settings.default.name), store, index, downloads, backends.peers)
+    tasks = app[TASKS]
+    downloads = Downloads(store, index, tasks, evictor.make_room, settings.max_blob_size)
+    app[PROXY] = PullThrough(Router(clients, settings.default.name), store, index, downloads, tasks, backends.peers)
     metrics.attach(index, app[PROXY])
-    app[SYNC] = Scheduler(settings, Syncer(settings, app[PROXY]), redis_of(index))
-    metrics.registry.register(KeepCollector(app[SYNC], app[PROXY].tags))
-    tasks = [asyncio.create_task(_flush_forever(index))]
+    tasks.spawn(_flush_forever(index), "index flush")
     if evictor.bounded:
-        tasks.append(asyncio.create_task(evictor.run_forever()))
-    if settings.sync:
-        tasks.append(asyncio.create_task(app[SYNC].run_forever()))
+        tasks.spawn(evictor.run_forever(), "eviction")
+    app[SYNC] = Scheduler(settings, Syncer(settings, app[PROXY]), tasks, redis_of(index))
+    metrics.registry.register(KeepCollector(app[SYNC], app[PROXY].tags))
+    app[SYNC].start()
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await downloads.close()
-        if backends.peers is not None:
-            await backends.peers.close()
         for client in clients.values():
             await client.close()
 

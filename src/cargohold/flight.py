@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Coroutine, Hashable
+from typing import Any, Generic, TypeVar
+
+from cargohold.tasks import Tasks
 
 T = TypeVar("T")
 
 
 class SingleFlight(Generic[T]):
-    """One running task per key. A caller that goes away (cancelled) does not cancel the task."""
+    """One running task per key, owned by the app's `Tasks` (cancelled and awaited at shutdown).
+    A caller that goes away (cancelled) does not cancel the task; its failure goes to its callers."""
 
-    def __init__(self) -> None:
+    def __init__(self, tasks: Tasks, name: str) -> None:
+        self._owner = tasks
+        self._name = name
         self._tasks: dict[Hashable, asyncio.Task[T]] = {}
         self.joins = 0
 
-    async def run(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
+    async def run(self, key: Hashable, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         task = self._tasks.get(key)
         if task is None:
-            task = asyncio.ensure_future(fn())
+            task = self._owner.spawn_awaited(fn(), f"{self._name} {key}")
             self._tasks[key] = task
             task.add_done_callback(lambda done: self._finished(key, done))
         else:
@@ -29,8 +34,6 @@ class SingleFlight(Generic[T]):
     def _finished(self, key: Hashable, task: asyncio.Task[T]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]
-        if not task.cancelled():
-            task.exception()  # retrieved here so an unawaited failure is not reported as lost
 
     def __len__(self) -> int:
         return len(self._tasks)

@@ -20,6 +20,7 @@ from cargohold.pull.links import Kind, Links
 from cargohold.pull.manifests import Head, Manifest, Manifests
 from cargohold.pull.referrers import Referrers, ReferrersAnswer
 from cargohold.pull.tags import Tags
+from cargohold.tasks import Tasks
 from cargohold.upstream.offline import OfflineRepository
 from cargohold.upstream.repository import Repository, TagList
 from cargohold.upstream.routes import Router, Target
@@ -41,18 +42,25 @@ class PullThrough:
     """Serves manifests, blobs and tag lists from cache, going upstream only when the rules say so."""
 
     def __init__(
-        self, router: Router, store: BlobStore, index: Index, downloads: Downloads, peers: Peers | None = None
+        self,
+        router: Router,
+        store: BlobStore,
+        index: Index,
+        downloads: Downloads,
+        tasks: Tasks,
+        peers: Peers | None = None,
     ) -> None:
         self.router = router
         self.store = store
         self.index = index
         self.downloads = downloads
         self.peers = peers
-        self._peer_fetches: SingleFlight[Download | Path | RemoteBlob] = SingleFlight()
-        self.links = Links(index)
-        self.manifests = Manifests(store, index, self.links)
-        self.tags = Tags(index, self.manifests, self.links, {u.name: u.config for u in router.upstreams})
-        self.referrers = Referrers(self.tags)
+        self.tasks = tasks
+        self._peer_fetches: SingleFlight[Download | Path | RemoteBlob] = SingleFlight(tasks, "peer fetch")
+        self.links = Links(index, tasks)
+        self.manifests = Manifests(store, index, self.links, tasks)
+        self.tags = Tags(index, self.manifests, self.links, tasks, {u.name: u.config for u in router.upstreams})
+        self.referrers = Referrers(self.tags, tasks)
 
     @property
     def joins(self) -> int:
@@ -148,7 +156,7 @@ class PullThrough:
                 await claim.release()
             raise
         if claim is not None:
-            claim.hold_until(download)
+            self.tasks.spawn(claim.hold_until(download), f"lease {claim.key}")
         return download
 
     async def _open_blob(self, target: Target, digest: Digest) -> aiohttp.ClientResponse:

@@ -17,6 +17,7 @@ from cargohold import __version__
 from cargohold.app import build_app
 from cargohold.config import Settings, split_host_port
 from cargohold.middleware.observe import AccessLogger
+from cargohold.tasks import Tasks
 from cargohold.tls.acme import AcmeManager
 from cargohold.tls.context import CertReloader
 from cargohold.tls.plain import plain_http_app
@@ -47,28 +48,23 @@ class Https:
 async def https(settings: Settings) -> AsyncIterator[Https]:
     """The certificate source for `listen`, with its background task for as long as cargohold serves."""
     tls = settings.tls
-    if tls.acme is not None:
-        manager = AcmeManager(tls.acme, settings.data_dir / "acme")
-        pair = (manager.cert_path, manager.key_path) if manager.has_certificate() else manager.placeholder()
-        reloader = CertReloader(*pair)
-        task = asyncio.create_task(manager.run(reloader))
-        challenges = manager.challenges
-    elif tls.cert is not None and tls.key is not None:
-        try:
-            reloader = CertReloader(tls.cert, tls.key)
-        except (OSError, ssl.SSLError) as exc:
-            raise StartupError(f"tls.cert/tls.key: cannot load {tls.cert} with {tls.key}: {exc}") from None
-        task = asyncio.create_task(reloader.watch(CERT_CHECK_INTERVAL))
-        challenges = {}
-    else:
-        yield Https()
-        return
-    try:
-        yield Https(reloader, challenges)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    # The listeners outlive the app, so their task has an owner of its own (the same kind as the app's).
+    async with Tasks() as tasks:
+        if tls.acme is not None:
+            manager = AcmeManager(tls.acme, settings.data_dir / "acme")
+            pair = (manager.cert_path, manager.key_path) if manager.has_certificate() else manager.placeholder()
+            reloader = CertReloader(*pair)
+            tasks.spawn(manager.run(reloader), "acme")
+            yield Https(reloader, manager.challenges)
+        elif tls.cert is not None and tls.key is not None:
+            try:
+                reloader = CertReloader(tls.cert, tls.key)
+            except (OSError, ssl.SSLError) as exc:
+                raise StartupError(f"tls.cert/tls.key: cannot load {tls.cert} with {tls.key}: {exc}") from None
+            tasks.spawn(reloader.watch(CERT_CHECK_INTERVAL), "certificate reload")
+            yield Https(reloader)
+        else:
+            yield Https()
 
 
 async def _start(

@@ -22,6 +22,7 @@ from cargohold.proxy import PullThrough
 from cargohold.sync.run import Syncer
 from cargohold.sync.schedule import Scheduler, summary
 from cargohold.sync.state import EntryState, held, load, redis_of
+from cargohold.tasks import Tasks
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.routes import Router
 
@@ -78,8 +79,8 @@ async def _show(state: EntryState, line: str) -> None:
 
 async def _run(settings: Settings, names: list[str]) -> int:
     failed = 0
-    async with _pull_through(settings) as (proxy, index):
-        scheduler = Scheduler(settings, Syncer(settings, proxy), redis_of(index))
+    async with _pull_through(settings) as (proxy, index, tasks):
+        scheduler = Scheduler(settings, Syncer(settings, proxy), tasks, redis_of(index))
         for name in names:
             state = await scheduler.run_now(name, _show)
             if state is None:
@@ -92,15 +93,15 @@ async def _run(settings: Settings, names: list[str]) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _pull_through(settings: Settings) -> AsyncIterator[tuple[PullThrough, Index]]:
-    """A pull-through cache on the configured store and index, with its own upstream sessions."""
-    async with open_backends(settings) as backends:
+async def _pull_through(settings: Settings) -> AsyncIterator[tuple[PullThrough, Index, Tasks]]:
+    """A pull-through cache on the configured store and index, with its own upstream sessions and tasks."""
+    async with open_backends(settings) as backends, Tasks() as tasks:
         clients = {u.name: UpstreamClient.connect(u) for u in settings.upstreams}
-        downloads = Downloads(backends.store, backends.index, max_blob_size=settings.max_blob_size)
+        store, index = backends.store, backends.index
+        downloads = Downloads(store, index, tasks, max_blob_size=settings.max_blob_size)
         router = Router(clients, settings.default.name)
         try:
-            yield PullThrough(router, backends.store, backends.index, downloads, backends.peers), backends.index
+            yield PullThrough(router, store, index, downloads, tasks, backends.peers), index, tasks
         finally:
-            await downloads.close()
             for client in clients.values():
                 await client.close()

@@ -32,6 +32,7 @@ from cargohold.config import ConfigError, Settings
 from cargohold.handlers import token as token_handler
 from cargohold.identity import IDENTITY
 from cargohold.keys import AUTH, PROXY, SETTINGS
+from cargohold.tasks import Tasks
 
 PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
 
@@ -284,7 +285,7 @@ async def test_a_bad_htpasswd_line_is_left_out_not_fatal(make_client: Any, tmp_p
     path.unlink()
     settings = Settings.model_validate({"data_dir": str(tmp_path / "d"), "auth": {"htpasswd": str(path)}})
     with pytest.raises(ConfigError, match=r"auth\.htpasswd: cannot read htpasswd file"):
-        Auth.open(settings)
+        Auth.open(settings, Tasks())
 
 
 async def test_token_names_resolve_at_the_host_the_client_used(make_client: Any) -> None:

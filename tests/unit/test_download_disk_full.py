@@ -19,6 +19,7 @@ from cargohold.cache.download import CHUNK, MEMORY_WINDOW, Downloads
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import FsBlobStore
 from cargohold.digests import Digest
+from cargohold.tasks import Tasks
 
 BLOB = os.urandom(MEMORY_WINDOW * 2 + 12345)
 DIGEST = Digest("sha256", hashlib.sha256(BLOB).hexdigest())
@@ -46,7 +47,8 @@ async def test_slow_reader_bounds_memory_and_nothing_is_stored(tmp_path: Path) -
     await server.start_server()
     store = FullDisk(tmp_path)
     index = SqliteIndex(tmp_path / "index.sqlite")
-    downloads = Downloads(store, index)
+    tasks = Tasks()
+    downloads = Downloads(store, index, tasks)
     async with aiohttp.ClientSession() as session:
 
         async def open_upstream() -> aiohttp.ClientResponse:
@@ -71,7 +73,7 @@ async def test_slow_reader_bounds_memory_and_nothing_is_stored(tmp_path: Path) -
         assert store.local_path(DIGEST) is None and list(store.tmp.iterdir()) == []
         # The next asker does not join the uncached download: it gets its own.
         assert downloads.active(DIGEST) is None
-    await downloads.close()
+    await tasks.close()
     await index.close()
     await server.close()
 
@@ -87,7 +89,8 @@ async def test_a_range_reader_waiting_for_verification_does_not_stall_an_uncache
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     index = SqliteIndex(tmp_path / "index.sqlite")
-    downloads = Downloads(FullDisk(tmp_path), index)
+    tasks = Tasks()
+    downloads = Downloads(FullDisk(tmp_path), index, tasks)
     try:
         async with aiohttp.ClientSession() as session:
             download = await downloads.join(DIGEST, lambda: session.get(server.make_url("/blob")))
@@ -98,6 +101,6 @@ async def test_a_range_reader_waiting_for_verification_does_not_stall_an_uncache
             first, whole = await asyncio.gather(body(0, 1000), body())
             assert first == BLOB[:1000] and whole == BLOB and download.verified
     finally:
-        await downloads.close()
+        await tasks.close()
         await index.close()
         await server.close()

@@ -17,6 +17,7 @@ from cargohold.cache.download import Downloads
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import FsBlobStore
 from cargohold.digests import Digest
+from cargohold.tasks import Tasks
 
 BLOB = bytes(range(256)) * 12_000  # 3 MiB: several chunks
 DIGEST = Digest.parse("sha256:" + hashlib.sha256(BLOB).hexdigest())
@@ -66,18 +67,21 @@ async def _follow(downloads: Downloads, store: GatedStore, opener) -> bytes:  # 
 async def test_follower_finishes_before_the_commit(tmp_path: Path, upstream) -> None:  # type: ignore[no-untyped-def]
     store = GatedStore(tmp_path)
     index = SqliteIndex(tmp_path / "index.sqlite")
-    downloads = Downloads(store, index)
+    tasks = Tasks()
+    downloads = Downloads(store, index, tasks)
     try:
         body = await asyncio.wait_for(_follow(downloads, store, upstream), 30)
         assert body == BLOB
         assert store.local_path(DIGEST) is None  # the whole body went out; the commit is held at the gate
+        download = downloads.active(DIGEST)
+        assert download is not None
         store.gate.set()
-        await asyncio.wait_for(asyncio.gather(*downloads._tasks), 30)  # noqa: SLF001
+        await asyncio.wait_for(download.wait_finished(), 30)
         assert store.local_path(DIGEST) is not None
         assert store.local_path(DIGEST).read_bytes() == BLOB  # type: ignore[union-attr]
     finally:
         store.gate.set()
-        await downloads.close()
+        await tasks.close()
         await index.close()
 
 
@@ -85,21 +89,22 @@ async def test_follower_keeps_a_verified_body_when_the_commit_fails(tmp_path: Pa
     store = GatedStore(tmp_path)
     store.fail_with = OSError("disk full")
     index = SqliteIndex(tmp_path / "index.sqlite")
-    downloads = Downloads(store, index)
+    tasks = Tasks()
+    downloads = Downloads(store, index, tasks)
     try:
         download = await downloads.join(DIGEST, upstream)
         reader = download.read(0, download.size)
         first = await reader.__anext__()  # a follower in the middle of the body
         await asyncio.wait_for(asyncio.to_thread(store.committing.wait, 30), 30)
         store.gate.set()
-        await asyncio.wait_for(asyncio.gather(*downloads._tasks), 30)  # noqa: SLF001
+        await asyncio.wait_for(download.wait_finished(), 30)
         assert download.error is not None and download.verified
         rest = b"".join([chunk async for chunk in reader])
         assert first + rest == BLOB
         assert store.local_path(DIGEST) is None  # nothing unsynced was kept
     finally:
         store.gate.set()
-        await downloads.close()
+        await tasks.close()
         await index.close()
 
 
@@ -121,7 +126,8 @@ async def test_an_upstream_of_tiny_chunks_is_cached_whole(tmp_path: Path) -> Non
     await server.start_server()
     index = SqliteIndex(tmp_path / "index.sqlite")
     store = FsBlobStore(tmp_path)
-    downloads = Downloads(store, index)
+    tasks = Tasks()
+    downloads = Downloads(store, index, tasks)
     try:
         async with aiohttp.ClientSession() as session:
             download = await downloads.join(DIGEST, lambda: session.get(server.make_url("/blob")))
@@ -131,6 +137,53 @@ async def test_an_upstream_of_tiny_chunks_is_cached_whole(tmp_path: Path) -> Non
         path = store.local_path(DIGEST)
         assert path is not None and path.read_bytes() == BLOB
     finally:
-        await downloads.close()
+        await tasks.close()
         await index.close()
         await server.close()
+
+
+async def test_the_temp_file_is_made_off_the_event_loop(tmp_path: Path, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Creating it touches the disk (a directory entry, two opens): a slow disk must not stall the loop."""
+    made_on: list[threading.Thread] = []
+
+    class Recording(FsBlobStore):
+        def new_temp(self) -> tuple[int, Path]:
+            made_on.append(threading.current_thread())
+            return super().new_temp()
+
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    async with Tasks() as tasks:
+        download = await Downloads(Recording(tmp_path), index, tasks).join(DIGEST, upstream)
+        await asyncio.wait_for(download.wait_finished(), 30)
+    await index.close()
+    assert download.verified and download.error is None
+    assert made_on and made_on[0] is not threading.main_thread()
+
+
+async def test_a_temp_file_made_as_shutdown_cancels_the_download_is_removed(tmp_path: Path, upstream) -> None:  # type: ignore[no-untyped-def]
+    entered, gate, made = threading.Event(), threading.Event(), threading.Event()
+
+    class Slow(FsBlobStore):
+        def new_temp(self) -> tuple[int, Path]:
+            entered.set()
+            gate.wait(30)
+            try:
+                return super().new_temp()
+            finally:
+                made.set()
+
+    store = Slow(tmp_path)
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    tasks = Tasks()
+    joining = asyncio.create_task(Downloads(store, index, tasks).join(DIGEST, upstream))
+    await asyncio.to_thread(entered.wait, 30)
+    await tasks.close()  # returns without waiting for the thread
+    gate.set()
+    await asyncio.gather(joining, return_exceptions=True)
+    await asyncio.to_thread(made.wait, 30)
+    for _ in range(200):  # until the thread has made the file and the loop has removed it
+        if not any(store.tmp.iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    await index.close()
+    assert list(store.tmp.iterdir()) == []

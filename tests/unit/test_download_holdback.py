@@ -18,6 +18,7 @@ from cargohold.cache.download import Download, DownloadFailed, Downloads
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import FsBlobStore
 from cargohold.digests import Digest
+from cargohold.tasks import Tasks
 
 BLOB = bytes(range(256)) * 8_192  # 2 MiB
 DIGEST = Digest.parse("sha256:" + hashlib.sha256(BLOB).hexdigest())
@@ -50,7 +51,8 @@ async def rig(tmp_path: Path) -> AsyncIterator[tuple[Upstream, Callable[[Digest]
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     index = SqliteIndex(tmp_path / "index.sqlite")
-    downloads = Downloads(FsBlobStore(tmp_path), index)
+    tasks = Tasks()
+    downloads = Downloads(FsBlobStore(tmp_path), index, tasks)
     async with aiohttp.ClientSession() as session:
 
         async def join(digest: Digest) -> Download:
@@ -60,7 +62,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[tuple[Upstream, Callable[[Digest]
             yield upstream, join
         finally:
             upstream.gate.set()
-            await downloads.close()
+            await tasks.close()
             await index.close()
             await server.close()
 

@@ -18,6 +18,7 @@ from cargohold.sync.entries import sync_pins
 from cargohold.sync.run import list_tags, platform_wanted, version_key
 from cargohold.sync.schedule import Scheduler
 from cargohold.sync.state import load
+from cargohold.tasks import Tasks
 from cargohold.upstream.repository import TagList
 
 
@@ -134,10 +135,10 @@ async def test_a_run_due_while_the_previous_one_goes_on_is_skipped_and_logged(
 ) -> None:
     settings = Settings.model_validate({"data_dir": str(tmp_path), "sync": [{"name": "db", "images": ["postgres:16"]}]})
     syncer = _BlockedSyncer()
-    scheduler = Scheduler(settings, syncer)  # type: ignore[arg-type]
+    scheduler = Scheduler(settings, syncer, Tasks())  # type: ignore[arg-type]
     first = asyncio.create_task(scheduler.run_now("db"))
     await syncer.started.wait()
-    other_process = Scheduler(settings, _BlockedSyncer())  # type: ignore[arg-type]  # same data_dir: the file lock
+    other_process = Scheduler(settings, _BlockedSyncer(), Tasks())  # type: ignore[arg-type]  # same data_dir: the file lock
     assert await scheduler.run_now("db") is None and await other_process.run_now("db") is None
     assert scheduler.states["db"].skipped_runs == 1 and scheduler.states["db"].running
     assert "the previous run still goes on: this run is skipped" in caplog.text

@@ -23,6 +23,7 @@ from cargohold.mediatypes import DOCKER_MANIFEST, FULL_ACCEPT, OCI_INDEX, OCI_MA
 from cargohold.pull.links import Links
 from cargohold.pull.manifests import Manifests
 from cargohold.pull.tags import Tags
+from cargohold.tasks import Tasks
 from cargohold.upstream.repository import Descriptor, TagList
 
 CLIENTS = 20
@@ -126,9 +127,10 @@ class Pull:
     def __init__(self, root: Path) -> None:
         self.store = Spy(FsBlobStore(root))
         self.index = Spy(SqliteIndex(root / "index.sqlite"))
-        self.links = Links(cast(Index, self.index))
-        self.manifests = Manifests(cast(BlobStore, self.store), cast(Index, self.index), self.links)
-        self.tags = Tags(cast(Index, self.index), self.manifests, self.links)
+        tasks = Tasks()
+        self.links = Links(cast(Index, self.index), tasks)
+        self.manifests = Manifests(cast(BlobStore, self.store), cast(Index, self.index), self.links, tasks)
+        self.tags = Tags(cast(Index, self.index), self.manifests, self.links, tasks)
 
 
 @pytest.fixture

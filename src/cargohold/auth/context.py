@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -11,7 +10,7 @@ from aiohttp import web
 
 from cargohold.auth.htpasswd import Users
 from cargohold.auth.service import Auth
-from cargohold.keys import AUTH, SETTINGS
+from cargohold.keys import AUTH, SETTINGS, TASKS
 
 log = logging.getLogger("cargohold.auth")
 
@@ -19,14 +18,9 @@ RELOAD_INTERVAL = 1.0  # how soon an edit of the htpasswd file (a removed user) 
 
 
 async def auth_context(app: web.Application) -> AsyncIterator[None]:
-    auth = app[AUTH] = Auth.open(app[SETTINGS])
-    watcher = asyncio.create_task(_watch(auth.users))
-    try:
-        yield
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+    auth = app[AUTH] = Auth.open(app[SETTINGS], app[TASKS])
+    app[TASKS].spawn(_watch(auth.users), "htpasswd reload")
+    yield
 
 
 async def _watch(users: Users) -> None:

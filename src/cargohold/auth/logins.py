@@ -20,7 +20,9 @@ from cargohold.auth.htpasswd import (
 )
 from cargohold.auth.throttle import LoginThrottle
 from cargohold.errors import TooManyRequests, Unauthorized
+from cargohold.flight import SingleFlight
 from cargohold.identity import ClientAddress
+from cargohold.tasks import Tasks
 
 log = logging.getLogger("cargohold.auth")
 
@@ -61,13 +63,16 @@ class Logins:
     a removed user stops matching at once.
     """
 
-    def __init__(self, users: Users, limit: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, users: Users, limit: int, window: float, tasks: Tasks, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.users = users
         self.per_login = LoginThrottle(limit, window, clock)
         self.per_address = LoginThrottle(limit * ADDRESS_FACTOR, window, clock)
         self._clock = clock
         self._verified: Expiring[bytes, bool] = Expiring(MAX_CACHED, clock)
-        self._checking: dict[bytes, asyncio.Future[bool]] = {}
+        # One bcrypt check per (user, password, hash) at a time, however many requests bring it.
+        self._checking: SingleFlight[bool] = SingleFlight(tasks, "password check")
 
     async def check(self, user: str, password: str, address: ClientAddress) -> bytes:
         """The stored hash the password proved right against; Unauthorized or TooManyRequests otherwise.
@@ -116,12 +121,10 @@ class Logins:
         key = hashlib.sha256(b"\0".join((user.encode(), password, stored or b""))).digest()
         if stored is not None and self._verified.get(key):
             return stored
-        pending = self._checking.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(asyncio.to_thread(verify_password, password, stored or _NO_SUCH_USER))
-            self._checking[key] = pending
-            pending.add_done_callback(lambda _: self._checking.pop(key, None))
-        if not await asyncio.shield(pending) or stored is None:
+        checking = self._checking.run(
+            key, lambda: asyncio.to_thread(verify_password, password, stored or _NO_SUCH_USER)
+        )
+        if not await checking or stored is None:
             return None
         self._verified.put(key, True, self._clock() + CACHE_TTL)
         return stored

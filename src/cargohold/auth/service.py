@@ -13,6 +13,7 @@ from cargohold.auth.tokens import ExpiredToken, InvalidToken, Tokens, load_or_cr
 from cargohold.config import ConfigError, Settings
 from cargohold.errors import Unauthorized
 from cargohold.identity import ClientAddress, Identity
+from cargohold.tasks import Tasks
 
 log = logging.getLogger("cargohold.auth")
 
@@ -39,7 +40,7 @@ class Auth:
     acl: Acl
 
     @classmethod
-    def open(cls, settings: Settings) -> Auth:
+    def open(cls, settings: Settings, tasks: Tasks) -> Auth:
         """Users, signing key and rules; an htpasswd file that cannot be read stops the start (a bad
         entry in it is left out and logged)."""
         config = settings.auth
@@ -53,7 +54,7 @@ class Auth:
         log.info("auth on: %d users from %s, anonymous pulls: %s", len(users.users), users.path, config.anonymous)
         return cls(
             users=users,
-            logins=Logins(users, config.max_failed_logins, config.failed_login_window),
+            logins=Logins(users, config.max_failed_logins, config.failed_login_window, tasks),
             tokens=Tokens(load_or_create_key(settings.data_dir), config.token_ttl, config.refresh_token_ttl),
             acl=Acl.from_config(config),
         )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -37,6 +38,7 @@ from cargohold.cache.index import Index
 from cargohold.cache.store import BlobStore
 from cargohold.digests import Digest
 from cargohold.errors import UpstreamInvalid
+from cargohold.tasks import Tasks
 
 log = logging.getLogger("cargohold.cache")
 
@@ -83,6 +85,27 @@ def _hash(hasher: hashlib._Hash, batch: list[bytes]) -> None:
         hasher.update(piece)
 
 
+def _new_temp(store: BlobStore) -> tuple[int, Path, int]:
+    fd, temp = store.new_temp()
+    try:
+        return fd, temp, os.open(temp, os.O_RDONLY)
+    except BaseException:
+        _remove_temp(store, fd, temp, -1)
+        raise
+
+
+def _remove_temp(store: BlobStore, fd: int, temp: Path, read_fd: int) -> None:
+    for each in (fd, read_fd):
+        if each >= 0:
+            os.close(each)
+    store.discard(temp)
+
+
+def _discard_made(store: BlobStore, made: asyncio.Future[tuple[int, Path, int]]) -> None:
+    if not made.cancelled() and made.exception() is None:
+        _remove_temp(store, *made.result())
+
+
 class DownloadFailed(Exception):
     """The download a reader was following failed; its client gets a cut connection."""
 
@@ -125,14 +148,7 @@ class Download:
         self._drained = asyncio.Event()
         self._fd = self._read_fd = -1
         self._reader: BinaryIO | None = None
-        self.temp: Path | None = None
-        try:
-            self._fd, self.temp = store.new_temp()
-            self._read_fd = os.open(self.temp, os.O_RDONLY)
-        except OSError as exc:
-            if not is_disk_full(exc):
-                raise
-            self._go_uncached("disk full", exc)
+        self.temp: Path | None = None  # created by `run`, on a worker thread
         self._readers = 0
         self._progress = asyncio.Event()
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -144,6 +160,7 @@ class Download:
         hasher = self.digest.hasher()
         response: aiohttp.ClientResponse | None = None
         try:
+            await self._open_temp()
             response = await open_upstream()
             self.size = response.content_length
             if self.size is not None and self.size > self.limit:
@@ -209,6 +226,20 @@ class Download:
             if response is not None:
                 response.release()
             self._close_read_fd_if_unused()
+
+    async def _open_temp(self) -> None:
+        """The temp file and its shared read descriptor, made on a worker thread (a slow disk does not stall
+        the event loop); on a full disk the download is uncached from its start."""
+        opening = asyncio.get_running_loop().run_in_executor(None, _new_temp, self._store)
+        try:
+            self._fd, self.temp, self._read_fd = await asyncio.shield(opening)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            self._go_uncached("disk full", exc)
+        except asyncio.CancelledError:  # at shutdown: what the thread makes is removed once it is made
+            opening.add_done_callback(functools.partial(_discard_made, self._store))
+            raise
 
     async def wait_finished(self) -> None:
         """Until the download has ended, committed or not (a cluster lock is held until then)."""
@@ -418,14 +449,19 @@ class Downloads:
     """The downloads in progress, one per digest: later askers join the running one."""
 
     def __init__(
-        self, store: BlobStore, index: Index, make_room: MakeRoom | None = None, max_blob_size: int = MAX_BLOB_SIZE
+        self,
+        store: BlobStore,
+        index: Index,
+        tasks: Tasks,
+        make_room: MakeRoom | None = None,
+        max_blob_size: int = MAX_BLOB_SIZE,
     ) -> None:
         self._store = store
         self._index = index
+        self._tasks = tasks  # the app's: a download in flight is cancelled and its temp file removed at shutdown
         self._make_room = make_room
         self._max_blob_size = max_blob_size
         self._active: dict[str, Download] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
         self.started = 0
         self.joins = 0
         # Downloads served without caching because the disk was full (for metrics and tests).
@@ -452,12 +488,10 @@ class Downloads:
                 self._went_uncached,
                 self._max_blob_size,
             )
-            if download.spill_from is None:  # uncached from the start: not for others to join
-                self._active[key] = download
+            self._active[key] = download  # until it ends, or goes uncached (`_went_uncached`)
             self.started += 1
-            task = asyncio.create_task(download.run(open_upstream), name=f"download {key}")
-            self._tasks.add(task)
-            task.add_done_callback(lambda t: self._done(key, download, t))
+            task = self._tasks.spawn(download.run(open_upstream), f"download {key}")
+            task.add_done_callback(lambda _: self._done(key, download))
         else:
             self.joins += 1
         await asyncio.shield(download.ready)
@@ -475,13 +509,6 @@ class Downloads:
         if self._active.get(key) is download:
             del self._active[key]
 
-    def _done(self, key: str, download: Download, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+    def _done(self, key: str, download: Download) -> None:
         if self._active.get(key) is download:
             del self._active[key]
-
-    async def close(self) -> None:
-        """Stop every download (at shutdown); their temp files are removed."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -11,7 +11,6 @@ it stops waiting and downloads too, so a wedged holder delays clients by a bound
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import socket
@@ -43,11 +42,9 @@ class Lease:
         self.key = key
         self.token = token
 
-    def hold_until(self, download: Download) -> None:
-        """Keep the lock alive while `download` runs, then let the waiting replicas look in the bucket."""
-        self._peers.track(asyncio.create_task(self._keep(download), name=f"lease {self.key}"))
-
-    async def _keep(self, download: Download) -> None:
+    async def hold_until(self, download: Download) -> None:
+        """Keep the lock alive while `download` runs, then let the waiting replicas look in the bucket
+        (run in the background by the app's `Tasks`, which cancels it at shutdown: the lock is released)."""
         try:
             while True:
                 try:
@@ -73,7 +70,6 @@ class Peers:
         self._renew = client.register_script(RENEW_SCRIPT)
         self._release = client.register_script(RELEASE_SCRIPT)
         self._replica = f"{socket.gethostname()}:{secrets.token_hex(4)}"
-        self._tasks: set[asyncio.Task[None]] = set()
         # How waits for another replica's download ended: landed, took_over, timed_out (for metrics).
         self.waits: Counter[str] = Counter()
 
@@ -128,12 +124,3 @@ class Peers:
             await self._release(keys=[lease.key], args=[lease.token])
         except redis.RedisError as exc:  # it expires by itself
             log.warning("could not release the cluster lock %s: %s", lease.key, exc)
-
-    def track(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def close(self) -> None:
-        """At shutdown, after the downloads stopped: their leases are released by then."""
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -14,6 +14,7 @@ from cargohold.mediatypes import takes_everything
 from cargohold.pull.links import Links
 from cargohold.pull.manifests import Head, Manifest, Manifests, answerable
 from cargohold.pull.recent import Recent
+from cargohold.tasks import Tasks
 from cargohold.upstream.repository import Descriptor, Remote
 
 # (upstream, repository, tag, hash of the Accept header): a client's Accept is hashed so that a long one
@@ -30,12 +31,12 @@ def _accept_key(remote: Remote, tag: str, accept: frozenset[str]) -> tuple[str, 
 class OtherAccepts:
     """Upstream's answers to a tag for Accepts other than the full one."""
 
-    def __init__(self, manifests: Manifests, links: Links) -> None:
+    def __init__(self, manifests: Manifests, links: Links, tasks: Tasks) -> None:
         self._manifests = manifests
         self._links = links
         self._answers: Recent[AcceptKey, tuple[Descriptor, float]] = Recent()
-        self._fetches: SingleFlight[Manifest] = SingleFlight()
-        self._heads: SingleFlight[Descriptor | None] = SingleFlight()
+        self._fetches: SingleFlight[Manifest] = SingleFlight(tasks, "manifest fetch by accept")
+        self._heads: SingleFlight[Descriptor | None] = SingleFlight(tasks, "manifest head by accept")
 
     @property
     def joins(self) -> int:

@@ -9,6 +9,7 @@ from cargohold.cache.index import Index
 from cargohold.digests import Digest
 from cargohold.flight import SingleFlight
 from cargohold.mediatypes import FULL_ACCEPT
+from cargohold.tasks import Tasks
 from cargohold.upstream.repository import Remote
 
 log = logging.getLogger("cargohold.proxy")
@@ -19,9 +20,9 @@ Kind = Literal["manifests", "blobs"]
 class Links:
     """Which (upstream, repository) has shown it holds a digest, and the one HEAD that confirms a new one."""
 
-    def __init__(self, index: Index) -> None:
+    def __init__(self, index: Index, tasks: Tasks) -> None:
         self._index = index
-        self._heads: SingleFlight[None] = SingleFlight()
+        self._heads: SingleFlight[None] = SingleFlight(tasks, "link check")
 
     async def add(self, remote: Remote, digest: str) -> None:
         """Record that the remote named or served this digest: it may be served to that repository."""

@@ -12,6 +12,7 @@ from cargohold.digests import Digest
 from cargohold.flight import SingleFlight
 from cargohold.mediatypes import FULL_ACCEPT, KNOWN
 from cargohold.pull.links import Links
+from cargohold.tasks import Tasks
 from cargohold.upstream.repository import MAX_MANIFEST, Descriptor, Remote
 
 log = logging.getLogger("cargohold.proxy")
@@ -47,11 +48,11 @@ def answerable(found: Descriptor) -> bool:
 class Manifests:
     """Manifests stored by digest in the blob store, their media types in the index, linked per repository."""
 
-    def __init__(self, store: BlobStore, index: Index, links: Links) -> None:
+    def __init__(self, store: BlobStore, index: Index, links: Links, tasks: Tasks) -> None:
         self._store = store
         self._index = index
         self._links = links
-        self._fetches: SingleFlight[Manifest] = SingleFlight()
+        self._fetches: SingleFlight[Manifest] = SingleFlight(tasks, "manifest fetch")
 
     @property
     def joins(self) -> int:

@@ -22,6 +22,7 @@ from cargohold.flight import SingleFlight
 from cargohold.mediatypes import OCI_INDEX
 from cargohold.pull.recent import Recent
 from cargohold.pull.tags import Tags
+from cargohold.tasks import Tasks
 from cargohold.upstream.repository import Remote
 
 log = logging.getLogger("cargohold.proxy")
@@ -71,10 +72,10 @@ def _of_type(descriptors: list[Any], artifact_type: str | None) -> list[Any]:
 class Referrers:
     """Referrers answers per (upstream, repository, subject, artifactType, page), from the API or the tag schema."""
 
-    def __init__(self, tags: Tags) -> None:
+    def __init__(self, tags: Tags, tasks: Tasks) -> None:
         self._tags = tags
         self._answers: Recent[ReferrersKey, ReferrersAnswer] = Recent(ANSWERS)
-        self._fetches: SingleFlight[ReferrersAnswer] = SingleFlight()
+        self._fetches: SingleFlight[ReferrersAnswer] = SingleFlight(tasks, "referrers fetch")
 
     @property
     def joins(self) -> int:

@@ -29,6 +29,7 @@ from cargohold.pull.accepts import OtherAccepts
 from cargohold.pull.links import Links
 from cargohold.pull.manifests import Head, Manifest, Manifests, answerable, head_of
 from cargohold.pull.recent import Recent
+from cargohold.tasks import Tasks
 from cargohold.upstream.offline import Offline
 from cargohold.upstream.repository import Descriptor, Remote
 
@@ -41,7 +42,12 @@ class Tags:
     """Tag -> manifest, wrapping the index (tags), the manifests by digest and the remote."""
 
     def __init__(
-        self, index: Index, manifests: Manifests, links: Links, upstreams: Mapping[str, UpstreamConfig] | None = None
+        self,
+        index: Index,
+        manifests: Manifests,
+        links: Links,
+        tasks: Tasks,
+        upstreams: Mapping[str, UpstreamConfig] | None = None,
     ) -> None:
         self._index = index
         self._upstreams = upstreams or {}
@@ -49,12 +55,12 @@ class Tags:
         self.moves = 0
         self._manifests = manifests
         self._links = links
-        self._fetches: SingleFlight[Manifest] = SingleFlight()
-        self._revalidations: SingleFlight[TagEntry] = SingleFlight()
+        self._fetches: SingleFlight[Manifest] = SingleFlight(tasks, "tag fetch")
+        self._revalidations: SingleFlight[TagEntry] = SingleFlight(tasks, "tag revalidation")
         self._heads: Recent[TagKey, Descriptor] = Recent()
-        self._head_flights: SingleFlight[Descriptor | None] = SingleFlight()
+        self._head_flights: SingleFlight[Descriptor | None] = SingleFlight(tasks, "tag head")
         self._asked: Recent[TagKey, float] = Recent()  # when a client last asked for a tag by GET
-        self._other_accepts = OtherAccepts(manifests, links)
+        self._other_accepts = OtherAccepts(manifests, links, tasks)
 
     @property
     def joins(self) -> int:

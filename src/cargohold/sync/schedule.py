@@ -15,6 +15,7 @@ import redis.asyncio as redis
 from cargohold.config import Settings, SyncEntry
 from cargohold.sync.run import Progress, Syncer
 from cargohold.sync.state import EntryState, RunLock, dump, load, save
+from cargohold.tasks import Tasks
 
 log = logging.getLogger("cargohold.sync")
 
@@ -26,14 +27,14 @@ async def _quiet(state: EntryState, line: str) -> None:
 class Scheduler:
     """The sync entries of one instance and their states (for metrics and the status page)."""
 
-    def __init__(self, settings: Settings, syncer: Syncer, client: redis.Redis | None = None) -> None:
+    def __init__(self, settings: Settings, syncer: Syncer, tasks: Tasks, client: redis.Redis | None = None) -> None:
         self._data_dir: Path = settings.data_dir
         self._syncer = syncer
+        self._tasks = tasks
         self._client = client
         self.entries: dict[str, SyncEntry] = dict(zip(settings.sync_names, settings.sync, strict=True))
         # A state saved as running by a process that died is not running here.
         self.states = {name: _stopped(load(self._data_dir, name)) for name in self.entries}
-        self._runs: set[asyncio.Task[EntryState | None]] = set()
         self._saving = asyncio.Lock()
         self._active: set[str] = set()  # entries this process runs now
 
@@ -77,14 +78,10 @@ class Scheduler:
         async with self._saving:
             await asyncio.get_running_loop().run_in_executor(None, save, self._data_dir, state.name, snapshot)
 
-    async def run_forever(self) -> None:
-        """Every entry on its own clock, until cancelled; runs still going on are cancelled with it."""
-        try:
-            await asyncio.gather(*(self._every(name) for name in self.entries))
-        finally:
-            for task in self._runs:
-                task.cancel()
-            await asyncio.gather(*self._runs, return_exceptions=True)
+    def start(self) -> None:
+        """Every entry on its own clock, its runs in the background, until the app's tasks close."""
+        for name in self.entries:
+            self._tasks.spawn(self._every(name), f"sync schedule {name}")
 
     async def _every(self, name: str) -> None:
         every = self.entries[name].every
@@ -92,17 +89,7 @@ class Scheduler:
         while True:
             await asyncio.sleep(wait)
             wait = every
-            task = asyncio.create_task(self._guarded(name), name=f"sync {name}")
-            self._runs.add(task)
-            task.add_done_callback(self._runs.discard)
-
-    async def _guarded(self, name: str) -> EntryState | None:
-        """A scheduled run: whatever goes wrong is logged, and the schedule goes on."""
-        try:
-            return await self.run_now(name)
-        except Exception:
-            log.exception("sync %s failed", name)
-            return None
+            self._tasks.spawn(self.run_now(name), f"sync {name}")  # a failure is logged there; the clock goes on
 
 
 def _stopped(state: EntryState) -> EntryState:

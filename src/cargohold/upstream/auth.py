@@ -15,6 +15,7 @@ import aiohttp
 
 from cargohold.errors import UpstreamError, UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable
 from cargohold.flight import SingleFlight
+from cargohold.tasks import Tasks
 from cargohold.upstream.bodies import read_bounded
 from cargohold.upstream.egress import Egress
 from cargohold.upstream.failures import cause, where
@@ -68,7 +69,9 @@ class TokenCache:
         self._credentials = credentials
         self._realms = realms
         self._tokens: dict[str, tuple[str, float]] = {}
-        self._flight: SingleFlight[str] = SingleFlight()
+        # Token fetches are the client's own tasks: they use its session, so they stop before it closes.
+        self._fetches = Tasks()
+        self._flight: SingleFlight[str] = SingleFlight(self._fetches, f"token for {upstream_name}")
         self.challenge: Challenge | None = None
 
     def use(self, challenge: Challenge) -> None:
@@ -76,6 +79,10 @@ class TokenCache:
         kept, so a single bad answer cannot break every later request until a restart."""
         self._realms.check(challenge.params.get("realm", ""))
         self.challenge = challenge
+
+    async def close(self) -> None:
+        """Cancel token fetches still running, before the session they use closes."""
+        await self._fetches.close()
 
     def cached(self, scope: str) -> str | None:
         entry = self._tokens.get(scope)

@@ -131,6 +131,7 @@ class UpstreamClient:
         return cls(config, session, observer=observer, gate=gate, guard=guard, mirrors=mirrors)
 
     async def close(self) -> None:
+        await self.tokens.close()
         await self._session.close()
         await self._guard.close()
         await self.mirrors.close()
