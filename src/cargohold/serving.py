@@ -83,8 +83,13 @@ async def _start(
         # has no complete request this long after it opened or after its last response.
         keepalive_timeout=idle_timeout,
     )
-    await runner.setup()
+    # Pushed before setup: a start-up that fails half-way still unwinds the cleanup contexts it entered.
     stack.push_async_callback(runner.cleanup)
+    try:
+        await runner.setup()
+    except OSError as exc:  # e.g. a data_dir this user cannot write
+        where = f" {exc.filename}" if exc.filename else ""
+        raise StartupError(f"cannot open{where}: {exc.strerror or exc}") from None
     host, port = split_host_port(address)
     try:
         await web.TCPSite(runner, host, port, backlog=1024, **site).start()  # type: ignore[arg-type]
