@@ -49,7 +49,10 @@ async def https(settings: Settings) -> AsyncIterator[Https]:
     tls = settings.tls
     if tls.acme is not None:
         manager = AcmeManager(tls.acme, settings.data_dir / "acme")
-        pair = (manager.cert_path, manager.key_path) if manager.has_certificate() else manager.placeholder()
+        try:
+            pair = (manager.cert_path, manager.key_path) if manager.has_certificate() else manager.placeholder()
+        except OSError as exc:  # data_dir not writable for this user
+            raise StartupError(f"tls.acme: cannot write {manager.dir}: {exc.strerror or exc}") from None
         reloader = CertReloader(*pair)
         task = asyncio.create_task(manager.run(reloader))
         challenges = manager.challenges

@@ -76,6 +76,16 @@ def test_unusable_data_dir(tmp_path: Path, blocked: str) -> None:
     assert "cannot start: cannot open" in line and str(afile) in line
 
 
+def test_unusable_data_dir_with_acme(tmp_path: Path) -> None:
+    """With ACME the placeholder certificate is the first thing written to data_dir."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    acme = {"domains": ["registry.example.com"], "email": "ops@example.com", "directory": "https://127.0.0.1:9/dir"}
+    http = f"127.0.0.1:{free_port()}"
+    line = one_line_failure(start(tmp_path, data_dir=str(afile / "data"), http_listen=http, tls={"acme": acme}))
+    assert "cannot start: tls.acme: cannot write" in line and str(afile) in line
+
+
 def test_bad_certificate(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_text("-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
