@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := docker.io docker-registry skopeo containerd nginx apache2-utils chromium redis-server
 
-.PHONY: run test soak venv system-packages bench
+.PHONY: run test test-deploy soak venv system-packages bench
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,7 +24,13 @@ system-packages:
 	fi
 
 test: system-packages venv
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --ignore=tests/deploy
+
+# The container image and cargohold behind Traefik, for real (tests/deploy, docs/deploy.md): about 10 minutes
+# the first time on a machine (the Debian base image is built once and kept), half that afterwards.
+APT_PACKAGES += mmdebstrap
+test-deploy: system-packages venv
+	$(PY) -m pytest tests/deploy -q
 
 # Heavy reliability variants (1,000 connections, long fault runs): `pytest -m soak`.
 soak: system-packages venv

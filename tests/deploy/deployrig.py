@@ -77,7 +77,8 @@ def build_context() -> bytes:
     patterns = (DEPLOY / "Dockerfile.dockerignore").read_text().split("\n")
     wanted = [p[1:].rstrip("/") for p in patterns if p.startswith("!")]
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
+    # GNU, not PAX: the CLI tells a context tar from a Dockerfile by its first 512 bytes alone.
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for name in [*wanted, "deploy/Dockerfile"]:
             tar.add(REPO_ROOT / name, arcname=name, filter=_no_pycache)
     return buf.getvalue()

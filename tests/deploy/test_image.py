@@ -16,6 +16,7 @@ import pytest
 from deployrig import (
     DOMAIN,
     Container,
+    build_image,
     compose_service,
     data_dir_of,
     docker_input,
@@ -59,13 +60,20 @@ class Standalone:
         return start_container(self.dockerd, image or self.image, name, self.env, volumes)
 
     def certificate_serial(self) -> int:
-        cert = wait_until(
-            lambda: peer_certificate(self.https_port, self.root, DOMAIN),
-            timeout=90,
-            interval=0.5,
-            what="the container's ACME certificate",
-        )
-        return int(cert.serial_number)
+        """The serial of the certificate the container serves, once it is pebble's (not the placeholder)."""
+        return served_serial(self.https_port, self.root)
+
+
+def served_serial(port: int, root: Path) -> int:
+    """Waits until 127.0.0.1:port serves a certificate for DOMAIN that chains to `root`."""
+    seen: list[int] = []
+    wait_until(
+        lambda: bool(seen.append(peer_certificate(port, root, DOMAIN).serial_number) or seen),
+        timeout=90,
+        interval=0.5,
+        what=f"a certificate from the ACME CA on port {port}",
+    )
+    return seen[-1]
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +178,6 @@ def test_rebuilt_image_keeps_users_cache_and_certificate(
     serial = standalone.certificate_serial()
     old.stop()
     old.remove()
-    from deployrig import build_image
-
     new_image = f"{standalone.image}-upgraded"
     build_image(standalone.dockerd, new_image, f"org.cargohold.test.rebuild={uuid.uuid4().hex}")
     assert standalone.dockerd.docker("image", "inspect", "-f", "{{.Id}}", new_image).stdout != (
