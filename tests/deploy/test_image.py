@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from deployrig import (
     DOMAIN,
     Container,
@@ -54,10 +53,12 @@ class Standalone:
     def registry(self) -> str:
         return f"{DOMAIN}:{self.https_port}"
 
+    def volumes(self, data: str | None = None) -> dict[str, str]:
+        return {data or self.volume: "/data", str(self.pebble.ca_pem): f"{CA_IN_CONTAINER}:ro"}
+
     def start(self, image: str | None = None) -> Container:
         name = f"cargohold-{uuid.uuid4().hex[:8]}"
-        volumes = {self.volume: "/data", str(self.pebble.ca_pem): f"{CA_IN_CONTAINER}:ro"}
-        return start_container(self.dockerd, image or self.image, name, self.env, volumes)
+        return start_container(self.dockerd, image or self.image, name, self.env, self.volumes())
 
     def certificate_serial(self) -> int:
         """The serial of the certificate the container serves, once it is pebble's (not the placeholder)."""
@@ -67,8 +68,13 @@ class Standalone:
 def served_serial(port: int, root: Path) -> int:
     """Waits until 127.0.0.1:port serves a certificate for DOMAIN that chains to `root`."""
     seen: list[int] = []
+
+    def served() -> bool:
+        seen.append(peer_certificate(port, root, DOMAIN).serial_number)  # raises until it verifies
+        return True
+
     wait_until(
-        lambda: bool(seen.append(peer_certificate(port, root, DOMAIN).serial_number) or seen),
+        served,
         timeout=90,
         interval=0.5,
         what=f"a certificate from the ACME CA on port {port}",
@@ -77,13 +83,17 @@ def served_serial(port: int, root: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def standalone(deploy_dockerd: Dockerd, image: str, hub_session: Hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Standalone]:
+def standalone(
+    deploy_dockerd: Dockerd, image: str, hub_session: Hub, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Standalone]:
     workdir = tmp_path_factory.mktemp("standalone")
     https_port, http_port = free_port(), free_port()
     with Pebble(workdir / "pebble", http_port=http_port) as pebble:  # Let's Encrypt, validating on "port 80"
         root = workdir / "root.pem"
         root.write_bytes(pebble.root_pem())
-        env = strings(compose_service("docker-compose.yml", env_file(workdir, ACME_DIRECTORY=pebble.directory))["environment"])
+        env = strings(
+            compose_service("docker-compose.yml", env_file(workdir, ACME_DIRECTORY=pebble.directory))["environment"]
+        )
         env |= {
             # Loopback instead of ports 443 and 80; the public URL names the port clients use.
             "CARGOHOLD_LISTEN": f"127.0.0.1:{https_port}",
@@ -121,7 +131,7 @@ def login_and_pull(s: Standalone, image: Image) -> str:
 
 def test_first_start_without_users_says_so_in_one_line(standalone: Standalone) -> None:
     """The documented first-run mistake: started before `user add`."""
-    args = docker_run_args(standalone.env, {standalone.volume: "/data"})
+    args = docker_run_args(standalone.env, standalone.volumes())
     proc = standalone.dockerd.docker("run", "--rm", *args, standalone.image, check=False)
     assert proc.returncode == 2
     assert output_lines(proc) == [
@@ -131,7 +141,9 @@ def test_first_start_without_users_says_so_in_one_line(standalone: Standalone) -
 
 def test_first_user(standalone: Standalone) -> None:
     first_user(standalone.dockerd, standalone.image, standalone.volume)
-    listed = standalone.dockerd.docker("run", "--rm", "-v", f"{standalone.volume}:/data", standalone.image, "user", "list")
+    listed = standalone.dockerd.docker(
+        "run", "--rm", "-v", f"{standalone.volume}:/data", standalone.image, "user", "list"
+    )
     assert "alice" in listed.stdout
     htpasswd = data_dir_of(standalone.dockerd, standalone.volume) / "htpasswd"
     assert htpasswd.stat().st_uid == 10001  # the volume belongs to the image's user
@@ -200,9 +212,8 @@ def test_data_volume_it_cannot_write_is_one_line(standalone: Standalone, tmp_pat
     """A bind mount owned by root with mode 0700: the non-root user cannot use it."""
     locked = tmp_path / "data"
     locked.mkdir(mode=0o700)
-    env = {**standalone.env, "CARGOHOLD_AUTH__ANONYMOUS": "true", "CARGOHOLD_AUTH__HTPASSWD": ""}
-    args = docker_run_args(env, {str(locked): "/data", str(standalone.pebble.ca_pem): CA_IN_CONTAINER})
+    args = docker_run_args(standalone.env, standalone.volumes(str(locked)))
     proc = standalone.dockerd.docker("run", "--rm", *args, standalone.image, check=False)
     lines = output_lines(proc)
     assert proc.returncode == 2 and len(lines) == 1, lines
-    assert "cannot start:" in lines[0] and "Permission denied" in lines[0]
+    assert lines[0].endswith("cannot start: tls.acme: cannot write /data/acme: Permission denied")

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from deployrig import (
     DOMAIN,
     Container,
@@ -76,7 +75,7 @@ def behind(
     env = strings(service["environment"])
     # The labels' service port is the one cargohold listens on; here a free loopback port stands for it.
     assert env["CARGOHOLD_LISTEN"].endswith(":" + labels["traefik.http.services.cargohold.loadbalancer.server.port"])
-    traefik = Traefik(workdir / "traefik", acme_directory="", acme_ca=Path(), backend=f"127.0.0.1:{port}")
+    traefik = Traefik(workdir / "traefik", labels, backend=f"127.0.0.1:{port}")
     env |= {
         "CARGOHOLD_LISTEN": f"127.0.0.1:{port}",
         "CARGOHOLD_EXTERNAL_URL": f"https://{DOMAIN}:{traefik.https_port}",  # Traefik's port stands for 443
@@ -91,7 +90,7 @@ def behind(
         first_user(deploy_dockerd, image, volume)
         container = start_container(deploy_dockerd, image, f"cargohold-{uuid.uuid4().hex[:8]}", env, {volume: "/data"})
         try:
-            with traefik.start(labels), registry_ca(f"{DOMAIN}:{traefik.https_port}", root.read_bytes()):
+            with traefik, registry_ca(f"{DOMAIN}:{traefik.https_port}", root.read_bytes()):
                 wait_until(
                     lambda: peer_certificate(traefik.https_port, root, DOMAIN) is not None,
                     timeout=90,
@@ -140,9 +139,9 @@ def test_client_address_comes_from_traefik_and_only_from_it(behind: BehindTraefi
     assert statuses == [401] * 10 + [429]
     logs = behind.container.logs()
     assert "failed login for user 'guess0' from 127.0.0.2" in logs
-    assert re.search(r"^.*127\.0\.0\.2 - GET /v2/ 429 ", logs, re.M)  # the access log names the client
+    assert re.search(r"^.*127\.0\.0\.2 - GET /v2/ 429 ", logs, re.MULTILINE)  # the access log names the client
     assert any(line.startswith("127.0.0.2 ") for line in behind.traefik.access_lines())
     # A client naming the blocked address itself is not believed: Traefik replaces its X-Forwarded-For.
     status, body = behind.get("127.0.0.3", {**basic("alice", "alice-password"), "X-Forwarded-For": "127.0.0.2"})
     assert status == 200, body
-    assert re.search(r"^.*127\.0\.0\.3 alice GET /v2/ 200 ", behind.container.logs(), re.M)
+    assert re.search(r"^.*127\.0\.0\.3 alice GET /v2/ 200 ", behind.container.logs(), re.MULTILINE)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from rig.util import free_port
 
 
@@ -33,6 +32,7 @@ def start(tmp_path: Path, **config: object) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
 
 
@@ -60,7 +60,7 @@ def test_port_in_use(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
         line = one_line_failure(start(tmp_path, listen=address))
     assert f"cannot start: cannot listen on {address}" in line and "address already in use" in line
 
