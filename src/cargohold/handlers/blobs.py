@@ -57,6 +57,8 @@ class BlobFileResponse(web.FileResponse):
         weakref.finalize(self, pin.release)
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:  # sent already (the rate limiter does so); aiohttp asks once more after the handler
+            return await web.StreamResponse.prepare(self, request)
         try:
             return await super().prepare(request)
         finally:
