@@ -236,9 +236,9 @@ class Traefik(Managed):
         }
 
     def dynamic_config(self) -> dict[str, Any]:
-        """The compose labels as a file-provider router and service (the server is the container's port)."""
+        """The compose labels as a file-provider router and service; the server is `backend`, where the container
+        listens (the labels' service port, here a free loopback port)."""
         labels = self.labels
-        port = labels["traefik.http.services.cargohold.loadbalancer.server.port"]
         return {
             "http": {
                 "routers": {
@@ -249,7 +249,7 @@ class Traefik(Managed):
                         "service": "cargohold",
                     }
                 },
-                "services": {"cargohold": {"loadBalancer": {"servers": [{"url": f"http://{self.backend}:{port}"}]}}},
+                "services": {"cargohold": {"loadBalancer": {"servers": [{"url": f"http://{self.backend}"}]}}},
             }
         }
 
