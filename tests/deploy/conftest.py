@@ -4,7 +4,6 @@ once per machine, by its tag), the image built from deploy/Dockerfile, and the r
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -31,12 +30,3 @@ def image(deploy_dockerd: Dockerd) -> str:
     """deploy/Dockerfile built from this checkout."""
     build_image(deploy_dockerd, IMAGE)
     return IMAGE
-
-
-@pytest.fixture
-def volume(deploy_dockerd: Dockerd) -> Iterator[str]:
-    """A named volume for /data, as the compose files declare (removed afterwards)."""
-    name = f"cargohold-test-{uuid.uuid4().hex[:8]}"
-    deploy_dockerd.docker("volume", "create", name)
-    yield name
-    deploy_dockerd.docker("volume", "rm", "-f", name, check=False)
