@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TEST_EXTRAS := [test,lint]
 APT_PACKAGES := docker.io docker-registry skopeo containerd nginx apache2-utils chromium redis-server
 
-.PHONY: run test lint soak venv system-packages bench
+.PHONY: run test test-deploy lint soak venv system-packages bench
 # Two stamps in one venv: `make run` needs the runtime dependencies only; tests add the test and lint extras.
 venv: $(VENV)/.installed
 $(VENV)/.runtime $(VENV)/.installed: pyproject.toml
@@ -35,7 +35,13 @@ lint: venv
 	$(VENV)/bin/mypy
 
 test: system-packages venv
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --ignore=tests/deploy
+
+# The container image and cargohold behind Traefik, for real (tests/deploy, docs/deploy.md): about 10 minutes
+# the first time on a machine (the Debian base image is built once and kept), half that afterwards.
+APT_PACKAGES += mmdebstrap
+test-deploy: system-packages venv
+	$(PY) -m pytest tests/deploy -q
 
 # Heavy reliability variants (1,000 connections, long fault runs): `pytest -m soak`.
 soak: system-packages venv

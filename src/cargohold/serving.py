@@ -52,7 +52,10 @@ async def https(settings: Settings) -> AsyncIterator[Https]:
     async with Tasks() as tasks:
         if tls.acme is not None:
             manager = AcmeManager(tls.acme, settings.data_dir / "acme")
-            pair = (manager.cert_path, manager.key_path) if manager.has_certificate() else manager.placeholder()
+            try:
+                pair = (manager.cert_path, manager.key_path) if manager.has_certificate() else manager.placeholder()
+            except OSError as exc:  # data_dir not writable for this user
+                raise StartupError(f"tls.acme: cannot write {manager.dir}: {exc.strerror or exc}") from None
             reloader = CertReloader(*pair)
             tasks.spawn(manager.run(reloader), "acme")
             yield Https(reloader, manager.challenges)
@@ -79,8 +82,13 @@ async def _start(
         # has no complete request this long after it opened or after its last response.
         keepalive_timeout=idle_timeout,
     )
-    await runner.setup()
+    # Pushed before setup: a start-up that fails half-way still unwinds the cleanup contexts it entered.
     stack.push_async_callback(runner.cleanup)
+    try:
+        await runner.setup()
+    except OSError as exc:  # e.g. a data_dir this user cannot write
+        where = f" {exc.filename}" if exc.filename else ""
+        raise StartupError(f"cannot open{where}: {exc.strerror or exc}") from None
     host, port = split_host_port(address)
     try:
         await web.TCPSite(runner, host, port, backlog=1024, **site).start()  # type: ignore[arg-type]

@@ -1,7 +1,8 @@
-"""deploy/: base images cannot be downloaded here, so the image is not built. What is checked instead:
-the compose files resolve with `.env.example` (docker-compose config), the Dockerfile's shape, and the
-container's own command, config file and environment run outside a container (ports, data volume and
-Let's Encrypt replaced by free loopback ports, a temp dir and pebble), with its HEALTHCHECK command."""
+"""deploy/ in seconds, for `make test`: the compose files resolve with `.env.example` (docker-compose config),
+the Dockerfile's shape, and the container's own command, config file and environment run outside a container
+(ports, data volume and Let's Encrypt replaced by free loopback ports, a temp dir and pebble), with its
+HEALTHCHECK command. The image itself is built and run, standalone and behind Traefik, by `make test-deploy`
+(tests/deploy)."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from cargohold.config import UpstreamConfig
 from cargohold.digests import Digest
 from cargohold.errors import UpstreamRateLimited
 from cargohold.mediatypes import FULL_ACCEPT, OCI_MANIFEST
+from cargohold.tasks import Tasks
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.mirrors import ContentMirrors, mirror_config
 from cargohold.upstream.quota import reserve_of
@@ -223,7 +224,8 @@ async def test_a_blob_with_wrong_bytes_from_the_mirror_is_not_cached_and_the_ups
 ) -> None:
     rig.mirror.wrong = True
     index, store = SqliteIndex(tmp_path / "index.sqlite"), FsBlobStore(tmp_path)
-    downloads = Downloads(store, index)
+    tasks = Tasks()
+    downloads = Downloads(store, index, tasks)
     try:
         first = await downloads.join(BLOB_DIGEST, lambda: rig.remote.open_blob(BLOB_DIGEST))
         await first.wait_finished()
@@ -239,5 +241,5 @@ async def test_a_blob_with_wrong_bytes_from_the_mirror_is_not_cached_and_the_ups
         assert path is not None and path.read_bytes() == BLOB
         assert rig.mirror.gets("blobs") == 1 and rig.upstream.gets("blobs") == 1  # the mirror was not asked again
     finally:
-        await downloads.close()
+        await tasks.close()
         await index.close()
