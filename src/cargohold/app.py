@@ -18,7 +18,7 @@ from cargohold.config import Settings
 from cargohold.errors import StorageUnavailable
 from cargohold.handlers.metrics import count_response, metrics_listener
 from cargohold.handlers.target import stamp_namespace
-from cargohold.keys import METRICS, PROXY, RATE_LIMITER, SETTINGS, TASKS
+from cargohold.keys import METRICS, PROXY, RATE_LIMITER, SETTINGS, SYNC, TASKS
 from cargohold.metrics import Metrics
 from cargohold.middleware.auth import authenticate
 from cargohold.middleware.observe import observe, stamp_headers
@@ -27,6 +27,11 @@ from cargohold.proxy import PullThrough
 from cargohold.ratelimit.limiter import RateLimiter
 from cargohold.ratelimit.storage import open_storage
 from cargohold.routes import add_routes
+from cargohold.sync.entries import sync_pins
+from cargohold.sync.metrics import KeepCollector
+from cargohold.sync.run import Syncer
+from cargohold.sync.schedule import Scheduler
+from cargohold.sync.state import redis_of
 from cargohold.tasks import Tasks
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.routes import Router
@@ -95,7 +100,7 @@ async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[No
     evictor = Evictor(
         index,
         store,
-        settings.cache,
+        settings.cache.model_copy(update={"pin": sync_pins(settings)}),  # sync lists pin what they hold
         lambda d: store.in_use(d) or downloads.active(d) is not None,
         metrics.evicted,
         metrics.pinned_bytes.set,
@@ -107,6 +112,9 @@ async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[No
     tasks.spawn(_flush_forever(index), "index flush")
     if evictor.bounded:
         tasks.spawn(evictor.run_forever(), "eviction")
+    app[SYNC] = Scheduler(settings, Syncer(settings, app[PROXY]), tasks, redis_of(index))
+    metrics.registry.register(KeepCollector(app[SYNC], app[PROXY].tags))
+    app[SYNC].start()
     try:
         yield
     finally:

@@ -25,11 +25,12 @@ import aiohttp
 
 from cargohold.cache.backends import Backends, open_backends
 from cargohold.cache.refs import Child, references
-from cargohold.cachecli import ImageName, base_url, client_session, parse_image
+from cargohold.cachecli import base_url, client_session
 from cargohold.config import Settings
 from cargohold.digests import Digest, looks_like_digest
 from cargohold.errors import RegistryError
 from cargohold.handlers.status import human
+from cargohold.imagename import ImageName, parse_image
 from cargohold.mediatypes import FULL_ACCEPT, OCI_INDEX, media_type_of
 from cargohold.names import check_name, check_tag
 

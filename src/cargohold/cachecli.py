@@ -17,7 +17,6 @@ import os
 import sys
 import tarfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -26,11 +25,12 @@ from cargohold.cache.backends import open_backends
 from cargohold.cache.evict import evict
 from cargohold.cache.pins import Pinned, closure, resolve_pins
 from cargohold.cache.refs import Child, references
-from cargohold.config import DOCKER_HUB, Settings, parse_duration, parse_size, split_host_port
+from cargohold.config import Settings, parse_duration, parse_size, split_host_port
 from cargohold.digests import Digest
 from cargohold.handlers.status import human
+from cargohold.imagename import ImageName, parse_image
 from cargohold.mediatypes import FULL_ACCEPT
-from cargohold.upstream.routes import _is_registry_host
+from cargohold.sync.entries import sync_pins
 
 WARM_PARALLEL = 4
 # EX_TEMPFAIL: an image was deferred (the upstream's pull quota is at its reserve); try again later.
@@ -38,9 +38,15 @@ DEFERRED = 75
 PREFETCH = {"Cargohold-Purpose": "prefetch"}
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def config_option() -> argparse.ArgumentParser:
+    """The parent parser of every command that reads the config: `--config FILE` (or CARGOHOLD_CONFIG)."""
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument("--config", default=os.environ.get("CARGOHOLD_CONFIG"), help="YAML config file")
+    return config
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    config = config_option()
     cache = commands.add_parser("cache", help="inspect and trim the cache (safe next to a running server)")
     sub = cache.add_subparsers(dest="cache_command", required=True)
     stats = sub.add_parser("stats", parents=[config], help="size, entries, hit ratio")
@@ -61,6 +67,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     history = sub.add_parser("history", parents=[config], help="when the tags of an image moved to a new digest")
     history.add_argument("image", help="IMAGE[:TAG], e.g. alpine, library/alpine:3.20")
     history.add_argument("--limit", type=int, default=100, help="newest moves shown (default 100)")
+    accept = sub.add_parser("accept", parents=[config], help="follow the move of an immutable tag (immutable_tags)")
+    accept.add_argument("image", help="IMAGE:TAG, e.g. library/postgres:16")
     warm = commands.add_parser("warm", parents=[config], help="prefetch images through the running instance")
     warm.add_argument("images", nargs="+", metavar="IMAGE", help="IMAGE[:TAG|@DIGEST]")
     warm.add_argument("--platform", help="only this platform of multi-platform images, e.g. linux/amd64")
@@ -84,7 +92,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.index.redis and not (settings.data_dir / "index.sqlite").exists():
         print(f"cargohold: no cache in {settings.data_dir}", file=sys.stderr)
         return 1
-    commands = {"stats": stats, "ls": ls, "prune": prune, "rm": rm, "pin": pin, "unpin": pin, "history": history}
+    commands = {
+        "stats": stats,
+        "ls": ls,
+        "prune": prune,
+        "rm": rm,
+        "pin": pin,
+        "unpin": pin,
+        "history": history,
+        "accept": accept,
+    }
     command = commands[args.cache_command]
     return asyncio.run(command(settings, args))
 
@@ -109,7 +126,7 @@ def _bundle(args: argparse.Namespace, settings: Settings) -> int:
 async def stats(settings: Settings, args: argparse.Namespace) -> int:
     async with open_backends(settings) as backends:
         usage, counts = await backends.index.usage(), await backends.index.counters()
-        pinned = await resolve_pins(backends.index, backends.store, settings.cache.pin)
+        pinned = await resolve_pins(backends.index, backends.store, sync_pins(settings))
     cap = settings.cache.max_size
     pins_over_cap = cap is not None and pinned.size > cap
     hits, misses, stale = (int(counts.get(k, 0)) for k in ("hit", "miss", "stale"))
@@ -173,7 +190,7 @@ async def prune(settings: Settings, args: argparse.Namespace) -> int:
         index, store = backends.index, backends.store
 
         async def pins() -> Pinned:
-            return await resolve_pins(index, store, settings.cache.pin)
+            return await resolve_pins(index, store, sync_pins(settings))
 
         removed = await evict(
             index,
@@ -185,27 +202,6 @@ async def prune(settings: Settings, args: argparse.Namespace) -> int:
         usage = await backends.index.usage()
     print(f"removed {len(removed)} entries, {human(sum(e.size for e in removed))} freed; cache is {human(usage.size)}")
     return 0
-
-
-@dataclass(frozen=True, slots=True)
-class ImageName:
-    upstream: str
-    repository: str
-    tag: str | None
-
-
-def parse_image(settings: Settings, image: str) -> ImageName:
-    """`alpine` -> docker.io library/alpine; `ghcr.io/org/app:1` -> ghcr.io org/app tag 1."""
-    name, tag = image, None
-    if ":" in image.rsplit("/", 1)[-1]:
-        name, tag = image.rsplit(":", 1)
-    upstream = settings.default.name
-    first, _, rest = name.partition("/")
-    if rest and _is_registry_host(first):
-        upstream, name = first, rest
-    if upstream == DOCKER_HUB and "/" not in name:
-        name = "library/" + name
-    return ImageName(upstream, name, tag)
 
 
 async def rm(settings: Settings, args: argparse.Namespace) -> int:
@@ -267,6 +263,24 @@ async def history(settings: Settings, args: argparse.Namespace) -> int:
     for move in moves:
         name = f"{move.upstream}/{move.repository}:{move.tag}"
         print(f"{_when(move.moved_at):16}  {name:40} {move.old_digest[:19]:19} -> {move.new_digest[:19]}")
+    return 0
+
+
+async def accept(settings: Settings, args: argparse.Namespace) -> int:
+    """The tag is forgotten, so the next pull takes the digest upstream has now (and keeps it, if immutable)."""
+    wanted = parse_image(settings, args.image)
+    if wanted.tag is None:
+        print("cargohold: accept takes IMAGE:TAG", file=sys.stderr)
+        return 2
+    key = (wanted.upstream, wanted.repository, wanted.tag)
+    async with open_backends(settings) as backends:
+        entry = await backends.index.get_tag(*key)
+        moves = await backends.index.tag_moves(*key, limit=1)
+        if entry is None or not moves or moves[0].old_digest != entry.digest:
+            print(f"cargohold: {_pattern(wanted)} has no move to accept", file=sys.stderr)
+            return 1
+        await backends.index.drop_tag(*key)
+    print(f"accepted: {_pattern(wanted)} follows upstream ({moves[0].new_digest} when last checked) at its next pull")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`cargohold serve | config check | user ... | cache stats|ls|prune|rm | warm | node-setup`."""
+"""`cargohold serve | config check | user ... | cache stats|ls|prune|rm|... | warm | sync run|status | node-setup`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import resource
 import sys
 
-from cargohold import __version__, cachecli, nodesetup
+from cargohold import __version__, cachecli, nodesetup, synccli
 from cargohold.config import ConfigError, Settings, load_settings
 from cargohold.logs import setup_logging
 from cargohold.usercli import UserCommandError, add_user_commands, run_user_command
@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     add_user_commands(commands)
     cachecli.add_commands(commands)
+    synccli.add_commands(commands)
     nodesetup.add_commands(commands)
     return parser
 
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config, overrides=overrides)
         if args.command in ("cache", "warm", "export", "import"):
             return cachecli.run(args, settings)
+        if args.command == "sync":
+            return synccli.run(args, settings)
         serve(settings)  # a ConfigError can also come from start-up (e.g. a bad htpasswd entry)
     except ConfigError as exc:
         print(f"cargohold: config error: {exc}", file=sys.stderr)

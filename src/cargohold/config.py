@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from fnmatch import fnmatchcase
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
@@ -107,6 +108,14 @@ class Strict(BaseModel):
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
 
+def _all_match(values: list[str], pattern: str, what: str, expected: str) -> list[str]:
+    """`values` if each one matches `pattern`, else a ValueError naming the first that does not."""
+    for value in values:
+        if not re.fullmatch(pattern, value):
+            raise ValueError(f"invalid {what} {value!r} (expected {expected})")
+    return values
+
+
 class AcmeConfig(Strict):
     """Automatic certificates: HTTP-01 answered on `http_listen`, stored in data_dir/acme."""
 
@@ -118,10 +127,8 @@ class AcmeConfig(Strict):
     @field_validator("domains")
     @classmethod
     def _domains(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if not re.fullmatch(r"([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]*[a-z0-9])?", name):
-                raise ValueError(f"invalid domain {name!r} (expected a DNS name like registry.example.com)")
-        return value
+        dns_name = r"([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+        return _all_match(value, dns_name, "domain", "a DNS name like registry.example.com")
 
 
 class TlsConfig(Strict):
@@ -162,6 +169,13 @@ class UpstreamConfig(Strict):
     timeout: Duration = Field(30.0, gt=0, description="how long the upstream may stay silent (connect, between bytes)")
     failure_pause: Duration = Field(10.0, description="after a failure or a 429, fail fast (serve stale) this long")
     proxy: str | None = Field(default=None, description="HTTP(S) proxy URL for this upstream; wins over HTTPS_PROXY")
+    offline: bool = Field(
+        default=False, description="never contact this upstream: serve what is cached, whatever its age"
+    )
+    immutable_tags: list[str] = Field(
+        default_factory=list,
+        description="globs of tags (or repository:tag) that keep their first digest: a move upstream is not followed",
+    )
     quota_reserve: str | int = Field(
         "10%",
         description="pulls (or a % of the limit) kept for clients: below it, nothing no client waits for spends one",
@@ -235,6 +249,10 @@ class UpstreamConfig(Strict):
             if not _GLOB.fullmatch(glob):
                 raise ValueError(f"invalid repository glob {glob!r} (use names with * and **, e.g. library/*)")
         return value
+
+    def immutable(self, repository: str, tag: str) -> bool:
+        """Whether `repository:tag` keeps its first digest: a glob with a `:` matches `repository:tag`, else the tag."""
+        return any(fnmatchcase(f"{repository}:{tag}" if ":" in glob else tag, glob) for glob in self.immutable_tags)
 
     @model_validator(mode="after")
     def _credentials(self) -> UpstreamConfig:
@@ -423,6 +441,34 @@ class IndexConfig(Strict):
         return self.url != "sqlite"
 
 
+class SyncEntry(Strict):
+    """Images prefetched on a schedule and kept (pinned): tag globs are matched against the upstream's tag list."""
+
+    name: str | None = Field(
+        default=None, description="for `cargohold sync run NAME`; default: its position, 1, 2, ..."
+    )
+    images: list[str] = Field(
+        min_length=1, description='e.g. library/postgres:16, "library/redis:7.*", ghcr.io/org/app'
+    )
+    every: Duration = Field(6 * 3600.0, ge=60, description="how often it runs")
+    platforms: list[str] = Field(default_factory=list, description="platforms of multi-platform images; empty: all")
+    tags: Literal["latest"] | Annotated[int, Field(ge=1, le=1000)] = Field(
+        default="latest", description="for an image without a tag: latest, or the N newest tags (by version order)"
+    )
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, value: list[str]) -> list[str]:
+        image = r"[a-z0-9][a-z0-9._/:-]*(:[A-Za-z0-9_.*?\[\]-]{1,128})?"
+        return _all_match(value, image, "image", "e.g. library/redis:7.* or ghcr.io/org/app")
+
+    @field_validator("platforms")
+    @classmethod
+    def _platforms(cls, value: list[str]) -> list[str]:
+        platform = r"[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?"
+        return _all_match(value, platform, "platform", "os/arch[/variant], e.g. linux/arm64")
+
+
 def _default_upstreams() -> list[UpstreamConfig]:
     return [UpstreamConfig(name=DOCKER_HUB, url="https://registry-1.docker.io")]
 
@@ -455,6 +501,27 @@ class Settings(Strict):
     max_blob_size: Size = Field(
         20 << 30, gt=0, description="the largest blob fetched from upstream; one that claims or sends more is refused"
     )
+    offline: bool = Field(default=False, description="never contact any upstream (each upstream may also say offline)")
+    sync: list[SyncEntry] = Field(default_factory=list, description="images prefetched on a schedule and pinned")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _offline_everywhere(cls, data: Any) -> Any:
+        """`offline: true` at the top makes every upstream offline: the clients read their own config."""
+        if not isinstance(data, dict) or data.get("offline") is not True:
+            return data
+        upstreams = data.get("upstreams") or [u.model_dump(exclude_none=True) for u in _default_upstreams()]
+        if not isinstance(upstreams, list):
+            return data
+        marked = [
+            u.model_copy(update={"offline": True})
+            if isinstance(u, UpstreamConfig)
+            else {**u, "offline": True}
+            if isinstance(u, dict)
+            else u
+            for u in upstreams
+        ]
+        return {**data, "upstreams": marked}
 
     @field_validator("listen", "metrics_listen")
     @classmethod
@@ -497,6 +564,25 @@ class Settings(Strict):
             if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
                 raise ValueError(f"invalid external_url {self.external_url!r} (expected https://host[:port])")
         return self
+
+    @model_validator(mode="after")
+    def _sync_entries(self) -> Settings:
+        names = self.sync_names
+        repeated = {n for n in names if names.count(n) > 1}
+        if repeated:
+            raise ValueError(f"sync entry names must be unique, repeated: {', '.join(sorted(repeated))}")
+        upstreams = {u.name for u in self.upstreams}
+        for image in (image for entry in self.sync for image in entry.images):
+            first, _, rest = image.partition("/")
+            # Docker's rule, as clients write names: a first component with a dot or a port names a registry.
+            if rest and ("." in first or ":" in first or first == "localhost") and first not in upstreams:
+                raise ValueError(f"sync image {image!r} names a registry that is not an upstream: {first}")
+        return self
+
+    @property
+    def sync_names(self) -> list[str]:
+        """Each sync entry's name: its own, else its position (1, 2, ...)."""
+        return [entry.name or str(i) for i, entry in enumerate(self.sync, 1)]
 
     @property
     def default(self) -> UpstreamConfig:

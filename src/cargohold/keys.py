@@ -9,6 +9,7 @@ from cargohold.config import Settings
 from cargohold.metrics import Metrics
 from cargohold.proxy import PullThrough
 from cargohold.ratelimit.limiter import RateLimiter
+from cargohold.sync.schedule import Scheduler
 from cargohold.tasks import Tasks
 from cargohold.upstream.routes import Target
 
@@ -17,6 +18,7 @@ PROXY = web.AppKey("proxy", PullThrough)
 AUTH = web.AppKey("auth", Auth)  # only when `auth` is configured
 METRICS = web.AppKey("metrics", Metrics)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+SYNC = web.AppKey("sync", Scheduler)  # the sync entries (none configured: none)
 TASKS = web.AppKey("tasks", Tasks)  # every background task of the app: cancelled and awaited at shutdown
 
 # Per request: its id, how the cache answered (hit/miss/stale, for the access log), its target.

@@ -21,6 +21,7 @@ from cargohold.pull.manifests import Head, Manifest, Manifests
 from cargohold.pull.referrers import Referrers, ReferrersAnswer
 from cargohold.pull.tags import Tags
 from cargohold.tasks import Tasks
+from cargohold.upstream.offline import OfflineRepository
 from cargohold.upstream.repository import Repository, TagList
 from cargohold.upstream.routes import Router, Target
 
@@ -29,8 +30,11 @@ def _source(target: Target) -> tuple[str, str]:
     return target.upstream.name, target.repository
 
 
-def remote_of(target: Target, *, waited: bool = True) -> Repository:
-    """The typed remote for the request's upstream repository; `waited`: False for a prefetch (`warm`)."""
+def remote_of(target: Target, *, waited: bool = True) -> Repository | OfflineRepository:
+    """The typed remote for the request's upstream repository (one that never asks, when it is offline);
+    `waited`: False for a prefetch (`warm`)."""
+    if target.upstream.config.offline:
+        return OfflineRepository(target.upstream.name, target.repository)
     return Repository(target.upstream, target.repository, waited)
 
 
@@ -55,7 +59,7 @@ class PullThrough:
         self._peer_fetches: SingleFlight[Download | Path | RemoteBlob] = SingleFlight(tasks, "peer fetch")
         self.links = Links(index, tasks)
         self.manifests = Manifests(store, index, self.links, tasks)
-        self.tags = Tags(index, self.manifests, self.links, tasks)
+        self.tags = Tags(index, self.manifests, self.links, tasks, {u.name: u.config for u in router.upstreams})
         self.referrers = Referrers(self.tags, tasks)
 
     @property

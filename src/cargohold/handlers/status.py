@@ -11,17 +11,19 @@ from html import escape
 from aiohttp import web
 
 from cargohold import __version__
-from cargohold.cache.index import TagRow
+from cargohold.cache.index import TagMove, TagRow
 from cargohold.digests import Digest
 from cargohold.errors import StorageUnavailable
 from cargohold.identity import IDENTITY
-from cargohold.keys import AUTH, METRICS, PROXY, SETTINGS
+from cargohold.keys import AUTH, METRICS, PROXY, SETTINGS, SYNC
 from cargohold.metrics import UpstreamState
+from cargohold.sync.state import EntryState
 from cargohold.upstream.quota import QuotaFigures
 
 log = logging.getLogger("cargohold.status")
 
 TOP_IMAGES = 10
+RECENT_MOVES = 10
 # Looked up by /ready and never stored: the store (a bucket) has to answer, "not there" is an answer.
 PROBE = Digest.of(b"cargohold /ready probe", "sha256")
 
@@ -59,12 +61,21 @@ async def ready(request: web.Request) -> web.Response:
         checks["index"] = f"not readable: {exc}"
     ok = all(value == "ok" for value in checks.values())
     body: dict[str, object] = {"status": "ready" if ok else "not ready"}
+    offline = _offline(request)
+    if offline:
+        body["offline"] = sorted(offline)  # serving only what is cached: ready all the same
     if _shows_all(request):
         body["checks"] = checks
-        body["upstreams"] = {name: state.state for name, state in request.app[METRICS].upstreams.items()}
+        states = request.app[METRICS].upstreams.items()
+        body["upstreams"] = {name: "offline" if name in offline else state.state for name, state in states}
     elif not ok:
         log.warning("not ready: %s", ", ".join(f"{name} {value}" for name, value in checks.items() if value != "ok"))
     return web.json_response(body, status=200 if ok else 503)
+
+
+def _offline(request: web.Request) -> set[str]:
+    """The upstreams never contacted (`offline`)."""
+    return {u.name for u in request.app[SETTINGS].upstreams if u.offline}
 
 
 def _shows_all(request: web.Request) -> bool:
@@ -84,6 +95,49 @@ async def _visible_rows(request: web.Request) -> list[TagRow] | None:
     if auth is not None:
         rows = [row for row in rows if auth.acl.allows(who, row.upstream, row.repository)]
     return sorted(rows, key=lambda r: (-r.pulls, -r.last_access))[:TOP_IMAGES]
+
+
+async def _visible_moves(request: web.Request) -> list[TagMove] | None:
+    """The newest tag moves of images this client may pull; None for anonymous clients of a mirror with logins."""
+    auth = None if _shows_all(request) else request.app[AUTH]
+    who = request[IDENTITY]
+    if auth is not None and who.user is None:
+        return None
+    moves = await request.app[PROXY].index.tag_moves(limit=RECENT_MOVES * 10)
+    if auth is not None:
+        moves = [move for move in moves if auth.acl.allows(who, move.upstream, move.repository)]
+    return moves[:RECENT_MOVES]
+
+
+def _moves_table(moves: list[TagMove] | None) -> str:
+    if moves is None:
+        return "<p>Log in to see the tag moves of the images you may pull.</p>"
+    if not moves:
+        return "<p>No tag has moved.</p>"
+    rows = "".join(
+        f'<tr class="move"><td>{escape(f"{m.upstream}/{m.repository}:{m.tag}")}</td>'
+        f"<td><code>{escape(m.old_digest[:19])}</code> &rarr; <code>{escape(m.new_digest[:19])}</code></td>"
+        f"<td>{_ago(m.moved_at)}</td></tr>"
+        for m in moves
+    )
+    return f'<table id="tag-moves"><tr><th>tag</th><th>digest</th><th>moved</th></tr>{rows}</table>'
+
+
+def _sync_table(states: list[EntryState], details: bool) -> str:
+    """Each sync entry's run; its errors (which name images) only with `details`."""
+    rows = []
+    for state in states:
+        if state.running:
+            now = f"running: {state.tags_done}/{state.tags_total} tags"
+        else:
+            now = "never run" if state.finished is None else f"{'ok' if state.ok else 'failed'}, {_ago(state.finished)}"
+        error = escape(state.errors[0]) if details and state.errors else "-"
+        rows.append(
+            f'<tr class="sync"><td>{escape(state.name)}</td><td>{now}</td><td>{state.tags_changed} new or moved, '
+            f"{human(state.bytes_fetched)} fetched</td><td>{error}</td></tr>"
+        )
+    head = "<tr><th>entry</th><th>state</th><th>last run</th><th>first error</th></tr>"
+    return f'<h2>Sync</h2><table id="sync">{head}{"".join(rows)}</table>' if rows else ""
 
 
 def human(size: float) -> str:
@@ -174,7 +228,10 @@ def _quota_cells(quota: QuotaFigures | None) -> str:
 
 
 def _upstream_rows(
-    states: dict[str, UpstreamState], urls: dict[str, str] | None, quotas: dict[str, QuotaFigures]
+    states: dict[str, UpstreamState],
+    urls: dict[str, str] | None,
+    quotas: dict[str, QuotaFigures],
+    offline: set[str],
 ) -> str:
     """One row per upstream; its URL and last error (which may name internal hosts) only when `urls`."""
     rows = []
@@ -186,9 +243,10 @@ def _upstream_rows(
         )
         error = (f"{state.error} {_ago(state.last_error)}" if state.last_error else "-") if urls is not None else "-"
         url = urls.get(name, "") if urls is not None else "-"
+        shown = "offline" if name in offline else state.state
         rows.append(
             f'<tr class="upstream {state.state}"><td>{escape(name)}</td><td>{escape(url)}</td>'
-            f"<td>{state.state}</td><td>{_ago(state.last_ok)}</td><td>{escape(error)}</td><td>{pulls}</td>"
+            f"<td>{shown}</td><td>{_ago(state.last_ok)}</td><td>{escape(error)}</td><td>{pulls}</td>"
             f"{_quota_cells(quotas.get(name))}</tr>"
         )
     return "".join(rows)
@@ -218,12 +276,17 @@ async def status_page(request: web.Request) -> web.Response:
     ratio = f"{(counts.get('hit', 0) + counts.get('stale', 0)) / answered:.0%}" if answered else "-"
     top = await _visible_rows(request)
     urls = {u.name: u.url for u in settings.upstreams} if _shows_all(request) else None
+    offline = _offline(request)
+    banner = f'<p id="offline"><b>Offline</b>: {escape(", ".join(sorted(offline)))} never contacted; only cached content is served.</p>'
+    moves = await _visible_moves(request)
+    sync = _sync_table(list(request.app[SYNC].states.values()), _shows_all(request)) if top is not None else ""
     quotas = {u.name: u.quota.figures() for u in request.app[PROXY].router.upstreams}
     html = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cargohold status</title><style>{STYLE}</style></head>
 <body>
 <h1>cargohold {escape(__version__)}</h1>
 <p>Up {_ago(metrics.started).removesuffix(" ago")}. Figures below count since the cache was created.</p>
+{banner if offline else ""}
 <div class="figures">
 <div class="figure" id="size"><b>{human(usage.size)}</b>cache size{f" of {human(settings.cache.max_size)}" if settings.cache.max_size else ""}</div>
 <div class="figure" id="hit-ratio"><b>{ratio}</b>hit ratio</div>
@@ -236,7 +299,9 @@ async def status_page(request: web.Request) -> web.Response:
 <h2>Top images</h2>{_images_chart(top)}
 <h2>Upstreams</h2>
 <table id="upstreams"><tr><th>name</th><th>url</th><th>state</th><th>last success</th><th>last error</th><th>pulls left</th><th>pulls spent</th><th>quota resets</th></tr>
-{_upstream_rows(metrics.upstreams, urls, quotas)}</table>
+{_upstream_rows(metrics.upstreams, urls, quotas, offline)}</table>
+<h2>Recent tag moves</h2>{_moves_table(moves)}
+{sync}
 </body></html>
 """
     return web.Response(text=html, content_type="text/html")

@@ -1,6 +1,9 @@
 """Manifests by tag: within `tag_ttl` from the index with no upstream request; after it revalidated with a HEAD
 (free under Docker Hub's pull limit), fetched only when the digest moved, and served stale when upstream fails.
 
+A tag found pointing at a new digest is recorded in the index's tag-move history. A tag the upstream's
+`immutable_tags` match keeps the first digest seen: a move upstream is recorded and logged, not followed.
+
 A GET is a pull on Docker Hub's quota: with content mirrors a new tag is resolved with a free HEAD and its manifest
 fetched by digest (from a mirror first); a moved tag nobody asked about within `tag_ttl` is refreshed with a pull
 that may be deferred (served stale) when the quota is at its reserve (upstream/quota.py).
@@ -13,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 
 from cargohold.cache.index import Index, TagEntry
+from cargohold.config import UpstreamConfig
 from cargohold.digests import Digest
 from cargohold.errors import ManifestUnknown, UpstreamError
 from cargohold.flight import SingleFlight
@@ -25,6 +30,7 @@ from cargohold.pull.links import Links
 from cargohold.pull.manifests import Head, Manifest, Manifests, answerable, head_of
 from cargohold.pull.recent import Recent
 from cargohold.tasks import Tasks
+from cargohold.upstream.offline import Offline
 from cargohold.upstream.repository import Descriptor, Remote
 
 log = logging.getLogger("cargohold.proxy")
@@ -35,8 +41,18 @@ TagKey = tuple[str, str, str]
 class Tags:
     """Tag -> manifest, wrapping the index (tags), the manifests by digest and the remote."""
 
-    def __init__(self, index: Index, manifests: Manifests, links: Links, tasks: Tasks) -> None:
+    def __init__(
+        self,
+        index: Index,
+        manifests: Manifests,
+        links: Links,
+        tasks: Tasks,
+        upstreams: Mapping[str, UpstreamConfig] | None = None,
+    ) -> None:
         self._index = index
+        self._upstreams = upstreams or {}
+        # Tag moves found (followed or, for immutable tags, refused), for metrics.
+        self.moves = 0
         self._manifests = manifests
         self._links = links
         self._fetches: SingleFlight[Manifest] = SingleFlight(tasks, "tag fetch")
@@ -78,12 +94,42 @@ class Tags:
         if asked is None or now - asked >= remote.tag_ttl:
             remote = remote.deferrable()  # nobody else asked for it lately: not worth the reserve
         try:
-            fresh = await self._revalidations.run(key, lambda: self._revalidate(remote, tag, entry))
+            return await self._revalidated(remote, tag, entry)
         except UpstreamError as exc:
             log.warning("serving stale %s/%s:%s (%s): %s", *key, entry.digest, exc.message)
             return replace(await self._manifests.get(remote, Digest.parse(entry.digest)), cache="stale")
+
+    async def _revalidated(self, remote: Remote, tag: str, entry: TagEntry) -> Manifest:
+        """The tag's manifest after one shared revalidation: a miss when the tag moved."""
+        key = (remote.upstream, remote.repository, tag)
+        fresh = await self._revalidations.run(key, lambda: self._revalidate(remote, tag, entry))
         manifest = await self._manifests.get(remote, Digest.parse(fresh.digest))
         return manifest if fresh.digest == entry.digest else replace(manifest, cache="miss")
+
+    async def refresh(self, remote: Remote, tag: str) -> Manifest:
+        """The tag revalidated now whatever its age (a HEAD; a GET only if it moved), or fetched: for sync."""
+        key = (remote.upstream, remote.repository, tag)
+        entry = await self._index.get_tag(*key)
+        if entry is None:
+            return await self._fetches.run(key, lambda: self._fetch_new(remote, tag))
+        return await self._revalidated(remote, tag, entry)
+
+    async def _moved(self, key: TagKey, old: str, new: str) -> None:
+        """Record a tag found pointing at `new` instead of `old` (once per move for an immutable tag, which
+        stays on `old` and is found moved at every revalidation)."""
+        if self._immutable(key):
+            last = await self._index.tag_moves(*key, limit=1)
+            if last and (last[0].old_digest, last[0].new_digest) == (old, new):
+                return
+            log.warning("immutable tag %s/%s:%s moved upstream to %s: still serving %s", *key, new, old)
+        else:
+            log.info("tag %s/%s:%s moved from %s to %s", *key, old, new)
+        self.moves += 1
+        await self._index.record_tag_move(*key, old, new)
+
+    def _immutable(self, key: TagKey) -> bool:
+        config = self._upstreams.get(key[0])
+        return config is not None and config.immutable(key[1], key[2])
 
     async def _fetch(self, remote: Remote, tag: str) -> Manifest:
         """GET the tag with the full Accept, keep the manifest and point the tag at it."""
@@ -111,25 +157,31 @@ class Tags:
         """HEAD the tag with the full Accept; a tag upstream no longer has is dropped from the index."""
         try:
             return await remote.head_manifest(tag, FULL_ACCEPT)
-        except ManifestUnknown:
-            await self._index.drop_tag(remote.upstream, remote.repository, tag)
+        except ManifestUnknown as exc:
+            if not isinstance(exc, Offline):  # an offline mirror asked nobody
+                await self._index.drop_tag(remote.upstream, remote.repository, tag)
             raise
 
     async def _revalidate(self, remote: Remote, tag: str, entry: TagEntry) -> TagEntry:
         """HEAD the tag upstream; GET only if the digest moved."""
         key = (remote.upstream, remote.repository, tag)
         found = await self._ask(remote, tag)
-        if found is not None and str(found.digest) == entry.digest:
+        same = found is not None and str(found.digest) == entry.digest
+        if found is not None and not same and self._immutable(key):
+            await self._moved(key, entry.digest, str(found.digest))
+        if same or self._immutable(key):
             await self._index.mark_checked(*key)
             return entry
         if found is None or found.media_type not in KNOWN:
             fetched = (await self._fetch(remote, tag)).descriptor
+            if str(fetched.digest) != entry.digest:
+                await self._moved(key, entry.digest, str(fetched.digest))
             return TagEntry(str(fetched.digest), fetched.media_type, time.time())
         # The upstream just named this digest for this repository: link it, so no HEAD is needed to serve it.
         await self._links.add(remote, str(found.digest))
         # Fetch the new manifest before the tag points at it: if that fails, the old one is served stale.
         await self._manifests.get(remote, found.digest)
-        log.info("tag %s/%s:%s moved from %s to %s", *key, entry.digest, found.digest)
+        await self._moved(key, entry.digest, str(found.digest))
         await self._index.put_tag(*key, str(found.digest), found.media_type)
         return TagEntry(str(found.digest), found.media_type, time.time())
 
@@ -157,7 +209,7 @@ class Tags:
         elif time.time() - entry.checked_at < remote.tag_ttl:
             return Head(known, "hit")
         try:
-            found = await self._head_flights.run(key, lambda: self._head_tag(remote, tag))
+            found = await self._head_flights.run(key, lambda: self._head_tag(remote, tag, entry))
         except UpstreamError as exc:
             if known is None:
                 raise
@@ -165,12 +217,18 @@ class Tags:
             return Head(known, "stale")
         return None if found is None else Head(found, "miss")
 
-    async def _head_tag(self, remote: Remote, tag: str) -> Descriptor | None:
-        """Upstream's answer to a HEAD of the tag, remembered in the index and here when it can be answered with."""
+    async def _head_tag(self, remote: Remote, tag: str, entry: TagEntry | None) -> Descriptor | None:
+        """Upstream's answer to a HEAD of the tag, remembered in the index and here when it can be answered with;
+        None for an immutable tag that moved (the GET path serves the digest it keeps)."""
         found = await self._ask(remote, tag)
         if found is None or not answerable(found):
             return None
         key = (remote.upstream, remote.repository, tag)
+        if entry is not None and str(found.digest) != entry.digest:
+            await self._moved(key, entry.digest, str(found.digest))
+            if self._immutable(key):
+                await self._index.mark_checked(*key)
+                return None
         await self._links.add(remote, str(found.digest))
         await self._index.put_tag(*key, str(found.digest), found.media_type)
         self._heads.put(key, found)

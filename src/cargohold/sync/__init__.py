@@ -1,0 +1,1 @@
+"""Sync lists: images prefetched on a schedule, revalidated with HEADs, and pinned."""
