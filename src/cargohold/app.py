@@ -55,7 +55,7 @@ def build_app(settings: Settings) -> web.Application:
 async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
     """Rate-limit counters in memory or in Redis, shared by replicas."""
     config = app[SETTINGS].rate_limit
-    async with open_storage(config.storage) as storage:
+    async with open_storage(config.storage, app[SETTINGS].worker_count) as storage:
         app[RATE_LIMITER] = RateLimiter(config, storage)
         yield
 
@@ -88,7 +88,7 @@ async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[No
     app[PROXY] = PullThrough(Router(clients, settings.default.name), store, index, downloads, backends.peers)
     metrics.attach(index, app[PROXY])
     tasks = [asyncio.create_task(_flush_forever(index))]
-    if evictor.bounded:
+    if evictor.bounded and settings.leader:  # one evictor per machine (workers)
         tasks.append(asyncio.create_task(evictor.run_forever()))
     try:
         yield

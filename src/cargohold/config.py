@@ -384,6 +384,26 @@ class Settings(Strict):
     send_timeout: Duration = Field(
         300.0, gt=0, description="cut a blob response whose client has taken no piece of it for this long"
     )
+    workers: int | Literal["auto"] = Field(
+        1, description="serving processes on the same listeners and data_dir; auto = one per core"
+    )
+    leader: bool = Field(
+        True, description="internal, set by the supervisor of `workers`: this process runs the background work"
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError("expected a number of processes from 1 to 256, or auto")
+        return value
+
+    @property
+    def worker_count(self) -> int:
+        """`workers` as a number: `auto` is the cores this process may run on."""
+        if self.workers == "auto":
+            return len(os.sched_getaffinity(0))
+        return self.workers
 
     @field_validator("listen", "metrics_listen")
     @classmethod

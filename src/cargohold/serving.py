@@ -16,10 +16,12 @@ from aiohttp import web
 from cargohold import __version__
 from cargohold.app import build_app
 from cargohold.config import Settings, split_host_port
+from cargohold.keys import SETTINGS
 from cargohold.middleware.observe import AccessLogger
 from cargohold.tls.acme import AcmeManager
 from cargohold.tls.context import CertReloader
 from cargohold.tls.plain import plain_http_app
+from cargohold.workers import supervise
 
 log = logging.getLogger("cargohold")
 
@@ -86,8 +88,9 @@ async def _start(
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     host, port = split_host_port(address)
+    reuse_port = app[SETTINGS].worker_count > 1  # every worker binds the same ports (SO_REUSEPORT)
     try:
-        await web.TCPSite(runner, host, port, backlog=1024, **site).start()  # type: ignore[arg-type]
+        await web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port, **site).start()  # type: ignore[arg-type]
     except OSError as exc:
         raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from None
 
@@ -121,6 +124,13 @@ async def serve_until_stopped(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     """The `serve` command: returns after a graceful stop; exits with 2 when it cannot start."""
+    if settings.worker_count > 1:
+        raise SystemExit(supervise(settings, serve_one))
+    serve_one(settings)
+
+
+def serve_one(settings: Settings) -> None:
+    """One serving process (of `workers`)."""
     try:
         asyncio.run(serve_until_stopped(settings))
     except StartupError as exc:
