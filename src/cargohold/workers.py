@@ -11,6 +11,7 @@ stops them all; a worker that cannot start (exit 2) stops the whole machine with
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from cargohold.cache.index import SqliteIndex
 from cargohold.config import Settings
 from cargohold.metrics import MULTIPROC_ENV, forget_worker, share_across_workers
 
@@ -51,6 +53,8 @@ class Supervisor:
         shutil.rmtree(shared, ignore_errors=True)  # counters start at zero with the machine, as with one process
         shared.mkdir(parents=True, mode=0o750)
         os.environ[MULTIPROC_ENV] = str(shared)
+        if not self._settings.index.redis:  # created or migrated once: workers starting together would race to
+            asyncio.run(SqliteIndex(self._settings.data_dir / "index.sqlite").close())
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         count = self._settings.worker_count

@@ -1,0 +1,140 @@
+"""`workers: 2`: two serving processes on one port and one data_dir behave as one cargohold.
+
+Every request below opens its own connection, so the kernel (SO_REUSEPORT) spreads them over both
+workers; with a dozen connections the chance that all land on one worker is below 1 in 2,000.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from cacheops import cli, metrics, sample, settled
+from rig.hub import Hub
+from rig.server import Cargohold
+from rig.util import HttpResult, http_request, wait_until
+
+Factory = Callable[..., Cargohold]
+CLIENTS = 12
+
+
+def _workers(srv: Cargohold) -> list[int]:
+    """The supervisor's children: the worker processes."""
+    children = Path(f"/proc/{srv.pid}/task/{srv.pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def _get_all(urls: list[str]) -> list[HttpResult | BaseException]:
+    """GET every URL at once, each on its own connection."""
+    results: list[HttpResult | BaseException] = [RuntimeError("not run")] * len(urls)
+
+    def get(i: int) -> None:
+        try:
+            results[i] = http_request("GET", urls[i], timeout=120)
+        except BaseException as exc:  # noqa: BLE001 - looked at by the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=get, args=(i,)) for i in range(len(urls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(150)
+    return results
+
+
+def _holder_of(lock: Path) -> int:
+    """The pid holding the flock on `lock`, from /proc/locks."""
+    inode = lock.stat().st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
+            return int(fields[4])
+    raise AssertionError(f"nobody holds {lock}")
+
+
+def test_clients_of_both_workers_share_one_upstream_get_per_blob(hub: Hub, cargohold: Factory) -> None:
+    srv = cargohold(workers=2)  # the setting under test; everything else as shipped
+    im = hub.images["oci"]
+    held = im.layers[-1].digest
+    fault = hub.inject(method="GET", path_regex=rf"/blobs/{held}$", hold_after=1)
+    urls = [f"{srv.url}/v2/{im.repo}/blobs/{d}" for d in im.blob_digests for _ in range(CLIENTS)]
+    done: list[list[HttpResult | BaseException]] = []
+    herd = threading.Thread(target=lambda: done.append(_get_all(urls)))
+    herd.start()
+    fault.wait_waiting(1)  # one worker's download of the layer is in flight, parked after its first byte
+    wait_until(lambda: f"another replica is fetching {held}" in srv.log_text(), timeout=60, what="the other worker")
+    fault.release()
+    herd.join(200)
+    for url, res in zip(urls, done[0], strict=True):
+        assert isinstance(res, HttpResult) and res.status == 200, (url, res)
+        assert "sha256:" + hashlib.sha256(res.body).hexdigest() == url.rsplit("/", 1)[1]
+    for digest in im.blob_digests:  # (a worker's first request for a repository may also get a 401 first)
+        assert hub.count("GET", rf"/blobs/{digest}$", status=200) == 1, digest
+    settled(srv)
+    assert sample(metrics(srv.url), "cargohold_http_requests_total", route="/v2/{name}/blobs/{digest}") == len(urls)
+    assert "Traceback" not in srv.log_text()
+
+
+def test_a_worker_killed_mid_download_does_not_hold_the_other(hub: Hub, cargohold: Factory) -> None:
+    srv = cargohold(workers=2)
+    im = hub.images["oci"]
+    held = im.layers[-1].digest
+    fault = hub.inject(method="GET", path_regex=rf"/blobs/{held}$", hold_after=1, times=1)
+    url = f"{srv.url}/v2/{im.repo}/blobs/{held}"
+    done: list[list[HttpResult | BaseException]] = []
+    herd = threading.Thread(target=lambda: done.append(_get_all([url] * CLIENTS)))
+    herd.start()
+    fault.wait_waiting(1)
+    wait_until(lambda: f"another replica is fetching {held}" in srv.log_text(), timeout=60, what="the other worker")
+    holder = _holder_of(srv.data_dir / "locks" / held.replace(":", "-"))
+    os.kill(holder, signal.SIGKILL)
+    herd.join(200)
+    served = [r for r in done[0] if isinstance(r, HttpResult) and r.status == 200]
+    assert served, done[0]  # the clients of the surviving worker (the killed one's lost their connections)
+    assert all("sha256:" + hashlib.sha256(r.body).hexdigest() == held for r in served)
+    tries = [r.status for r in hub.requests_matching("GET", rf"/blobs/{held}$") if r.status != 401]
+    assert len(tries) == 2, tries  # the dead worker's, then the survivor's
+    fault.release()
+    wait_until(lambda: len(_workers(srv)) == 2, timeout=30, what="the supervisor to start a new worker")
+    assert f"(pid {holder}) exited" in srv.log_text()
+    assert http_request("GET", url).status == 200
+
+
+def test_the_index_is_shared_and_the_cli_works_next_to_the_workers(
+    hub: Hub, cargohold: Factory, tmp_path: Path
+) -> None:
+    srv = cargohold(workers=2)
+    im = hub.images["oci"]
+    manifest = f"{srv.url}/v2/{im.repo}/manifests/{im.tag}"
+    accept = {"Accept": im.media_type}
+    assert http_request("GET", manifest, headers=accept).status == 200
+    answers = [http_request("GET", manifest, headers=accept) for _ in range(CLIENTS)]
+    assert [a.status for a in answers] == [200] * CLIENTS
+    assert hub.count("GET", rf"^/v2/{im.repo}/manifests/", status=200) == 1  # the tag is in the one index
+    listed = cli(srv, "cache", "ls").stdout
+    assert im.repo in listed
+    counts = metrics(srv.url)
+    assert sample(counts, "cargohold_cache_requests_total", kind="manifest", result="hit") == CLIENTS
+
+
+def test_the_rate_limit_is_shared_by_the_workers(cargohold: Factory) -> None:
+    # Rate limiting is what this test is about: a small budget, in memory (the default storage).
+    srv = cargohold(workers=2, rate_limit={"preset": "off", "requests_per_second": 1, "burst": 4})
+    answers = [http_request("GET", f"{srv.url}/v2/") for _ in range(10)]
+    statuses = [a.status for a in answers]
+    assert statuses.count(200) <= 4 and set(statuses) == {200, 429}, statuses
+
+
+def test_sigterm_stops_every_worker(cargohold: Factory) -> None:
+    srv = cargohold(workers=2)
+    workers = _workers(srv)
+    assert len(workers) == 2
+    assert srv.stop() == 0
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    log = srv.log_text()
+    assert log.count("stopping") >= 2 and "Traceback" not in log
