@@ -20,6 +20,7 @@ from typing import Protocol
 import yaml
 
 from bench.load import Auth
+from bench.report import CARGOHOLD
 from rig.hub import Hub
 from rig.server import Cargohold
 from rig.util import free_port, http_request, run, start_process, stop_process, tail, wait_until
@@ -356,13 +357,13 @@ class ReplacedStack:
 class CargoholdSystem:
     """cargohold with default settings (tag_ttl 10m) and logins, like the replaced stack: the bench
     user in an htpasswd file, no anonymous pulls. Pulls send Basic; scenario 5 measures Basic and
-    a Bearer token from cargohold's /token."""
+    a Bearer token from cargohold's /token. With `workers` > 1 it is the same under the supervisor."""
 
-    name = "cargohold"
-
-    def __init__(self, workdir: Path, upstream_url: str) -> None:
+    def __init__(self, workdir: Path, upstream_url: str, workers: int = 1) -> None:
+        self.name = CARGOHOLD if workers == 1 else f"{CARGOHOLD} x{workers}"
         auth = {"htpasswd": str(write_htpasswd(workdir / "htpasswd")), "anonymous": False}
-        self.server = Cargohold(workdir, upstream_url, overrides={"auth": auth}, upstream={"tag_ttl": "10m"})
+        overrides = {"auth": auth, "workers": workers}
+        self.server = Cargohold(workdir, upstream_url, overrides=overrides, upstream={"tag_ttl": "10m"})
         try:
             self.server.start()
         except BaseException:
