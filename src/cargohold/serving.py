@@ -53,7 +53,9 @@ async def https(settings: Settings) -> AsyncIterator[Https]:
         manager = AcmeManager(tls.acme, settings.data_dir / "acme")
         pair = (manager.cert_path, manager.key_path) if manager.has_certificate() else manager.placeholder()
         reloader = CertReloader(*pair)
-        task = asyncio.create_task(manager.run(reloader))
+        # One worker orders and renews (the leader); the others load what it stores.
+        schedule = manager.run(reloader) if settings.leader else manager.follow(reloader, CERT_CHECK_INTERVAL)
+        task = asyncio.create_task(schedule)
         challenges = manager.challenges
     elif tls.cert is not None and tls.key is not None:
         try:
@@ -104,7 +106,7 @@ async def serve_until_stopped(settings: Settings) -> None:
     async with contextlib.AsyncExitStack() as stack:
         tls = await stack.enter_async_context(https(settings))
         await _start(stack, build_app(settings), settings.listen, settings.idle_timeout, ssl_context=tls.context)
-        if settings.http_listen:
+        if settings.http_listen and settings.leader:  # redirects and ACME answers: the leader's
             https_port = split_host_port(settings.listen)[1]
             await _start(
                 stack, plain_http_app(settings, tls.challenges, https_port), settings.http_listen, settings.idle_timeout

@@ -13,13 +13,19 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from cacheops import cli, metrics, sample, settled
+from rig.certs import peer_certificate
+from rig.clients import ensure_hosts_entries
 from rig.hub import Hub
+from rig.pebble import Pebble
 from rig.server import Cargohold
-from rig.util import HttpResult, http_request, wait_until
+from rig.util import HttpResult, free_port, http_request, wait_until
 
 Factory = Callable[..., Cargohold]
 CLIENTS = 12
+DOMAIN = "registry.cargohold.test"
 
 
 def _workers(srv: Cargohold) -> list[int]:
@@ -138,3 +144,35 @@ def test_sigterm_stops_every_worker(cargohold: Factory) -> None:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     log = srv.log_text()
     assert log.count("stopping") >= 2 and "Traceback" not in log
+
+
+def test_one_worker_orders_the_acme_certificate_and_every_worker_serves_it(
+    cargohold: Factory, pebble: Callable[..., Pebble], tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("editing /etc/hosts needs root")
+    ensure_hosts_entries([DOMAIN])
+    http_port = free_port()
+    ca = pebble(http_port, validity=15)  # renewed at two thirds: about 10 s after issue
+    acme = {"domains": [DOMAIN], "email": "ops@example.com", "directory": ca.directory, "ca_bundle": str(ca.ca_pem)}
+    srv = cargohold(start=False, workers=2, http_listen=f"127.0.0.1:{http_port}", tls={"acme": acme})
+    root = tmp_path / "pebble-root.pem"
+    root.write_bytes(ca.root_pem())
+    srv.start(wait=False)
+
+    def serials() -> set[int]:
+        """The certificates new connections get (each connection lands on either worker)."""
+        found = set()
+        for _ in range(CLIENTS):
+            try:
+                found.add(peer_certificate(srv.port, root, DOMAIN).serial_number)
+            except OSError:  # the placeholder does not verify against pebble's root
+                found.add(0)
+        return found
+
+    wait_until(lambda: 0 not in serials(), timeout=60, interval=0.2, what="both workers on pebble's certificate")
+    first = serials()
+    assert len(first) == 1
+    assert srv.log_text().count(f"ACME certificate for {DOMAIN} issued") == 1  # by the leader alone
+    wait_until(lambda: serials().isdisjoint(first), timeout=60, interval=0.5, what="both workers on the renewal")
+    assert "Traceback" not in srv.log_text()
