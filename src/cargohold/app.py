@@ -72,7 +72,8 @@ async def _pull_through(app: web.Application) -> AsyncIterator[None]:
 async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store, index = backends.store, backends.index
-    store.clean_temp()
+    if settings.worker_count == 1:  # with workers, the supervisor cleans up before it starts them
+        store.clean_temp()
     await repair(index, store)
     metrics = app[METRICS]
     fetches = settings.rate_limit.upstream_fetches

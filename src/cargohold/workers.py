@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 from cargohold.cache.index import SqliteIndex
+from cargohold.cache.store import Spool
 from cargohold.config import Settings
 from cargohold.metrics import MULTIPROC_ENV, forget_worker, share_across_workers
 
@@ -55,6 +56,8 @@ class Supervisor:
         os.environ[MULTIPROC_ENV] = str(shared)
         if not self._settings.index.redis:  # created or migrated once: workers starting together would race to
             asyncio.run(SqliteIndex(self._settings.data_dir / "index.sqlite").close())
+        # Once, here: a worker started again must not remove the temp files of the others' downloads.
+        Spool(self._settings.data_dir).clean_temp()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         count = self._settings.worker_count

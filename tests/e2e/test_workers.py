@@ -125,6 +125,8 @@ def test_the_index_is_shared_and_the_cli_works_next_to_the_workers(
     assert im.repo in listed
     counts = metrics(srv.url)
     assert sample(counts, "cargohold_cache_requests_total", kind="manifest", result="hit") == CLIENTS
+    page = http_request("GET", f"{srv.url}/").body.decode()
+    assert "2 worker processes share this cache" in page
 
 
 def test_the_rate_limit_is_shared_by_the_workers(cargohold: Factory) -> None:
