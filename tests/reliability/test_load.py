@@ -30,6 +30,7 @@ async def _connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
 
 async def _closed_by_server(reader: asyncio.StreamReader, trickle: asyncio.StreamWriter | None = None) -> bool:
     """Wait (bounded) until the server closes; a trickling client keeps sending a byte meanwhile."""
+
     async def drain() -> None:
         while await reader.read(65536):
             pass
@@ -90,8 +91,10 @@ async def _load(srv: Cargohold, im: I.Image, connections: int, pulls: int) -> No
             started = time.monotonic()
             await asyncio.gather(*(_pull(session, srv.url, im) for _ in range(8)))
             rounds.append(time.monotonic() - started)
-    print(f"\n{connections} connections: 8 parallel pulls per round, rounds took "
-          f"{min(rounds) * 1000:.0f}-{max(rounds) * 1000:.0f} ms (reported, not asserted)")
+    print(
+        f"\n{connections} connections: 8 parallel pulls per round, rounds took "
+        f"{min(rounds) * 1000:.0f}-{max(rounds) * 1000:.0f} ms (reported, not asserted)"
+    )
 
     # Idle and slowloris connections are closed by the server, not kept forever.
     closed = await asyncio.gather(
@@ -113,13 +116,17 @@ async def _load(srv: Cargohold, im: I.Image, connections: int, pulls: int) -> No
 
 
 @pytest.mark.parametrize(
-    "connections,pulls",
-    [pytest.param(200, 3, id="200 connections"), pytest.param(1000, 10, id="1000 connections", marks=pytest.mark.soak)],
+    "connections,pulls,workers",
+    [
+        pytest.param(200, 3, 1, id="200 connections"),
+        pytest.param(1000, 10, 1, id="1000 connections", marks=pytest.mark.soak),
+        pytest.param(1000, 10, 2, id="1000 connections, 2 workers", marks=pytest.mark.soak),
+    ],
 )
 async def test_many_connections(
-    connections: int, pulls: int, cargohold: Callable[..., Cargohold], fresh_image: Callable[..., I.Image]
+    connections: int, pulls: int, workers: int, cargohold: Callable[..., Cargohold], fresh_image: Callable[..., I.Image]
 ) -> None:
-    srv = cargohold(idle_timeout=f"{IDLE_TIMEOUT}s")
+    srv = cargohold(idle_timeout=f"{IDLE_TIMEOUT}s", workers=workers)
     im = fresh_image(random_bytes=1 << 20)
     async with aiohttp.ClientSession() as session:
         await _pull(session, srv.url, im)  # cached: the slow readers get sendfile answers
