@@ -8,7 +8,10 @@ ratio of req/s to `workers: 1`. "workers 2, limits on" is `workers: 2` with the 
 (`preset: team`, memory storage; every client here is one address, so its budgets are raised out of
 the way: the bench measures the cost of counting, not refusals). The others run with limits off.
 
-    .venv/bin/python -m bench.workers_scaling [--seconds 5] [--rounds 3]
+With `--uvloop` (uvloop installed) "workers 1, uvloop" runs the same server on uvloop's event loop,
+to see whether it is worth a setting.
+
+    .venv/bin/python -m bench.workers_scaling [--seconds 5] [--rounds 3] [--uvloop]
 """
 
 from __future__ import annotations
@@ -26,6 +29,16 @@ from rig.hub import Hub
 from rig.images import ACCEPT_ALL, simple_image
 from rig.server import Cargohold
 
+UVLOOP = "import sys, uvloop; uvloop.install(); from cargohold.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+class OnUvloop(Cargohold):
+    """The same server, its event loop uvloop's."""
+
+    def command(self) -> list[str]:
+        return [self.python, "-c", UVLOOP, "serve", "--config", str(self.config_path)]
+
+
 REPO, TAG = "bench/scaling", "latest"
 CONNECTIONS = 32
 BIG = 1_000_000_000  # counted, never reached (0 would mean not counted at all)
@@ -41,15 +54,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--uvloop", action="store_true", help="also workers 1 on uvloop")
     args = parser.parse_args()
+    settings = {**SETTINGS, **({"workers 1, uvloop": {"workers": 1}} if args.uvloop else {})}
     work = Path(tempfile.mkdtemp(prefix="cargohold-bench-"))
-    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in SETTINGS}
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in settings}
     try:
         with Hub(work / "hub") as hub:
             hub.push_image(simple_image("scaling-bench"), REPO, TAG)
             servers = {
-                name: Cargohold(work / f"srv{i}", hub.url, overrides=over)
-                for i, (name, over) in enumerate(SETTINGS.items())
+                name: (OnUvloop if "uvloop" in name else Cargohold)(work / f"srv{i}", hub.url, overrides=over)
+                for i, (name, over) in enumerate(settings.items())
             }
             try:
                 for srv in servers.values():
