@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -178,3 +179,15 @@ def test_one_worker_orders_the_acme_certificate_and_every_worker_serves_it(
     assert srv.log_text().count(f"ACME certificate for {DOMAIN} issued") == 1  # by the leader alone
     wait_until(lambda: serials().isdisjoint(first), timeout=60, interval=0.5, what="both workers on the renewal")
     assert "Traceback" not in srv.log_text()
+
+
+def test_a_worker_that_cannot_start_stops_the_machine_with_one_line(cargohold: Factory) -> None:
+    srv = cargohold(workers=2, start=False)
+    with socket.socket() as taken:  # the port is someone else's (no SO_REUSEPORT): no worker can listen
+        taken.bind((srv.host, srv.port))
+        taken.listen()
+        srv.start(wait=False)
+        wait_until(lambda: not srv.running, timeout=60, what="the supervisor to give up")
+    assert srv.stop() == 2
+    log = srv.log_text()
+    assert "cannot start: cannot listen on" in log and "Traceback" not in log
