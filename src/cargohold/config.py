@@ -398,6 +398,13 @@ class Settings(Strict):
             raise ValueError("expected a number of processes from 1 to 256, or auto")
         return value
 
+    @model_validator(mode="after")
+    def _leader_is_internal(self) -> Settings:
+        # The supervisor sets it with model_copy, which does not validate; a file or variable may not.
+        if "leader" in self.model_fields_set:
+            raise ValueError("leader is set by the supervisor of `workers`, not by configuration")
+        return self
+
     @property
     def worker_count(self) -> int:
         """`workers` as a number: `auto` is the cores this process may run on."""

@@ -12,6 +12,7 @@ stops them all; a worker that cannot start (exit 2) stops the whole machine with
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import shutil
@@ -50,6 +51,16 @@ class Supervisor:
 
     def run(self) -> int:
         """Until every worker has stopped; the exit status of the machine."""
+        self._settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        with open(self._settings.data_dir / "workers.lock", "w") as lock:
+            try:  # held while the supervisor or any worker it started (they inherit it) lives
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.error("cannot start: another cargohold with workers serves %s", self._settings.data_dir)
+                return CANNOT_START
+            return self._run()
+
+    def _run(self) -> int:
         shared = metrics_dir(self._settings)
         shutil.rmtree(shared, ignore_errors=True)  # counters start at zero with the machine, as with one process
         shared.mkdir(parents=True, mode=0o750)

@@ -29,6 +29,14 @@ CLIENTS = 12
 DOMAIN = "registry.cargohold.test"
 
 
+def _two_workers(cargohold: Factory, **config: object) -> Cargohold:
+    """cargohold with `workers: 2` (the setting under test), once both workers listen: /health is
+    answered as soon as one does, and until the other has bound the port every connection goes to it."""
+    srv = cargohold(workers=2, **config)
+    wait_until(lambda: srv.log_text().count(" listening on ") == 2, timeout=60, what="both workers to listen")
+    return srv
+
+
 def _workers(srv: Cargohold) -> list[int]:
     """The supervisor's children: the worker processes."""
     children = Path(f"/proc/{srv.pid}/task/{srv.pid}/children").read_text().split()
@@ -54,17 +62,18 @@ def _get_all(urls: list[str]) -> list[HttpResult | BaseException]:
 
 
 def _holder_of(lock: Path) -> int:
-    """The pid holding the flock on `lock`, from /proc/locks."""
-    inode = lock.stat().st_ino
+    """The pid holding the flock on `lock`, from /proc/locks (device and inode)."""
+    st = lock.stat()
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     for line in Path("/proc/locks").read_text().splitlines():
         fields = line.split()
-        if fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
+        if fields[1] == "FLOCK" and fields[5] == where:
             return int(fields[4])
     raise AssertionError(f"nobody holds {lock}")
 
 
 def test_clients_of_both_workers_share_one_upstream_get_per_blob(hub: Hub, cargohold: Factory) -> None:
-    srv = cargohold(workers=2)  # the setting under test; everything else as shipped
+    srv = _two_workers(cargohold)  # everything else as shipped
     im = hub.images["oci"]
     held = im.layers[-1].digest
     fault = hub.inject(method="GET", path_regex=rf"/blobs/{held}$", hold_after=1)
@@ -87,7 +96,7 @@ def test_clients_of_both_workers_share_one_upstream_get_per_blob(hub: Hub, cargo
 
 
 def test_a_worker_killed_mid_download_does_not_hold_the_other(hub: Hub, cargohold: Factory) -> None:
-    srv = cargohold(workers=2)
+    srv = _two_workers(cargohold)
     im = hub.images["oci"]
     held = im.layers[-1].digest
     fault = hub.inject(method="GET", path_regex=rf"/blobs/{held}$", hold_after=1, times=1)
@@ -98,13 +107,17 @@ def test_a_worker_killed_mid_download_does_not_hold_the_other(hub: Hub, cargohol
     fault.wait_waiting(1)
     wait_until(lambda: f"another replica is fetching {held}" in srv.log_text(), timeout=60, what="the other worker")
     holder = _holder_of(srv.data_dir / "locks" / held.replace(":", "-"))
+    assert holder in _workers(srv)
     os.kill(holder, signal.SIGKILL)
     herd.join(200)
     served = [r for r in done[0] if isinstance(r, HttpResult) and r.status == 200]
     assert served, done[0]  # the clients of the surviving worker (the killed one's lost their connections)
     assert all("sha256:" + hashlib.sha256(r.body).hexdigest() == held for r in served)
-    tries = [r.status for r in hub.requests_matching("GET", rf"/blobs/{held}$") if r.status != 401]
-    assert len(tries) == 2, tries  # the dead worker's, then the survivor's
+    tries = [(r.status, r.bytes_sent) for r in hub.requests_matching("GET", rf"/blobs/{held}$") if r.status != 401]
+    assert len(tries) == 2, (
+        tries,
+        hub.requests_matching("GET", rf"/blobs/{held}$"),
+    )  # the dead worker's, the survivor's
     fault.release()
     wait_until(lambda: len(_workers(srv)) == 2, timeout=30, what="the supervisor to start a new worker")
     assert f"(pid {holder}) exited" in srv.log_text()
@@ -114,7 +127,7 @@ def test_a_worker_killed_mid_download_does_not_hold_the_other(hub: Hub, cargohol
 def test_the_index_is_shared_and_the_cli_works_next_to_the_workers(
     hub: Hub, cargohold: Factory, tmp_path: Path
 ) -> None:
-    srv = cargohold(workers=2)
+    srv = _two_workers(cargohold)
     im = hub.images["oci"]
     manifest = f"{srv.url}/v2/{im.repo}/manifests/{im.tag}"
     accept = {"Accept": im.media_type}
@@ -132,14 +145,14 @@ def test_the_index_is_shared_and_the_cli_works_next_to_the_workers(
 
 def test_the_rate_limit_is_shared_by_the_workers(cargohold: Factory) -> None:
     # Rate limiting is what this test is about: a small budget, in memory (the default storage).
-    srv = cargohold(workers=2, rate_limit={"preset": "off", "requests_per_second": 1, "burst": 4})
+    srv = _two_workers(cargohold, rate_limit={"preset": "off", "requests_per_second": 1, "burst": 4})
     answers = [http_request("GET", f"{srv.url}/v2/") for _ in range(10)]
     statuses = [a.status for a in answers]
     assert statuses.count(200) <= 4 and set(statuses) == {200, 429}, statuses
 
 
 def test_sigterm_stops_every_worker(cargohold: Factory) -> None:
-    srv = cargohold(workers=2)
+    srv = _two_workers(cargohold)
     workers = _workers(srv)
     assert len(workers) == 2
     assert srv.stop() == 0
@@ -191,3 +204,14 @@ def test_a_worker_that_cannot_start_stops_the_machine_with_one_line(cargohold: F
     assert srv.stop() == 2
     log = srv.log_text()
     assert "cannot start: cannot listen on" in log and "Traceback" not in log
+
+
+def test_a_second_machine_on_the_same_data_dir_does_not_start(cargohold: Factory) -> None:
+    first = _two_workers(cargohold)
+    # Same data_dir, another port: it would wipe the first one's metrics and download spool.
+    second = cargohold(workers=2, data_dir=str(first.data_dir), start=False)
+    second.start(wait=False)
+    wait_until(lambda: not second.running, timeout=60, what="the second supervisor to give up")
+    assert second.stop() == 2
+    assert "another cargohold with workers serves" in second.log_text()
+    assert http_request("GET", f"{first.url}/v2/").status == 200
