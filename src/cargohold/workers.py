@@ -24,7 +24,7 @@ from types import FrameType
 
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import Spool
-from cargohold.config import Settings
+from cargohold.config import ConfigError, Settings
 from cargohold.metrics import MULTIPROC_ENV, forget_worker, share_across_workers
 
 log = logging.getLogger("cargohold.workers")
@@ -134,6 +134,9 @@ class Supervisor:
             self._serve(self._settings.model_copy(update={"leader": slot == 0}))
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else 1
+        except ConfigError as exc:  # found at start-up (e.g. a bad htpasswd line): one line, as without workers
+            log.error("config error: %s", exc)
+            return CANNOT_START
         except BaseException:
             log.exception("worker %d failed", slot)
             return 1
