@@ -33,6 +33,7 @@ RESTART_DELAY = 1.0  # seconds before a worker that died is started again
 STOP_GRACE = 15.0  # seconds for the workers' graceful stop before they are killed
 POLL = 0.2
 CANNOT_START = 2
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def metrics_dir(settings: Settings) -> Path:
@@ -69,7 +70,7 @@ class Supervisor:
             asyncio.run(SqliteIndex(self._settings.data_dir / "index.sqlite").close())
         # Once, here: a worker started again must not remove the temp files of the others' downloads.
         Spool(self._settings.data_dir).clean_temp()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         count = self._settings.worker_count
         log.info("starting %d workers", count)
@@ -119,16 +120,20 @@ class Supervisor:
             self._spawn(slot)
 
     def _spawn(self, slot: int) -> None:
+        # Blocked across the fork: a signal must not run the supervisor's handler in the new worker.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid:
             self._children[pid] = slot
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             return
         os._exit(self._worker(slot))
 
     def _worker(self, slot: int) -> int:
         """In the child: serve until stopped; the exit status."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)  # the event loop installs its own
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         share_across_workers()
         try:
             self._serve(self._settings.model_copy(update={"leader": slot == 0}))
