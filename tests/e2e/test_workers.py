@@ -115,14 +115,16 @@ def test_a_worker_killed_mid_download_does_not_hold_the_other(hub: Hub, cargohol
     assert all("sha256:" + hashlib.sha256(r.body).hexdigest() == held for r in served)
     fault.release()  # the dead worker's request, parked at the hub, is recorded when it ends
 
-    def upstream_gets() -> int:  # a worker's first request for the repository may get a 401 first
+    def upstream_gets() -> int:  # a worker's first request for the repository gets a 401 first (parked, maybe)
         return sum(r.status != 401 for r in hub.requests_matching("GET", rf"/blobs/{held}$"))
 
-    wait_until(lambda: upstream_gets() == 2, timeout=30, what="the dead worker's GET and the survivor's")
-    wait_until(lambda: len(_workers(srv)) == 2, timeout=30, what="the supervisor to start a new worker")
-    assert f"(pid {holder}) exited" in srv.log_text()
+    wait_until(lambda: upstream_gets() >= 1, timeout=30, what="the hub to record the survivor's GET")
+    wait_until(lambda: f"(pid {holder}) exited" in srv.log_text(), timeout=30, what="the supervisor to see it die")
+    wait_until(
+        lambda: len(_workers(srv)) == 2 and holder not in _workers(srv), timeout=30, what="a new worker in its place"
+    )
     assert http_request("GET", url).status == 200
-    assert upstream_gets() == 2  # the blob landed: a hit, nothing more asked upstream
+    assert upstream_gets() <= 2  # the dead worker's (unless it died at the 401), the survivor's; then hits
 
 
 def test_the_index_is_shared_and_the_cli_works_next_to_the_workers(
