@@ -144,6 +144,9 @@ def test_the_index_is_shared_and_the_cli_works_next_to_the_workers(
     assert sample(counts, "cargohold_cache_requests_total", kind="manifest", result="hit") == CLIENTS
     page = http_request("GET", f"{srv.url}/").body.decode()
     assert "2 worker processes share this cache" in page
+    cli(srv, "warm", f"{im.repo}:{im.tag}")  # through the workers' port: the whole image lands once
+    for digest in im.blob_digests:
+        assert hub.count("GET", rf"/blobs/{digest}$", status=200) == 1, digest
 
 
 def test_the_rate_limit_is_shared_by_the_workers(cargohold: Factory) -> None:
