@@ -5,8 +5,9 @@ worker depends on the supervisor to accept. What they share lives in `data_dir`:
 (WAL), the blobs, the download locks (`cache/filelocks.py`) and the metrics files of
 prometheus_client's multiprocess mode (`metrics/`). Worker 0 is the leader: it alone runs the
 background work (eviction, ACME); when it dies its replacement takes over. The supervisor only forks,
-restarts a worker that died (after a pause, so a crash loop costs little) and, on SIGTERM/SIGINT,
-stops them all; a worker that cannot start (exit 2) stops the whole machine with the same status.
+restarts a worker that died (after a pause that doubles while it keeps dying young, so a crash loop
+costs little) and, on SIGTERM/SIGINT, stops them all; a worker that cannot start (exit 2) stops the
+whole machine with the same status.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from cargohold.metrics import MULTIPROC_ENV, forget_worker, share_across_workers
 
 log = logging.getLogger("cargohold.workers")
 
-RESTART_DELAY = 1.0  # seconds before a worker that died is started again
+RESTART_DELAY = 1.0  # seconds before a worker that died is started again; doubled while it keeps dying young
+RESTART_DELAY_MAX = 30.0
+YOUNG = 10.0  # a worker that dies within this many seconds of its start counts as a crash loop
 STOP_GRACE = 15.0  # seconds for the workers' graceful stop before they are killed
 POLL = 0.2
 CANNOT_START = 2
@@ -47,6 +50,8 @@ class Supervisor:
         self._settings = settings
         self._serve = serve
         self._children: dict[int, int] = {}  # pid -> slot
+        self._started: dict[int, float] = {}  # slot -> when its worker started
+        self._delays: dict[int, float] = {}  # slot -> pause before its next start
         self._stop_at: float | None = None
         self._status = 0
 
@@ -114,8 +119,11 @@ class Supervisor:
             self._status = CANNOT_START
             self.stop()
             return
-        log.warning("worker %d (pid %d) exited with status %d; starting it again", slot, pid, code)
-        time.sleep(RESTART_DELAY)
+        young = time.monotonic() - self._started[slot] < YOUNG
+        delay = min(self._delays.get(slot, RESTART_DELAY / 2) * 2, RESTART_DELAY_MAX) if young else RESTART_DELAY
+        self._delays[slot] = delay
+        log.warning("worker %d (pid %d) exited with status %d; starting it again in %.0fs", slot, pid, code, delay)
+        time.sleep(delay)
         if self._stop_at is None:
             self._spawn(slot)
 
@@ -125,6 +133,7 @@ class Supervisor:
         pid = os.fork()
         if pid:
             self._children[pid] = slot
+            self._started[slot] = time.monotonic()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             return
         os._exit(self._worker(slot))
