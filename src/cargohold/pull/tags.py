@@ -79,9 +79,7 @@ class Tags:
         """GET the tag with the full Accept, keep the manifest and point the tag at it."""
         descriptor, body = await remote.get_manifest(tag, FULL_ACCEPT)
         manifest = await self._manifests.keep(remote, descriptor, body)
-        await self._index.put_tag(
-            remote.upstream, remote.repository, tag, str(descriptor.digest), descriptor.media_type
-        )
+        await self._index.put_tag(remote.upstream, remote.repository, tag, str(descriptor.digest), descriptor.media_type)
         return manifest
 
     async def _ask(self, remote: Remote, tag: str) -> Descriptor | None:
@@ -120,9 +118,7 @@ class Tags:
                 return found
         return head_of(await self._get(remote, tag, accept, entry))
 
-    async def _head_uncached(
-        self, remote: Remote, tag: str, accept: frozenset[str], entry: TagEntry | None
-    ) -> Head | None:
+    async def _head_uncached(self, remote: Remote, tag: str, accept: frozenset[str], entry: TagEntry | None) -> Head | None:
         """Within `tag_ttl` the last upstream HEAD's answer (remembered for the full Accept), after it one
         shared upstream HEAD, stale if that fails; None when upstream says too little to answer with."""
         if not takes_everything(accept):

@@ -74,9 +74,7 @@ def upstream_failure(resp: aiohttp.ClientResponse, unknown: type[RegistryError],
         return unknown(f"{what} not found upstream", detail)
     if resp.status == 429:
         retry = resp.headers.get("Retry-After")
-        return UpstreamUnavailable(
-            f"upstream is rate limiting us while fetching {what}", detail, {"Retry-After": retry} if retry else None
-        )
+        return UpstreamUnavailable(f"upstream is rate limiting us while fetching {what}", detail, {"Retry-After": retry} if retry else None)
     if resp.status >= 500:
         return UpstreamUnavailable(f"upstream failed while fetching {what}", detail)
     return UpstreamInvalid(f"unexpected upstream answer while fetching {what}", detail)
@@ -92,9 +90,7 @@ def _verified(reference: str, claimed: str | None, body: bytes) -> Digest:
     parsed = Digest.parse_or_none(claimed)
     digest = Digest.of(body, parsed.algorithm if parsed else "sha256")
     if claimed and parsed != digest:
-        raise UpstreamInvalid(
-            "upstream manifest does not match its Docker-Content-Digest", {"claimed": claimed, "actual": str(digest)}
-        )
+        raise UpstreamInvalid("upstream manifest does not match its Docker-Content-Digest", {"claimed": claimed, "actual": str(digest)})
     return digest
 
 
