@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.report import CARGOHOLD, REPLACED, Results
-from bench.scenarios import METRICS, SCENARIOS, Bench, Options
+from bench.scenarios import CARGOHOLD_2, METRICS, SCENARIOS, Bench, Options
 from bench.systems import CargoholdSystem, NginxFile, NginxRelay, ReplacedStack, System, Upstream
 from rig.hub import Hub
 from rig.images import Image, big_image, make_image, make_layer, simple_image
@@ -61,8 +61,8 @@ def _push_images(hub: Hub, opts: Options, cache: Path) -> tuple[Image, Image, di
     warm = hub.push_image(simple_image("bench-warm", layers=2), "bench/warm", "latest")
     herds = {}
     for run in range(opts.runs):
-        for name in (REPLACED, CARGOHOLD):
-            seed = f"herd-{run}-{name.replace('+', '-')}"
+        for name in (REPLACED, CARGOHOLD, CARGOHOLD_2):
+            seed = f"herd-{run}-{name.replace('+', '-').replace(' ', '-')}"
             image = _herd_image(seed, opts.herd_layers, opts.herd_layer_kib << 10)
             herds[(run, name)] = hub.push_image(image, f"bench/{seed}", "latest")
     return big, warm, herds
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             systems.append(NginxRelay(workdir / "nginx-relay", hub.url))
             systems.append(ReplacedStack(workdir / "replaced", hub.url))
             systems.append(CargoholdSystem(workdir / "cargohold", hub.url))
+            systems.append(CargoholdSystem(workdir / "cargohold-2", hub.url, workers=2))
             bench = Bench(hub, {s.name: s for s in [Upstream(hub), *systems]}, opts, big, warm, herds, results)
             chosen = [SCENARIOS[name] for name in SCENARIOS if not args.only or name in args.only]
             for run in range(opts.runs):

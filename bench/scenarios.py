@@ -24,6 +24,7 @@ from rig.images import ACCEPT_ALL, Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NGINX_FILE, NGINX_RELAY, UPSTREAM, IDEAL = "nginx-file", "nginx-relay", "upstream", "ideal"
+CARGOHOLD_2 = f"{CARGOHOLD} x2"  # the same with `workers: 2`
 RSS_LIMIT_MIB = 150
 
 
@@ -192,7 +193,7 @@ def warm_blob_many(b: Bench, run: int) -> None:
 
 def herd(b: Bench, run: int) -> None:
     """4. `herd_clients` clients pull the same uncached image at once: upstream blob GETs, wall time."""
-    for system in b.among(REPLACED, CARGOHOLD):
+    for system in b.among(REPLACED, CARGOHOLD, CARGOHOLD_2):
         image = b.herds[(run, system.name)]
         assert image.repo and image.tag
         b.hub.reset_counts()
@@ -271,7 +272,7 @@ def manifests(b: Bench, run: int) -> None:
     """5. Warm manifest by tag with `manifest_connections` keep-alive connections: req/s, p99, upstream requests."""
     assert b.warm.repo and b.warm.tag
     path = f"/v2/{b.warm.repo}/manifests/{b.warm.tag}"
-    for system in b.among(NGINX_FILE, REPLACED, CARGOHOLD):
+    for system in b.among(NGINX_FILE, REPLACED, CARGOHOLD, CARGOHOLD_2):
         for label, headers, basic in _manifest_variants(system, b.warm.repo):
             if system.name != NGINX_FILE:  # warm its cache first
                 load({"op": "pull", "base": system.url, "repo": b.warm.repo, "ref": b.warm.tag, "auth": _auth(system)})

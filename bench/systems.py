@@ -20,6 +20,7 @@ from typing import Protocol
 import yaml
 
 from bench.load import Auth
+from bench.report import CARGOHOLD
 from rig.hub import Hub
 from rig.server import Cargohold
 from rig.util import free_port, http_request, run, start_process, stop_process, tail, wait_until
@@ -356,15 +357,14 @@ class ReplacedStack:
 class CargoholdSystem:
     """cargohold with default settings (tag_ttl 10m) and logins, like the replaced stack: the bench
     user in an htpasswd file, no anonymous pulls. Pulls send Basic; scenario 5 measures Basic and
-    a Bearer token from cargohold's /token."""
+    a Bearer token from cargohold's /token. With `workers` > 1 it is the same under the supervisor."""
 
-    name = "cargohold"
-
-    def __init__(self, workdir: Path, upstream_url: str) -> None:
+    def __init__(self, workdir: Path, upstream_url: str, workers: int = 1) -> None:
+        self.name = CARGOHOLD if workers == 1 else f"{CARGOHOLD} x{workers}"
         auth = {"htpasswd": str(write_htpasswd(workdir / "htpasswd")), "anonymous": False}
         # Limits off: the bench measures serving against nginx with none (its 32-connection manifest
         # run would be 429s under a preset); their cost is measured apart by bench/ratelimit_cost.py.
-        overrides = {"auth": auth, "rate_limit": {"preset": "off"}}
+        overrides = {"auth": auth, "rate_limit": {"preset": "off"}, "workers": workers}
         self.server = Cargohold(workdir, upstream_url, overrides=overrides, upstream={"tag_ttl": "10m"})
         try:
             self.server.start()

@@ -64,7 +64,7 @@ def build_app(settings: Settings) -> web.Application:
 async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
     """Rate-limit counters in memory or in Redis, shared by replicas."""
     config = app[SETTINGS].rate_limit
-    async with open_storage(config.storage) as storage:
+    async with open_storage(config.storage, app[SETTINGS].worker_count) as storage:
         app[RATE_LIMITER] = RateLimiter(config, storage)
         yield
 
@@ -88,7 +88,8 @@ async def _pull_through(app: web.Application) -> AsyncIterator[None]:
 async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store, index = backends.store, backends.index
-    store.clean_temp()
+    if settings.worker_count == 1:  # with workers, the supervisor cleans up before it starts them
+        store.clean_temp()
     await repair(index, store)
     metrics = app[METRICS]
     fetches = settings.rate_limit.upstream_fetches
@@ -110,11 +111,12 @@ async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[No
     app[PROXY] = PullThrough(Router(clients, settings.default.name), store, index, downloads, tasks, backends.peers)
     metrics.attach(index, app[PROXY])
     tasks.spawn(_flush_forever(index), "index flush")
-    if evictor.bounded:
+    if evictor.bounded and settings.leader:  # one evictor per machine (workers)
         tasks.spawn(evictor.run_forever(), "eviction")
     app[SYNC] = Scheduler(settings, Syncer(settings, app[PROXY]), tasks, redis_of(index))
-    metrics.registry.register(KeepCollector(app[SYNC], app[PROXY].tags))
-    app[SYNC].start()
+    metrics.register_own(KeepCollector(app[SYNC], app[PROXY].tags))
+    if settings.leader:  # one schedule per machine (workers); `sync run` works from any process
+        app[SYNC].start()
     try:
         yield
     finally:

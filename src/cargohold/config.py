@@ -523,6 +523,34 @@ class Settings(Strict):
         ]
         return {**data, "upstreams": marked}
 
+    workers: int | Literal["auto"] = Field(
+        1, description="serving processes on the same listeners and data_dir; auto = one per core"
+    )
+    leader: bool = Field(
+        True, description="internal, set by the supervisor of `workers`: this process runs the background work"
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError("expected a number of processes from 1 to 256, or auto")
+        return value
+
+    @model_validator(mode="after")
+    def _leader_is_internal(self) -> Settings:
+        # The supervisor sets it with model_copy, which does not validate; a file or variable may not.
+        if "leader" in self.model_fields_set:
+            raise ValueError("leader is set by the supervisor of `workers`, not by configuration")
+        return self
+
+    @property
+    def worker_count(self) -> int:
+        """`workers` as a number: `auto` is the cores this process may run on."""
+        if self.workers == "auto":
+            return len(os.sched_getaffinity(0))
+        return self.workers
+
     @field_validator("listen", "metrics_listen")
     @classmethod
     def _listen(cls, value: str | None) -> str | None:

@@ -8,6 +8,7 @@ and single-flight joins are read from the live objects at scrape time.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -15,13 +16,28 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from cargohold.cache.index import Index, Stored, Usage
 from cargohold.proxy import PullThrough
 
 _REMAINING = re.compile(r"^\s*(\d+)")
+
+# With `workers: N`, the directory where every worker's counters live (prometheus_client's multiprocess mode).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_across_workers() -> None:
+    """In a worker process, before any metric exists: keep counters in files under $PROMETHEUS_MULTIPROC_DIR
+    so that one scrape, answered by any worker, adds up all of them."""
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]  # prometheus_client's multiprocess helpers are untyped
+
+
+def forget_worker(directory: os.PathLike[str], pid: int) -> None:
+    """A worker has exited: its gauges leave the sums (its counters stay counted)."""
+    multiprocess.mark_process_dead(pid, os.fspath(directory))  # type: ignore[no-untyped-call]  # prometheus_client's multiprocess helpers are untyped
 
 
 @dataclass(slots=True)
@@ -108,6 +124,7 @@ class Metrics:
             "Docker Hub pulls left, from the last ratelimit-remaining header",
             ["upstream"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.content = Counter(
             "cargohold_content_requests",
@@ -130,17 +147,25 @@ class Metrics:
             "cargohold_cache_pinned_bytes",
             "Bytes of pinned images in the cache, as of the last eviction run (more than max_size: pins overflow)",
             registry=r,
+            multiprocess_mode="mostrecent",  # with workers, the leader's eviction run sets it
         )
         self.max_size = max_size
         self.upstreams = {name: UpstreamState() for name in upstreams}
         self.index: Index | None = None
         self.usage = Usage(0, 0, 0, 0)
         self.started = time.time()
+        self._shared_dir = os.environ.get(MULTIPROC_ENV)
+        self._own: list[Collector] = []  # collectors of live objects, registered here and in a workers' scrape
 
     def attach(self, index: Index, proxy: PullThrough) -> None:
         """Read cache size and single-flight figures from the live objects at every scrape."""
         self.index = index
-        self.registry.register(_Live(self, proxy))
+        self.register_own(_Live(self, proxy))
+
+    def register_own(self, collector: Collector) -> None:
+        """A collector that reads this process's live objects at scrape time."""
+        self._own.append(collector)
+        self.registry.register(collector)
 
     async def refresh(self) -> None:
         """Read the cache's size from the index (before a scrape or a status page)."""
@@ -207,7 +232,14 @@ class Metrics:
         self.evicted_bytes.inc(entry.size)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's metrics; with workers, every worker's counters summed, and this one's live figures."""
+        if self._shared_dir is None:
+            return generate_latest(self.registry)
+        machine = CollectorRegistry()
+        multiprocess.MultiProcessCollector(machine, self._shared_dir)  # type: ignore[no-untyped-call]  # prometheus_client's multiprocess helpers are untyped
+        for collector in self._own:  # read from this process's objects, not summed across workers
+            machine.register(collector)
+        return generate_latest(machine)
 
 
 class _Live:

@@ -16,11 +16,13 @@ from aiohttp import web
 from cargohold import __version__
 from cargohold.app import build_app
 from cargohold.config import Settings, split_host_port
+from cargohold.keys import SETTINGS
 from cargohold.middleware.observe import AccessLogger
 from cargohold.tasks import Tasks
 from cargohold.tls.acme import AcmeManager
 from cargohold.tls.context import CertReloader
 from cargohold.tls.plain import plain_http_app
+from cargohold.workers import supervise
 
 log = logging.getLogger("cargohold")
 
@@ -57,7 +59,9 @@ async def https(settings: Settings) -> AsyncIterator[Https]:
             except OSError as exc:  # data_dir not writable for this user
                 raise StartupError(f"tls.acme: cannot write {manager.dir}: {exc.strerror or exc}") from None
             reloader = CertReloader(*pair)
-            tasks.spawn(manager.run(reloader), "acme")
+            # One worker orders and renews (the leader); the others load what it stores.
+            schedule = manager.run(reloader) if settings.leader else manager.follow(reloader, CERT_CHECK_INTERVAL)
+            tasks.spawn(schedule, "acme")
             yield Https(reloader, manager.challenges)
         elif tls.cert is not None and tls.key is not None:
             try:
@@ -90,8 +94,9 @@ async def _start(
         where = f" {exc.filename}" if exc.filename else ""
         raise StartupError(f"cannot open{where}: {exc.strerror or exc}") from None
     host, port = split_host_port(address)
+    reuse_port = app[SETTINGS].worker_count > 1  # every worker binds the same ports (SO_REUSEPORT)
     try:
-        await web.TCPSite(runner, host, port, backlog=1024, **site).start()  # type: ignore[arg-type]
+        await web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port, **site).start()  # type: ignore[arg-type]
     except OSError as exc:
         raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from None
 
@@ -105,7 +110,7 @@ async def serve_until_stopped(settings: Settings) -> None:
     async with contextlib.AsyncExitStack() as stack:
         tls = await stack.enter_async_context(https(settings))
         await _start(stack, build_app(settings), settings.listen, settings.idle_timeout, ssl_context=tls.context)
-        if settings.http_listen:
+        if settings.http_listen and settings.leader:  # redirects and ACME answers: the leader's
             https_port = split_host_port(settings.listen)[1]
             await _start(
                 stack, plain_http_app(settings, tls.challenges, https_port), settings.http_listen, settings.idle_timeout
@@ -125,6 +130,13 @@ async def serve_until_stopped(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     """The `serve` command: returns after a graceful stop; exits with 2 when it cannot start."""
+    if settings.worker_count > 1:
+        raise SystemExit(supervise(settings, serve_one))
+    serve_one(settings)
+
+
+def serve_one(settings: Settings) -> None:
+    """One serving process (of `workers`)."""
     try:
         asyncio.run(serve_until_stopped(settings))
     except StartupError as exc:

@@ -30,6 +30,7 @@ async def _connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
 
 async def _closed_by_server(reader: asyncio.StreamReader, trickle: asyncio.StreamWriter | None = None) -> bool:
     """Wait (bounded) until the server closes; a trickling client keeps sending a byte meanwhile."""
+
     async def drain() -> None:
         while await reader.read(65536):
             pass
@@ -113,11 +114,15 @@ async def _load(srv: Cargohold, im: I.Image, connections: int, pulls: int) -> No
 
 
 @pytest.mark.parametrize(
-    "connections,pulls",
-    [pytest.param(200, 3, id="200 connections"), pytest.param(1000, 10, id="1000 connections", marks=pytest.mark.soak)],
+    "connections,pulls,workers",
+    [
+        pytest.param(200, 3, 1, id="200 connections"),
+        pytest.param(1000, 10, 1, id="1000 connections", marks=pytest.mark.soak),
+        pytest.param(1000, 10, 2, id="1000 connections, 2 workers", marks=pytest.mark.soak),
+    ],
 )
 async def test_many_connections(
-    connections: int, pulls: int, cargohold: Callable[..., Cargohold], fresh_image: Callable[..., I.Image]
+    connections: int, pulls: int, workers: int, cargohold: Callable[..., Cargohold], fresh_image: Callable[..., I.Image]
 ) -> None:
     # Every connection comes from 127.0.0.1 and half of them hold a blob response open for the whole
     # test (500 blob requests in seconds at 1,000), while 8 pullers go round after round back to back:
@@ -125,7 +130,7 @@ async def test_many_connections(
     # them queue or refuse them. This test is about the server itself under that many connections, so
     # those are off; the rest (pulls per minute and hour) is as shipped.
     unlimited = {"connections": 0, "blobs_per_second": 0, "blob_burst": 0, "requests_per_second": 0, "burst": 0}
-    srv = cargohold(idle_timeout=f"{IDLE_TIMEOUT}s", rate_limit=unlimited)
+    srv = cargohold(idle_timeout=f"{IDLE_TIMEOUT}s", rate_limit=unlimited, workers=workers)
     im = fresh_image(random_bytes=1 << 20)
     async with aiohttp.ClientSession() as session:
         await _pull(session, srv.url, im)  # cached: the slow readers get sendfile answers

@@ -1,5 +1,6 @@
 """The configured storage and index, opened together: filesystem + SQLite for one instance, or a
-bucket + Redis shared by replicas (with the cluster's download locks)."""
+bucket + Redis shared by replicas (with the cluster's download locks); the workers of one machine
+share its download locks as files."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from urllib.parse import urlsplit
 
 import redis.asyncio as redis
 
+from cargohold.cache.filelocks import FileLocks
 from cargohold.cache.index import Index, SqliteIndex
-from cargohold.cache.peers import Peers
+from cargohold.cache.peers import Peers, RedisPeers
 from cargohold.cache.redisindex import RedisIndex
 from cargohold.cache.store import BlobStore, FsBlobStore, RemoteBlob
 from cargohold.config import ConfigError, Settings
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 class Backends:
     store: BlobStore
     index: Index
-    peers: Peers | None  # only with a shared bucket and a shared (Redis) index
+    peers: Peers | None  # with a shared bucket and a shared (Redis) index, or several workers
 
 
 @contextlib.asynccontextmanager
@@ -61,7 +63,7 @@ async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     async with open_store(settings) as store:
         index: Index
-        peers = None
+        peers: Peers | None = None
         if settings.index.redis:
             client = redis.Redis.from_url(settings.index.url, decode_responses=True, socket_timeout=10)
             try:
@@ -74,9 +76,11 @@ async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
                 ) from None
             index = RedisIndex(client)
             if settings.storage.backend == "s3":  # replicas share content only through a bucket
-                peers = Peers(client, settings.index.peer_wait, settings.index.lease)
+                peers = RedisPeers(client, settings.index.peer_wait, settings.index.lease)
         else:
             index = SqliteIndex(settings.data_dir / "index.sqlite")
+        if peers is None and settings.worker_count > 1:  # the workers of this machine share its data_dir
+            peers = FileLocks(settings.data_dir / "locks", settings.index.peer_wait)
         try:
             yield Backends(store, index, peers)
         finally:

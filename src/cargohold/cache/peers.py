@@ -6,10 +6,14 @@ for the lock with backoff: once it gets it, the blob has landed in the bucket (s
 the holder failed or died (the lease ran out) and this replica downloads it. After `index.peer_wait`
 it stops waiting and downloads too, so a wedged holder delays clients by a bounded time only.
 `index.lease` is how long a lock lives without renewal: how long a dead holder keeps others waiting.
+
+`Peers` is the waiting and taking over that every kind of lock shares; `RedisPeers` locks across
+machines, `cache/filelocks.py` across the worker processes of one machine.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import secrets
@@ -60,28 +64,39 @@ class Lease:
         await self._peers.release(self)
 
 
-class Peers:
-    """The cluster's download locks in Redis (shared with the index's connection pool)."""
+class Peers(abc.ABC):
+    """Download locks per digest shared with other processes: take one, or wait for its holder's download."""
 
-    def __init__(self, client: redis.Redis, wait: float, lease: float) -> None:
-        self._client = client
+    def __init__(self, wait: float, lease: float) -> None:
         self._wait = wait
         self.lease = lease
-        self._renew = client.register_script(RENEW_SCRIPT)
-        self._release = client.register_script(RELEASE_SCRIPT)
-        self._replica = f"{socket.gethostname()}:{secrets.token_hex(4)}"
         # How waits for another replica's download ended: landed, took_over, timed_out (for metrics).
         self.waits: Counter[str] = Counter()
+
+    @abc.abstractmethod
+    def key(self, digest: Digest) -> str:
+        """The lock's name for `digest`."""
+
+    @abc.abstractmethod
+    async def take(self, key: str, token: str) -> bool:
+        """Take the lock `key` as `token` when nobody holds it."""
+
+    @abc.abstractmethod
+    async def renew(self, lease: Lease) -> bool:
+        """Keep `lease` alive; False when it is no longer ours."""
+
+    @abc.abstractmethod
+    async def release(self, lease: Lease) -> None: ...
 
     async def claim(self, digest: Digest, store: BlobStore) -> Lease | Path | RemoteBlob | None:
         """A lease to download `digest`; or the blob, landed meanwhile by another replica; or None
         when the wait ran out (download without a lease)."""
-        key = f"cargohold:lock:{digest}"
-        token = f"{self._replica}:{secrets.token_hex(4)}"
+        key = self.key(digest)
+        token = secrets.token_hex(8)
         loop = asyncio.get_running_loop()
         deadline, delay, waited = loop.time() + self._wait, POLL_FIRST, False
         while True:
-            if await self._take(key, token):
+            if await self.take(key, token):
                 lease = Lease(self, key, token)
                 try:
                     found = await store.locate(digest)  # it may have landed since the caller looked
@@ -106,21 +121,36 @@ class Peers:
             await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
             delay = min(delay * 2, POLL_MAX)
 
-    async def _take(self, key: str, token: str) -> bool:
+
+class RedisPeers(Peers):
+    """The cluster's download locks in Redis (shared with the index's connection pool)."""
+
+    def __init__(self, client: redis.Redis, wait: float, lease: float) -> None:
+        super().__init__(wait, lease)
+        self._client = client
+        self._renew = client.register_script(RENEW_SCRIPT)
+        self._release = client.register_script(RELEASE_SCRIPT)
+        self._replica = f"{socket.gethostname()}:{secrets.token_hex(4)}"
+
+    def key(self, digest: Digest) -> str:
+        return f"cargohold:lock:{digest}"
+
+    async def take(self, key: str, token: str) -> bool:
         try:
-            return bool(await self._client.set(key, token, nx=True, px=int(self.lease * 1000)))
+            return bool(await self._client.set(key, f"{self._replica}:{token}", nx=True, px=int(self.lease * 1000)))
         except redis.RedisError as exc:
             log.error("cluster lock %s: %s", key, exc)
             raise StorageUnavailable("the cache's index failed", {"operation": "lock"}) from None
 
     async def renew(self, lease: Lease) -> bool:
         try:
-            return bool(await self._renew(keys=[lease.key], args=[lease.token, int(self.lease * 1000)]))
+            args: list[str | int] = [f"{self._replica}:{lease.token}", int(self.lease * 1000)]
+            return bool(await self._renew(keys=[lease.key], args=args))
         except redis.RedisError:
             return False
 
     async def release(self, lease: Lease) -> None:
         try:
-            await self._release(keys=[lease.key], args=[lease.token])
+            await self._release(keys=[lease.key], args=[f"{self._replica}:{lease.token}"])
         except redis.RedisError as exc:  # it expires by itself
             log.warning("could not release the cluster lock %s: %s", lease.key, exc)

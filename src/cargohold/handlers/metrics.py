@@ -35,7 +35,7 @@ async def metrics_listener(app: web.Application) -> AsyncIterator[None]:
     runner = web.AppRunner(side, access_log=None)
     await runner.setup()
     host, port = split_host_port(listen)
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, reuse_port=app[SETTINGS].worker_count > 1).start()
     try:
         yield
     finally:

@@ -261,6 +261,16 @@ tr.failing td{color:#c0392b}tr.ok td:nth-child(3){color:#27ae60}
 """
 
 
+def _machine(workers: int) -> str:
+    """With `workers`, what the page covers: the index is the machine's, upstream states this worker's."""
+    if workers == 1:
+        return ""
+    return (
+        f' <span id="workers">{workers} worker processes share this cache and its figures;'
+        f" upstream states as seen by worker pid {os.getpid()}.</span>"
+    )
+
+
 async def status_page(request: web.Request) -> web.Response:
     """Cache size against the cap, hit ratio, bytes saved, top images and each upstream's state.
 
@@ -285,7 +295,7 @@ async def status_page(request: web.Request) -> web.Response:
 <html lang="en"><head><meta charset="utf-8"><title>cargohold status</title><style>{STYLE}</style></head>
 <body>
 <h1>cargohold {escape(__version__)}</h1>
-<p>Up {_ago(metrics.started).removesuffix(" ago")}. Figures below count since the cache was created.</p>
+<p>Up {_ago(metrics.started).removesuffix(" ago")}. Figures below count since the cache was created.{_machine(settings.worker_count)}</p>
 {banner if offline else ""}
 <div class="figures">
 <div class="figure" id="size"><b>{human(usage.size)}</b>cache size{f" of {human(settings.cache.max_size)}" if settings.cache.max_size else ""}</div>

@@ -5,6 +5,10 @@ every hit; with a thousand client addresses that cost a quarter of the throughpu
 hits (docs/ratelimit.md). Here each key's window is a deque trimmed when it is used, and keys whose
 window has emptied are dropped by a sweep at most every SWEEP seconds. It keeps limits' storage
 interface, so the strategy code and the Redis storage stay the library's.
+
+With `workers: N` each worker keeps its own windows and counts every hit N times: each has 1/N of
+the configured budget (at least one request per window), so a client's requests, wherever the kernel sends its connections, add up to
+at most the budget (Redis storage counts across workers exactly).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ class MovingWindowMemory(MemoryStorage):
 
     STORAGE_SCHEME = ["async+cargohold-memory"]  # noqa: RUF012  # limits declares it a plain list attribute
 
-    def __init__(self) -> None:
+    def __init__(self, share: int = 1) -> None:
         super().__init__()
+        self._share = share  # the workers the budget is split among
         self._windows: dict[str, tuple[int, deque[float]]] = {}
         self._swept = time.time()
 
@@ -41,7 +46,7 @@ class MovingWindowMemory(MemoryStorage):
         if now - self._swept > SWEEP:
             self._sweep(now)
         hits = self._window(key, expiry, now)
-        if len(hits) + amount > limit:
+        if len(hits) + amount > max(1, limit // self._share):
             return False
         hits.extend([now] * amount)
         return True
@@ -50,7 +55,7 @@ class MovingWindowMemory(MemoryStorage):
         """(time of the oldest hit in the window, hits in the window), as limits expects."""
         now = time.time()
         hits = self._window(key, expiry, now)
-        return (hits[0], len(hits)) if hits else (now, 0)
+        return (hits[0], len(hits) * self._share) if hits else (now, 0)
 
     async def clear(self, key: str) -> None:
         self._windows.pop(key, None)

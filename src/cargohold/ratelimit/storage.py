@@ -15,10 +15,10 @@ REDIS_TIMEOUT = 1.0
 
 
 @asynccontextmanager
-async def open_storage(uri: str) -> AsyncIterator[MovingWindowSupport]:
-    """The storage for `memory://` or `redis[s]://host:port[/db]`, closed on exit."""
+async def open_storage(uri: str, workers: int = 1) -> AsyncIterator[MovingWindowSupport]:
+    """The storage for `memory://` (a 1/`workers` share of each budget) or `redis[s]://host:port[/db]`, closed on exit."""
     if uri == "memory://":
-        yield MovingWindowMemory()
+        yield MovingWindowMemory(workers)
         return
     pool = redis.asyncio.ConnectionPool.from_url(
         uri, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT

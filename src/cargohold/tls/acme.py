@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import fcntl
 import logging
 import ssl
 from pathlib import Path
@@ -82,8 +83,26 @@ class AcmeManager:
         return cert_names(self.cert_path.read_bytes()) == set(self.config.domains)
 
     def placeholder(self) -> tuple[Path, Path]:
-        """A self-signed certificate to listen with until the CA has issued the real one."""
+        """A self-signed certificate to listen with until the CA has issued the real one; made under a
+        lock, and kept while it fits, so that workers starting together all load one matching pair."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cert_file, key_file = self.dir / "placeholder-cert.pem", self.dir / "placeholder-key.pem"
+        with open(self.dir / "placeholder.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not self._fits(cert_file, key_file):
+                self._write_placeholder(cert_file, key_file)
+        return cert_file, key_file
+
+    def _fits(self, cert_file: Path, key_file: Path) -> bool:
+        """A pair that loads, for exactly the configured names, not yet due for renewal."""
+        try:
+            server_context(cert_file, key_file)
+            pem = cert_file.read_bytes()
+        except (OSError, ssl.SSLError):
+            return False
+        return cert_names(pem) == set(self.config.domains) and renewal_time(pem) > _now()
+
+    def _write_placeholder(self, cert_file: Path, key_file: Path) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.config.domains[0])])
         now = _now()
@@ -99,10 +118,8 @@ class AcmeManager:
             .sign(key, hashes.SHA256())
             .public_bytes(serialization.Encoding.PEM)
         )
-        cert_file, key_file = self.dir / "placeholder-cert.pem", self.dir / "placeholder-key.pem"
         write_private(key_file, _pem(key))
         write_private(cert_file, cert_pem, 0o644)
-        return cert_file, key_file
 
     def next_due(self) -> datetime.datetime:
         """When to order next: now without a fitting certificate, else at two thirds of its lifetime."""
@@ -130,6 +147,18 @@ class AcmeManager:
                 retry = self.retry_first
             finally:
                 self.challenges.clear()
+
+    async def follow(self, reloader: CertReloader, interval: float) -> None:
+        """In a worker that is not the leader: serve the certificate the leader's `run` stores, forever."""
+        while True:
+            await asyncio.sleep(interval)
+            if reloader.files == (self.cert_path, self.key_path):
+                reloader.reload_if_changed()
+            elif self.has_certificate():
+                try:
+                    reloader.use(self.cert_path, self.key_path)
+                except (OSError, ssl.SSLError) as exc:  # caught between the leader's two writes: next time
+                    log.info("ACME certificate not loaded yet: %s", exc)
 
     def obtain(self) -> None:
         """Blocking: register (or find) the account, order, answer HTTP-01, finalize, store key and chain."""

@@ -1,0 +1,66 @@
+"""Single-flight across the worker processes of one machine (`workers: N`): one upstream GET per blob.
+
+The worker about to download a blob takes an exclusive `fcntl.flock` on `<data_dir>/locks/<digest>`
+and holds it until the download has ended, committed or not; the others wait for it as they would
+for another replica (`Peers.claim`) and then serve the file it landed. The kernel drops the locks of
+a process that dies, so a killed worker never keeps the others waiting; `index.peer_wait` bounds the
+wait for a wedged one. The holder removes the lock file before it lets go; a waiter that locked a
+file removed meanwhile sees another inode at the path and tries again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+from cargohold.cache.peers import Lease, Peers
+from cargohold.digests import Digest
+from cargohold.errors import StorageUnavailable
+
+log = logging.getLogger("cargohold.peers")
+
+# A flock lives as long as its holder: nothing to renew, only how often `Lease` looks in.
+LEASE = 60.0
+
+
+class FileLocks(Peers):
+    """Download locks as files under `directory`, one per digest being fetched."""
+
+    def __init__(self, directory: Path, wait: float) -> None:
+        super().__init__(wait, LEASE)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._dir = directory
+        self._held: dict[str, int] = {}  # token -> the locked descriptor
+
+    def key(self, digest: Digest) -> str:
+        return str(self._dir / f"{digest.algorithm}-{digest.hex}")
+
+    async def take(self, key: str, token: str) -> bool:
+        try:
+            fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            log.error("download lock %s: %s", key, exc)
+            raise StorageUnavailable("the cache's storage failed", {"operation": "lock"}) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(key).st_ino:  # its holder removed it before we got it
+                raise BlockingIOError
+        except OSError:  # held by another worker (BlockingIOError), or gone (FileNotFoundError)
+            os.close(fd)
+            return False
+        self._held[token] = fd
+        return True
+
+    async def renew(self, lease: Lease) -> bool:
+        return lease.token in self._held
+
+    async def release(self, lease: Lease) -> None:
+        fd = self._held.pop(lease.token, None)
+        if fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lease.key)
+        os.close(fd)
