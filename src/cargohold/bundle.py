@@ -6,6 +6,11 @@ entries name their image in `org.opencontainers.image.ref.name` (here `upstream/
 `blobs/<algorithm>/<hex>` for manifests, configs and layers alike. Export takes content from the cache,
 else through the running instance (which fetches and caches it, as `warm` does). Import trusts nothing in
 the bundle: every blob is hashed while it streams into the store, and documents are read bounded in size.
+
+Referrers (signatures, attestations, SBOMs whose `subject` is an exported manifest), as the instance's
+referrers API lists them, go in as the referrers tag schema: an index tagged `<alg>-<hex>` listing them, an
+ordinary `index.json` entry that skopeo reads past and import seeds like any tag, so the importing instance's
+referrers API finds them through the tag schema, offline too.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from cargohold.handlers.status import human
 from cargohold.imagename import ImageName, parse_image
 from cargohold.mediatypes import FULL_ACCEPT, OCI_INDEX, media_type_of
 from cargohold.names import check_name, check_tag
+from cargohold.pull.referrers import referrers_index, tag_schema_tag
 
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
@@ -116,6 +122,17 @@ class Source:
         except ValueError:
             raise BundleError(f"manifest {what}: not a JSON document") from None
 
+    async def referrers(self, want: Wanted, subject: Digest) -> list[dict[str, Any]] | None:
+        """The referrers the instance knows of `subject` (first page), None when it cannot say."""
+        async with self._session.get(f"{self._base}/v2/{want.path}/referrers/{subject}") as resp:
+            if resp.status != 200:
+                return None
+            body = await _read_bounded(resp, f"referrers of {want.path}@{subject}")
+        listed = _json_object(body, f"referrers of {want.path}@{subject}").get("manifests")
+        if not isinstance(listed, list):
+            return None
+        return [d for d in listed if isinstance(d, dict) and looks_like_digest(str(d.get("digest")))]
+
     async def blob(self, want: Wanted, digest: Digest, size: int) -> IO[bytes]:
         """An open file with the blob's bytes (verified while they go into the tar)."""
         where = await self._store.locate(digest)
@@ -192,6 +209,13 @@ class LayoutWriter:
             self._member(f"blobs/{digest.algorithm}/{digest.hex}", len(body), _Bytes(body))
             self._written.add(digest)
 
+    def add_entry(self, ref_name: str, media_type: str, digest: Digest, body: bytes) -> None:
+        """An entry of `index.json`: a manifest (already added) by the name skopeo and import read."""
+        annotations = {REF_NAME: ref_name}
+        self.manifests.append(
+            {"mediaType": media_type, "digest": str(digest), "size": len(body), "annotations": annotations}
+        )
+
     def finish(self) -> None:
         body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.manifests}).encode()
         self._member("index.json", len(body), _Bytes(body))
@@ -233,17 +257,42 @@ async def _export_one(
         child_digest, _, child_body = await source.manifest(want, child.digest)
         documents.append((child_digest, child_body))
         blobs += references(child_body).blobs
+    await _add_blobs(source, writer, want, blobs)
+    for document in (*documents, (digest, body)):
+        writer.add_document(*document)
+    writer.add_entry(want.ref_name, media_type, digest, body)
+    signed = 0
+    for subject, _ in ((digest, body), *documents):
+        signed += await _export_referrers(source, writer, want, subject, say)
+    counts = f"{len(documents)} platform(s), {len(blobs)} blobs, {signed} referrer(s)"
+    say(f"{image}: exported as {want.ref_name} ({counts})")
+
+
+async def _add_blobs(source: Source, writer: LayoutWriter, want: Wanted, blobs: list[Child]) -> None:
     for blob in blobs:
         blob_digest = Digest.parse(blob.digest)
         if not writer.has(blob_digest):
             writer.add_blob(blob_digest, await source.blob(want, blob_digest, blob.size))
-    for document in (*documents, (digest, body)):
-        writer.add_document(*document)
-    annotations = {REF_NAME: want.ref_name}
-    writer.manifests.append(
-        {"mediaType": media_type, "digest": str(digest), "size": len(body), "annotations": annotations}
-    )
-    say(f"{image}: exported as {want.ref_name} ({len(documents)} platform(s), {len(blobs)} blobs)")
+
+
+async def _export_referrers(source: Source, writer: LayoutWriter, want: Wanted, subject: Digest, say: Say) -> int:
+    """The referrers of `subject` with their blobs, and the tag schema's index listing them; how many."""
+    listed = await source.referrers(want, subject)
+    if listed is None:
+        say(f"{want.path}@{subject}: the instance could not list its referrers; exported without them")
+        return 0
+    if not listed:
+        return 0
+    for descriptor in listed:
+        referrer, _, referrer_body = await source.manifest(want, descriptor["digest"])
+        await _add_blobs(source, writer, want, references(referrer_body).blobs)
+        writer.add_document(referrer, referrer_body)
+    index = referrers_index(listed)
+    index_digest = Digest.of(index)
+    writer.add_document(index_digest, index)
+    ref_name = f"{want.image.upstream}/{want.image.repository}:{tag_schema_tag(subject)}"
+    writer.add_entry(ref_name, OCI_INDEX, index_digest, index)
+    return len(listed)
 
 
 async def export(

@@ -23,6 +23,7 @@ from cargohold.mediatypes import OCI_INDEX
 from cargohold.pull.recent import Recent
 from cargohold.pull.tags import Tags
 from cargohold.tasks import Tasks
+from cargohold.upstream.offline import OfflineManifest
 from cargohold.upstream.repository import Remote
 
 log = logging.getLogger("cargohold.proxy")
@@ -104,7 +105,10 @@ class Referrers:
     async def _fetch(
         self, remote: Remote, digest: Digest, artifact_type: str | None, page: Mapping[str, str]
     ) -> ReferrersAnswer:
-        found = await remote.referrers(digest, artifact_type, page)
+        try:
+            found = await remote.referrers(digest, artifact_type, page)
+        except OfflineManifest:  # an offline mirror answers from the tag schema it has cached (an imported bundle)
+            found = None
         if found is None:
             return await self._from_tag_schema(remote, digest, artifact_type)
         if artifact_type and not found.filtered:  # upstream ignored the filter: apply it here
