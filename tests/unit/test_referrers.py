@@ -154,6 +154,25 @@ async def test_tag_schema_when_upstream_has_no_api(tmp_path: Path) -> None:
         assert resp.status == 200 and await resp.json() == {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
 
 
+async def test_tag_schema_cached_answers_when_upstream_fails_and_nothing_is_remembered(tmp_path: Path) -> None:
+    """The referrers tag was pulled (or imported) earlier; upstream then fails before any referrers answer was
+    remembered by this process: the cached tag's index is served stale instead of a 503."""
+    registry = ReferrersRegistry(api=False)
+    chart, referrers = _content("stale-schema")
+    for item in (chart, *referrers):
+        registry.add("charts/app", item)
+    tag = "sha256-" + chart.digest.removeprefix("sha256:")
+    registry.add("charts/app", index_of(referrers), tag)
+    async with _setup(tmp_path, registry, tag_ttl="0s") as client:
+        assert (await client.get(f"/v2/charts/app/manifests/{tag}")).status == 200  # the tag is cached
+        registry.down = True
+        resp = await client.get(f"/v2/charts/app/referrers/{chart.digest}")
+        assert resp.status == 200
+        assert sorted(_digests(await resp.json())) == sorted(r.digest for r in referrers)
+        resp = await client.get(f"/v2/charts/app/referrers/{referrers[0].digest}")  # no cached tag: the failure
+        assert resp.status in (502, 503, 504)
+
+
 async def test_routed_by_ns_and_path_prefix_links_included(tmp_path: Path) -> None:
     registry = ReferrersRegistry(page_size=1)
     chart, referrers = _content("routes")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cargohold.digests import Digest
-from cargohold.errors import ManifestUnknown, UpstreamError
+from cargohold.errors import ManifestUnknown, UpstreamError, UpstreamInvalid
 from cargohold.flight import SingleFlight
 from cargohold.mediatypes import OCI_INDEX
 from cargohold.pull.recent import Recent
@@ -92,6 +92,8 @@ class Referrers:
         try:
             answer = await self._fetches.run(key, lambda: self._fetch(remote, digest, artifact_type, page))
         except UpstreamError as exc:
+            if known is None and not isinstance(exc, UpstreamInvalid):  # upstream unreachable, not wrong: the tag
+                return await self._stale_from_tag_schema(remote, digest, artifact_type, exc)  # schema may be cached
             if known is None:
                 raise
             log.warning(
@@ -101,6 +103,23 @@ class Referrers:
         if len(answer.body) <= MAX_REMEMBERED:
             self._answers.put(key, answer)
         return answer
+
+    async def _stale_from_tag_schema(
+        self, remote: Remote, digest: Digest, artifact_type: str | None, failure: UpstreamError
+    ) -> ReferrersAnswer:
+        """Upstream failed and no answer is remembered: the cached tag schema's index, served stale; else the failure."""
+        try:
+            answer = await self._from_tag_schema(remote, digest, artifact_type)
+        except UpstreamError:
+            raise failure from None
+        log.warning(
+            "serving referrers of %s/%s@%s from the cached tag schema: %s",
+            remote.upstream,
+            remote.repository,
+            digest,
+            failure.message,
+        )
+        return replace(answer, cache="stale")
 
     async def _fetch(
         self, remote: Remote, digest: Digest, artifact_type: str | None, page: Mapping[str, str]
