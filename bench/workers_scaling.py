@@ -43,9 +43,10 @@ REPO, TAG = "bench/scaling", "latest"
 CONNECTIONS = 32
 BIG = 1_000_000_000  # counted, never reached (0 would mean not counted at all)
 UNLIMITED = dict.fromkeys(("requests_per_second", "burst", "connections", "pulls_per_minute", "pulls_per_hour"), BIG)
+OFF = {"preset": "off"}  # the rig runs the shipped defaults (limits on); these settings measure serving alone
 SETTINGS: dict[str, dict[str, Any]] = {
-    "workers 1": {"workers": 1},
-    "workers 2": {"workers": 2},
+    "workers 1": {"workers": 1, "rate_limit": OFF},
+    "workers 2": {"workers": 2, "rate_limit": OFF},
     "workers 2, limits on": {"workers": 2, "rate_limit": {"preset": "team", **UNLIMITED}},
 }
 
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--uvloop", action="store_true", help="also workers 1 on uvloop")
     args = parser.parse_args()
-    settings = {**SETTINGS, **({"workers 1, uvloop": {"workers": 1}} if args.uvloop else {})}
+    settings = {**SETTINGS, **({"workers 1, uvloop": {"workers": 1, "rate_limit": OFF}} if args.uvloop else {})}
     work = Path(tempfile.mkdtemp(prefix="cargohold-bench-"))
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in settings}
     try:

@@ -149,7 +149,20 @@ async def test_twenty_gets_of_a_new_tag_make_one_remote_get_then_none(pull: Pull
     assert pull.store.calls["save"] == 1
     again = await _together(lambda: pull.tags.get(remote, "multi", EVERYTHING))
     assert {m.cache for m in again} == {"hit"} and remote.calls == Counter(get_manifest=1)
-    assert pull.store.calls["save"] == 1 and pull.store.calls["load"] == CLIENTS
+    assert pull.store.calls["save"] == 1 and pull.store.calls["load"] == 0  # hot manifests' bytes are in memory
+
+
+async def test_hot_manifest_bytes_are_served_only_while_the_index_holds_the_manifest(pull: Pull) -> None:
+    """Warm hits skip the file read (a worker-thread hop each); eviction removes the index row first, so a
+    manifest evicted from the cache is never answered from memory: it is fetched again."""
+    remote = SpyRemote()
+    await pull.manifests.get(remote, IMAGE_DIGEST)
+    for _ in range(3):
+        assert (await pull.manifests.get(remote, IMAGE_DIGEST)).cache == "hit"
+    assert pull.store.calls["load"] == 0 and remote.calls == Counter(get_manifest=1)
+    await pull.index.inner.forget("manifests", str(IMAGE_DIGEST))  # what eviction does before the file goes
+    again = await pull.manifests.get(remote, IMAGE_DIGEST)
+    assert again.cache == "miss" and remote.calls == Counter(get_manifest=2)
 
 
 async def test_another_accept_is_asked_once_and_remembered_within_tag_ttl(pull: Pull) -> None:

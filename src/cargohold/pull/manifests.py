@@ -12,8 +12,12 @@ from cargohold.digests import Digest
 from cargohold.flight import SingleFlight
 from cargohold.mediatypes import FULL_ACCEPT, KNOWN
 from cargohold.pull.links import Links
+from cargohold.pull.recent import RecentBytes
 from cargohold.tasks import Tasks
 from cargohold.upstream.repository import MAX_MANIFEST, Descriptor, Remote
+
+# Bytes of hot manifests kept in memory per process (each at most 1 MiB).
+BODIES_IN_MEMORY = 32 << 20
 
 log = logging.getLogger("cargohold.proxy")
 
@@ -53,6 +57,9 @@ class Manifests:
         self._index = index
         self._links = links
         self._fetches: SingleFlight[Manifest] = SingleFlight(tasks, "manifest fetch")
+        # Hot manifests' bytes (immutable by digest), so a warm hit needs no file read on a worker thread;
+        # served only while the index still holds the manifest (eviction removes the row first).
+        self._bodies: RecentBytes[Digest] = RecentBytes(BODIES_IN_MEMORY, 1 << 20)
 
     @property
     def joins(self) -> int:
@@ -62,8 +69,9 @@ class Manifests:
     async def get(self, remote: Remote, digest: Digest) -> Manifest:
         entry = await self._index.get_manifest(str(digest))
         if entry is not None:
-            body = await self._store.load(digest)
+            body = self._bodies.get(digest) or await self._store.load(digest)
             if body is not None:
+                self._bodies.put(digest, body)
                 await self._links.confirm(remote, digest, "manifests")
                 self._index.touch("manifests", str(digest))
                 return Manifest(Descriptor(digest, entry.media_type, len(body)), body, "hit")
@@ -94,5 +102,6 @@ class Manifests:
             log.error("disk full: serving manifest %s without caching it: %s", descriptor.digest, exc)
             return manifest
         await self._index.put_manifest(str(descriptor.digest), descriptor.media_type, descriptor.size)
+        self._bodies.put(descriptor.digest, body)
         await self._links.add(remote, str(descriptor.digest))
         return manifest

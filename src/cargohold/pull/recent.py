@@ -31,3 +31,28 @@ class Recent(Generic[K, V]):
         self._items.move_to_end(key)
         if len(self._items) > self._limit:
             self._items.popitem(last=False)
+
+
+class RecentBytes(Generic[K]):
+    """The most recently used byte strings, `limit` bytes in all; one larger than `largest` is not kept."""
+
+    def __init__(self, limit: int, largest: int) -> None:
+        self._limit = limit
+        self._largest = largest
+        self._size = 0
+        self._items: OrderedDict[K, bytes] = OrderedDict()
+
+    def get(self, key: K) -> bytes | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: bytes) -> None:
+        if len(value) > self._largest:
+            return
+        old = self._items.pop(key, None)
+        self._size += len(value) - (len(old) if old is not None else 0)
+        self._items[key] = value
+        while self._size > self._limit:
+            self._size -= len(self._items.popitem(last=False)[1])
