@@ -140,7 +140,9 @@ class Container:
     def run(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         """`docker compose run --rm cargohold ARGS`: the ENTRYPOINT with other arguments."""
         argv = exec_form(dockerfile()["ENTRYPOINT"][0]) + list(args)
-        return subprocess.run(argv, env=self.env, input=stdin, capture_output=True, text=True, timeout=60, cwd=self.workdir)
+        return subprocess.run(
+            argv, env=self.env, input=stdin, capture_output=True, text=True, timeout=60, cwd=self.workdir
+        )
 
     def start(self) -> Container:
         """`docker compose up`: ENTRYPOINT + CMD."""

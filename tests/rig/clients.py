@@ -208,8 +208,20 @@ class Podman(Managed):
         """Run `podman --root ... --runroot ... --storage-driver vfs args...`."""
         if self.runroot is None:
             raise RigError("podman: start() first")
-        cmd = [self.podman, "--root", str(self.workdir / "root"), "--runroot", str(self.runroot), "--storage-driver", "vfs",
-               "--events-backend", "none", "--cgroup-manager", "cgroupfs", *args]
+        cmd = [
+            self.podman,
+            "--root",
+            str(self.workdir / "root"),
+            "--runroot",
+            str(self.runroot),
+            "--storage-driver",
+            "vfs",
+            "--events-backend",
+            "none",
+            "--cgroup-manager",
+            "cgroupfs",
+            *args,
+        ]
         return run(cmd, timeout=timeout, env=self._env(), check=check)
 
     def pull(self, ref: str, *, fresh: bool = True, timeout: float = 300) -> str:

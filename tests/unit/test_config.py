@@ -8,7 +8,9 @@ from cargohold.config import ConfigError, load_settings
 
 
 def test_defaults_and_env_override(tmp_path: Path) -> None:
-    settings = load_settings(None, environ={"CARGOHOLD_UPSTREAMS__0__TAG_TTL": "5m", "CARGOHOLD_LISTEN": "127.0.0.1:6000"})
+    settings = load_settings(
+        None, environ={"CARGOHOLD_UPSTREAMS__0__TAG_TTL": "5m", "CARGOHOLD_LISTEN": "127.0.0.1:6000"}
+    )
     assert settings.listen == "127.0.0.1:6000"
     assert settings.upstreams[0].name == "docker.io" and settings.upstreams[0].tag_ttl == 300
 

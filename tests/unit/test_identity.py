@@ -35,8 +35,12 @@ def test_chain_stops_at_first_untrusted_hop() -> None:
 
 @pytest.mark.parametrize(
     ("hop", "address"),
-    [("203.0.113.9:4321", "203.0.113.9"), ("[2001:db8::1]:443", "2001:db8::1"), ("[2001:db8::1]", "2001:db8::1"),
-     ("2001:db8::1", "2001:db8::1")],
+    [
+        ("203.0.113.9:4321", "203.0.113.9"),
+        ("[2001:db8::1]:443", "2001:db8::1"),
+        ("[2001:db8::1]", "2001:db8::1"),
+        ("2001:db8::1", "2001:db8::1"),
+    ],
 )
 def test_hops_with_a_port_are_addresses(hop: str, address: str) -> None:
     assert str(client_address(_request("10.1.1.1", hop), PROXIES)) == address
@@ -44,8 +48,17 @@ def test_hops_with_a_port_are_addresses(hop: str, address: str) -> None:
 
 @pytest.mark.parametrize(
     "forwarded",
-    ["not-an-ip", "unknown", "for=203.0.113.9", "203.0.113.9, garbage", "[2001:db8::1]:x", "[10.2.2.2]:1",
-     "203.0.113.9:", "", "fe80::1%" + "x" * 100],
+    [
+        "not-an-ip",
+        "unknown",
+        "for=203.0.113.9",
+        "203.0.113.9, garbage",
+        "[2001:db8::1]:x",
+        "[10.2.2.2]:1",
+        "203.0.113.9:",
+        "",
+        "fe80::1%" + "x" * 100,
+    ],
 )
 def test_an_unparseable_hop_is_an_unknown_outsider_never_the_proxy(forwarded: str) -> None:
     """Issue 21.4: it used to fall back to the proxy's own address (inside every trusted network)."""

@@ -81,7 +81,13 @@ def test_bad_values_name_their_key() -> None:
 
 def test_bucket_keeps_the_rate_and_at_least_the_burst() -> None:
     assert bucket(0, 10) is None
-    for rate, burst, amount, window in [(10, 20, 20, 2), (20, 50, 60, 3), (50, 100, 100, 2), (5, 0, 5, 1), (2, 1, 2, 1)]:
+    for rate, burst, amount, window in [
+        (10, 20, 20, 2),
+        (20, 50, 60, 3),
+        (50, 100, 100, 2),
+        (5, 0, 5, 1),
+        (2, 1, 2, 1),
+    ]:
         item = bucket(rate, burst)
         assert item is not None and (item.amount, item.get_expiry()) == (amount, window)
 

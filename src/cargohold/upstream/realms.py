@@ -150,7 +150,9 @@ class HostPolicy:
             url, host = URL(), ""
         schemes = ("https",) if self._https else ("http", "https")
         if not host or url.scheme not in schemes:
-            raise UpstreamInvalid(f"upstream {self._name} named an unusable {self._what}", {self._what.split()[-1]: target[:200]})
+            raise UpstreamInvalid(
+                f"upstream {self._name} named an unusable {self._what}", {self._what.split()[-1]: target[:200]}
+            )
         if host == self._host and self._any_own_port:
             return
         usual = (DEFAULT_PORTS[url.scheme], self._port)
