@@ -52,9 +52,9 @@ if _TESTS not in sys.path:  # `rig` is imported as a top-level package (also by 
 from rig.clients import Containerd, Dockerd, Podman, ensure_hosts_entries  # noqa: E402
 from rig.hub import Hub  # noqa: E402
 from rig.images import Image, simple_image  # noqa: E402
+from rig.pebble import Pebble  # noqa: E402
 from rig.server import Cargohold  # noqa: E402
 from rig.util import tail  # noqa: E402
-from rig.pebble import Pebble  # noqa: E402
 
 IS_ROOT = os.geteuid() == 0
 

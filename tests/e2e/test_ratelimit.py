@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+
 from cacheops import metrics, sample
 from rig.clients import skopeo_copy
 from rig.hub import Hub

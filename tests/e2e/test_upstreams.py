@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
-from conftest import HUB2_USER
 
+from conftest import HUB2_USER
 from rig.clients import Containerd, Dockerd, ensure_hosts_entries, skopeo_copy, write_hosts_toml
 from rig.hub import Hub
 from rig.server import Cargohold

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -277,7 +276,7 @@ def test_no_open_proxy(target: tuple[Cargohold, Image, str], hub: Hub) -> None:
     for name in ("evil.example/x", "127.0.0.1:9/x", "169.254.169.254/latest", "localhost/x", "[::1]:80/x"):
         res = raw_request(srv.port, f"/v2/{name}/manifests/latest".encode())
         assert (res.status, res.oci_code()) in ((404, "NAME_UNKNOWN"), (400, "NAME_INVALID")), (name, res.body)
-    res = raw_request(srv.port, f"/v2/x/manifests/latest?ns=evil.example".encode())
+    res = raw_request(srv.port, b"/v2/x/manifests/latest?ns=evil.example")
     assert (res.status, res.oci_code()) == (404, "NAME_UNKNOWN")
     assert hub.requests == []
     # Absolute-form targets and Host headers name nothing: the path is served as our own.

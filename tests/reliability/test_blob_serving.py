@@ -117,7 +117,7 @@ def _open_blob_files(srv: Cargohold) -> list[str]:
 
 def _joins(srv: Cargohold) -> int:
     page = http_request("GET", f"{srv.url}/metrics").body.decode()
-    found = re.search(r'^cargohold_singleflight_joins_total\{kind="blob"\} (\d+)', page, re.M)
+    found = re.search(r'^cargohold_singleflight_joins_total\{kind="blob"\} (\d+)', page, re.MULTILINE)
     return int(found.group(1)) if found else 0
 
 

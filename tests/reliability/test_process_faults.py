@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability.helpers import assert_store_intact, cached_blob, files_under, get, oci_code, pull_all, temp_files
+from reliability.helpers import assert_store_intact, cached_blob, get, oci_code, pull_all, temp_files
 from rig import images as I
 from rig.hub import Hub
 from rig.server import Cargohold

@@ -39,7 +39,7 @@ class TestCA:
     def create(cls, name: str = "cargohold test root") -> TestCA:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -66,7 +66,7 @@ class TestCA:
     def issue(self, cert_path: Path, key_path: Path, names: Sequence[str], ips: Sequence[str] = ()) -> x509.Certificate:
         """Sign a server certificate for names/ips; write it and its key (clients trust the root)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         alt: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
         alt += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         cert = (

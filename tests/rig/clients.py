@@ -604,11 +604,11 @@ class Containerd(ManagedProcess):
 
 
 __all__ = [
+    "DEAD_SERVER",
+    "DOCKER_HUB_HOSTS",
     "Containerd",
     "CopyResult",
     "CtrPull",
-    "DEAD_SERVER",
-    "DOCKER_HUB_HOSTS",
     "Dockerd",
     "Podman",
     "ensure_hosts_entries",

@@ -87,7 +87,7 @@ def normal_host(host: str) -> str:
     """`host` as compared here: yarl's encoding (lower case, IDNA A-labels, what aiohttp connects
     to), without a trailing dot (the same name to DNS). ValueError for a host yarl refuses."""
     encoded = URL.build(scheme="https", host=host).raw_host or ""
-    return encoded[:-1] if encoded.endswith(".") else encoded
+    return encoded.removesuffix(".")
 
 
 def _matches(host: str, pattern: str) -> bool:
