@@ -192,14 +192,14 @@ def dockerd_session(tmp_path_factory: pytest.TempPathFactory, hosts_entries: lis
 
 
 @pytest.fixture
-def dockerd(dockerd_session: Dockerd, request: pytest.FixtureRequest) -> Iterator[Dockerd]:
+def dockerd(dockerd_session: Dockerd, request: pytest.FixtureRequest) -> Dockerd:
     """The session dockerd with no images and no mirrors (use .reconfigure(mirrors=[...]))."""
     d = dockerd_session
     d.remove_all_images()
     if d.mirrors or d.insecure_registries:
         d.reconfigure(mirrors=[], insecure_registries=[])
     _on_failure(request, "dockerd log", lambda: tail(d.log_path, 3000))
-    yield d
+    return d
 
 
 @pytest.fixture(scope="session")

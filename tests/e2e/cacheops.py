@@ -25,6 +25,7 @@ def cli(srv: Cargohold, *args: str, check: bool = True, timeout: float = 120) ->
         env=env,
         timeout=timeout,
         cwd=REPO_ROOT,
+        check=False,  # checked below, with the output in the message
     )
     if check and res.returncode != 0:
         raise AssertionError(f"cargohold {' '.join(args)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")

@@ -95,7 +95,7 @@ def test_docker_login_pull_logout_rules_and_removed_user(
         timeout=10,
         what="bob to be refused",
     )
-    with pytest.raises(CommandError, match="(?i)unauthorized"):
+    with pytest.raises(CommandError, match=r"(?i)unauthorized"):
         dockerd.pull(f"{srv.netloc}/{oci.ref}")
     assert srv.starts == 1
 

@@ -98,7 +98,7 @@ def mirror_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 def config_check(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cargohold", "config", "check", str(path)], env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
 
 
 def kubelet_expand(args: list[str], env: dict[str, str]) -> list[str]:

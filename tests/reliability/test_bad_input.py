@@ -52,7 +52,7 @@ TRAVERSAL = [
     "EVIL.COM/x",
     "docker.io/../x",
 ]
-name_chars = st.sampled_from(list("abcAZ09._-/%:\\~@") + ["..", "%2e", "%2f", "%00", "%20", "%c0%ae"])
+name_chars = st.sampled_from([*"abcAZ09._-/%:\\~@", "..", "%2e", "%2f", "%00", "%20", "%c0%ae"])
 names = st.one_of(st.sampled_from(TRAVERSAL), st.lists(name_chars, min_size=1, max_size=80).map("".join))
 
 BAD_DIGESTS = [
@@ -220,7 +220,7 @@ def test_bad_ranges(target: tuple[Cargohold, Image, str]) -> None:
 def test_bad_authorization_is_never_passed_on(target: tuple[Cargohold, Image, str], hub: Hub) -> None:
     """Auth is off on this server: a bad Authorization header changes nothing, and no client
     credential ever travels to the upstream (cargohold uses its own tokens there)."""
-    srv, im, canary = target
+    srv, im, _canary = target
     sent: list[str] = []
 
     @SETTINGS
@@ -271,7 +271,7 @@ def test_malformed_http_is_refused(target: tuple[Cargohold, Image, str], hub: Hu
 def test_no_open_proxy(target: tuple[Cargohold, Image, str], hub: Hub) -> None:
     """Only configured upstreams are ever asked: proxy-style requests, foreign Host headers and
     registry hosts in the name do not make cargohold fetch from anywhere else."""
-    srv, im, canary = target
+    srv, im, _canary = target
     hub.reset_counts()
     for name in ("evil.example/x", "127.0.0.1:9/x", "169.254.169.254/latest", "localhost/x", "[::1]:80/x"):
         res = raw_request(srv.port, f"/v2/{name}/manifests/latest".encode())

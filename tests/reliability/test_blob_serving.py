@@ -159,7 +159,9 @@ def _on_one_connection(
     conn.request(method, path, headers=headers or {})
     res = conn.getresponse()
     body = res.read()
-    assert before is None or (conn.sock is not None and conn.sock.getsockname() == before), "the connection was reopened"
+    assert before is None or (conn.sock is not None and conn.sock.getsockname() == before), (
+        "the connection was reopened"
+    )
     assert not res.will_close, res.getheaders()
     return res.status, body, {k.lower(): v for k, v in res.getheaders()}
 

@@ -92,9 +92,11 @@ def peer_certificate(port: int, cafile: Path, name: str) -> x509.Certificate:
     """The certificate a new TLS handshake to 127.0.0.1:port gets, verified against cafile for name
     (raises ssl.SSLError when it does not verify)."""
     ctx = ssl.create_default_context(cafile=str(cafile))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with ctx.wrap_socket(raw, server_hostname=name) as tls:
-            der = tls.getpeercert(binary_form=True)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
     if der is None:
         raise ssl.SSLError(f"no certificate from 127.0.0.1:{port}")
     return x509.load_der_x509_certificate(der)

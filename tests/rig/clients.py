@@ -158,7 +158,7 @@ def skopeo_inspect(
     env = dict(os.environ)
     env["REGISTRY_AUTH_FILE"] = "/dev/null/none.json"
     proc = subprocess.run(
-        [*cmd, _docker_ref(src)], capture_output=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL
+        [*cmd, _docker_ref(src)], capture_output=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL, check=False
     )
     if proc.returncode != 0:
         raise CommandError(

@@ -23,7 +23,8 @@ def test_pause_fails_fast_with_retry_after_then_lets_requests_through() -> None:
 
 
 @pytest.mark.parametrize(
-    "value,seconds", [("7", 7.0), ("0", 0.0), ("1.5", 1.5), (None, None), ("soon", None), ("-3", None), ("nan", None)]
+    ("value", "seconds"),
+    [("7", 7.0), ("0", 0.0), ("1.5", 1.5), (None, None), ("soon", None), ("-3", None), ("nan", None)],
 )
 def test_retry_after(value: str | None, seconds: float | None) -> None:
     assert retry_after_seconds(value) == seconds

@@ -21,5 +21,5 @@ def test_unknown_key_and_bad_value_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="bogus: unknown key"):
         load_settings(config, environ={})
     config.write_text("upstreams:\n  - name: docker.io\n    url: https://x\n    tag_ttl: 10x\n")
-    with pytest.raises(ConfigError, match="upstreams.0.tag_ttl"):
+    with pytest.raises(ConfigError, match=r"upstreams\.0\.tag_ttl"):
         load_settings(config, environ={})

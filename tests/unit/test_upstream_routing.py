@@ -148,16 +148,16 @@ def test_config_checks_hosts_globs_and_default(tmp_path: Path) -> None:
         "  - {name: docker.io, url: 'https://registry-1.docker.io', hosts: [a.test]}\n"
         "  - {name: ghcr.io, url: 'https://ghcr.io', hosts: [A.test]}\n"
     )
-    with pytest.raises(ConfigError, match="repeated: a.test"):
+    with pytest.raises(ConfigError, match=r"repeated: a\.test"):
         load_settings(config, environ={})
     config.write_text("upstreams:\n  - {name: docker.io, url: 'https://x.test', repositories: ['Lib/*']}\n")
-    with pytest.raises(ConfigError, match="upstreams.0.repositories"):
+    with pytest.raises(ConfigError, match=r"upstreams\.0\.repositories"):
         load_settings(config, environ={})
     config.write_text("upstreams:\n  - {name: docker.io, url: 'https://x.test', hosts: ['http://a.test']}\n")
-    with pytest.raises(ConfigError, match="upstreams.0.hosts"):
+    with pytest.raises(ConfigError, match=r"upstreams\.0\.hosts"):
         load_settings(config, environ={})
     config.write_text("default_upstream: quay.io\nupstreams:\n  - {name: ghcr.io, url: 'https://ghcr.io'}\n")
-    with pytest.raises(ConfigError, match="default_upstream 'quay.io'"):
+    with pytest.raises(ConfigError, match=r"default_upstream 'quay\.io'"):
         load_settings(config, environ={})
     config.write_text(
         "default_upstream: quay.io\n"

@@ -218,7 +218,7 @@ class Download:
         except asyncio.CancelledError as exc:
             self._fail(exc)
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure ends this download: its waiters get it from _fail
             self._fail(exc)
             if response is not None:
                 log.warning(
