@@ -9,8 +9,8 @@ import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from io import FileIO
 from pathlib import Path
-from typing import BinaryIO
 
 import pytest
 
@@ -99,7 +99,7 @@ def temp_files_held(srv: Cargohold) -> list[str]:
 def fill_up(filler: Path) -> None:
     """Write `filler` until its filesystem has not a block left."""
 
-    def write_forever(f: BinaryIO) -> None:
+    def write_forever(f: FileIO) -> None:
         while True:
             f.write(b"\0" * 4096)
 
