@@ -52,9 +52,9 @@ if _TESTS not in sys.path:  # `rig` is imported as a top-level package (also by 
 from rig.clients import Containerd, Dockerd, Podman, ensure_hosts_entries  # noqa: E402
 from rig.hub import Hub  # noqa: E402
 from rig.images import Image, simple_image  # noqa: E402
+from rig.pebble import Pebble  # noqa: E402
 from rig.server import Cargohold  # noqa: E402
 from rig.util import tail  # noqa: E402
-from rig.pebble import Pebble  # noqa: E402
 
 IS_ROOT = os.geteuid() == 0
 
@@ -192,14 +192,14 @@ def dockerd_session(tmp_path_factory: pytest.TempPathFactory, hosts_entries: lis
 
 
 @pytest.fixture
-def dockerd(dockerd_session: Dockerd, request: pytest.FixtureRequest) -> Iterator[Dockerd]:
+def dockerd(dockerd_session: Dockerd, request: pytest.FixtureRequest) -> Dockerd:
     """The session dockerd with no images and no mirrors (use .reconfigure(mirrors=[...]))."""
     d = dockerd_session
     d.remove_all_images()
     if d.mirrors or d.insecure_registries:
         d.reconfigure(mirrors=[], insecure_registries=[])
     _on_failure(request, "dockerd log", lambda: tail(d.log_path, 3000))
-    yield d
+    return d
 
 
 @pytest.fixture(scope="session")

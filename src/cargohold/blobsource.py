@@ -112,7 +112,9 @@ class LocalFile(BlobSource):
         response = blob_response(self.digest, span, self.size)
         writer = await response.prepare(request)
         assert writer is not None  # a fresh response is prepared here, once
-        return await send_body(request, response, self.digest, send_file(request, writer, self._file, start, end, timeout))
+        return await send_body(
+            request, response, self.digest, send_file(request, writer, self._file, start, end, timeout)
+        )
 
     async def close(self) -> None:
         await super().close()
@@ -143,7 +145,9 @@ class BucketObject(BlobSource):
         chunks = await self._blob.chunks(start, end)
         if chunks is None:
             if self._refetch is None:
-                raise StorageUnavailable("blob moved in the cache while being served; try again", {"digest": str(self.digest)})
+                raise StorageUnavailable(
+                    "blob moved in the cache while being served; try again", {"digest": str(self.digest)}
+                )
             async with await self._refetch() as again:
                 self.cache = again.cache
                 return await again.send(request, span, timeout)
@@ -168,7 +172,7 @@ class Follower(BlobSource):
     async def _send_body(self, request: web.Request, span: Span, timeout: float) -> web.StreamResponse:
         download = self._download
         response = blob_response(self.digest, span, download.size)
-        start, end = span if span else (0, download.size)
+        start, end = span or (0, download.size)
         if end == start:  # an empty body has no last byte to hold back: the headers wait for the digest
             try:
                 async for _ in download.read(start, end):  # no bytes: returns once verified
@@ -177,7 +181,9 @@ class Follower(BlobSource):
                 raise UpstreamInvalid(f"upstream blob failed: {download.error}", {"digest": str(self.digest)}) from None
         writer = await response.prepare(request)
         try:
-            return await send_body(request, response, self.digest, self._follow(request, response, writer, start, end, timeout))
+            return await send_body(
+                request, response, self.digest, self._follow(request, response, writer, start, end, timeout)
+            )
         except DownloadFailed:
             cut_off(request, "cutting off a client of failed download %s", self.digest)
             return response

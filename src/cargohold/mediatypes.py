@@ -15,7 +15,7 @@ DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 
 # What we ask upstream for when the client takes everything: the tag cache holds these answers.
 MODERN = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
-KNOWN = frozenset(MODERN + (DOCKER_SCHEMA1_SIGNED, DOCKER_SCHEMA1))
+KNOWN = frozenset((*MODERN, DOCKER_SCHEMA1_SIGNED, DOCKER_SCHEMA1))
 FULL_ACCEPT = ", ".join(MODERN)
 
 

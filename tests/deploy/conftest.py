@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from deployrig import DOMAIN, build_base_image, build_image, cache_dir
+
 from rig.clients import Dockerd, ensure_hosts_entries
 
 IMAGE = "cargohold:deploy-test"

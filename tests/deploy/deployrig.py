@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from rig.clients import Dockerd, need_binary
 from rig.server import REPO_ROOT
 from rig.util import Managed, RigError, free_port, run, start_process, stop_process, tail, wait_started, wait_until

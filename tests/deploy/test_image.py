@@ -28,6 +28,7 @@ from deployrig import (
     strings,
     wait_healthy,
 )
+
 from rig.certs import peer_certificate
 from rig.clients import Dockerd, skopeo_copy
 from rig.hub import Hub

@@ -30,6 +30,7 @@ from deployrig import (
     strings,
     wait_healthy,
 )
+
 from rig.certs import peer_certificate
 from rig.clients import Dockerd
 from rig.hub import Hub

@@ -20,7 +20,12 @@ def cli(srv: Cargohold, *args: str, check: bool = True, timeout: float = 120) ->
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
     res = subprocess.run(
         [sys.executable, "-m", "cargohold", *args, "--config", str(srv.config_path)],
-        capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        check=False,  # checked below, with the output in the message
     )
     if check and res.returncode != 0:
         raise AssertionError(f"cargohold {' '.join(args)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")

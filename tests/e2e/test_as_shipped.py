@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+
 from rig import images as I
 from rig.clients import Containerd, Dockerd, Podman, skopeo_copy, write_hosts_toml
 from rig.hub import Hub

@@ -101,7 +101,7 @@ def test_scaleout_compose_shares_bucket_and_redis() -> None:
 def test_compose_names_the_missing_setting(tmp_path: Path) -> None:
     empty = tmp_path / ".env"
     empty.write_text("ACME_EMAIL=ops@example.com\n")
-    with pytest.raises(CommandError, match="set REGISTRY_DOMAIN in .env"):
+    with pytest.raises(CommandError, match=r"set REGISTRY_DOMAIN in \.env"):
         compose_config("docker-compose.yml", empty)
 
 
@@ -140,7 +140,9 @@ class Container:
     def run(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         """`docker compose run --rm cargohold ARGS`: the ENTRYPOINT with other arguments."""
         argv = exec_form(dockerfile()["ENTRYPOINT"][0]) + list(args)
-        return subprocess.run(argv, env=self.env, input=stdin, capture_output=True, text=True, timeout=60, cwd=self.workdir)
+        return subprocess.run(
+            argv, env=self.env, input=stdin, capture_output=True, text=True, timeout=60, cwd=self.workdir, check=False
+        )
 
     def start(self) -> Container:
         """`docker compose up`: ENTRYPOINT + CMD."""
@@ -153,7 +155,7 @@ class Container:
         """The HEALTHCHECK command's exit code (0 healthy)."""
         argv = exec_form(dockerfile()["HEALTHCHECK"][0].split(" CMD ", 1)[1])
         env = {**self.env, **changes}
-        return subprocess.run(argv, env=env, capture_output=True, timeout=30, cwd=self.workdir).returncode
+        return subprocess.run(argv, env=env, capture_output=True, timeout=30, cwd=self.workdir, check=False).returncode
 
     def stop(self) -> None:
         stop_process(self._proc)
@@ -184,14 +186,16 @@ def _first_user(c: Container) -> None:
 def _https_get(port: int, cafile: Path, headers: dict[str, str]) -> tuple[int, str]:
     """GET /v2/ over HTTPS verified for EXAMPLE_DOMAIN: (status, WWW-Authenticate)."""
     ctx = ssl.create_default_context(cafile=str(cafile))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with ctx.wrap_socket(raw, server_hostname=EXAMPLE_DOMAIN) as tls:
-            conn = http.client.HTTPConnection(EXAMPLE_DOMAIN, port)
-            conn.sock = tls
-            conn.request("GET", "/v2/", headers=headers)
-            resp = conn.getresponse()
-            resp.read()
-            return resp.status, resp.getheader("WWW-Authenticate", "")
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=EXAMPLE_DOMAIN) as tls,
+    ):
+        conn = http.client.HTTPConnection(EXAMPLE_DOMAIN, port)
+        conn.sock = tls
+        conn.request("GET", "/v2/", headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, resp.getheader("WWW-Authenticate", "")
 
 
 def test_standalone_container_command_gets_a_certificate(

@@ -33,7 +33,10 @@ def test_metrics_move_with_a_scripted_pull_sequence(
     assert sample(first, "cargohold_cache_requests_total", kind="manifest", result="miss") >= 1
     assert sample(first, "cargohold_served_bytes_total", source="upstream") >= image.total_size
     assert sample(first, "cargohold_upstream_bytes_total", upstream="docker.io") >= image.total_size
-    assert sample(first, "cargohold_upstream_requests_total", upstream="docker.io", method="GET", status="200") >= blobs + 1
+    assert (
+        sample(first, "cargohold_upstream_requests_total", upstream="docker.io", method="GET", status="200")
+        >= blobs + 1
+    )
     assert sample(first, "cargohold_upstream_request_seconds_count", upstream="docker.io") >= blobs + 1
     assert sample(first, "cargohold_http_requests_total", route=BLOBS, method="GET", status="200") == blobs
     assert sample(first, "cargohold_cache_size_bytes") >= image.total_size
@@ -57,7 +60,12 @@ def test_metrics_move_with_a_scripted_pull_sequence(
     assert sample(failed, "cargohold_ratelimit_rejections_total") == 0
     assert sample(failed, "cargohold_upstream_pauses_total", upstream="docker.io") == 1
     assert sample(failed, "cargohold_downloads_uncached_total") == 0
-    assert sample(failed, "cargohold_http_requests_total", route="/v2/{name}/manifests/{reference}", status=str(res.status)) == 1
+    assert (
+        sample(
+            failed, "cargohold_http_requests_total", route="/v2/{name}/manifests/{reference}", status=str(res.status)
+        )
+        == 1
+    )
 
     # Every metric the Grafana dashboard charts is exported.
     exported = http_request("GET", f"{srv.url}/metrics").body.decode()

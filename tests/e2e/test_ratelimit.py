@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+
 from cacheops import metrics, sample
 from rig.clients import skopeo_copy
 from rig.hub import Hub
@@ -101,7 +102,7 @@ def test_flood_gets_429s_while_another_address_pulls(
         seen, stop = Flood(), asyncio.Event()
         async with client_from(OTHER) as session:
             task = asyncio.create_task(flood(session, f"{srv.url}/v2/", stop, seen))
-            while seen.refused is None and not task.done():
+            while seen.refused is None and not task.done():  # noqa: ASYNC110 - two conditions, one set by a client
                 await asyncio.sleep(0.01)
             pulled = await asyncio.to_thread(skopeo_copy, f"{srv.netloc}/{im.ref}", tmp_path / "pull")
             refused_during_pull = seen.statuses.count(429)

@@ -52,7 +52,9 @@ def replica(s3: S3Server, redis: RedisServer, cargohold: Factory) -> Factory:
 
 
 def _keys(s3: S3Server) -> set[str]:
-    return {key.rsplit("/", 2)[0].rsplit("/", 1)[-1] + ":" + key.rsplit("/", 1)[-1] for key in s3.objects("cache/blobs/")}
+    return {
+        key.rsplit("/", 2)[0].rsplit("/", 1)[-1] + ":" + key.rsplit("/", 1)[-1] for key in s3.objects("cache/blobs/")
+    }
 
 
 def _pull(srv: Cargohold, im: I.Image, work: Path) -> None:
@@ -63,7 +65,9 @@ def _blob_url(srv: Cargohold, im: I.Image, digest: str) -> str:
     return f"{srv.url}/v2/{im.repo}/blobs/{digest}"
 
 
-def test_a_blob_fetched_by_one_replica_is_a_hit_on_the_other(hub: Hub, replica: Factory, s3: S3Server, tmp_path: Path) -> None:
+def test_a_blob_fetched_by_one_replica_is_a_hit_on_the_other(
+    hub: Hub, replica: Factory, s3: S3Server, tmp_path: Path
+) -> None:
     a, b = replica(), replica()
     im = hub.images["multi"]
     _pull(a, im, tmp_path)
@@ -124,9 +128,7 @@ def _sha256_of(answer: http.client.HTTPResponse) -> str:
     return f"sha256:{hasher.hexdigest()}"
 
 
-def test_concurrent_pulls_through_two_replicas_fetch_each_blob_once(
-    hub: Hub, replica: Factory, tmp_path: Path
-) -> None:
+def test_concurrent_pulls_through_two_replicas_fetch_each_blob_once(hub: Hub, replica: Factory, tmp_path: Path) -> None:
     a, b = replica(lease="1s"), replica(lease="1s")
     im = hub.images["oci"]
     held = im.layers[-1].digest
@@ -194,7 +196,9 @@ def test_a_waiting_replica_takes_over(hub: Hub, replica: Factory, s3: S3Server, 
     assert layer.digest in _keys(s3)
 
 
-def test_a_corrupt_upstream_blob_never_reaches_the_bucket(hub: Hub, replica: Factory, s3: S3Server, tmp_path: Path) -> None:
+def test_a_corrupt_upstream_blob_never_reaches_the_bucket(
+    hub: Hub, replica: Factory, s3: S3Server, tmp_path: Path
+) -> None:
     a, b = replica(), replica()
     im = hub.images["multi"]
     layer = im.layers[0]

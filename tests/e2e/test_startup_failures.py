@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from rig.util import free_port
 
 

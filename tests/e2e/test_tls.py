@@ -238,7 +238,9 @@ def test_tls_from_files_reloads_a_changed_certificate(cargohold: Callable[..., C
     assert "stopping" in srv.log_text()
 
 
-def test_unloadable_certificate_files_stop_start_up_with_one_line(cargohold: Callable[..., Cargohold], tmp_path: Path) -> None:
+def test_unloadable_certificate_files_stop_start_up_with_one_line(
+    cargohold: Callable[..., Cargohold], tmp_path: Path
+) -> None:
     srv = cargohold(start=False, tls={"cert": str(tmp_path / "missing.pem"), "key": str(tmp_path / "missing.key")})
     srv.start(wait=False)
     wait_until(lambda: not srv.running, timeout=20, what="cargohold to exit")

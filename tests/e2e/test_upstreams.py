@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
-from conftest import HUB2_USER
 
+from conftest import HUB2_USER
 from rig.clients import Containerd, Dockerd, ensure_hosts_entries, skopeo_copy, write_hosts_toml
 from rig.hub import Hub
 from rig.server import Cargohold
@@ -121,7 +121,9 @@ def test_containerd_ns_with_default_and_per_registry_hosts_toml(
     assert f"ns={HUB2}" in ch.log_text() and "ns=docker.io" in ch.log_text()
     assert hub.manifest_count(repo=app.repo) == 0 and hub2.manifest_count(repo=tool.repo) == 0
     # an ns-scoped answer names its namespace (errors too); a path-prefixed one does not
-    ok = http_request("HEAD", f"{ch.url}/v2/{app.repo}/manifests/{app.tag}?ns={HUB2}", headers={"Accept": app.media_type})
+    ok = http_request(
+        "HEAD", f"{ch.url}/v2/{app.repo}/manifests/{app.tag}?ns={HUB2}", headers={"Accept": app.media_type}
+    )
     assert ok.status == 200 and ok.header("OCI-Namespace") == HUB2
     missing = http_request("GET", f"{ch.url}/v2/{app.repo}/manifests/nope?ns={HUB2}")
     assert missing.status == 404 and missing.header("OCI-Namespace") == HUB2
@@ -136,7 +138,9 @@ def test_host_name_routes_to_its_upstream(
     assert skopeo_copy(f"{hub2_host_name}:{ch.port}/{app.ref}", tmp_path / "app").digest == app.digest
     # the same path under cargohold's other names is Docker Hub's (where team/app does not exist)
     assert _error(ch, f"/v2/{app.repo}/manifests/{app.tag}") == (404, "MANIFEST_UNKNOWN")
-    res = http_request("HEAD", f"{ch.url}/v2/{app.repo}/manifests/{app.tag}", headers={"Host": f"{HUB2_HOST}:{ch.port}"})
+    res = http_request(
+        "HEAD", f"{ch.url}/v2/{app.repo}/manifests/{app.tag}", headers={"Host": f"{HUB2_HOST}:{ch.port}"}
+    )
     assert res.status == 200 and res.header("Docker-Content-Digest") == app.digest
     manifests = rf"^/v2/{app.repo}/manifests/"
     assert hub.count("GET", manifests, status=404) == 1 and hub.count("GET", manifests, status=200) == 0

@@ -50,7 +50,7 @@ def settled(srv: Cargohold) -> None:
 
     def _idle() -> bool:
         page = http_request("GET", f"{srv.url}/metrics").body.decode()
-        return re.search(r"^cargohold_downloads_in_flight 0(\.0)?$", page, re.M) is not None
+        return re.search(r"^cargohold_downloads_in_flight 0(\.0)?$", page, re.MULTILINE) is not None
 
     wait_until(_idle, timeout=60, what="downloads to be committed to the store")
 

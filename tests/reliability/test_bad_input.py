@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,33 +24,96 @@ SETTINGS = settings(
 HEX = "0123456789abcdef"
 
 TRAVERSAL = [
-    "..", "../..", "../../etc/passwd", "%2e%2e", "%2e%2e/%2e%2e/etc/passwd", "..%2f..%2fetc%2fpasswd",
-    "%252e%252e", "/etc/passwd", "//etc/passwd", "library/../../../etc", "a/./b", "a//b", ".hidden",
-    "UPPER/case", "Library/Alpine", "a" * 300, "a/" * 100 + "b", "%00", "a%00b", "a\\..\\b", "~root",
-    "127.0.0.1:1/x", "localhost/x", "169.254.169.254/latest", "evil.com/x", "EVIL.COM/x", "docker.io/../x",
+    "..",
+    "../..",
+    "../../etc/passwd",
+    "%2e%2e",
+    "%2e%2e/%2e%2e/etc/passwd",
+    "..%2f..%2fetc%2fpasswd",
+    "%252e%252e",
+    "/etc/passwd",
+    "//etc/passwd",
+    "library/../../../etc",
+    "a/./b",
+    "a//b",
+    ".hidden",
+    "UPPER/case",
+    "Library/Alpine",
+    "a" * 300,
+    "a/" * 100 + "b",
+    "%00",
+    "a%00b",
+    "a\\..\\b",
+    "~root",
+    "127.0.0.1:1/x",
+    "localhost/x",
+    "169.254.169.254/latest",
+    "evil.com/x",
+    "EVIL.COM/x",
+    "docker.io/../x",
 ]
-name_chars = st.sampled_from(list("abcAZ09._-/%:\\~@") + ["..", "%2e", "%2f", "%00", "%20", "%c0%ae"])
+name_chars = st.sampled_from([*"abcAZ09._-/%:\\~@", "..", "%2e", "%2f", "%00", "%20", "%c0%ae"])
 names = st.one_of(st.sampled_from(TRAVERSAL), st.lists(name_chars, min_size=1, max_size=80).map("".join))
 
 BAD_DIGESTS = [
-    "sha256:", "sha256:" + "0" * 63, "sha256:" + "0" * 65, "sha256:" + "A" * 64, "SHA256:" + "0" * 64,
-    "md5:" + "0" * 32, "sha512:" + "0" * 64, "sha256:../../../../etc/passwd", "sha256:%2e%2e%2f" + "0" * 55,
-    "sha256:" + "g" * 64, ":" + "0" * 64, "sha256::" + "0" * 64, "sha256:" + "0" * 64 + "/x", "x" * 300,
+    "sha256:",
+    "sha256:" + "0" * 63,
+    "sha256:" + "0" * 65,
+    "sha256:" + "A" * 64,
+    "SHA256:" + "0" * 64,
+    "md5:" + "0" * 32,
+    "sha512:" + "0" * 64,
+    "sha256:../../../../etc/passwd",
+    "sha256:%2e%2e%2f" + "0" * 55,
+    "sha256:" + "g" * 64,
+    ":" + "0" * 64,
+    "sha256::" + "0" * 64,
+    "sha256:" + "0" * 64 + "/x",
+    "x" * 300,
 ]
 digests = st.one_of(
     st.sampled_from(BAD_DIGESTS),
-    st.builds(lambda a, h: f"{a}:{h}", st.sampled_from(["sha256", "sha384", "sha512", "blake3", "Sha256", ""]),
-              st.text(alphabet=HEX + "XYZ./%", min_size=0, max_size=130)),
+    st.builds(
+        lambda a, h: f"{a}:{h}",
+        st.sampled_from(["sha256", "sha384", "sha512", "blake3", "Sha256", ""]),
+        st.text(alphabet=HEX + "XYZ./%", min_size=0, max_size=130),
+    ),
 )
 references = st.one_of(digests, st.text(alphabet="aA0._-:%/", min_size=1, max_size=200))
 ranges = st.one_of(
-    st.sampled_from(["bytes=abc", "bytes=5-2", "bytes=-0", "bytes=0-1,3-4", "bytes=99999999999999999999999-",
-                     "items=0-1", "bytes=", "bytes=-", "bytes=--1", "bytes=1-1-1", "bytes=0x10-", "bytes= 1 - 2"]),
+    st.sampled_from(
+        [
+            "bytes=abc",
+            "bytes=5-2",
+            "bytes=-0",
+            "bytes=0-1,3-4",
+            "bytes=99999999999999999999999-",
+            "items=0-1",
+            "bytes=",
+            "bytes=-",
+            "bytes=--1",
+            "bytes=1-1-1",
+            "bytes=0x10-",
+            "bytes= 1 - 2",
+        ]
+    ),
     st.text(alphabet="bytes=0123456789-, ", max_size=40),
 )
 auth_values = st.one_of(
-    st.sampled_from(["Basic", "Basic !!!", "Basic " + "A" * 5000, "Bearer", "Bearer ..", "Bearer a.b.c",
-                     "Negotiate x", "Basic Og==", "basic dXNlcjpwYXNz", "Bearer " + "x" * 4000]),
+    st.sampled_from(
+        [
+            "Basic",
+            "Basic !!!",
+            "Basic " + "A" * 5000,
+            "Bearer",
+            "Bearer ..",
+            "Bearer a.b.c",
+            "Negotiate x",
+            "Basic Og==",
+            "basic dXNlcjpwYXNz",
+            "Bearer " + "x" * 4000,
+        ]
+    ),
     st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=200),
 )
 
@@ -61,8 +123,14 @@ def target(cargohold: Callable[..., Cargohold], hub_images: dict[str, Image]) ->
     """A server with one image cached, and a canary file next to data_dir that must never leak."""
     # The fuzzers send hundreds of requests a second from one address: under the shipped budgets
     # most would be a 429 before reaching the code they probe. The limiter stays on (connections).
-    fuzzing = {"requests_per_second": 0, "burst": 0, "blobs_per_second": 0, "blob_burst": 0,
-               "pulls_per_minute": 0, "pulls_per_hour": 0}
+    fuzzing = {
+        "requests_per_second": 0,
+        "burst": 0,
+        "blobs_per_second": 0,
+        "blob_burst": 0,
+        "pulls_per_minute": 0,
+        "pulls_per_hour": 0,
+    }
     srv = cargohold(rate_limit=fuzzing)
     im = hub_images["multi"]
     canary = secrets.token_hex(16)
@@ -106,8 +174,11 @@ def test_bad_names(target: tuple[Cargohold, Image, str], hub: Hub) -> None:
     srv, im, canary = target
 
     @SETTINGS
-    @given(name=names, kind=st.sampled_from(["manifests/latest", f"blobs/{im.blobs[0].digest}", "tags/list"]),
-           method=st.sampled_from([b"GET", b"HEAD"]))
+    @given(
+        name=names,
+        kind=st.sampled_from(["manifests/latest", f"blobs/{im.blobs[0].digest}", "tags/list"]),
+        method=st.sampled_from([b"GET", b"HEAD"]),
+    )
     def check(name: str, kind: str, method: bytes) -> None:
         res = raw_request(srv.port, f"/v2/{name}/{kind}".encode(), method=method)
         ok = {200} if re.fullmatch(r"[a-z0-9]+(/[a-z0-9]+)*", name) else set()
@@ -149,7 +220,7 @@ def test_bad_ranges(target: tuple[Cargohold, Image, str]) -> None:
 def test_bad_authorization_is_never_passed_on(target: tuple[Cargohold, Image, str], hub: Hub) -> None:
     """Auth is off on this server: a bad Authorization header changes nothing, and no client
     credential ever travels to the upstream (cargohold uses its own tokens there)."""
-    srv, im, canary = target
+    srv, im, _canary = target
     sent: list[str] = []
 
     @SETTINGS
@@ -200,17 +271,19 @@ def test_malformed_http_is_refused(target: tuple[Cargohold, Image, str], hub: Hu
 def test_no_open_proxy(target: tuple[Cargohold, Image, str], hub: Hub) -> None:
     """Only configured upstreams are ever asked: proxy-style requests, foreign Host headers and
     registry hosts in the name do not make cargohold fetch from anywhere else."""
-    srv, im, canary = target
+    srv, im, _canary = target
     hub.reset_counts()
     for name in ("evil.example/x", "127.0.0.1:9/x", "169.254.169.254/latest", "localhost/x", "[::1]:80/x"):
         res = raw_request(srv.port, f"/v2/{name}/manifests/latest".encode())
         assert (res.status, res.oci_code()) in ((404, "NAME_UNKNOWN"), (400, "NAME_INVALID")), (name, res.body)
-    res = raw_request(srv.port, f"/v2/x/manifests/latest?ns=evil.example".encode())
+    res = raw_request(srv.port, b"/v2/x/manifests/latest?ns=evil.example")
     assert (res.status, res.oci_code()) == (404, "NAME_UNKNOWN")
     assert hub.requests == []
     # Absolute-form targets and Host headers name nothing: the path is served as our own.
-    for target_bytes, host in ((b"http://evil.example/v2/" + f"{im.repo}/manifests/{im.tag}".encode(), b"x"),
-                               (f"/v2/{im.repo}/manifests/{im.tag}".encode(), b"evil.example")):
+    for target_bytes, host in (
+        (b"http://evil.example/v2/" + f"{im.repo}/manifests/{im.tag}".encode(), b"x"),
+        (f"/v2/{im.repo}/manifests/{im.tag}".encode(), b"evil.example"),
+    ):
         res = raw_request(srv.port, target_bytes, headers=[(b"Host", host), (b"Accept", b"*/*")])
         assert res.status == 200 and res.headers["docker-content-digest"] == im.digest
     assert hub.requests == []  # answered from cache; nothing went anywhere

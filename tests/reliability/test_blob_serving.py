@@ -117,7 +117,7 @@ def _open_blob_files(srv: Cargohold) -> list[str]:
 
 def _joins(srv: Cargohold) -> int:
     page = http_request("GET", f"{srv.url}/metrics").body.decode()
-    found = re.search(r'^cargohold_singleflight_joins_total\{kind="blob"\} (\d+)', page, re.M)
+    found = re.search(r'^cargohold_singleflight_joins_total\{kind="blob"\} (\d+)', page, re.MULTILINE)
     return int(found.group(1)) if found else 0
 
 
@@ -140,8 +140,12 @@ def test_client_that_stops_reading_is_cut_off_after_send_timeout(
         wait_until(lambda: not _open_blob_files(srv), timeout=60, what="the stalled follower to let go of the blob")
         assert cached_blob(srv, blob.digest).read_bytes() == res.body
         with _stalled_client(srv, path):  # a cache hit (sendfile) is cut off just the same
-            wait_until(lambda: srv.log_text().count(STALLED) == 2, timeout=60, what="the stalled cache hit to be cut off")
-            wait_until(lambda: not _open_blob_files(srv), timeout=60, what="the stalled cache hit to let go of the blob")
+            wait_until(
+                lambda: srv.log_text().count(STALLED) == 2, timeout=60, what="the stalled cache hit to be cut off"
+            )
+            wait_until(
+                lambda: not _open_blob_files(srv), timeout=60, what="the stalled cache hit to let go of the blob"
+            )
     assert len(hub.requests_matching("GET", blob.digest)) == 1
     assert get(srv, path).body == res.body
     assert "Traceback" not in srv.log_text()
@@ -155,7 +159,9 @@ def _on_one_connection(
     conn.request(method, path, headers=headers or {})
     res = conn.getresponse()
     body = res.read()
-    assert before is None or conn.sock is not None and conn.sock.getsockname() == before, "the connection was reopened"
+    assert before is None or (conn.sock is not None and conn.sock.getsockname() == before), (
+        "the connection was reopened"
+    )
     assert not res.will_close, res.getheaders()
     return res.status, body, {k.lower(): v for k, v in res.getheaders()}
 

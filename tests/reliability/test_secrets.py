@@ -21,7 +21,7 @@ def test_upstream_credentials_and_tokens_are_not_logged(
     pull_all(srv, hub_images["private"])  # needs the credentials: the token dance ran with them
     assert hub.count(service="token") >= 1 and all(r.user == user for r in hub.token_requests)
     hub.inject(service="token", status=500)
-    hub.inject(status=401, headers={"WWW-Authenticate": 'Bearer realm="%s",service="x"' % hub.token_url})
+    hub.inject(status=401, headers={"WWW-Authenticate": f'Bearer realm="{hub.token_url}",service="x"'})
     res = get(srv, "/v2/acme/never-seen/manifests/latest")
     assert res.status >= 400
     log = srv.log_text()

@@ -62,9 +62,14 @@ def test_fault_storm(hub: Hub, cargohold: Callable[..., Cargohold], fresh_image:
     for im in warm:
         pull_all(srv, im)
     faults: list[dict[str, object]] = [
-        {"status": 500}, {"status": 503}, {"status": 429, "headers": {"Retry-After": "1"}}, {"reset": True},
-        {"method": "GET", "path_regex": "/blobs/", "corrupt": True}, {"method": "GET", "path_regex": "/blobs/", "truncate": 1000},
-        {"service": "token", "status": 500}, {"method": "GET", "path_regex": "/blobs/", "length_delta": -3},
+        {"status": 500},
+        {"status": 503},
+        {"status": 429, "headers": {"Retry-After": "1"}},
+        {"reset": True},
+        {"method": "GET", "path_regex": "/blobs/", "corrupt": True},
+        {"method": "GET", "path_regex": "/blobs/", "truncate": 1000},
+        {"service": "token", "status": 500},
+        {"method": "GET", "path_regex": "/blobs/", "length_delta": -3},
         {"delay": 1.5},
     ]
     rng = random.Random(88)
@@ -133,7 +138,9 @@ def test_disk_full_big_blob_slow_reader_memory_stays_flat(
             assert proc.wait(timeout=300) == 0
             assert "sha256:" + digest.hexdigest() == blob.digest
             grown_mib = (peak - base) / 1024
-            print(f"\nuncached 96 MiB blob to an 8 MiB/s reader: server RSS grew {grown_mib:.0f} MiB (base {base // 1024} MiB)")
+            print(
+                f"\nuncached 96 MiB blob to an 8 MiB/s reader: server RSS grew {grown_mib:.0f} MiB (base {base // 1024} MiB)"
+            )
             assert grown_mib < 64  # bounded by the 16 MiB window (+ buffers), not by the blob
             assert "disk full while caching" in srv.log_text()
         finally:

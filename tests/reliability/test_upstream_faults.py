@@ -169,7 +169,7 @@ def test_slow_trickle_and_stalled_blob_do_not_hold_up_others(
         res = trickling.result(timeout=120)
         assert res.status == 200 and res.body == big.read_bytes()
         # The stalled upstream connection is given up after `timeout`; its client is cut off.
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 - how a cut-off read fails depends on where the cut falls
             stalling.result(timeout=120)
     parked.release()
     assert cached_blob(srv, big.digest).read_bytes() == big.read_bytes()

@@ -158,7 +158,7 @@ def skopeo_inspect(
     env = dict(os.environ)
     env["REGISTRY_AUTH_FILE"] = "/dev/null/none.json"
     proc = subprocess.run(
-        [*cmd, _docker_ref(src)], capture_output=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL
+        [*cmd, _docker_ref(src)], capture_output=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL, check=False
     )
     if proc.returncode != 0:
         raise CommandError(
@@ -208,8 +208,20 @@ class Podman(Managed):
         """Run `podman --root ... --runroot ... --storage-driver vfs args...`."""
         if self.runroot is None:
             raise RigError("podman: start() first")
-        cmd = [self.podman, "--root", str(self.workdir / "root"), "--runroot", str(self.runroot), "--storage-driver", "vfs",
-               "--events-backend", "none", "--cgroup-manager", "cgroupfs", *args]
+        cmd = [
+            self.podman,
+            "--root",
+            str(self.workdir / "root"),
+            "--runroot",
+            str(self.runroot),
+            "--storage-driver",
+            "vfs",
+            "--events-backend",
+            "none",
+            "--cgroup-manager",
+            "cgroupfs",
+            *args,
+        ]
         return run(cmd, timeout=timeout, env=self._env(), check=check)
 
     def pull(self, ref: str, *, fresh: bool = True, timeout: float = 300) -> str:
@@ -592,11 +604,11 @@ class Containerd(ManagedProcess):
 
 
 __all__ = [
+    "DEAD_SERVER",
+    "DOCKER_HUB_HOSTS",
     "Containerd",
     "CopyResult",
     "CtrPull",
-    "DEAD_SERVER",
-    "DOCKER_HUB_HOSTS",
     "Dockerd",
     "Podman",
     "ensure_hosts_entries",

@@ -38,7 +38,7 @@ OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 #: What a pulling client sends in Accept so the registry hands out every kind above.
-ACCEPT_ALL = ", ".join([OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
+ACCEPT_ALL = f"{OCI_INDEX}, {DOCKER_MANIFEST_LIST}, {OCI_MANIFEST}, {DOCKER_MANIFEST}"
 
 _CHUNK = 1 << 20
 
@@ -267,12 +267,14 @@ def big_layer(path: Path, size: int) -> Blob:
             b[: len(data)] = data
             return len(data)
 
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=_HashingWriter(f), mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
-            ti = tarfile.TarInfo("rig/big/random.bin")
-            ti.size = size
-            ti.mtime = 1_700_000_000
-            tar.addfile(ti, io.BufferedReader(_Urandom(), buffer_size=_CHUNK))
+    with (
+        open(tmp, "wb") as f,
+        tarfile.open(fileobj=_HashingWriter(f), mode="w", format=tarfile.PAX_FORMAT) as tar,  # type: ignore[arg-type]
+    ):
+        ti = tarfile.TarInfo("rig/big/random.bin")
+        ti.size = size
+        ti.mtime = 1_700_000_000
+        tar.addfile(ti, io.BufferedReader(_Urandom(), buffer_size=_CHUNK))
     os.replace(tmp, path)
     digest = "sha256:" + h.hexdigest()
     total = path.stat().st_size
@@ -541,17 +543,17 @@ parse_challenge = _parse_challenge
 
 __all__ = [
     "ACCEPT_ALL",
-    "Blob",
     "DOCKER_CONFIG",
     "DOCKER_LAYER_GZIP",
     "DOCKER_MANIFEST",
     "DOCKER_MANIFEST_LIST",
-    "Image",
     "OCI_CONFIG",
     "OCI_INDEX",
     "OCI_LAYER_GZIP",
     "OCI_LAYER_TAR",
     "OCI_MANIFEST",
+    "Blob",
+    "Image",
     "PushError",
     "Spec",
     "big_image",

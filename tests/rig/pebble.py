@@ -105,7 +105,7 @@ class Pebble(Managed):
         return self
 
     def _dead(self) -> str | None:
-        for p, log in zip(self._procs, (self.dns_log_path, self.log_path)):
+        for p, log in zip(self._procs, (self.dns_log_path, self.log_path), strict=False):
             if p.poll() is not None:
                 return f"{p.args[0]} exited {p.returncode}: {tail(log)}"
         return None

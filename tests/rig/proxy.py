@@ -17,7 +17,16 @@ from types import TracebackType
 from urllib.parse import urlsplit
 
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
 )
 _CHUNK = 256 * 1024
 
@@ -49,7 +58,9 @@ class _Forward(BaseHTTPRequestHandler):
                 if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
                     self.send_header(k, v)
             data = b"" if self.command == "HEAD" else resp.read()
-            self.send_header("Content-Length", resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data)))
+            self.send_header(
+                "Content-Length", resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+            )
             self.end_headers()
             self.wfile.write(data)
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -59,6 +60,7 @@ def run(
             env=dict(env) if env is not None else None,
             cwd=cwd,
             stdin=subprocess.DEVNULL,
+            check=False,  # `check` below raises CommandError, with the output
         )
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
@@ -100,10 +102,8 @@ def stop_process(proc: subprocess.Popen[bytes] | None, *, timeout: float = 10.0,
         pgid = None
     if proc.poll() is None:
         _signal_group(proc, pgid, sig)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
     # Children of the group may outlive the leader (e.g. dockerd's containerd): kill them all.
     _signal_group(proc, pgid, signal.SIGKILL)
     try:

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from rig.certs import TestCA
-from rig.s3 import S3Server
 
 from cargohold.app import build_app
 from cargohold.config import Settings
 from cargohold.keys import PROXY
+from rig.certs import TestCA
+from rig.s3 import S3Server
 
 PIECE = 64 << 10
 

@@ -108,8 +108,9 @@ async def _error(resp: Any) -> str:
 
 
 async def _token(client: TestClient, *scopes: str, user: str = "alice", password: str | None = None) -> str:
-    resp = await client.get("/token", params=[("service", "cargohold"), *(("scope", s) for s in scopes)],
-                            headers=basic(user, password))
+    resp = await client.get(
+        "/token", params=[("service", "cargohold"), *(("scope", s) for s in scopes)], headers=basic(user, password)
+    )
     assert resp.status == 200, await resp.text()
     body = await resp.json()
     assert body["token"] == body["access_token"] and body["expires_in"] == 300
@@ -163,7 +164,9 @@ async def test_basic_auth_sets_identity_and_costs_one_bcrypt(make_client: Any, m
         return real(password, hashed)
 
     monkeypatch.setattr(logins, "verify_password", counting)
-    results = await asyncio.gather(*(client.get("/v2/library/alpine/tags/list", headers=basic("alice")) for _ in range(8)))
+    results = await asyncio.gather(
+        *(client.get("/v2/library/alpine/tags/list", headers=basic("alice")) for _ in range(8))
+    )
     assert [r.status for r in results] == [200] * 8
     resp = await client.get("/whoami", headers=basic("alice"))
     assert await resp.json() == {"user": "alice", "groups": ["devs"], "key": "user:alice"}
@@ -293,7 +296,9 @@ async def test_token_names_resolve_at_the_host_the_client_used(make_client: Any)
     make, counts = make_client
     client = await make({"rules": [{"users": ["alice"], "upstream": "ghcr.io", "repositories": ["owner/*"]}]})
     at_ghcr = {"Host": "ghcr.mirror.test"}
-    resp = await client.get("/token", params={"scope": "repository:owner/app:pull"}, headers={**basic("alice"), **at_ghcr})
+    resp = await client.get(
+        "/token", params={"scope": "repository:owner/app:pull"}, headers={**basic("alice"), **at_ghcr}
+    )
     token = (await resp.json())["token"]
     resp = await client.get("/v2/owner/app/tags/list", headers={**bearer(token), **at_ghcr})
     assert resp.status == 200, await resp.text()
@@ -327,8 +332,13 @@ async def _wait_reread(client: TestClient, present: Callable[[], bool]) -> None:
 async def test_oauth_password_and_refresh_grants(make_client: Any, tmp_path: Path) -> None:
     make, counts = make_client
     client = await make({"rules": [{"users": ["alice"], "repositories": ["library/*"]}, {"users": ["bob"]}]})
-    body = await _oauth(client, grant_type="password", username="alice", password="alice-pw",
-                        scope="repository:library/alpine:pull,push repository:acme/tool:pull")
+    body = await _oauth(
+        client,
+        grant_type="password",
+        username="alice",
+        password="alice-pw",
+        scope="repository:library/alpine:pull,push repository:acme/tool:pull",
+    )
     assert set(body) == {"access_token", "expires_in", "scope", "issued_at"}  # no access_type=offline: no refresh
     assert body["expires_in"] == 300 and body["scope"] == "repository:library/alpine:pull"
     assert _claims(body["access_token"])["sub"] == "alice"
@@ -347,8 +357,12 @@ async def test_oauth_password_and_refresh_grants(make_client: Any, tmp_path: Pat
     await _oauth(client, 401, grant_type="refresh_token", refresh_token=refresh[:-4] + "AAAA")
 
     # A changed password or a removed user revokes the user's refresh tokens.
-    bob = (await _oauth(client, grant_type="password", username="bob", password="bob-pw", access_type="offline"))["refresh_token"]
-    carol = (await _oauth(client, grant_type="password", username="carol", password="carol-pw", access_type="offline"))["refresh_token"]
+    bob = (await _oauth(client, grant_type="password", username="bob", password="bob-pw", access_type="offline"))[
+        "refresh_token"
+    ]
+    carol = (await _oauth(client, grant_type="password", username="carol", password="carol-pw", access_type="offline"))[
+        "refresh_token"
+    ]
     await _oauth(client, grant_type="refresh_token", refresh_token=bob)
     users = client.server.app[AUTH].users
     htpasswd.remove_user(tmp_path / "htpasswd", "bob")
@@ -365,14 +379,21 @@ async def test_oauth_password_and_refresh_grants(make_client: Any, tmp_path: Pat
 async def test_oauth_form_errors_and_throttling(make_client: Any) -> None:
     make, _ = make_client
     client = await make({"max_failed_logins": 3, "failed_login_window": "1h"})
-    for form in ({"grant_type": "client_credentials"}, {}, {"grant_type": "password", "username": "alice"},
-                 {"grant_type": "refresh_token"}):
+    for form in (
+        {"grant_type": "client_credentials"},
+        {},
+        {"grant_type": "password", "username": "alice"},
+        {"grant_type": "refresh_token"},
+    ):
         error = await _oauth(client, 400, **form)
         assert error["errors"][0]["code"] == "UNSUPPORTED"
     for _ in range(3):
         await _oauth(client, 401, ip="192.0.2.1", grant_type="password", username="alice", password="guess")
-    resp = await client.post("/token", data={"grant_type": "password", "username": "alice", "password": "alice-pw"},
-                             headers=from_ip("192.0.2.1"))
+    resp = await client.post(
+        "/token",
+        data={"grant_type": "password", "username": "alice", "password": "alice-pw"},
+        headers=from_ip("192.0.2.1"),
+    )
     assert resp.status == 429 and "Retry-After" in resp.headers
     await _oauth(client, ip="192.0.2.1", grant_type="password", username="bob", password="bob-pw")
     for _ in range(9):  # guessing refresh tokens counts against the address (three times the limit)
@@ -414,7 +435,9 @@ async def test_refresh_token_is_bound_to_the_hash_the_password_was_checked_again
     monkeypatch.setattr(logins, "verify_password", real)
     await _oauth(client, 401, grant_type="refresh_token", refresh_token=refresh)
     await _oauth(client, 401, grant_type="password", username="alice", password="alice-pw")
-    renewed = await _oauth(client, grant_type="password", username="alice", password="new-secret", access_type="offline")
+    renewed = await _oauth(
+        client, grant_type="password", username="alice", password="new-secret", access_type="offline"
+    )
     await _oauth(client, grant_type="refresh_token", refresh_token=renewed["refresh_token"])
 
 
@@ -444,17 +467,30 @@ def _multipart(*part_headers: bytes) -> bytes:
     [
         ("multipart/form-data", b"grant_type=password"),  # no boundary: ValueError
         ("multipart/form-data; boundary=xx", _multipart(b"Content-Disposition: form-data")),  # part without a name
-        ("multipart/form-data; boundary=xx", _multipart(b"Content-Disposition: form-data; name=a",
-                                                        b"Content-Type: text/plain; charset=bogus")),  # LookupError
-        ("multipart/form-data; boundary=xx", _multipart(b"Content-Disposition: form-data; name=a",
-                                                        b"Content-Transfer-Encoding: bogus")),  # RuntimeError
-        ("multipart/form-data; boundary=xx", _multipart(b"Content-Disposition: form-data; name=a",
-                                                        b"no colon here")),  # HttpProcessingError
+        (
+            "multipart/form-data; boundary=xx",
+            _multipart(b"Content-Disposition: form-data; name=a", b"Content-Type: text/plain; charset=bogus"),
+        ),  # LookupError
+        (
+            "multipart/form-data; boundary=xx",
+            _multipart(b"Content-Disposition: form-data; name=a", b"Content-Transfer-Encoding: bogus"),
+        ),  # RuntimeError
+        (
+            "multipart/form-data; boundary=xx",
+            _multipart(b"Content-Disposition: form-data; name=a", b"no colon here"),
+        ),  # HttpProcessingError
         ("application/x-www-form-urlencoded; charset=bogus", b"grant_type=password"),  # LookupError
         ("application/x-www-form-urlencoded", b"grant_type=\xff\xfe"),  # UnicodeDecodeError
     ],
-    ids=["no-boundary", "part-without-name", "part-charset", "part-transfer-encoding", "part-header",
-         "form-charset", "form-bytes"],
+    ids=[
+        "no-boundary",
+        "part-without-name",
+        "part-charset",
+        "part-transfer-encoding",
+        "part-header",
+        "form-charset",
+        "form-bytes",
+    ],
 )
 async def test_malformed_token_forms_are_400_without_a_traceback(
     make_client: Any, caplog: Any, content_type: str, body: bytes
@@ -471,8 +507,11 @@ async def test_malformed_token_forms_are_400_without_a_traceback(
 async def test_too_large_a_token_form_is_413(make_client: Any, caplog: Any) -> None:
     make, _ = make_client
     client = await make({})
-    resp = await client.post("/token", data=b"a=" + b"x" * (100 << 10),  # over client_max_size
-                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    resp = await client.post(
+        "/token",
+        data=b"a=" + b"x" * (100 << 10),  # over client_max_size
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert resp.status == 413 and (await resp.json())["errors"][0]["code"] == "UNSUPPORTED"
     assert "Traceback" not in caplog.text
 
@@ -480,7 +519,9 @@ async def test_too_large_a_token_form_is_413(make_client: Any, caplog: Any) -> N
 # -- issue 21: what a security review got through ------------------------------------------------
 
 
-@pytest.mark.parametrize("hop", ["192.0.2.9:4321", "[2001:db8::1]:443", "unknown", "for=192.0.2.1", "10.9.9.9, garbage"])
+@pytest.mark.parametrize(
+    "hop", ["192.0.2.9:4321", "[2001:db8::1]:443", "unknown", "for=192.0.2.1", "10.9.9.9, garbage"]
+)
 async def test_an_unparseable_forwarded_hop_is_an_outsider_not_the_proxy(make_client: Any, hop: str) -> None:
     """Issue 21.4: from a trusted proxy (loopback, inside the anonymous network), a hop that is not a
     bare address used to be served as the proxy itself."""
@@ -507,8 +548,11 @@ async def test_failed_login_table_stays_small_under_huge_names(make_client: Any)
     try:
         before = tracemalloc.take_snapshot()
         for i in range(100):
-            resp = await client.post("/token", data={"grant_type": "password", "username": f"{name}{i}", "password": "x"},
-                                     headers=from_ip(f"198.51.100.{i}"))
+            resp = await client.post(
+                "/token",
+                data={"grant_type": "password", "username": f"{name}{i}", "password": "x"},
+                headers=from_ip(f"198.51.100.{i}"),
+            )
             assert resp.status == 401 and name not in await resp.text()
         gc.collect()
         grown = sum(stat.size_diff for stat in tracemalloc.take_snapshot().compare_to(before, "filename"))
@@ -526,9 +570,11 @@ async def test_too_long_a_password_is_refused_alike_everywhere(make_client: Any,
     long = "x" * 73
     htpasswd.set_user(tmp_path / "htpasswd", "dave", htpasswd.hash_password(long[:72], rounds=4))  # as Apache would
     await _wait_reread(client, lambda: "dave" in client.server.app[AUTH].users)
-    for resp in (await client.get("/v2/", headers=basic("dave", long)),
-                 await client.get("/token", headers=basic("dave", long)),
-                 await client.post("/token", data={"grant_type": "password", "username": "dave", "password": long})):
+    for resp in (
+        await client.get("/v2/", headers=basic("dave", long)),
+        await client.get("/token", headers=basic("dave", long)),
+        await client.post("/token", data={"grant_type": "password", "username": "dave", "password": long}),
+    ):
         assert resp.status == 401 and "72 bytes" in (await resp.json())["errors"][0]["message"]
     with pytest.raises(htpasswd.PasswordError, match="72 bytes"):
         htpasswd.hash_password(long)
@@ -540,8 +586,10 @@ async def test_a_slow_token_form_is_cut_off(make_client: Any, monkeypatch: Any) 
     make, _ = make_client
     client = await make({})
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-                 b"Content-Length: 1000\r\n\r\ngrant_type=")
+    writer.write(
+        b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: 1000\r\n\r\ngrant_type="
+    )
     await writer.drain()
 
     async def dribble() -> None:
@@ -571,8 +619,11 @@ async def test_corrupt_gzip_token_form_is_400(make_client: Any, caplog: Any) -> 
     quiet = QuietBadRequests()  # as `cargohold serve` installs it: aiohttp meets the error again draining the body
     logging.getLogger("aiohttp.server").addFilter(quiet)
     try:
-        resp = await client.post("/token", data=b"\x1f\x8b\x08\x00garbage-not-deflate", headers={
-            "Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "gzip"})
+        resp = await client.post(
+            "/token",
+            data=b"\x1f\x8b\x08\x00garbage-not-deflate",
+            headers={"Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "gzip"},
+        )
         assert resp.status == 400 and (await resp.json())["errors"][0]["code"] == "UNSUPPORTED"
     finally:
         logging.getLogger("aiohttp.server").removeFilter(quiet)
@@ -583,15 +634,18 @@ async def test_tokens_cover_host_routed_upstreams_behind_external_url(make_clien
     """Issue 21.14: behind external_url, /token resolved the scope under its own Host (docker.io), so a
     rule on ghcr.io gave `"access": []`. The realm now names the Host the pull is routed by."""
     make, counts = make_client
-    client = await make({"rules": [{"users": ["alice"], "upstream": "ghcr.io", "repositories": ["plain/*"]}]},
-                        external_url="https://mirror.example.com")
+    client = await make(
+        {"rules": [{"users": ["alice"], "upstream": "ghcr.io", "repositories": ["plain/*"]}]},
+        external_url="https://mirror.example.com",
+    )
     at_ghcr = {"Host": "ghcr.mirror.test"}
     resp = await client.get("/v2/plain/app/tags/list", headers=at_ghcr)
     challenge = resp.headers["WWW-Authenticate"]
     assert 'realm="https://mirror.example.com/token?route=ghcr.mirror.test"' in challenge
     # The client asks the realm (at the external host: here the same server) with its own parameters added.
-    resp = await client.get("/token", params={"route": "ghcr.mirror.test", "scope": "repository:plain/app:pull"},
-                            headers=basic("alice"))
+    resp = await client.get(
+        "/token", params={"route": "ghcr.mirror.test", "scope": "repository:plain/app:pull"}, headers=basic("alice")
+    )
     token = (await resp.json())["token"]
     assert _claims(token)["access"] == [{"type": "repository", "name": "plain/app", "actions": ["pull"]}]
     assert (await client.get("/v2/plain/app/tags/list", headers={**bearer(token), **at_ghcr})).status == 200
@@ -636,11 +690,15 @@ async def test_status_page_shows_each_viewer_only_what_they_may_pull(make_client
     """Issue 21.5: a user with no rights (and anonymous clients) saw every cached repository and the
     upstream URLs on `/`, and /ready's checks."""
     make, _ = make_client
-    rules = {"rules": [{"users": ["alice"], "repositories": ["library/*"]}, {"users": ["bob"], "repositories": ["acme/*"]}],
-             "anonymous": True}
+    rules = {
+        "rules": [{"users": ["alice"], "repositories": ["library/*"]}, {"users": ["bob"], "repositories": ["acme/*"]}],
+        "anonymous": True,
+    }
     client = await make(rules)
     index = client.server.app[PROXY].index
-    await index.put_tag("docker.io", "library/alpine", "3", "sha256:" + "a" * 64, "application/vnd.oci.image.index.v1+json")
+    await index.put_tag(
+        "docker.io", "library/alpine", "3", "sha256:" + "a" * 64, "application/vnd.oci.image.index.v1+json"
+    )
     await index.put_tag("docker.io", "acme/many", "1", "sha256:" + "b" * 64, "application/vnd.oci.image.index.v1+json")
     upstream_url = str(client.server.app[SETTINGS].upstreams[0].url)
     alice = await _status(client, basic("alice"))
@@ -651,7 +709,7 @@ async def test_status_page_shows_each_viewer_only_what_they_may_pull(make_client
     assert "acme/many" not in carol and "library/alpine" not in carol and upstream_url not in carol
     anonymous = await _status(client)
     assert "acme/many" not in anonymous and "library/alpine" not in anonymous and "Log in" in anonymous
-    assert 'id="hit-ratio"' in anonymous and '<td>docker.io</td>' in anonymous  # the aggregates stay
+    assert 'id="hit-ratio"' in anonymous and "<td>docker.io</td>" in anonymous  # the aggregates stay
     assert await (await client.get("/ready")).json() == {"status": "ready"}
     public = await make(rules, status={"public": True})
     everything = await _status(public)

@@ -50,7 +50,9 @@ async def test_a_claimed_length_over_max_blob_size_is_refused(tmp_path: Path, se
 
 
 @pytest.mark.parametrize("room", [True, False], ids=["room", "no room"])
-async def test_an_unsized_blob_is_cached_only_with_room(room: bool, tmp_path: Path, server_log: Callable[[], str]) -> None:
+async def test_an_unsized_blob_is_cached_only_with_room(
+    room: bool, tmp_path: Path, server_log: Callable[[], str]
+) -> None:
     upstream = Upstream()
     data = os.urandom(3 << 20)
     digest = upstream.add(data, sized=False)

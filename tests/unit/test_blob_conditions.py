@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from blobmirror import Answer, KeepAlive, Upstream, mirror, s3_fixture, server_log_fixture  # noqa: F401 - fixtures
+
 from rig.s3 import S3Server
 
 # (headers, status, what the body is: "all", "range" = bytes 100..199, "none")

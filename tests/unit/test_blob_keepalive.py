@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from blobmirror import KeepAlive, Mirror, Upstream, mirror, s3_fixture, server_log_fixture  # noqa: F401 - fixtures
+
 from rig.s3 import S3Server
 
 PRESETS = ["off", "personal", "team", "medium"]

@@ -23,7 +23,8 @@ def test_pause_fails_fast_with_retry_after_then_lets_requests_through() -> None:
 
 
 @pytest.mark.parametrize(
-    "value,seconds", [("7", 7.0), ("0", 0.0), ("1.5", 1.5), (None, None), ("soon", None), ("-3", None), ("nan", None)]
+    ("value", "seconds"),
+    [("7", 7.0), ("0", 0.0), ("1.5", 1.5), (None, None), ("soon", None), ("-3", None), ("nan", None)],
 )
 def test_retry_after(value: str | None, seconds: float | None) -> None:
     assert retry_after_seconds(value) == seconds
@@ -31,7 +32,9 @@ def test_retry_after(value: str | None, seconds: float | None) -> None:
 
 def test_timeouts_are_settings(tmp_path) -> None:
     cfg = tmp_path / "c.yml"
-    cfg.write_text("idle_timeout: 5s\nupstreams:\n  - {name: docker.io, url: http://h, timeout: 2s, failure_pause: 0s}\n")
+    cfg.write_text(
+        "idle_timeout: 5s\nupstreams:\n  - {name: docker.io, url: http://h, timeout: 2s, failure_pause: 0s}\n"
+    )
     settings = load_settings(str(cfg))
     assert settings.idle_timeout == 5 and settings.default.timeout == 2 and settings.default.failure_pause == 0
     assert Settings().default.timeout == 30 and Settings().idle_timeout == 75

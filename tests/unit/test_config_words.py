@@ -80,7 +80,9 @@ def test_docs_hold_full_configs() -> None:
 
 
 @pytest.mark.parametrize(("name", "block"), _full_configs(), ids=[n for n, _ in _full_configs()])
-def test_doc_config_passes_config_check(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, block: str) -> None:
+def test_doc_config_passes_config_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, block: str
+) -> None:
     path = tmp_path / "config.yml"
     path.write_text(block)
     code = main(["config", "check", str(path)])

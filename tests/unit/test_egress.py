@@ -30,8 +30,10 @@ def test_environment_proxies_no_proxy_and_the_configured_one() -> None:
 
 def test_proxy_setting_is_checked_without_echoing_it(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text("upstreams:\n  - {name: docker.io, url: 'https://x.test', proxy: 'socks5://u:secret@p.test:1080'}\n")
-    with pytest.raises(ConfigError, match="upstreams.0.proxy") as caught:
+    config.write_text(
+        "upstreams:\n  - {name: docker.io, url: 'https://x.test', proxy: 'socks5://u:secret@p.test:1080'}\n"
+    )
+    with pytest.raises(ConfigError, match=r"upstreams\.0\.proxy") as caught:
         load_settings(config, environ={})
     assert "secret" not in str(caught.value)
     config.write_text("upstreams:\n  - {name: docker.io, url: 'https://x.test', proxy: 'https://p.test:3128'}\n")

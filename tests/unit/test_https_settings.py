@@ -28,7 +28,9 @@ def _load(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> S
 
 
 def test_acme_settings_and_environment(tmp_path: Path) -> None:
-    settings = _load(tmp_path, ACME + "http_listen: 0.0.0.0:8080\n", {"CARGOHOLD_EXTERNAL_URL": "https://registry.example.com/"})
+    settings = _load(
+        tmp_path, ACME + "http_listen: 0.0.0.0:8080\n", {"CARGOHOLD_EXTERNAL_URL": "https://registry.example.com/"}
+    )
     acme = settings.tls.acme
     assert acme is not None and acme.domains == ["registry.example.com"]
     assert acme.directory == "https://acme-v02.api.letsencrypt.org/directory"
@@ -47,7 +49,10 @@ def test_acme_settings_and_environment(tmp_path: Path) -> None:
         (ACME, "tls.acme needs http_listen"),
         ("http_listen: 0.0.0.0:80\n", "http_listen redirects to HTTPS"),
         ("tls:\n  cert: /c.pem\n", "tls: cert and key go together"),
-        ("tls:\n  cert: /c.pem\n  key: /k.pem\n  acme: {domains: [a.example]}\nhttp_listen: :80\n", "either cert/key files or acme"),
+        (
+            "tls:\n  cert: /c.pem\n  key: /k.pem\n  acme: {domains: [a.example]}\nhttp_listen: :80\n",
+            "either cert/key files or acme",
+        ),
         ("tls:\n  acme: {domains: [not a name]}\nhttp_listen: :80\n", "tls.acme.domains: invalid domain"),
         ("tls:\n  acme: {domains: []}\nhttp_listen: :80\n", "tls.acme.domains"),
         ("external_url: registry.example.com\n", "invalid external_url"),
@@ -79,7 +84,9 @@ async def test_plain_listener_answers_challenges_and_health_and_redirects(aiohtt
     missing = await client.get("/.well-known/acme-challenge/other")
     assert missing.status == 404 and (await missing.json())["errors"][0]["code"] == "UNSUPPORTED"
     assert (await client.get("/health")).status == 200
-    moved = await client.get("/v2/library/alpine/manifests/3?x=1", headers={"Host": "mirror.example:80"}, allow_redirects=False)
+    moved = await client.get(
+        "/v2/library/alpine/manifests/3?x=1", headers={"Host": "mirror.example:80"}, allow_redirects=False
+    )
     assert moved.status == 308
     assert moved.headers["Location"] == "https://mirror.example:8443/v2/library/alpine/manifests/3?x=1"
 

@@ -10,7 +10,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from rig.tree import snapshot
 
 from cargohold.cli import main
 from cargohold.nodesetup import (
@@ -21,6 +20,7 @@ from cargohold.nodesetup import (
     hosts_toml,
     registries_conf,
 )
+from rig.tree import snapshot
 
 MIRROR = "http://10.96.0.50:5000"
 DEAD = "http://127.0.0.1:9"  # tests' fallback: nothing leaves loopback

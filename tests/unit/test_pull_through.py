@@ -18,9 +18,12 @@ from cargohold.config import Settings
 BLOB = b"layer-bytes" * 100_000
 BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
 MANIFEST = json.dumps(
-    {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-     "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": BLOB_DIGEST, "size": len(BLOB)},
-     "layers": []}
+    {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": BLOB_DIGEST, "size": len(BLOB)},
+        "layers": [],
+    }
 ).encode()
 MANIFEST_DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
 
@@ -40,8 +43,13 @@ def fake_hub(counts: Counter) -> web.Application:
         counts[f"{request.method} manifest"] += 1
         if request.match_info["ref"] not in ("latest", MANIFEST_DIGEST):
             return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
-        return web.Response(body=MANIFEST, headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json",
-                                                   "Docker-Content-Digest": MANIFEST_DIGEST})
+        return web.Response(
+            body=MANIFEST,
+            headers={
+                "Content-Type": "application/vnd.oci.image.manifest.v1+json",
+                "Docker-Content-Digest": MANIFEST_DIGEST,
+            },
+        )
 
     async def blob(request: web.Request) -> web.StreamResponse:
         authorized(request)
@@ -51,7 +59,7 @@ def fake_hub(counts: Counter) -> web.Application:
         response = web.StreamResponse(headers={"Content-Length": str(len(BLOB))})
         await response.prepare(request)
         for i in range(0, len(BLOB), 65536):
-            await response.write(BLOB[i:i + 65536])
+            await response.write(BLOB[i : i + 65536])
             await asyncio.sleep(0.001)
         return response
 
@@ -68,7 +76,10 @@ async def mirror(tmp_path: Path):
     hub = TestServer(fake_hub(counts), host="127.0.0.1")
     await hub.start_server()
     settings = Settings.model_validate(
-        {"data_dir": str(tmp_path), "upstreams": [{"name": "docker.io", "url": str(hub.make_url("")), "tag_ttl": "10m"}]}
+        {
+            "data_dir": str(tmp_path),
+            "upstreams": [{"name": "docker.io", "url": str(hub.make_url("")), "tag_ttl": "10m"}],
+        }
     )
     client = TestClient(TestServer(build_app(settings), host="127.0.0.1"))
     await client.start_server()

@@ -37,9 +37,15 @@ def test_s3_and_redis_from_the_environment() -> None:
         ({"CARGOHOLD_STORAGE__BACKEND": "s3"}, "storage: backend s3 needs an s3 section"),
         ({"CARGOHOLD_STORAGE__BACKEND": "gcs"}, "storage.backend"),
         ({"CARGOHOLD_STORAGE__S3__BUCKET": "ab"}, "storage.s3.bucket"),
-        ({"CARGOHOLD_STORAGE__S3__BUCKET": "abc", "CARGOHOLD_STORAGE__S3__ENDPOINT_URL": "minio:9000"}, "invalid endpoint_url"),
+        (
+            {"CARGOHOLD_STORAGE__S3__BUCKET": "abc", "CARGOHOLD_STORAGE__S3__ENDPOINT_URL": "minio:9000"},
+            "invalid endpoint_url",
+        ),
         ({"CARGOHOLD_STORAGE__S3__BUCKET": "abc", "CARGOHOLD_STORAGE__S3__ACCESS_KEY_ID": "k"}, "go together"),
-        ({"CARGOHOLD_STORAGE__S3__BUCKET": "abc", "CARGOHOLD_STORAGE__S3__REGON": "x"}, "storage.s3.regon: unknown key"),
+        (
+            {"CARGOHOLD_STORAGE__S3__BUCKET": "abc", "CARGOHOLD_STORAGE__S3__REGON": "x"},
+            "storage.s3.regon: unknown key",
+        ),
         ({"CARGOHOLD_INDEX__URL": "postgres://db"}, "index.url: invalid url"),
         ({"CARGOHOLD_INDEX__LEASE": "0s"}, "index.lease"),
     ],

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 from blobmirror import s3_fixture  # noqa: F401 - a fixture
-from rig.s3 import S3Server
 
 from cargohold.cache.s3store import open_s3_store
 from cargohold.cache.store import BlobStore, FsBlobStore, RemoteBlob
 from cargohold.config import S3Config
 from cargohold.digests import Digest
+from rig.s3 import S3Server
 
 
 @pytest.fixture(params=["filesystem", "s3"])
@@ -37,13 +37,14 @@ def _digest(data: bytes) -> Digest:
 async def _size(found: Path | RemoteBlob | None) -> int | None:
     if found is None:
         return None
-    return found.stat().st_size if isinstance(found, Path) else found.size
+    return (await asyncio.to_thread(found.stat)).st_size if isinstance(found, Path) else found.size
 
 
 async def _bytes(found: Path | RemoteBlob) -> bytes:
     if isinstance(found, Path):
-        return found.read_bytes()
-    chunks = await found.chunks(0, found.size)
+        return await asyncio.to_thread(found.read_bytes)
+    remote: RemoteBlob = found  # ruff's ASYNC240 does not narrow the union: it would take chunks() for Path's
+    chunks = await remote.chunks(0, remote.size)
     assert chunks is not None
     return b"".join([chunk async for chunk in chunks])
 

@@ -81,9 +81,9 @@ def test_international_names_are_compared_as_idna_a_labels() -> None:
     listed.check("https://auth.ss.example/token")
     assert _refused(listed, "https://auth.ß.example/token")["realm_host"] == "auth.xn--zca.example"
     # A look-alike (Cyrillic і and о) is another host.
-    assert _refused(_policy("https://registry-1.docker.io"), "https://auth.docker.\u0456\u043e/token")["realm_host"] == (
-        "auth.docker.xn--n1a1c"
-    )
+    assert _refused(_policy("https://registry-1.docker.io"), "https://auth.docker.\u0456\u043e/token")[
+        "realm_host"
+    ] == ("auth.docker.xn--n1a1c")
 
 
 def test_realm_ports_default_upstreams_own_or_listed() -> None:
@@ -105,7 +105,9 @@ def test_realm_ports_default_upstreams_own_or_listed() -> None:
     plain.check("http://registry.example.com:5001/token")
     _refused(plain, "http://auth.example.com:5001/token")
     # token_realms may name a port: that host on that port (only), besides the usual ports elsewhere.
-    listed = _policy("https://registry.example.com", ["auth.example.net:5001", "*.tokens.example.net", "id.example.org"])
+    listed = _policy(
+        "https://registry.example.com", ["auth.example.net:5001", "*.tokens.example.net", "id.example.org"]
+    )
     listed.check("https://auth.example.net:5001/token")
     _refused(listed, "https://auth.example.net/token")
     _refused(listed, "https://auth.example.net:5002/token")
@@ -117,7 +119,9 @@ def test_realm_ports_default_upstreams_own_or_listed() -> None:
 
 def test_token_realms_config_takes_host_port() -> None:
     upstream = {"name": "r.test", "url": "https://registry.example.com"}
-    config = Settings.model_validate({"upstreams": [{**upstream, "token_realms": ["Auth.Example.net:5001", "*.x.test:1"]}]})
+    config = Settings.model_validate(
+        {"upstreams": [{**upstream, "token_realms": ["Auth.Example.net:5001", "*.x.test:1"]}]}
+    )
     assert config.upstreams[0].token_realms == ["auth.example.net:5001", "*.x.test:1"]
     for bad in ("auth.example.net:abc", "auth.example.net:", "https://auth.example.net", "auth.example.net:123456"):
         with pytest.raises((ConfigError, ValueError)):

@@ -59,8 +59,9 @@ def test_refresh_tokens_expire_and_need_an_expiry(tmp_path: Path) -> None:
     with pytest.raises(ExpiredToken):
         tokens.verify_refresh(old)
     now = int(time.time())  # as issued before refresh tokens had an expiry
-    ageless = jwt.encode({"iss": "cargohold", "sub": "alice", "aud": REFRESH_AUDIENCE, "iat": now, "pwd": "fp"},
-                         key, algorithm="ES256")
+    ageless = jwt.encode(
+        {"iss": "cargohold", "sub": "alice", "aud": REFRESH_AUDIENCE, "iat": now, "pwd": "fp"}, key, algorithm="ES256"
+    )
     with pytest.raises(InvalidToken) as refused:
         tokens.verify_refresh(ageless)
     assert not isinstance(refused.value, ExpiredToken)

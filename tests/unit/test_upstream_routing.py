@@ -20,7 +20,12 @@ from cargohold.upstream.routes import Router, compile_globs
 
 UPSTREAMS = [
     {"name": "docker.io", "url": "https://registry-1.docker.io", "hosts": ["hub.mirror.test"]},
-    {"name": "ghcr.io", "url": "https://ghcr.io", "hosts": ["ghcr.mirror.test"], "repositories": ["acme/*", "tools/**"]},
+    {
+        "name": "ghcr.io",
+        "url": "https://ghcr.io",
+        "hosts": ["ghcr.mirror.test"],
+        "repositories": ["acme/*", "tools/**"],
+    },
     {"name": "registry.k8s.io", "url": "https://registry.k8s.io", "hosts": ["k8s.mirror.test:8443"]},
 ]
 
@@ -83,8 +88,15 @@ def test_token_realms_default_to_the_upstreams_own_domain() -> None:
     hub = _policy("https://registry-1.docker.io")
     hub.check("https://auth.docker.io/token")
     hub.check("https://registry-1.docker.io/token")
-    for bad in ("https://evil.example/token", "https://docker.io.evil.example/t", "http://auth.docker.io/token",
-                "ftp://auth.docker.io/", "/token", "https://169.254.169.254/latest", "https://hub.docker.io/token"):
+    for bad in (
+        "https://evil.example/token",
+        "https://docker.io.evil.example/t",
+        "http://auth.docker.io/token",
+        "ftp://auth.docker.io/",
+        "/token",
+        "https://169.254.169.254/latest",
+        "https://hub.docker.io/token",
+    ):
         with pytest.raises(UpstreamInvalid):
             hub.check(bad)
     ghcr = _policy("https://ghcr.io")  # two labels: no parent domain (never all of .io)
@@ -136,16 +148,16 @@ def test_config_checks_hosts_globs_and_default(tmp_path: Path) -> None:
         "  - {name: docker.io, url: 'https://registry-1.docker.io', hosts: [a.test]}\n"
         "  - {name: ghcr.io, url: 'https://ghcr.io', hosts: [A.test]}\n"
     )
-    with pytest.raises(ConfigError, match="repeated: a.test"):
+    with pytest.raises(ConfigError, match=r"repeated: a\.test"):
         load_settings(config, environ={})
     config.write_text("upstreams:\n  - {name: docker.io, url: 'https://x.test', repositories: ['Lib/*']}\n")
-    with pytest.raises(ConfigError, match="upstreams.0.repositories"):
+    with pytest.raises(ConfigError, match=r"upstreams\.0\.repositories"):
         load_settings(config, environ={})
     config.write_text("upstreams:\n  - {name: docker.io, url: 'https://x.test', hosts: ['http://a.test']}\n")
-    with pytest.raises(ConfigError, match="upstreams.0.hosts"):
+    with pytest.raises(ConfigError, match=r"upstreams\.0\.hosts"):
         load_settings(config, environ={})
     config.write_text("default_upstream: quay.io\nupstreams:\n  - {name: ghcr.io, url: 'https://ghcr.io'}\n")
-    with pytest.raises(ConfigError, match="default_upstream 'quay.io'"):
+    with pytest.raises(ConfigError, match=r"default_upstream 'quay\.io'"):
         load_settings(config, environ={})
     config.write_text(
         "default_upstream: quay.io\n"
@@ -173,8 +185,12 @@ async def test_a_realm_on_a_foreign_host_gets_no_request_and_no_credentials(tmp_
     upstream = TestServer(_app("/v2/team/app/manifests/{ref}", manifest), host="127.0.0.1")
     await upstream.start_server()
     settings = Settings.model_validate(
-        {"data_dir": str(tmp_path), "upstreams": [
-            {"name": "docker.io", "url": str(upstream.make_url("")), "username": "u", "password": "secret"}]}
+        {
+            "data_dir": str(tmp_path),
+            "upstreams": [
+                {"name": "docker.io", "url": str(upstream.make_url("")), "username": "u", "password": "secret"}
+            ],
+        }
     )
     client = TestClient(TestServer(build_app(settings), host="127.0.0.1"))
     await client.start_server()

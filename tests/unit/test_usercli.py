@@ -24,7 +24,9 @@ def _run(monkeypatch: pytest.MonkeyPatch, stdin: str, *args: str) -> int:
     return main(list(args))
 
 
-def test_user_lifecycle(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_user_lifecycle(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     c = ["--config", str(config)]
     assert _run(monkeypatch, "first\n", "user", "add", "alice", "--password-stdin", *c) == 0
     assert _run(monkeypatch, "pw", "user", "add", "bob", "--password-stdin", *c) == 0
@@ -45,14 +47,18 @@ def test_user_lifecycle(config: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     assert capsys.readouterr().out == "alice\n"
 
 
-def test_prompted_password_must_match(config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prompted_password_must_match(
+    config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     answers = iter(["one", "two"])
     monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
     assert _run(monkeypatch, "", "user", "add", "alice", "--config", str(config)) == 1
     assert "do not match" in capsys.readouterr().err
 
 
-def test_config_without_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_without_auth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     plain = tmp_path / "plain.yml"
     plain.write_text("listen: 127.0.0.1:5000\n")
     assert _run(monkeypatch, "pw", "user", "add", "alice", "--password-stdin", "--config", str(plain)) == 1

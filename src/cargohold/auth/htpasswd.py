@@ -80,8 +80,8 @@ def parse(text: str, source: str) -> tuple[dict[str, bytes], list[str]]:
     """User -> bcrypt hash, and one problem line per entry that cannot be used (naming the line)."""
     users: dict[str, bytes] = {}
     problems: list[str] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         user, sep, hashed = line.partition(":")

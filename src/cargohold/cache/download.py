@@ -198,7 +198,9 @@ class Download:
             if self.size is not None and self.written != self.size:
                 raise UpstreamInvalid("upstream sent a blob of the wrong length", {"digest": str(self.digest)})
             if hasher.hexdigest() != self.digest.hex:
-                raise UpstreamInvalid("upstream sent a blob that does not match its digest", {"digest": str(self.digest)})
+                raise UpstreamInvalid(
+                    "upstream sent a blob that does not match its digest", {"digest": str(self.digest)}
+                )
             self.size = self.written
             # Proven content: readers may send the last byte now, not after the fsync below
             # (a 256 MiB fsync takes seconds); their shared descriptor survives the rename.
@@ -216,10 +218,12 @@ class Download:
         except asyncio.CancelledError as exc:
             self._fail(exc)
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure ends this download: its waiters get it from _fail
             self._fail(exc)
             if response is not None:
-                log.warning("download of %s failed after %d bytes: %s", self.digest, self.written, exc or type(exc).__name__)
+                log.warning(
+                    "download of %s failed after %d bytes: %s", self.digest, self.written, exc or type(exc).__name__
+                )
         finally:
             self.finished = True
             self._notify()
@@ -267,7 +271,9 @@ class Download:
         self._store.commit(self.temp, self.digest)
 
     def _too_large(self) -> UpstreamInvalid:
-        return UpstreamInvalid("upstream blob is larger than max_blob_size", {"digest": str(self.digest), "limit": self.limit})
+        return UpstreamInvalid(
+            "upstream blob is larger than max_blob_size", {"digest": str(self.digest), "limit": self.limit}
+        )
 
     async def _reserve(self, incoming: int) -> None:
         """Room for a blob of unknown size, a step ahead of `incoming` bytes: in the cache (evicting

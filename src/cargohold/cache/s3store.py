@@ -168,7 +168,7 @@ class S3BlobStore(Spool):
         pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.config.bucket, Prefix=root)
         async for page in pages:
             for item in page.get("Contents", []):
-                algorithm, _, rest = item["Key"][len(root):].partition("/")
+                algorithm, _, rest = item["Key"][len(root) :].partition("/")
                 try:
                     yield Digest.parse(f"{algorithm}:{rest.rpartition('/')[2]}"), int(item["Size"])
                 except DigestInvalid:
@@ -188,12 +188,21 @@ class OwnThreadResolver(AbstractResolver):
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-dns")
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         infos = await asyncio.get_running_loop().run_in_executor(
             self._pool, lambda: socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
         )
         return [
-            ResolveResult(hostname=host, host=str(address[0]), port=int(address[1]), family=kind, proto=proto, flags=socket.AI_NUMERICHOST)
+            ResolveResult(
+                hostname=host,
+                host=str(address[0]),
+                port=int(address[1]),
+                family=kind,
+                proto=proto,
+                flags=socket.AI_NUMERICHOST,
+            )
             for kind, _, proto, _, address in infos
             if kind in (socket.AF_INET, socket.AF_INET6)
         ]
@@ -219,7 +228,10 @@ async def open_s3_store(config: S3Config, root: Path) -> AsyncIterator[S3BlobSto
     async with session.create_client(
         "s3",
         endpoint_url=config.endpoint_url,
-        region_name=config.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        region_name=config.region
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1",
         aws_access_key_id=config.access_key_id,
         aws_secret_access_key=secret,
         config=client_config,

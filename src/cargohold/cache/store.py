@@ -79,10 +79,7 @@ class Spool:
         return fd, Path(name)
 
     def discard(self, temp: Path) -> None:
-        try:
-            temp.unlink()
-        except FileNotFoundError:
-            pass
+        temp.unlink(missing_ok=True)
 
     def pin(self, digest: Digest) -> Pin:
         """Mark a blob as being read by this process; eviction leaves pinned blobs alone."""

@@ -11,6 +11,7 @@ import re
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from yarl import URL
 
 from cargohold.auth.service import Auth
@@ -121,7 +122,7 @@ def _authorize(request: web.Request, auth: Auth, who: Identity, grant: Grant | N
 
 
 @web.middleware
-async def authenticate(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Replace the anonymous Identity with the authenticated one; refuse before anything else runs."""
     auth = request.app.get(AUTH)
     if auth is None or request.path in OPEN_PATHS:

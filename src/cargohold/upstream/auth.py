@@ -132,7 +132,7 @@ class TokenCache:
                 if resp.status != 200:
                     raise UpstreamUnavailable(f"token service of {self._name} answered {resp.status}", detail)
                 body = await read_bounded(resp, MAX_TOKEN_RESPONSE, f"token response of {self._name}", detail)
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             why = cause(exc)
             log.warning("token service of %s (%s) failed: %s", self._name, where(exc, realm), why)
             error = UpstreamTimeout if isinstance(exc, asyncio.TimeoutError) else UpstreamUnavailable

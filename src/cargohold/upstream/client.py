@@ -188,7 +188,7 @@ class UpstreamClient:
             started = time.monotonic()
             try:
                 resp = await self._authorized(method, self.base + path, scope, dict(headers or {}), timeout, params)
-            except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ForbiddenAddress):
                     raise self._refused(where(exc, self.base), str(exc.os_error)) from None
                 timed_out = isinstance(exc, asyncio.TimeoutError)

@@ -87,7 +87,7 @@ def normal_host(host: str) -> str:
     """`host` as compared here: yarl's encoding (lower case, IDNA A-labels, what aiohttp connects
     to), without a trailing dot (the same name to DNS). ValueError for a host yarl refuses."""
     encoded = URL.build(scheme="https", host=host).raw_host or ""
-    return encoded[:-1] if encoded.endswith(".") else encoded
+    return encoded.removesuffix(".")
 
 
 def _matches(host: str, pattern: str) -> bool:
@@ -150,7 +150,9 @@ class HostPolicy:
             url, host = URL(), ""
         schemes = ("https",) if self._https else ("http", "https")
         if not host or url.scheme not in schemes:
-            raise UpstreamInvalid(f"upstream {self._name} named an unusable {self._what}", {self._what.split()[-1]: target[:200]})
+            raise UpstreamInvalid(
+                f"upstream {self._name} named an unusable {self._what}", {self._what.split()[-1]: target[:200]}
+            )
         if host == self._host and self._any_own_port:
             return
         usual = (DEFAULT_PORTS[url.scheme], self._port)

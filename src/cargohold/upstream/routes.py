@@ -78,9 +78,7 @@ class Router:
         if upstream.name == DOCKER_HUB and "/" not in name:
             name = "library/" + name
         if not self._allowed[upstream.name].fullmatch(name):
-            raise NameUnknown(
-                "repository is not served by this mirror", {"registry": upstream.name, "name": name}
-            )
+            raise NameUnknown("repository is not served by this mirror", {"registry": upstream.name, "name": name})
         return Target(upstream, name, namespace)
 
     def _by_host_header(self, host: str | None) -> UpstreamClient | None:
