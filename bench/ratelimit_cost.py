@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from cargohold.config import load_settings
 from cargohold.identity import Identity
-from cargohold.mediatypes import FULL_ACCEPT
+from cargohold.oci.mediatypes import FULL_ACCEPT
 from cargohold.ratelimit.limiter import Kind, RateLimiter
 from cargohold.ratelimit.memory import MovingWindowMemory
 from rig.hub import Hub

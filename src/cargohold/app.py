@@ -34,7 +34,7 @@ from cargohold.sync.schedule import Scheduler
 from cargohold.sync.state import redis_of
 from cargohold.tasks import Tasks
 from cargohold.upstream.client import UpstreamClient
-from cargohold.upstream.routes import Router
+from cargohold.upstream.routing import Router
 
 log = logging.getLogger("cargohold.app")
 
@@ -79,9 +79,8 @@ async def _supervise(app: web.Application) -> AsyncIterator[None]:
 async def _pull_through(app: web.Application) -> AsyncIterator[None]:
     """Storage, index, upstream sessions and the proxy, opened at start and closed at shutdown."""
     settings = app[SETTINGS]
-    async with open_backends(settings) as backends:
-        async with _serving(app, backends):
-            yield
+    async with open_backends(settings) as backends, _serving(app, backends):
+        yield
 
 
 @contextlib.asynccontextmanager

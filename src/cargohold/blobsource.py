@@ -23,7 +23,6 @@ from aiohttp.abc import AbstractStreamWriter
 
 from cargohold.cache.download import Download, DownloadFailed
 from cargohold.cache.store import Pin, RemoteBlob
-from cargohold.digests import Digest
 from cargohold.errors import StorageUnavailable, UpstreamInvalid
 from cargohold.handlers.sending import (
     blob_headers,
@@ -34,6 +33,7 @@ from cargohold.handlers.sending import (
     send_file,
     write_all,
 )
+from cargohold.oci.digests import Digest
 
 Span = tuple[int, int] | None
 

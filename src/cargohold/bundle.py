@@ -29,15 +29,15 @@ from typing import IO, Any
 import aiohttp
 
 from cargohold.cache.backends import Backends, open_backends
-from cargohold.cache.refs import Child, references
-from cargohold.cachecli import base_url, client_session
+from cargohold.cli.cache import base_url, client_session
 from cargohold.config import Settings
-from cargohold.digests import Digest, looks_like_digest
 from cargohold.errors import RegistryError
 from cargohold.handlers.status import human
-from cargohold.imagename import ImageName, parse_image
-from cargohold.mediatypes import FULL_ACCEPT, OCI_INDEX, media_type_of
-from cargohold.names import check_name, check_tag
+from cargohold.oci.digests import Digest, looks_like_digest
+from cargohold.oci.imagename import ImageName, parse_image
+from cargohold.oci.mediatypes import FULL_ACCEPT, OCI_INDEX, media_type_of
+from cargohold.oci.names import check_name, check_tag
+from cargohold.oci.refs import Child, references
 from cargohold.pull.referrers import referrers_index, tag_schema_tag
 
 REF_NAME = "org.opencontainers.image.ref.name"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import re
-from fnmatch import fnmatchcase
 from collections.abc import Mapping
+from fnmatch import fnmatchcase
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any, Literal

@@ -11,7 +11,7 @@ from cargohold.proxy import PullThrough
 from cargohold.ratelimit.limiter import RateLimiter
 from cargohold.sync.schedule import Scheduler
 from cargohold.tasks import Tasks
-from cargohold.upstream.routes import Target
+from cargohold.upstream.routing import Target
 
 SETTINGS = web.AppKey("settings", Settings)
 PROXY = web.AppKey("proxy", PullThrough)

@@ -12,10 +12,10 @@ from cargohold.cache.download import Download, Downloads
 from cargohold.cache.index import Index
 from cargohold.cache.peers import Lease, Peers
 from cargohold.cache.store import BlobStore, RemoteBlob
-from cargohold.digests import Digest, looks_like_digest
 from cargohold.errors import StorageUnavailable
 from cargohold.flight import SingleFlight
-from cargohold.names import check_tag
+from cargohold.oci.digests import Digest, looks_like_digest
+from cargohold.oci.names import check_tag
 from cargohold.pull.links import Kind, Links
 from cargohold.pull.manifests import Head, Manifest, Manifests
 from cargohold.pull.referrers import Referrers, ReferrersAnswer
@@ -23,7 +23,7 @@ from cargohold.pull.tags import Tags
 from cargohold.tasks import Tasks
 from cargohold.upstream.offline import OfflineRepository
 from cargohold.upstream.repository import Repository, TagList
-from cargohold.upstream.routes import Router, Target
+from cargohold.upstream.routing import Router, Target
 
 
 def _source(target: Target) -> tuple[str, str]:

@@ -91,8 +91,10 @@ async def _load(srv: Cargohold, im: I.Image, connections: int, pulls: int) -> No
             started = time.monotonic()
             await asyncio.gather(*(_pull(session, srv.url, im) for _ in range(8)))
             rounds.append(time.monotonic() - started)
-    print(f"\n{connections} connections: 8 parallel pulls per round, rounds took "
-          f"{min(rounds) * 1000:.0f}-{max(rounds) * 1000:.0f} ms (reported, not asserted)")
+    print(
+        f"\n{connections} connections: 8 parallel pulls per round, rounds took "
+        f"{min(rounds) * 1000:.0f}-{max(rounds) * 1000:.0f} ms (reported, not asserted)"
+    )
 
     # Idle and slowloris connections are closed by the server, not kept forever.
     closed = await asyncio.gather(
@@ -114,7 +116,7 @@ async def _load(srv: Cargohold, im: I.Image, connections: int, pulls: int) -> No
 
 
 @pytest.mark.parametrize(
-    "connections,pulls,workers",
+    ("connections", "pulls", "workers"),
     [
         pytest.param(200, 3, 1, id="200 connections"),
         pytest.param(1000, 10, 1, id="1000 connections", marks=pytest.mark.soak),

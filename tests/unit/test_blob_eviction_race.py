@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from blobmirror import KeepAlive, Upstream, mirror, server_log_fixture  # noqa: F401 - a fixture
 
-from cargohold.digests import Digest
 from cargohold.keys import PROXY
+from cargohold.oci.digests import Digest
 
 
 async def test_a_hit_removed_before_it_is_opened_is_fetched_again(

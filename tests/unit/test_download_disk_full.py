@@ -18,7 +18,7 @@ import cargohold.cache.download as download_module
 from cargohold.cache.download import CHUNK, MEMORY_WINDOW, Downloads
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import FsBlobStore
-from cargohold.digests import Digest
+from cargohold.oci.digests import Digest
 from cargohold.tasks import Tasks
 
 BLOB = os.urandom(MEMORY_WINDOW * 2 + 12345)

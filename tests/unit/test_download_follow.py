@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from cargohold.cache.download import Downloads
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import FsBlobStore
-from cargohold.digests import Digest
+from cargohold.oci.digests import Digest
 from cargohold.tasks import Tasks
 
 BLOB = bytes(range(256)) * 12_000  # 3 MiB: several chunks

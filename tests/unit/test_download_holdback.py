@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from cargohold.cache.download import Download, DownloadFailed, Downloads
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import FsBlobStore
-from cargohold.digests import Digest
+from cargohold.oci.digests import Digest
 from cargohold.tasks import Tasks
 
 BLOB = bytes(range(256)) * 8_192  # 2 MiB

@@ -12,7 +12,7 @@ from cargohold.cache.evict import evict, repair
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import FsBlobStore
 from cargohold.config import ConfigError, load_settings, parse_size
-from cargohold.digests import Digest
+from cargohold.oci.digests import Digest
 
 
 async def _filled(tmp_path: Path, ages: dict[bytes, float]) -> tuple[SqliteIndex, FsBlobStore, dict[bytes, Digest]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from cargohold.cache.filelocks import FileLocks
 from cargohold.cache.peers import Lease
 from cargohold.cache.store import FsBlobStore
-from cargohold.digests import Digest
+from cargohold.oci.digests import Digest
 
 DIGEST = Digest.of(b"a layer", "sha256")
 

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from cargohold.app import build_app
 from cargohold.config import Settings
-from cargohold.mediatypes import FULL_ACCEPT
+from cargohold.oci.mediatypes import FULL_ACCEPT
 
 MT = "application/vnd.oci.image.manifest.v1+json"
 CONFIG = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": "sha256:" + "a" * 64, "size": 1}

@@ -13,7 +13,7 @@ from cargohold.cache.index import SqliteIndex, TagRow
 from cargohold.cache.pins import pin_matches, resolve_pins
 from cargohold.cache.store import FsBlobStore
 from cargohold.cli import main
-from cargohold.digests import Digest
+from cargohold.oci.digests import Digest
 
 A, B, C = (f"sha256:{c * 64}" for c in "abc")
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -17,9 +17,9 @@ import pytest
 
 from cargohold.cache.index import Index, SqliteIndex
 from cargohold.cache.store import BlobStore, FsBlobStore
-from cargohold.digests import Digest
 from cargohold.errors import ManifestUnknown, UpstreamUnavailable
-from cargohold.mediatypes import DOCKER_MANIFEST, FULL_ACCEPT, OCI_INDEX, OCI_MANIFEST, parse_accept
+from cargohold.oci.digests import Digest
+from cargohold.oci.mediatypes import DOCKER_MANIFEST, FULL_ACCEPT, OCI_INDEX, OCI_MANIFEST, parse_accept
 from cargohold.pull.links import Links
 from cargohold.pull.manifests import Manifests
 from cargohold.pull.tags import Tags

@@ -20,9 +20,9 @@ from cargohold.cache.download import Downloads
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import FsBlobStore
 from cargohold.config import UpstreamConfig
-from cargohold.digests import Digest
 from cargohold.errors import UpstreamRateLimited
-from cargohold.mediatypes import FULL_ACCEPT, OCI_MANIFEST
+from cargohold.oci.digests import Digest
+from cargohold.oci.mediatypes import FULL_ACCEPT, OCI_MANIFEST
 from cargohold.tasks import Tasks
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.mirrors import ContentMirrors, mirror_config

@@ -13,7 +13,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from cargohold.config import UpstreamConfig
-from cargohold.digests import Digest
 from cargohold.errors import (
     BlobUnknown,
     ManifestUnknown,
@@ -22,7 +21,8 @@ from cargohold.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from cargohold.mediatypes import FULL_ACCEPT, OCI_MANIFEST
+from cargohold.oci.digests import Digest
+from cargohold.oci.mediatypes import FULL_ACCEPT, OCI_MANIFEST
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.repository import MAX_MANIFEST, Descriptor, Repository
 

@@ -15,7 +15,7 @@ from blobmirror import s3_fixture  # noqa: F401 - a fixture
 from cargohold.cache.s3store import open_s3_store
 from cargohold.cache.store import BlobStore, FsBlobStore, RemoteBlob
 from cargohold.config import S3Config
-from cargohold.digests import Digest
+from cargohold.oci.digests import Digest
 from rig.s3 import S3Server
 
 

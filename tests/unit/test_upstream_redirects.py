@@ -13,7 +13,7 @@ from aiohttp import web
 
 from cargohold.config import UpstreamConfig
 from cargohold.errors import UpstreamInvalid
-from cargohold.mediatypes import (
+from cargohold.oci.mediatypes import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     DOCKER_SCHEMA1_SIGNED,

@@ -16,7 +16,7 @@ from cargohold.config import ConfigError, Settings, UpstreamConfig, load_setting
 from cargohold.errors import NameUnknown, UpstreamInvalid
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.realms import RealmPolicy
-from cargohold.upstream.routes import Router, compile_globs
+from cargohold.upstream.routing import Router, compile_globs
 
 UPSTREAMS = [
     {"name": "docker.io", "url": "https://registry-1.docker.io", "hosts": ["hub.mirror.test"]},

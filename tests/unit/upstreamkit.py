@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from cargohold.app import build_app
 from cargohold.config import Settings
-from cargohold.mediatypes import OCI_MANIFEST
+from cargohold.oci.mediatypes import OCI_MANIFEST
 
 CONFIG = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": "sha256:" + "a" * 64, "size": 2}
 MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": CONFIG, "layers": []}).encode()

@@ -36,8 +36,8 @@ import aiohttp
 
 from cargohold.cache.index import Index
 from cargohold.cache.store import BlobStore
-from cargohold.digests import Digest
 from cargohold.errors import UpstreamInvalid
+from cargohold.oci.digests import Digest
 from cargohold.tasks import Tasks
 
 log = logging.getLogger("cargohold.cache")

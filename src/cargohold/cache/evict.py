@@ -18,8 +18,8 @@ from cargohold.cache.index import Index, Stored
 from cargohold.cache.pins import Pinned, resolve_pins
 from cargohold.cache.store import BlobStore
 from cargohold.config import CacheConfig
-from cargohold.digests import Digest
-from cargohold.mediatypes import media_type_of
+from cargohold.oci.digests import Digest
+from cargohold.oci.mediatypes import media_type_of
 
 log = logging.getLogger("cargohold.evict")
 

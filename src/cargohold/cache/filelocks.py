@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 
 from cargohold.cache.peers import Lease, Peers
-from cargohold.digests import Digest
 from cargohold.errors import StorageUnavailable
+from cargohold.oci.digests import Digest
 
 log = logging.getLogger("cargohold.peers")
 

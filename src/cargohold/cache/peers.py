@@ -25,8 +25,8 @@ import redis.asyncio as redis
 
 from cargohold.cache.download import Download
 from cargohold.cache.store import BlobStore, RemoteBlob
-from cargohold.digests import Digest
 from cargohold.errors import StorageUnavailable
+from cargohold.oci.digests import Digest
 
 log = logging.getLogger("cargohold.peers")
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from cargohold.cache.index import Index, TagRow
-from cargohold.cache.refs import references
 from cargohold.cache.store import BlobStore
-from cargohold.digests import Digest
+from cargohold.oci.digests import Digest
+from cargohold.oci.refs import references
 
 
 @dataclass(frozen=True, slots=True)

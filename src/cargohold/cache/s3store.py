@@ -28,8 +28,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from cargohold.cache.store import Spool
 from cargohold.config import S3Config
-from cargohold.digests import Digest
 from cargohold.errors import DigestInvalid, StorageUnavailable
+from cargohold.oci.digests import Digest
 
 log = logging.getLogger("cargohold.s3")
 

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from cargohold.digests import Digest
 from cargohold.errors import DigestInvalid
+from cargohold.oci.digests import Digest
 
 log = logging.getLogger("cargohold.cache")
 

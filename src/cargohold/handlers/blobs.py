@@ -7,11 +7,11 @@ import re
 
 from aiohttp import ETag, hdrs, web
 
-from cargohold.digests import Digest
 from cargohold.errors import RangeInvalid, RegistryError
 from cargohold.handlers.sending import blob_headers
 from cargohold.handlers.target import proxy_of, target_of
 from cargohold.keys import CACHE, SETTINGS
+from cargohold.oci.digests import Digest
 
 # One byte range: `first-last`, `first-` or the suffix `-length` (several ranges are not supported).
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")

@@ -6,7 +6,7 @@ from aiohttp import hdrs, web
 
 from cargohold.handlers.target import proxy_of, target_of
 from cargohold.keys import CACHE
-from cargohold.mediatypes import parse_accept
+from cargohold.oci.mediatypes import parse_accept
 from cargohold.upstream.repository import Descriptor
 
 # Sent by `cargohold warm`: nobody waits for this pull, so it may be deferred (upstream/quota.py).

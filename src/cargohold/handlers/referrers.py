@@ -7,11 +7,11 @@ import re
 from aiohttp import web
 from yarl import URL
 
-from cargohold.digests import Digest
 from cargohold.errors import BadRequest
 from cargohold.handlers.target import proxy_of, target_of
 from cargohold.keys import CACHE
-from cargohold.mediatypes import OCI_INDEX
+from cargohold.oci.digests import Digest
+from cargohold.oci.mediatypes import OCI_INDEX
 
 # Query parameters of ours; the rest is the page query of a Link we gave, passed on to upstream.
 OURS = frozenset({"ns", "artifactType"})

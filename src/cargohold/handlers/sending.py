@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from cargohold.cache.download import CHUNK
-from cargohold.digests import Digest
+from cargohold.oci.digests import Digest
 
 log = logging.getLogger("cargohold.blobs")
 STALLED = "cutting off a client of %s: it took no piece of the blob within send_timeout"

@@ -12,11 +12,11 @@ from aiohttp import web
 
 from cargohold import __version__
 from cargohold.cache.index import TagMove, TagRow
-from cargohold.digests import Digest
 from cargohold.errors import StorageUnavailable
 from cargohold.identity import IDENTITY
 from cargohold.keys import AUTH, METRICS, PROXY, SETTINGS, SYNC
 from cargohold.metrics import UpstreamState
+from cargohold.oci.digests import Digest
 from cargohold.sync.state import EntryState
 from cargohold.upstream.quota import QuotaFigures
 

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from cargohold.keys import PROXY, TARGET
 from cargohold.proxy import PullThrough
-from cargohold.upstream.routes import Target
+from cargohold.upstream.routing import Target
 
 
 def proxy_of(request: web.Request) -> PullThrough:

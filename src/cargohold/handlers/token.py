@@ -61,9 +61,7 @@ def _auth_of(request: web.Request) -> Auth:
     return auth
 
 
-def _access(
-    request: web.Request, auth: Auth, proof: Proof | None, scopes: Iterable[str]
-) -> tuple[str, list[Scope]]:
+def _access(request: web.Request, auth: Auth, proof: Proof | None, scopes: Iterable[str]) -> tuple[str, list[Scope]]:
     """An access token for what the client (None: anonymous) asked and may have, and what it grants.
 
     It is bound to the password hash that was checked, as refresh tokens are: a user removed and

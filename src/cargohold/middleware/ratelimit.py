@@ -6,9 +6,9 @@ from __future__ import annotations
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
-from cargohold.digests import looks_like_digest
 from cargohold.identity import IDENTITY
 from cargohold.keys import METRICS, RATE_LIMITER
+from cargohold.oci.digests import looks_like_digest
 from cargohold.ratelimit.limiter import Kind, too_many
 
 # Health checks must answer however busy a client is.

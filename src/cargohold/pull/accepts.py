@@ -10,7 +10,7 @@ import hashlib
 import time
 
 from cargohold.flight import SingleFlight
-from cargohold.mediatypes import takes_everything
+from cargohold.oci.mediatypes import takes_everything
 from cargohold.pull.links import Links
 from cargohold.pull.manifests import Head, Manifest, Manifests, answerable
 from cargohold.pull.recent import Recent

@@ -6,9 +6,9 @@ import logging
 from typing import Literal
 
 from cargohold.cache.index import Index
-from cargohold.digests import Digest
 from cargohold.flight import SingleFlight
-from cargohold.mediatypes import FULL_ACCEPT
+from cargohold.oci.digests import Digest
+from cargohold.oci.mediatypes import FULL_ACCEPT
 from cargohold.tasks import Tasks
 from cargohold.upstream.repository import Remote
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from cargohold.cache.download import is_disk_full
 from cargohold.cache.index import Index
 from cargohold.cache.store import BlobStore
-from cargohold.digests import Digest
 from cargohold.flight import SingleFlight
-from cargohold.mediatypes import FULL_ACCEPT, KNOWN
+from cargohold.oci.digests import Digest
+from cargohold.oci.mediatypes import FULL_ACCEPT, KNOWN
 from cargohold.pull.links import Links
 from cargohold.pull.recent import RecentBytes
 from cargohold.tasks import Tasks

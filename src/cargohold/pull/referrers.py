@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cargohold.digests import Digest
 from cargohold.errors import ManifestUnknown, UpstreamError, UpstreamInvalid
 from cargohold.flight import SingleFlight
-from cargohold.mediatypes import OCI_INDEX
+from cargohold.oci.digests import Digest
+from cargohold.oci.mediatypes import OCI_INDEX
 from cargohold.pull.recent import Recent
 from cargohold.pull.tags import Tags
 from cargohold.tasks import Tasks

@@ -21,10 +21,10 @@ from dataclasses import replace
 
 from cargohold.cache.index import Index, TagEntry
 from cargohold.config import UpstreamConfig
-from cargohold.digests import Digest
 from cargohold.errors import ManifestUnknown, UpstreamError
 from cargohold.flight import SingleFlight
-from cargohold.mediatypes import FULL_ACCEPT, KNOWN, accepts, takes_everything
+from cargohold.oci.digests import Digest
+from cargohold.oci.mediatypes import FULL_ACCEPT, KNOWN, accepts, takes_everything
 from cargohold.pull.accepts import OtherAccepts
 from cargohold.pull.links import Links
 from cargohold.pull.manifests import Head, Manifest, Manifests, answerable, head_of

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cargohold.config import Settings, SyncEntry
-from cargohold.imagename import parse_image
+from cargohold.oci.imagename import parse_image
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,15 +12,15 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from fnmatch import fnmatchcase
 
-from cargohold.cache.refs import Child, references
 from cargohold.config import Settings, SyncEntry
-from cargohold.digests import Digest
 from cargohold.errors import RegistryError, UpstreamError
+from cargohold.oci.digests import Digest
+from cargohold.oci.refs import Child, references
 from cargohold.proxy import PullThrough, remote_of
 from cargohold.sync.entries import Wanted, wanted_images
 from cargohold.sync.state import EntryState
 from cargohold.upstream.repository import Remote
-from cargohold.upstream.routes import Target
+from cargohold.upstream.routing import Target
 
 log = logging.getLogger("cargohold.sync")
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from cargohold.config import UpstreamConfig
-from cargohold.digests import Digest
+from cargohold.oci.digests import Digest
 from cargohold.pull.recent import Recent
 
 if TYPE_CHECKING:

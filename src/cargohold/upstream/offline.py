@@ -13,8 +13,8 @@ from typing import NoReturn
 
 import aiohttp
 
-from cargohold.digests import Digest
 from cargohold.errors import BlobUnknown, ManifestUnknown, NameUnknown, RegistryError
+from cargohold.oci.digests import Digest
 from cargohold.upstream.repository import Descriptor, Referrers, TagList
 
 OFFLINE = "the mirror is offline: only cached content is served"

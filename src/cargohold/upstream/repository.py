@@ -16,7 +16,6 @@ from typing import Protocol
 
 import aiohttp
 
-from cargohold.digests import Digest, looks_like_digest
 from cargohold.errors import (
     BlobUnknown,
     ManifestUnknown,
@@ -26,7 +25,8 @@ from cargohold.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from cargohold.mediatypes import OCI_INDEX, media_type_of, validate_manifest
+from cargohold.oci.digests import Digest, looks_like_digest
+from cargohold.oci.mediatypes import OCI_INDEX, media_type_of, validate_manifest
 from cargohold.upstream.bodies import read_bounded
 from cargohold.upstream.client import Pull, UpstreamClient
 

@@ -24,12 +24,12 @@ import aiohttp
 from cargohold.cache.backends import open_backends
 from cargohold.cache.evict import evict
 from cargohold.cache.pins import Pinned, closure, resolve_pins
-from cargohold.cache.refs import Child, references
 from cargohold.config import Settings, parse_duration, parse_size, split_host_port
-from cargohold.digests import Digest
 from cargohold.handlers.status import human
-from cargohold.imagename import ImageName, parse_image
-from cargohold.mediatypes import FULL_ACCEPT
+from cargohold.oci.digests import Digest
+from cargohold.oci.imagename import ImageName, parse_image
+from cargohold.oci.mediatypes import FULL_ACCEPT
+from cargohold.oci.refs import Child, references
 from cargohold.sync.entries import sync_pins
 
 WARM_PARALLEL = 4

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from cargohold.config import DOCKER_HUB
 from cargohold.errors import NameUnknown
-from cargohold.names import check_name
+from cargohold.oci.names import check_name
 from cargohold.upstream.client import UpstreamClient
 
 

@@ -16,7 +16,7 @@ from typing import TextIO
 from cargohold.cache.backends import open_backends
 from cargohold.cache.download import Downloads
 from cargohold.cache.index import Index
-from cargohold.cachecli import _when, config_option
+from cargohold.cli.cache import _when, config_option
 from cargohold.config import Settings
 from cargohold.proxy import PullThrough
 from cargohold.sync.run import Syncer
@@ -24,7 +24,7 @@ from cargohold.sync.schedule import Scheduler, summary
 from cargohold.sync.state import EntryState, held, load, redis_of
 from cargohold.tasks import Tasks
 from cargohold.upstream.client import UpstreamClient
-from cargohold.upstream.routes import Router
+from cargohold.upstream.routing import Router
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

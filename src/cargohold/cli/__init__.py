@@ -8,10 +8,12 @@ import os
 import resource
 import sys
 
-from cargohold import __version__, cachecli, nodesetup, synccli
+from cargohold import __version__, nodesetup
+from cargohold.cli import cache as cachecli
+from cargohold.cli import sync as synccli
+from cargohold.cli.user import UserCommandError, add_user_commands, run_user_command
 from cargohold.config import ConfigError, Settings, load_settings
 from cargohold.logs import setup_logging
-from cargohold.usercli import UserCommandError, add_user_commands, run_user_command
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cargohold.config import DOCKER_HUB, Settings
-from cargohold.upstream.routes import _is_registry_host
+from cargohold.upstream.routing import _is_registry_host
 
 
 @dataclass(frozen=True, slots=True)
