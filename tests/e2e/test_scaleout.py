@@ -230,9 +230,13 @@ def test_a_failing_bucket_or_redis_answers_503_in_oci_json(
     (s3 if failing == "bucket" else redis).stop()
     for path in (f"manifests/{im.tag}", f"blobs/{im.layers[0].digest}"):
         answer = http_request("GET", f"{a.url}/v2/{im.repo}/{path}", headers={"Accept": I.ACCEPT_ALL})
+        if failing == "bucket" and path.startswith("manifests/"):
+            # A hot manifest's bytes are kept in memory (the index still holds it): served with the bucket down.
+            assert answer.status == 200 and answer.body == im.manifest
+            continue
         assert answer.status == 503, answer.body
         assert answer.json()["errors"][0]["code"] == "UNAVAILABLE"  # type: ignore[index]
-    assert ("s3 get_object of" if failing == "bucket" else "index (redis) get_tag failed") in a.log_text()
+    assert ("s3 head_object of" if failing == "bucket" else "index (redis) get_tag failed") in a.log_text()
     ready = http_request("GET", f"{a.url}/ready")
     assert ready.status == 503
     assert ready.json()["checks"]["store" if failing == "bucket" else "index"] != "ok"  # type: ignore[index]
