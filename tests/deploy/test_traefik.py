@@ -31,6 +31,7 @@ from deployrig import (
     wait_healthy,
 )
 
+from cargohold.auth.logins import ADDRESS_FACTOR
 from rig.certs import peer_certificate
 from rig.clients import Dockerd
 from rig.hub import Hub
@@ -135,9 +136,10 @@ def test_a_256_mib_layer_through_traefik(
 
 def test_client_address_comes_from_traefik_and_only_from_it(behind: BehindTraefik) -> None:
     # Wrong passwords from 127.0.0.2 (under new names, so only the address adds up) until the
-    # failed-login limit of its address (ip:127.0.0.2, 10 per window) refuses it.
-    statuses = [behind.get("127.0.0.2", basic(f"guess{i}", "wrong"))[0] for i in range(11)]
-    assert statuses == [401] * 10 + [429]
+    # failed-login limit of its address (ADDRESS_FACTOR times the per-login 10 per window) refuses it.
+    limit = 10 * ADDRESS_FACTOR
+    statuses = [behind.get("127.0.0.2", basic(f"guess{i}", "wrong"))[0] for i in range(limit + 1)]
+    assert statuses == [401] * limit + [429]
     logs = behind.container.logs()
     assert "failed login for user 'guess0' from 127.0.0.2" in logs
     assert re.search(r"^.*127\.0\.0\.2 - GET /v2/ 429 ", logs, re.MULTILINE)  # the access log names the client
