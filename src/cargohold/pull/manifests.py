@@ -69,9 +69,12 @@ class Manifests:
     async def get(self, remote: Remote, digest: Digest) -> Manifest:
         entry = await self._index.get_manifest(str(digest))
         if entry is not None:
-            body = self._bodies.get(digest) or await self._store.load(digest)
+            body = self._bodies.get(digest)
+            if body is None:
+                body = await self._store.load(digest)
+                if body is not None:
+                    self._bodies.put(digest, body)
             if body is not None:
-                self._bodies.put(digest, body)
                 await self._links.confirm(remote, digest, "manifests")
                 self._index.touch("manifests", str(digest))
                 return Manifest(Descriptor(digest, entry.media_type, len(body)), body, "hit")
