@@ -48,7 +48,6 @@ class PullThrough:
         self.index = index
         self.downloads = downloads
         self.peers = peers
-        self.tasks = tasks
         self.links = Links(index, tasks)
         self.blobs = Blobs(store, index, downloads, self.links, tasks, peers)
         self.manifests = Manifests(store, index, self.links, tasks)
