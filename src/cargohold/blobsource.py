@@ -166,8 +166,20 @@ class Follower(BlobSource):
     what is left written chunk by chunk. Each reader pins the blob while it reads (`Download.read`)."""
 
     def __init__(self, download: Download) -> None:
+        """Use `of`: a follower holds the download's read descriptor from the start."""
         super().__init__(download.digest, download.size, "miss")
         self._download = download
+
+    @classmethod
+    def of(cls, download: Download) -> Follower | None:
+        """A follower holding the download's read descriptor open until it closes; None when the download
+        has already ended and let it go (the blob is in the store then, or the download failed). Call it
+        as soon as the download is found: a download that ends with no follower lets its descriptor go."""
+        return cls(download) if download.attach() else None
+
+    async def close(self) -> None:
+        await super().close()
+        self._download.detach()
 
     async def _send_body(self, request: web.Request, span: Span, timeout: float) -> web.StreamResponse:
         download = self._download

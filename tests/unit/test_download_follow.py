@@ -108,6 +108,32 @@ async def test_follower_keeps_a_verified_body_when_the_commit_fails(tmp_path: Pa
         await index.close()
 
 
+async def test_a_shutdown_during_the_commit_leaves_the_commit_its_file(tmp_path: Path, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Shutdown cancels a download whose commit job (a worker thread) is running. The job owns the
+    descriptor and the temp file: closing them under it could close another file's descriptor
+    (EBADF seen in CI), and removing the temp file lost the verified blob."""
+    store = GatedStore(tmp_path)
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    tasks = Tasks()
+    downloads = Downloads(store, index, tasks)
+    try:
+        download = await downloads.join(DIGEST, upstream)
+        await asyncio.wait_for(asyncio.to_thread(store.committing.wait, 30), 30)
+        await tasks.close()  # as at shutdown: the download is cancelled mid-commit
+        assert download.finished and isinstance(download.error, asyncio.CancelledError)
+        store.gate.set()
+        for _ in range(3000):
+            if store.local_path(DIGEST) is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert store.local_path(DIGEST).read_bytes() == BLOB  # type: ignore[union-attr]
+        assert list(store.tmp.iterdir()) == []
+    finally:
+        store.gate.set()
+        await tasks.close()
+        await index.close()
+
+
 async def test_an_upstream_of_tiny_chunks_is_cached_whole(tmp_path: Path) -> None:
     """Thousands of 512-byte HTTP chunks: batches stay within what one writev takes (IOV_MAX)."""
 

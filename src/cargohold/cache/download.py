@@ -207,8 +207,12 @@ class Download:
             self.verified = True
             self._notify()
             if self.spill_from is None:
+                assert self.temp is not None  # a cached download has its temp file
+                # The commit job owns the descriptor and the temp file from here: a shutdown that
+                # cancels this download meanwhile must not close or remove them under it.
+                owned, self._fd, self.temp = (self._fd, self.temp), -1, None
                 try:
-                    await loop.run_in_executor(None, self._commit)
+                    await asyncio.shield(loop.run_in_executor(None, self._commit, *owned))
                 except OSError as exc:
                     if not is_disk_full(exc):
                         raise
@@ -263,12 +267,17 @@ class Download:
             if done:
                 views[0] = views[0][done:]
 
-    def _commit(self) -> None:
-        assert self.temp is not None  # only a download that is still cached commits
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
-        self._store.commit(self.temp, self.digest)
+    def _commit(self, fd: int, temp: Path) -> None:
+        """Fsync and move the temp file into the store (on a worker thread); on failure both go."""
+        try:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._store.commit(temp, self.digest)
+        except BaseException:
+            self._store.discard(temp)
+            raise
 
     def _too_large(self) -> UpstreamInvalid:
         return UpstreamInvalid(
@@ -351,6 +360,19 @@ class Download:
     def _notify(self) -> None:
         self._progress.set()
         self._progress.clear()
+
+    def attach(self) -> bool:
+        """Keep the shared read descriptor open for a reader to come, until `detach`. False when the
+        download has ended with no reader left: it has let its descriptor go (the blob is in the store,
+        or it failed), so whoever found it here must look there instead."""
+        if self.finished and self._readers == 0:
+            return False
+        self._readers += 1
+        return True
+
+    def detach(self) -> None:
+        self._readers -= 1
+        self._close_read_fd_if_unused()
 
     def _close_read_fd_if_unused(self) -> None:
         if self.finished and self._readers == 0 and self._read_fd >= 0:

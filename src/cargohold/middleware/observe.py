@@ -22,6 +22,8 @@ log = logging.getLogger("cargohold.server")
 access = logging.getLogger("cargohold.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# The status the access log shows for a client that went away before its answer was out (as nginx).
+CLIENT_GONE = 499
 
 
 def _as_registry_error(exc: web.HTTPException) -> web.Response:
@@ -43,15 +45,30 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[IDENTITY] = Identity(client_address(request, request.app[SETTINGS].rate_limit.trusted_proxies))
     try:
         return await handler(request)
-    except RegistryError as exc:
-        return exc.response()
-    except web.HTTPException as exc:
-        return _as_registry_error(exc)
-    except (asyncio.CancelledError, ConnectionResetError):
+    except asyncio.CancelledError:
         raise
-    except Exception:
-        log.exception("request %s %s failed (rid=%s)", request.method, mask_secrets(request.path), request[REQUEST_ID])
-        return error_response(500, "UNKNOWN", "internal error", {"request_id": request[REQUEST_ID]})
+    except Exception as exc:  # noqa: BLE001 - the one place where a failure becomes an answer
+        answer = _answer(request, exc)
+    # A response on its way already (an error now would be read as the rest of its body), or a client
+    # gone: cutting the connection is the only signal left. aiohttp then fails to send `answer`
+    # quietly and access-logs it.
+    if (request.writer.output_size or answer.status == CLIENT_GONE) and request.transport is not None:
+        request.transport.abort()
+    return answer
+
+
+def _answer(request: web.Request, exc: Exception) -> web.StreamResponse:
+    if isinstance(exc, RegistryError):
+        return exc.response()
+    if isinstance(exc, web.HTTPException):
+        return _as_registry_error(exc)
+    if isinstance(exc, ConnectionResetError):  # the client went away before its answer was out
+        log.debug("client went away: %s %s: %s", request.method, mask_secrets(request.path), exc)
+        return web.Response(status=CLIENT_GONE)
+    log.error(
+        "request %s %s failed (rid=%s)", request.method, mask_secrets(request.path), request[REQUEST_ID], exc_info=exc
+    )
+    return error_response(500, "UNKNOWN", "internal error", {"request_id": request[REQUEST_ID]})
 
 
 async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -77,14 +77,32 @@ class Blobs:
             found: Path | RemoteBlob | Download = await self._join(remote, digest)
         else:
             found = await self._peer_fetches.run(str(digest), lambda: self._fetch_among_peers(remote, digest))
-        if not isinstance(found, Download) or found.source != (remote.upstream, remote.repository):
-            await self._links.confirm(remote, digest, "blobs")
         if isinstance(found, Download):
-            return Follower(found)
+            follower = Follower.of(found)  # at once, before any await: see `Follower.of`
+            if follower is not None:
+                return await self._confirmed(remote, follower, found.source)
+            landed = await self._store.locate(digest)  # it ended before it could be followed: landed, or failed
+            if landed is None:
+                if refetch:
+                    return await self._fetch_blob(remote, digest, refetch=False)
+                raise StorageUnavailable("blob download ended while joining it; try again", {"digest": str(digest)})
+            found = landed
+        await self._links.confirm(remote, digest, "blobs")
         source = await self._cached(remote, digest, found, refetch=refetch)
         if source is None:  # landed by another replica and gone again at once: the client's retry finds it
             raise StorageUnavailable("blob moved in the cache while being served; try again", {"digest": str(digest)})
         return source
+
+    async def _confirmed(self, remote: Remote, follower: Follower, source: object) -> Follower:
+        """The follower, once the blob is confirmed for the asking repository when it is fetched through
+        another one; closed (its hold on the download let go) if that fails."""
+        if source != (remote.upstream, remote.repository):
+            try:
+                await self._links.confirm(remote, follower.digest, "blobs")
+            except BaseException:
+                await follower.close()
+                raise
+        return follower
 
     async def _join(self, remote: Remote, digest: Digest) -> Download:
         return await self._downloads.join(
@@ -120,7 +138,7 @@ class Blobs:
         if active is not None and active.size is not None:
             if active.source != (remote.upstream, remote.repository):
                 await self._links.confirm(remote, digest, "blobs")
-            return Follower(active)
+            return Described(digest, active.size)
         described = await remote.head_blob(digest)
         await self._links.add(remote, str(digest))
         return Described(digest, described.size)
