@@ -161,6 +161,11 @@ class BucketObject(BlobSource):
                 return response
 
 
+def failure_of(download: Download) -> UpstreamInvalid:
+    """What a client of a failed download is told when none of the body has gone out yet."""
+    return UpstreamInvalid(f"upstream blob failed: {download.error}", {"digest": str(download.digest)})
+
+
 class Follower(BlobSource):
     """A blob being downloaded now, sent as it arrives: sendfile for what is on disk (plain TCP), then
     what is left written chunk by chunk. Each reader pins the blob while it reads (`Download.read`)."""
@@ -190,7 +195,7 @@ class Follower(BlobSource):
                 async for _ in download.read(start, end):  # no bytes: returns once verified
                     pass
             except DownloadFailed:
-                raise UpstreamInvalid(f"upstream blob failed: {download.error}", {"digest": str(self.digest)}) from None
+                raise failure_of(download) from None
         writer = await response.prepare(request)
         try:
             return await send_body(

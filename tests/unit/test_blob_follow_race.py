@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from blobmirror import KeepAlive, Upstream, mirror, server_log_fixture  # noqa: F401 - a fixture
+from blobmirror import KeepAlive, Upstream, digest_of, mirror, server_log_fixture  # noqa: F401 - a fixture
 
 from cargohold.cache.download import Download, Downloads
 from cargohold.keys import PROXY
@@ -88,4 +88,27 @@ async def test_a_download_that_ended_before_it_was_followed_is_served_from_the_s
         answer = await conn.request(f"/v2/library/app/blobs/{digest}")
         assert answer.status == 200 and answer.body == data
         await srv.settled()
+        assert upstream.gets == 1
+
+
+async def test_a_download_that_failed_before_it_was_followed_is_an_error_not_a_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server_log: Callable[[], str]
+) -> None:
+    """The upstream sent bytes that do not match the digest, and the download ended before its joiner
+    could follow it: the client is told so (502), and the upstream is not asked again at once."""
+    upstream = Upstream()
+    data = os.urandom(64 << 10)
+    digest = digest_of(b"what the upstream should have sent")
+    upstream.blobs[digest] = data
+    join = Downloads.join
+
+    async def join_late(self: Downloads, *args: object, **kwargs: object) -> Download:
+        download = await join(self, *args, **kwargs)  # type: ignore[arg-type]
+        await _ended(self, download)
+        return download
+
+    monkeypatch.setattr(Downloads, "join", join_late)
+    async with mirror(tmp_path, upstream) as srv, KeepAlive.open(srv.port) as conn:
+        answer = await conn.request(f"/v2/library/app/blobs/{digest}")
+        assert answer.status == 502 and b"does not match its digest" in answer.body
         assert upstream.gets == 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
-from cargohold.blobsource import BlobSource, BucketObject, Described, Follower, LocalFile
+from cargohold.blobsource import BlobSource, BucketObject, Described, Follower, LocalFile, failure_of
 from cargohold.cache.download import Download, Downloads
 from cargohold.cache.index import Index
 from cargohold.cache.peers import Lease, Peers
@@ -81,7 +81,9 @@ class Blobs:
             follower = Follower.of(found)  # at once, before any await: see `Follower.of`
             if follower is not None:
                 return await self._confirmed(remote, follower, found.source)
-            landed = await self._store.locate(digest)  # it ended before it could be followed: landed, or failed
+            if found.error is not None and not found.verified:  # it failed before it could be followed
+                raise failure_of(found)
+            landed = await self._store.locate(digest)  # it landed before it could be followed
             if landed is None:
                 if refetch:
                     return await self._fetch_blob(remote, digest, refetch=False)
