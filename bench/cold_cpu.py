@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench.load import Auth
-from bench.scenarios import _auth, load
+from bench.scenarios import client_spec, load
 from bench.systems import CargoholdSystem, Nginx, NginxRelay, NginxSystem, System, Upstream, cpu_seconds, process_tree
 from rig.hub import Hub
 from rig.images import big_image
@@ -81,9 +81,7 @@ def main() -> None:
                     time.sleep(0.5)  # let a restarted mirror settle
                     mirror = system.pids()
                     before = (time.process_time(), cpu_seconds(hub_pids), _children_cpu(), cpu_seconds(mirror))
-                    result = load(
-                        {"op": "pull", "base": system.url, "repo": big.repo, "ref": big.tag, "auth": _auth(system)}
-                    )
+                    result = load({"op": "pull", "repo": big.repo, "ref": big.tag, **client_spec(system)})
                     after = (time.process_time(), cpu_seconds(hub_pids), _children_cpu(), cpu_seconds(mirror))
                     front, hub_cpu, client, used = (b - a for a, b in zip(before, after, strict=True))
                     mbs = result["bytes"] / result["seconds"] / 1e6

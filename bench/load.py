@@ -3,7 +3,8 @@
 The runner starts this module as its own process (`python -m bench.load SPEC_JSON`, result as JSON
 on stdout), so the clients never compete for a GIL with the rig's hub, which runs on a thread of
 the runner. Bodies are read with `readinto` into one reused buffer per client: the client costs
-about a kernel copy per byte, the same for every system measured.
+about a kernel copy per byte, the same for every system measured. Over HTTPS (a `base` of
+`https://...`) the same client reads through an ssl-wrapped socket that trusts the spec's `cafile`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import ssl
 import sys
 import threading
 import time
@@ -61,13 +63,27 @@ def scope_of(path: str) -> str:
     return f"repository:{name}:pull"
 
 
+def tls_context(cafile: str | None) -> ssl.SSLContext | None:
+    """The client context trusting cafile (the bench's test CA), made once per load run: loading it
+    per connection would count in the figures. None without a cafile (plain HTTP)."""
+    return ssl.create_default_context(cafile=cafile) if cafile else None
+
+
+def connect(url: str, tls: ssl.SSLContext | None, timeout: float) -> http.client.HTTPConnection:
+    """An unopened connection to the origin of url: HTTPS (verified with tls) when its scheme says so."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(host, parts.port or 443, timeout=timeout, context=tls)
+    return http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
+
+
 class Client:
     """One keep-alive connection to one server, speaking the registry's auth dance."""
 
-    def __init__(self, base_url: str, auth: Auth, tokens: Tokens) -> None:
-        parts = urllib.parse.urlsplit(base_url)
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
+    def __init__(self, base_url: str, auth: Auth, tokens: Tokens, tls: ssl.SSLContext | None = None) -> None:
+        self.base_url = base_url
+        self.tls = tls
         self.auth = auth
         self.tokens = tokens
         self.buffer = bytearray(BUFFER)
@@ -105,7 +121,7 @@ class Client:
         query = urllib.parse.urlencode({"service": params.get("service", ""), "scope": scope})
         realm = urllib.parse.urlsplit(params["realm"])
         token_headers = {"Authorization": self.auth.basic()} if self.auth.user else {}
-        conn = http.client.HTTPConnection(realm.hostname or "127.0.0.1", realm.port or 80, timeout=60)
+        conn = connect(params["realm"], self.tls, timeout=60)
         try:
             conn.request("GET", f"{realm.path}?{query}", headers=token_headers)
             resp = conn.getresponse()
@@ -124,7 +140,7 @@ class Client:
     ) -> tuple[int, http.client.HTTPMessage, bytes, int]:
         for attempt in range(2):  # a kept-alive connection the server closed: one reconnect
             if self._conn is None:
-                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
+                self._conn = connect(self.base_url, self.tls, timeout=120)
             try:
                 self._conn.request("GET", path, headers=headers)
                 resp = self._conn.getresponse()
@@ -181,12 +197,15 @@ def _together(n: int, work: Callable[[int], int], *, tolerate: bool = False) -> 
     return sum(results), seconds, len(errors)
 
 
-def read_blob(base: str, path: str, *, clients: int = 1, repeat: int = 1, auth: Auth = Auth()) -> dict[str, float]:
+def read_blob(
+    base: str, path: str, *, clients: int = 1, repeat: int = 1, auth: Auth = Auth(), cafile: str | None = None
+) -> dict[str, float]:
     """`clients` connections at once, each reading `path` `repeat` times: bytes and wall time."""
     tokens = Tokens()
+    tls = tls_context(cafile)
 
     def work(_: int) -> int:
-        client = Client(base, auth, tokens)
+        client = Client(base, auth, tokens, tls)
         try:
             client.get("/v2/")  # the auth dance happens here, outside the reads that count
             total = 0
@@ -202,9 +221,9 @@ def read_blob(base: str, path: str, *, clients: int = 1, repeat: int = 1, auth: 
     return {"bytes": total, "seconds": seconds}
 
 
-def _pull(base: str, repo: str, ref: str, auth: Auth, tokens: Tokens, parallel: int) -> int:
+def _pull(base: str, repo: str, ref: str, auth: Auth, tokens: Tokens, parallel: int, tls: ssl.SSLContext | None) -> int:
     """What `docker pull` does on the wire: the manifest, then config and layers `parallel` at a time."""
-    client = Client(base, auth, tokens)
+    client = Client(base, auth, tokens, tls)
     try:
         status, body, _ = client.get(f"/v2/{repo}/manifests/{ref}", {"Accept": ACCEPT_ALL}, keep=True)
         _expect_ok(status, f"manifest {repo}:{ref}", body)
@@ -217,7 +236,7 @@ def _pull(base: str, repo: str, ref: str, auth: Auth, tokens: Tokens, parallel: 
 
     def fetch(blob: dict[str, Any]) -> int:
         if not hasattr(local, "client"):
-            local.client = Client(base, auth, tokens)
+            local.client = Client(base, auth, tokens, tls)
             opened.append(local.client)
         client: Client = local.client
         status, body, n = client.get(f"/v2/{repo}/blobs/{blob['digest']}")
@@ -235,21 +254,30 @@ def _pull(base: str, repo: str, ref: str, auth: Auth, tokens: Tokens, parallel: 
 
 
 def pull(
-    base: str, repo: str, ref: str, *, clients: int = 1, parallel: int = 3, auth: Auth = Auth(), tolerate: bool = False
+    base: str,
+    repo: str,
+    ref: str,
+    *,
+    clients: int = 1,
+    parallel: int = 3,
+    auth: Auth = Auth(),
+    tolerate: bool = False,
+    cafile: str | None = None,
 ) -> dict[str, float]:
     """`clients` pullers of repo:ref at once (1 = a plain pull, 20 = a herd): bytes, wall time and
     how many pulls failed (only with `tolerate`; else a failure is an error)."""
     tokens = Tokens()
+    tls = tls_context(cafile)
     total, seconds, failed = _together(
-        clients, lambda _: _pull(base, repo, ref, auth, tokens, parallel), tolerate=tolerate
+        clients, lambda _: _pull(base, repo, ref, auth, tokens, parallel, tls), tolerate=tolerate
     )
     return {"bytes": total, "seconds": seconds, "failed": failed}
 
 
-def token(base: str, repo: str, auth: Auth) -> str:
+def token(base: str, repo: str, auth: Auth, cafile: str | None = None) -> str:
     """A Bearer token for pulling repo from base, by the same dance the clients do."""
     tokens = Tokens()
-    client = Client(base, Auth("bearer", auth.user, auth.password), tokens)
+    client = Client(base, Auth("bearer", auth.user, auth.password), tokens, tls_context(cafile))
     try:
         status, body, _ = client.get(f"/v2/{repo}/manifests/latest", {"Accept": ACCEPT_ALL}, keep=True)
         _expect_ok(status, "token dance", body)

@@ -1,7 +1,7 @@
 """`python -m bench.run [--runs N] [--quick] [--json FILE]`: every scenario through every system, one table.
 
 Starts the rig's hub, pushes the bench images, starts nginx serving files, the replaced stack
-and cargohold, runs the scenarios `--runs` times (systems side by side within each run) and
+and cargohold (and, for the HTTPS scenarios, nginx `ssl` and cargohold `tls`), runs the scenarios `--runs` times (systems side by side within each run) and
 prints medians with ratios and the issue's targets. Everything listens on 127.0.0.1.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 import aiohttp
 
 from bench.report import CARGOHOLD, REPLACED, Results
-from bench.scenarios import CARGOHOLD_2, METRICS, SCENARIOS, Bench, Options
-from bench.systems import CargoholdSystem, NginxFile, NginxRelay, ReplacedStack, System, Upstream
+from bench.scenarios import CARGOHOLD_2, HTTPS_SCENARIOS, METRICS, SCENARIOS, Bench, Options
+from bench.systems import CargoholdSystem, NginxFile, NginxRelay, ReplacedStack, ServerTls, System, Upstream
 from rig.hub import Hub
 from rig.images import Image, big_image, make_image, make_layer, simple_image
 
@@ -68,6 +68,14 @@ def _push_images(hub: Hub, opts: Options, cache: Path) -> tuple[Image, Image, di
     return big, warm, herds
 
 
+def _files(workdir: Path, hub: Hub, big: Image, warm: Image, tls: ServerTls | None = None) -> NginxFile:
+    """nginx serving the big layer and the warm manifest as files, at their registry paths."""
+    files = NginxFile(workdir, tls)
+    files.publish(f"/v2/{big.repo}/blobs/{big.layers[-1].digest}", hub.blob_path(big.layers[-1].digest))
+    files.publish(f"/v2/{warm.repo}/manifests/{warm.tag}", warm.manifest)
+    return files
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one run: a smoke test of the bench itself")
@@ -103,16 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         with Hub(workdir / "hub") as hub:
             print(f"pushing images (big layer {opts.layer_mib} MiB) ...", flush=True)
             big, warm, herds = _push_images(hub, opts, workdir / "images")
-            files = NginxFile(workdir / "nginx-file")
-            systems.append(files)
-            files.publish(f"/v2/{big.repo}/blobs/{big.layers[-1].digest}", hub.blob_path(big.layers[-1].digest))
-            files.publish(f"/v2/{warm.repo}/manifests/{warm.tag}", warm.manifest)
+            systems.append(_files(workdir / "nginx-file", hub, big, warm))
             systems.append(NginxRelay(workdir / "nginx-relay", hub.url))
             systems.append(ReplacedStack(workdir / "replaced", hub.url))
             systems.append(CargoholdSystem(workdir / "cargohold", hub.url))
             systems.append(CargoholdSystem(workdir / "cargohold-2", hub.url, workers=2))
+            names = [name for name in SCENARIOS if not args.only or name in args.only]
+            if HTTPS_SCENARIOS.intersection(names):
+                tls = ServerTls.create(workdir / "tls")
+                systems.append(_files(workdir / "nginx-tls", hub, big, warm, tls))
+                systems.append(CargoholdSystem(workdir / "cargohold-tls", hub.url, tls=tls))
+                systems.append(CargoholdSystem(workdir / "cargohold-tls-2", hub.url, workers=2, tls=tls))
             bench = Bench(hub, {s.name: s for s in [Upstream(hub), *systems]}, opts, big, warm, herds, results)
-            chosen = [SCENARIOS[name] for name in SCENARIOS if not args.only or name in args.only]
+            chosen = [SCENARIOS[name] for name in names]
             for run in range(opts.runs):
                 for scenario in chosen:
                     scenario(bench, run)

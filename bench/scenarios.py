@@ -1,7 +1,8 @@
 """The scenarios of issue 3, each run through every system it applies to, once per run.
 
 A run goes: cold pull (caches wiped first), warm blob with one client, with eight, the herd, warm
-manifests. Peak RSS is taken around scenarios 2, 3 and 4 from the processes' high-water marks.
+manifests; then the same warm reads over HTTPS (issue 15): blob with one client, with eight, manifests.
+Peak RSS is taken around scenarios 2, 3 and 4 from the processes' high-water marks.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from rig.images import ACCEPT_ALL, Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NGINX_FILE, NGINX_RELAY, UPSTREAM, IDEAL = "nginx-file", "nginx-relay", "upstream", "ideal"
 CARGOHOLD_2 = f"{CARGOHOLD} x2"  # the same with `workers: 2`
+NGINX_TLS, CARGOHOLD_TLS = "nginx-tls", f"{CARGOHOLD} tls"  # the same over HTTPS
+CARGOHOLD_TLS_2 = f"{CARGOHOLD_TLS} x2"
 RSS_LIMIT_MIB = 150
 
 
@@ -99,6 +102,27 @@ METRICS = [
         Target(f"< {RSS_LIMIT_MIB} MiB", lambda v, ref: v < RSS_LIMIT_MIB),
         1,
     ),
+    Metric("tls1", "7. warm blob over HTTPS, 1 client", "MB/s", NGINX_TLS, _at_least(0.9)),
+    Metric("tls8", "8. warm blob over HTTPS, 8 clients", "MB/s", NGINX_TLS, _at_least(0.9)),
+    Metric(
+        "manifest_tls_rps",
+        "9. warm manifest by tag over HTTPS",
+        "req/s",
+        NGINX_TLS,
+        Target(
+            ">= 12% of reference (workers: 2)",
+            lambda v, ref: ref is not None and v >= 0.12 * ref,
+            systems=CARGOHOLD_TLS_2,
+        ),
+    ),
+    Metric("manifest_tls_p99", "9. warm manifest over HTTPS p99", "ms", None, None, 1),
+    Metric(
+        "manifest_tls_upstream",
+        "9. upstream requests in the run",
+        "requests",
+        None,
+        Target("== 0", lambda v, ref: v == 0),
+    ),
 ]
 
 
@@ -122,8 +146,9 @@ def load(spec: dict[str, Any], timeout: float = 900) -> dict[str, float]:
     return result
 
 
-def _auth(system: System) -> dict[str, Any]:
-    return system.auth.__dict__
+def client_spec(system: System) -> dict[str, Any]:
+    """The load spec's part that says how to reach system: its URL, the pulls' auth, the CA to trust."""
+    return {"base": system.url, "auth": system.auth.__dict__, "cafile": system.cafile}
 
 
 def _mb_per_s(result: dict[str, float]) -> float:
@@ -148,7 +173,7 @@ def cold_pull(b: Bench, run: int) -> None:
         system.wipe()
         if system.pids():
             b.results.add("rss_idle", system.name, rss_mib(system.pids()))
-        spec = {"op": "pull", "base": system.url, "repo": b.big.repo, "ref": b.big.tag, "auth": _auth(system)}
+        spec = {"op": "pull", "repo": b.big.repo, "ref": b.big.tag, **client_spec(system)}
         cpu = cpu_seconds(system.pids())
         result, peak = _with_peak_rss(system, functools.partial(load, spec))
         b.results.add("cold", system.name, _mb_per_s(result))
@@ -160,35 +185,51 @@ def cold_pull(b: Bench, run: int) -> None:
 
 def _read_big(b: Bench, system: System, clients: int, repeat: int) -> dict[str, float]:
     path = f"/v2/{b.big.repo}/blobs/{_big_layer(b)}"
-    return load(
-        {
-            "op": "read_blob",
-            "base": system.url,
-            "path": path,
-            "clients": clients,
-            "repeat": repeat,
-            "auth": _auth(system),
-        }
-    )
+    return load({"op": "read_blob", "path": path, "clients": clients, "repeat": repeat, **client_spec(system)})
+
+
+def _read_big_once(b: Bench, run: int, names: tuple[str, ...], key: str, what: str) -> None:
+    """One client reads the cached big layer `warm_reads` times on one connection, on each system of names."""
+    for system in b.among(*names):
+        if run == 0:  # cached already after a cold pull; not when run alone (--only warm1)
+            _read_big(b, system, 1, 1)
+        mbs = _mb_per_s(_read_big(b, system, 1, b.options.warm_reads))
+        b.results.add(key, system.name, mbs)
+        b.log(f"  run {run + 1} {what} x1 {system.name:15} {mbs:9,.0f} MB/s")
+
+
+def _read_big_together(b: Bench, run: int, names: tuple[str, ...], key: str, what: str, rss_key: str | None) -> None:
+    """`warm_clients` clients read the cached big layer at once on each system of names: aggregate MB/s."""
+    clients = b.options.warm_clients
+    for system in b.among(*names):
+        result, peak = _with_peak_rss(system, functools.partial(_read_big, b, system, clients, 1))
+        b.results.add(key, system.name, _mb_per_s(result))
+        if rss_key:
+            b.results.add(rss_key, system.name, peak)
+        b.log(f"  run {run + 1} {what} x{clients} {system.name:15} {_mb_per_s(result):9,.0f} MB/s")
 
 
 def warm_blob_one(b: Bench, run: int) -> None:
     """1. One client reads the cached big layer `warm_reads` times on one connection."""
-    for system in b.among(NGINX_FILE, REPLACED, CARGOHOLD):
-        if run == 0:  # cached already after a cold pull; not when run alone (--only warm1)
-            _read_big(b, system, 1, 1)
-        mbs = _mb_per_s(_read_big(b, system, 1, b.options.warm_reads))
-        b.results.add("warm1", system.name, mbs)
-        b.log(f"  run {run + 1} warm blob x1 {system.name:15} {mbs:9,.0f} MB/s")
+    _read_big_once(b, run, (NGINX_FILE, REPLACED, CARGOHOLD), "warm1", "warm blob")
 
 
 def warm_blob_many(b: Bench, run: int) -> None:
     """2. `warm_clients` clients read the cached big layer at once: aggregate MB/s."""
-    for system in b.among(NGINX_FILE, REPLACED, CARGOHOLD):
-        result, peak = _with_peak_rss(system, functools.partial(_read_big, b, system, b.options.warm_clients, 1))
-        b.results.add("warm8", system.name, _mb_per_s(result))
-        b.results.add("rss_warm8", system.name, peak)
-        b.log(f"  run {run + 1} warm blob x{b.options.warm_clients} {system.name:15} {_mb_per_s(result):9,.0f} MB/s")
+    _read_big_together(b, run, (NGINX_FILE, REPLACED, CARGOHOLD), "warm8", "warm blob", "rss_warm8")
+
+
+def tls_blob_one(b: Bench, run: int) -> None:
+    """7. As 1, over HTTPS: nginx `ssl` serving the file against cargohold's own TLS."""
+    _read_big_once(b, run, (NGINX_TLS, CARGOHOLD_TLS), "tls1", "https blob")
+
+
+def tls_blob_many(b: Bench, run: int) -> None:
+    """8. As 2, over HTTPS (the layer is read once first on run 1, so it runs alone too)."""
+    if run == 0:
+        for system in b.among(NGINX_TLS, CARGOHOLD_TLS):
+            _read_big(b, system, 1, 1)
+    _read_big_together(b, run, (NGINX_TLS, CARGOHOLD_TLS), "tls8", "https blob", None)
 
 
 def herd(b: Bench, run: int) -> None:
@@ -199,12 +240,11 @@ def herd(b: Bench, run: int) -> None:
         b.hub.reset_counts()
         spec = {
             "op": "pull",
-            "base": system.url,
             "repo": image.repo,
             "ref": image.tag,
             "clients": b.options.herd_clients,
-            "auth": _auth(system),
             "tolerate": True,
+            **client_spec(system),
         }
         result, peak = _with_peak_rss(system, functools.partial(load, spec))
         gets = b.hub.count("GET", rf"^/v2/{re.escape(image.repo)}/blobs/")
@@ -261,21 +301,22 @@ def _manifest_variants(system: System, repo: str) -> list[tuple[str, dict[str, s
                 (system.name if len(system.auths) == 1 else f"{system.name} (basic)", {}, (auth.user, auth.password))
             )
         elif auth.mode == "bearer" and auth.user:
-            bearer = {"Authorization": f"Bearer {token(system.url, repo, auth)}"}
+            bearer = {"Authorization": f"Bearer {token(system.url, repo, auth, system.cafile)}"}
             variants.append((f"{system.name} (bearer)", bearer, None))
         else:
             variants.append((system.name, {}, None))
     return variants
 
 
-def manifests(b: Bench, run: int) -> None:
-    """5. Warm manifest by tag with `manifest_connections` keep-alive connections: req/s, p99, upstream requests."""
+def _manifest_loads(b: Bench, run: int, files: str, mirrors: tuple[str, ...], key: str, what: str) -> None:
+    """ab -k on the warm manifest by tag, against files (nginx serving the bytes) and each of mirrors
+    (its cache warmed first): `{key}_rps`, `{key}_p99`, and `{key}_upstream` for the mirrors."""
     assert b.warm.repo and b.warm.tag
     path = f"/v2/{b.warm.repo}/manifests/{b.warm.tag}"
-    for system in b.among(NGINX_FILE, REPLACED, CARGOHOLD, CARGOHOLD_2):
+    for system in b.among(files, *mirrors):
         for label, headers, basic in _manifest_variants(system, b.warm.repo):
-            if system.name != NGINX_FILE:  # warm its cache first
-                load({"op": "pull", "base": system.url, "repo": b.warm.repo, "ref": b.warm.tag, "auth": _auth(system)})
+            if system.name != files:  # warm its cache first
+                load({"op": "pull", "repo": b.warm.repo, "ref": b.warm.tag, **client_spec(system)})
             b.hub.reset_counts()
             result = ab(
                 system.url + path,
@@ -285,13 +326,23 @@ def manifests(b: Bench, run: int) -> None:
                 basic=basic,
             )
             upstream = len(b.hub.requests)
-            b.results.add("manifest_rps", label, result.rps)
-            b.results.add("manifest_p99", label, result.p99_ms)
-            if system.name != NGINX_FILE:
-                b.results.add("manifest_upstream", label, upstream)
+            b.results.add(f"{key}_rps", label, result.rps)
+            b.results.add(f"{key}_p99", label, result.p99_ms)
+            if system.name != files:
+                b.results.add(f"{key}_upstream", label, upstream)
             b.log(
-                f"  run {run + 1} manifests    {label:15} {result.rps:9,.0f} req/s p99 {result.p99_ms:.0f} ms, {upstream} upstream requests"
+                f"  run {run + 1} {what} {label:15} {result.rps:9,.0f} req/s p99 {result.p99_ms:.0f} ms, {upstream} upstream requests"
             )
+
+
+def manifests(b: Bench, run: int) -> None:
+    """5. Warm manifest by tag with `manifest_connections` keep-alive connections: req/s, p99, upstream requests."""
+    _manifest_loads(b, run, NGINX_FILE, (REPLACED, CARGOHOLD, CARGOHOLD_2), "manifest", "manifests   ")
+
+
+def manifests_tls(b: Bench, run: int) -> None:
+    """9. As 5, over HTTPS (ab speaks TLS itself): nginx `ssl` serving the bytes, cargohold tls with 1 and 2 workers."""
+    _manifest_loads(b, run, NGINX_TLS, (CARGOHOLD_TLS, CARGOHOLD_TLS_2), "manifest_tls", "https manifests")
 
 
 SCENARIOS: dict[str, Callable[[Bench, int], None]] = {
@@ -300,4 +351,8 @@ SCENARIOS: dict[str, Callable[[Bench, int], None]] = {
     "warm8": warm_blob_many,
     "herd": herd,
     "manifests": manifests,
+    "tls1": tls_blob_one,
+    "tls8": tls_blob_many,
+    "manifests_tls": manifests_tls,
 }
+HTTPS_SCENARIOS = {"tls1", "tls8", "manifests_tls"}  # the HTTPS systems are started only for these

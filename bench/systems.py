@@ -5,6 +5,8 @@
 - `ReplacedStack`: what cargohold replaces: nginx (limit_req/limit_conn set far above the load)
   in front of Debian's docker-registry in proxy mode with htpasswd (bcrypt) auth.
 - `CargoholdSystem`: cargohold itself (tests/rig/server.py).
+- Over HTTPS (`ServerTls`, a certificate for 127.0.0.1 from a throw-away CA): `NginxFile` with
+  `listen ... ssl` and `CargoholdSystem` with its own `tls` settings.
 """
 
 from __future__ import annotations
@@ -14,19 +16,43 @@ import os
 import secrets
 import shutil
 import subprocess
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import yaml
 
-from bench.load import Auth
+from bench.load import Auth, connect, tls_context
 from bench.report import CARGOHOLD
+from rig.certs import TestCA
 from rig.hub import Hub
 from rig.server import Cargohold
 from rig.util import free_port, http_request, run, start_process, stop_process, tail, wait_until
 
 USER, PASSWORD = "bench", "benchpass"
 NGINX = "/usr/sbin/nginx"
+# What cargohold's server context allows (src/cargohold/tls/context.py), so both sides negotiate alike.
+TLS_PROTOCOLS = "TLSv1.2 TLSv1.3"
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """A server certificate and key for 127.0.0.1, and the root that signed it (`cafile`, which the
+    bench's clients trust: they verify the chain as real clients do)."""
+
+    cert: Path
+    key: Path
+    cafile: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> ServerTls:
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = TestCA.create("cargohold bench root")
+        tls = cls(directory / "cert.pem", directory / "key.pem", ca.write_root(directory / "root.pem"))
+        ca.issue(tls.cert, tls.key, ["localhost"], ["127.0.0.1"])
+        return tls
 
 
 class System(Protocol):
@@ -36,6 +62,7 @@ class System(Protocol):
     url: str
     auth: Auth  # how the pulls of the scenarios authenticate
     auths: list[Auth]  # every way scenario 5 measures (one row each)
+    cafile: str | None  # the root the clients trust when `url` is HTTPS
 
     def wipe(self) -> None:
         """Forget everything cached (a restart with an empty cache)."""
@@ -114,17 +141,30 @@ def write_htpasswd(path: Path) -> Path:
 class Nginx:
     """One nginx master (workers: one per core) with every path in its own work dir."""
 
-    def __init__(self, workdir: Path, server_block: str, *, access_log: bool, http_block: str = "") -> None:
+    def __init__(
+        self, workdir: Path, server_block: str, *, access_log: bool, http_block: str = "", tls: ServerTls | None = None
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.server_block = server_block
         self.http_block = http_block
         self.access_log = access_log
+        self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def _listen(self) -> str:
+        if self.tls is None:
+            return f"    listen 127.0.0.1:{self.port};"
+        return f"""    listen 127.0.0.1:{self.port} ssl;
+    ssl_certificate {self.tls.cert};
+    ssl_certificate_key {self.tls.key};
+    ssl_protocols {TLS_PROTOCOLS};
+    ssl_ciphers {TLS12_CIPHERS};
+    ssl_prefer_server_ciphers on;"""
 
     def config(self) -> str:
         w = self.workdir
@@ -150,7 +190,7 @@ http {{
   {log}
 {self.http_block}
   server {{
-    listen 127.0.0.1:{self.port};
+{self._listen()}
 {self.server_block}
   }}
 }}
@@ -173,8 +213,9 @@ http {{
         ]
         self._proc = start_process(cmd, self.workdir / "nginx.out")
         try:
+            # Plain HTTP even to an ssl listener: nginx answers it with a 400, which says it is up.
             wait_until(
-                lambda: http_request("GET", f"{self.url}/nginx-ready", timeout=2).status > 0,
+                lambda: http_request("GET", f"http://127.0.0.1:{self.port}/nginx-ready", timeout=2).status > 0,
                 timeout=20,
                 what="nginx",
                 alive=lambda: (
@@ -203,6 +244,7 @@ class Upstream:
         self.url = hub.url
         self.auth = Auth("bearer")
         self.auths = [self.auth]
+        self.cafile: str | None = None
 
     def wipe(self) -> None:
         pass
@@ -221,13 +263,15 @@ class NginxSystem:
     url: str
     auth: Auth
     auths: list[Auth]
+    cafile: str | None = None
     nginx: Nginx
 
-    def _serve(self, workdir: Path, block: str, auth: Auth) -> None:
-        self.nginx = Nginx(workdir, block, access_log=False).start()
+    def _serve(self, workdir: Path, block: str, auth: Auth, tls: ServerTls | None = None) -> None:
+        self.nginx = Nginx(workdir, block, access_log=False, tls=tls).start()
         self.url = self.nginx.url
         self.auth = auth
         self.auths = [auth]
+        self.cafile = str(tls.cafile) if tls else None
 
     def wipe(self) -> None:
         pass
@@ -240,14 +284,14 @@ class NginxSystem:
 
 
 class NginxFile(NginxSystem):
-    """nginx serving files laid out under www/ by their registry paths: the practical limit."""
+    """nginx serving files laid out under www/ by their registry paths: the practical limit.
+    With `tls` (`nginx-tls`) over HTTPS: no sendfile then, nginx encrypts in user space like cargohold."""
 
-    name = "nginx-file"
-
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tls: ServerTls | None = None) -> None:
+        self.name = "nginx-tls" if tls else "nginx-file"
         self.www = workdir / "www"
         self.www.mkdir(parents=True, exist_ok=True)
-        self._serve(workdir, f"    root {self.www};\n    location /v2/ {{ }}", Auth())
+        self._serve(workdir, f"    root {self.www};\n    location /v2/ {{ }}", Auth(), tls)
 
     def publish(self, path: str, source: Path | bytes) -> None:
         """Serve `source` (a file, linked; or bytes) at `path`."""
@@ -283,6 +327,7 @@ class ReplacedStack:
         self.registry_port = free_port()
         self.auth = Auth("basic", USER, PASSWORD)
         self.auths = [self.auth]
+        self.cafile: str | None = None
         self._registry: subprocess.Popen[bytes] | None = None
         write_htpasswd(workdir / "htpasswd")
         self._start_registry()
@@ -357,31 +402,63 @@ class ReplacedStack:
 class CargoholdSystem:
     """cargohold with default settings (tag_ttl 10m) and logins, like the replaced stack: the bench
     user in an htpasswd file, no anonymous pulls. Pulls send Basic; scenario 5 measures Basic and
-    a Bearer token from cargohold's /token. With `workers` > 1 it is the same under the supervisor."""
+    a Bearer token from cargohold's /token. With `workers` > 1 it is the same under the supervisor;
+    with `tls` it serves HTTPS with that certificate (its `tls: {cert, key}` settings)."""
 
-    def __init__(self, workdir: Path, upstream_url: str, workers: int = 1) -> None:
-        self.name = CARGOHOLD if workers == 1 else f"{CARGOHOLD} x{workers}"
+    def __init__(self, workdir: Path, upstream_url: str, workers: int = 1, tls: ServerTls | None = None) -> None:
+        self.name = CARGOHOLD + (" tls" if tls else "") + (f" x{workers}" if workers > 1 else "")
+        self.tls = tls
         auth = {"htpasswd": str(write_htpasswd(workdir / "htpasswd")), "anonymous": False}
         # Limits off: the bench measures serving against nginx with none (its 32-connection manifest
         # run would be 429s under a preset); their cost is measured apart by bench/ratelimit_cost.py.
-        overrides = {"auth": auth, "rate_limit": {"preset": "off"}, "workers": workers}
+        overrides: dict[str, object] = {"auth": auth, "rate_limit": {"preset": "off"}, "workers": workers}
+        if tls:
+            overrides["tls"] = {"cert": str(tls.cert), "key": str(tls.key)}
         self.server = Cargohold(workdir, upstream_url, overrides=overrides, upstream={"tag_ttl": "10m"})
+        self.url = self.server.url.replace("http://", "https://", 1) if tls else self.server.url
+        self.cafile = str(tls.cafile) if tls else None
         try:
-            self.server.start()
+            self._start()
         except BaseException:
             self.server.stop()
             raise
-        self.url = self.server.url
         self.auth = Auth("basic", USER, PASSWORD)
         self.auths = [self.auth, Auth("bearer", USER, PASSWORD)]
+
+    def _start(self) -> None:
+        """Start and wait until /health answers 200: over HTTPS, which the rig's plain-HTTP check cannot see."""
+        if self.tls is None:
+            self.server.start()
+            return
+        self.server.start(wait=False)
+        log = self.server.log_path
+        wait_until(
+            lambda: _https_status(f"{self.url}/health", self.cafile) == 200,
+            timeout=30,
+            interval=0.1,
+            what=f"cargohold /health on {self.url}",
+            alive=lambda: None if self.server.running else tail(log),
+        )
 
     def wipe(self) -> None:
         self.server.stop()
         shutil.rmtree(self.server.data_dir, ignore_errors=True)
-        self.server.start()
+        self._start()
 
     def pids(self) -> list[int]:
         return process_tree(self.server.pid) if self.server.pid else []
 
     def stop(self) -> None:
         self.server.stop()
+
+
+def _https_status(url: str, cafile: str | None) -> int:
+    """The status of a GET of url, verifying the server against cafile."""
+    conn = connect(url, tls_context(cafile), timeout=2)
+    try:
+        conn.request("GET", urllib.parse.urlsplit(url).path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()

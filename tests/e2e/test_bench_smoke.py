@@ -1,6 +1,6 @@
 """`python -m bench.run --quick`: the benchmark still runs end to end (cargohold with logins, Basic and
-Bearer), and the outcomes that are not timings hold (one upstream GET per blob in the herd, no upstream
-request for warm manifests)."""
+Bearer, over HTTP and HTTPS), and the outcomes that are not timings hold (one upstream GET per blob in the
+herd, no upstream request for warm manifests)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ def test_quick_bench_runs_every_scenario_through_every_system(tmp_path: Path) ->
     assert medians["manifest_upstream"]["cargohold (basic)"] == medians["manifest_upstream"]["cargohold (bearer)"] == 0
     assert medians["manifest_upstream"]["registry+nginx"] > 0  # the replaced stack asks upstream every time
     assert 0 < medians["rss_herd"]["cargohold"] < 150
+
+    # HTTPS: nginx `ssl` against cargohold's own TLS (workers 1 and 2), clients verifying the bench's CA
+    for metric in ("tls1", "tls8"):
+        assert set(medians[metric]) == {"nginx-tls", "cargohold tls"}, metric
+        assert all(v > 0 for v in medians[metric].values()), metric
+    tls_rows = {"nginx-tls", "cargohold tls (basic)", "cargohold tls (bearer)"}
+    tls_rows |= {"cargohold tls x2 (basic)", "cargohold tls x2 (bearer)"}
+    assert set(medians["manifest_tls_rps"]) == tls_rows
+    assert all(v > 0 for v in medians["manifest_tls_rps"].values())
+    assert set(medians["manifest_tls_upstream"].values()) == {0}
     assert "cargohold" in proc.stdout and "target" in proc.stdout  # the table was printed
     for machine_fact in ("cpu", "cores", "ram", "kernel", "python", "aiohttp"):
         assert report["machine"][machine_fact]
