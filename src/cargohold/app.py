@@ -13,7 +13,7 @@ from cargohold.auth.context import auth_context
 from cargohold.cache.backends import Backends, open_backends
 from cargohold.cache.download import Downloads
 from cargohold.cache.evict import Evictor, repair
-from cargohold.cache.index import Index
+from cargohold.cache.index import Index, Stored
 from cargohold.config import Settings
 from cargohold.errors import StorageUnavailable
 from cargohold.handlers.metrics import count_response, metrics_listener
@@ -23,6 +23,7 @@ from cargohold.metrics import Metrics
 from cargohold.middleware.auth import authenticate
 from cargohold.middleware.observe import observe, stamp_headers
 from cargohold.middleware.ratelimit import ratelimit
+from cargohold.oci.digests import Digest
 from cargohold.proxy import PullThrough
 from cargohold.ratelimit.limiter import RateLimiter
 from cargohold.ratelimit.storage import open_storage
@@ -102,7 +103,7 @@ async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[No
         store,
         settings.cache.model_copy(update={"pin": sync_pins(settings)}),  # sync lists pin what they hold
         lambda d: store.in_use(d) or downloads.active(d) is not None,
-        metrics.evicted,
+        lambda entry: _evicted(app, entry),
         metrics.pinned_bytes.set,
     )
     tasks = app[TASKS]
@@ -121,6 +122,12 @@ async def _serving(app: web.Application, backends: Backends) -> AsyncIterator[No
     finally:
         for client in clients.values():
             await client.close()
+
+
+def _evicted(app: web.Application, entry: Stored) -> None:
+    app[METRICS].evicted(entry)
+    if entry.table == "manifests":
+        app[PROXY].manifests.forget(Digest.parse(entry.digest))
 
 
 async def _flush_forever(index: Index) -> None:

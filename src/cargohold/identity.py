@@ -3,6 +3,7 @@ authenticated, the user. Auth, rate limiting and the access log all read the sam
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Sequence
@@ -55,8 +56,10 @@ class Identity:
 IDENTITY = web.RequestKey("identity", Identity)
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse_ip(text: str) -> IPAddress | None:
-    """An address; an IPv4-mapped IPv6 one (a dual-stack socket's) as the IPv4 address it is."""
+    """An address; an IPv4-mapped IPv6 one (a dual-stack socket's) as the IPv4 address it is. Remembered:
+    every request parses its peer's address, and a busy mirror has few peers."""
     try:
         address = ipaddress.ip_address(text)
     except ValueError:

@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import sys
+import time
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -23,7 +24,9 @@ _TEXT = "%(asctime)s %(levelname)s %(name)s %(message)s%(rid)s"
 
 def mask_secrets(text: str) -> str:
     """Hide passwords and tokens in URLs before they are logged."""
-    return _SECRET_QUERY.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+    if "=" in text:
+        text = _SECRET_QUERY.sub(r"\1***", text)
+    return _URL_PASSWORD.sub(r"\1***@", text) if "@" in text else text
 
 
 class _Context(logging.Filter):
@@ -39,9 +42,18 @@ class _Context(logging.Filter):
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(_TEXT)
+        self._second: tuple[int, str] = (-1, "")
 
     def format(self, record: logging.LogRecord) -> str:
-        return mask_secrets(super().format(record))
+        line = super().format(record)
+        return line if hasattr(record, "fields") else mask_secrets(line)  # an access line's fields are masked
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
+        """As logging's default, with the seconds formatted once per second (thousands of lines a second)."""
+        second = int(record.created)
+        if self._second[0] != second:
+            self._second = (second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created)))
+        return f"{self._second[1]},{int(record.msecs):03d}"
 
 
 class JsonFormatter(logging.Formatter):

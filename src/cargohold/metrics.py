@@ -74,6 +74,10 @@ def kind_of_route(route: str) -> str:
     return "-"
 
 
+# Labelled children of the per-response counters kept looked up (`Metrics._child`).
+MAX_CHILDREN = 1000
+
+
 class Metrics:
     """Everything `/metrics` exports. `ratelimit_rejections` is for the rate-limit middleware to `.inc()`."""
 
@@ -156,6 +160,7 @@ class Metrics:
         self.started = time.time()
         self._shared_dir = os.environ.get(MULTIPROC_ENV)
         self._own: list[Collector] = []  # collectors of live objects, registered here and in a workers' scrape
+        self._children: dict[tuple[object, ...], Counter] = {}
 
     def attach(self, index: Index, proxy: PullThrough) -> None:
         """Read cache size and single-flight figures from the live objects at every scrape."""
@@ -179,17 +184,28 @@ class Metrics:
 
     # responses
 
+    def _child(self, metric: Counter, *labels: str) -> Counter:
+        """`metric.labels(*labels)`, looked up once: labels() takes a lock and builds a tuple, on every
+        request. Only the first MAX_CHILDREN label sets are kept (a client chooses the method)."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*labels)
+            if len(self._children) < MAX_CHILDREN:
+                self._children[key] = child
+        return child
+
     def response(self, request: web.BaseRequest, response: web.StreamResponse, outcome: str) -> None:
         route = route_of(request)
-        self.requests.labels(route, request.method, str(response.status)).inc()
+        self._child(self.requests, route, request.method, str(response.status)).inc()
         kind = kind_of_route(route)
         if kind == "-" or request.method != "GET" or outcome not in ("hit", "miss", "stale"):
             return
-        self.cache.labels(kind, outcome).inc()
+        self._child(self.cache, kind, outcome).inc()
         self._lasting(outcome, 1)
         if response.status in (200, 206) and response.content_length:
             source = "upstream" if outcome == "miss" else "cache"
-            self.served_bytes.labels(source).inc(response.content_length)
+            self._child(self.served_bytes, source).inc(response.content_length)
             self._lasting("bytes_" + source, response.content_length)
 
     # the UpstreamClient observer

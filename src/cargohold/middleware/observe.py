@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
+import secrets
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -22,6 +22,7 @@ log = logging.getLogger("cargohold.server")
 access = logging.getLogger("cargohold.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+ACCESS_LINE = "%(client)s %(user)s %(method)s %(path)s %(status)d %(bytes)d %(ms).1fms kind=%(kind)s cache=%(cache)s rid=%(request_id)s"
 # The status the access log shows for a client that went away before its answer was out (as nginx).
 CLIENT_GONE = 499
 
@@ -38,7 +39,7 @@ def _as_registry_error(exc: web.HTTPException) -> web.Response:
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost middleware: every failure leaves as an OCI error, never as a traceback."""
     given = request.headers.get("X-Request-Id", "")
-    request[REQUEST_ID] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+    request[REQUEST_ID] = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
     logs.request_id.set(request[REQUEST_ID])
     request[CACHE] = "-"
     request[KIND] = kind_of_route(route_of(request))  # here, routed: the access log may see a request that never was
@@ -82,6 +83,8 @@ class AccessLogger(AbstractAccessLogger):
     """One line per request: who, what, status, bytes, time, and whether the cache answered."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
         who = request.get(IDENTITY) or Identity(client_address(request, ()))
         fields = {
             "client": who.address,
@@ -95,8 +98,9 @@ class AccessLogger(AbstractAccessLogger):
             "cache": request.get(CACHE, "-"),
             "request_id": request.get(REQUEST_ID, "-"),
         }
-        self.logger.info(
-            "%(client)s %(user)s %(method)s %(path)s %(status)d %(bytes)d %(ms).1fms kind=%(kind)s cache=%(cache)s rid=%(request_id)s",
-            fields,
-            extra={"fields": fields},
+        # A record made here, not through `info()`: logging would walk the stack for the caller's file and
+        # line, which an access line does not show, on every request.
+        record = self.logger.makeRecord(
+            self.logger.name, logging.INFO, "", 0, ACCESS_LINE, (fields,), None, extra={"fields": fields}
         )
+        self.logger.handle(record)

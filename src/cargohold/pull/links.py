@@ -9,6 +9,7 @@ from cargohold.cache.index import Index
 from cargohold.flight import SingleFlight
 from cargohold.oci.digests import Digest
 from cargohold.oci.mediatypes import FULL_ACCEPT
+from cargohold.pull.recent import Fresh
 from cargohold.tasks import Tasks
 from cargohold.upstream.repository import Remote
 
@@ -23,6 +24,7 @@ class Links:
     def __init__(self, index: Index, tasks: Tasks) -> None:
         self._index = index
         self._heads: SingleFlight[None] = SingleFlight(tasks, "link check")
+        self._known: Fresh[tuple[str, str, str], bool] = Fresh()  # links of hot content, read within a second
 
     async def add(self, remote: Remote, digest: str) -> None:
         """Record that the remote named or served this digest: it may be served to that repository."""
@@ -31,7 +33,10 @@ class Links:
     async def confirm(self, remote: Remote, digest: Digest, kind: Kind) -> None:
         """Before cached content goes to a repository it never came through, one HEAD upstream must find it there."""
         key = (remote.upstream, remote.repository, str(digest))
+        if self._known.get(key):
+            return
         if await self._index.has_link(*key):
+            self._known.put(key, True)
             return
         await self._heads.run(key, lambda: self._head(remote, digest, kind))
 

@@ -6,13 +6,13 @@ import logging
 from dataclasses import dataclass
 
 from cargohold.cache.download import is_disk_full
-from cargohold.cache.index import Index
+from cargohold.cache.index import Index, ManifestEntry
 from cargohold.cache.store import BlobStore
 from cargohold.flight import SingleFlight
 from cargohold.oci.digests import Digest
 from cargohold.oci.mediatypes import FULL_ACCEPT, KNOWN
 from cargohold.pull.links import Links
-from cargohold.pull.recent import RecentBytes
+from cargohold.pull.recent import Fresh, RecentBytes
 from cargohold.tasks import Tasks
 from cargohold.upstream.repository import MAX_MANIFEST, Descriptor, Remote
 
@@ -58,16 +58,27 @@ class Manifests:
         self._links = links
         self._fetches: SingleFlight[Manifest] = SingleFlight(tasks, "manifest fetch")
         # Hot manifests' bytes (immutable by digest), so a warm hit needs no file read on a worker thread;
-        # served only while the index still holds the manifest (eviction removes the row first).
+        # served only while the index holds the manifest (eviction removes the row first), as read within
+        # the last second (`_rows`: another worker's or the CLI's removal is seen within it; this
+        # process's eviction calls `forget`).
         self._bodies: RecentBytes[Digest] = RecentBytes(BODIES_IN_MEMORY, 1 << 20)
+        self._rows: Fresh[Digest, ManifestEntry] = Fresh()
 
     @property
     def joins(self) -> int:
         """Requests that joined a fetch already running (single-flight)."""
         return self._fetches.joins
 
+    def forget(self, digest: Digest) -> None:
+        """The manifest was evicted by this process: not served from memory any more."""
+        self._rows.forget(digest)
+
     async def get(self, remote: Remote, digest: Digest) -> Manifest:
-        entry = await self._index.get_manifest(str(digest))
+        entry = self._rows.get(digest)
+        if entry is None:
+            entry = await self._index.get_manifest(str(digest))
+            if entry is not None:
+                self._rows.put(digest, entry)
         if entry is not None:
             body = self._bodies.get(digest)
             if body is None:

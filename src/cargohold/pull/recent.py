@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Generic, TypeVar
@@ -32,6 +33,9 @@ class Recent(Generic[K, V]):
         if len(self._items) > self._limit:
             self._items.popitem(last=False)
 
+    def pop(self, key: K) -> None:
+        self._items.pop(key, None)
+
 
 class RecentBytes(Generic[K]):
     """The most recently used byte strings, `limit` bytes in all; one larger than `largest` is not kept."""
@@ -56,3 +60,25 @@ class RecentBytes(Generic[K]):
         self._items[key] = value
         while self._size > self._limit:
             self._size -= len(self._items.popitem(last=False)[1])
+
+
+class Fresh(Generic[K, V]):
+    """Index rows read within the last `seconds` (per process), so a hot tag's hit skips its SQLite reads.
+    Writes made through this process forget their key at once; others' (another worker, the cache CLI)
+    are seen within `seconds`. Only rows that exist are kept: a miss always asks the index."""
+
+    def __init__(self, seconds: float = 1.0, limit: int = ANSWERS) -> None:
+        self._seconds = seconds
+        self._rows: Recent[K, tuple[float, V]] = Recent(limit)
+
+    def get(self, key: K) -> V | None:
+        found = self._rows.get(key)
+        if found is None or time.monotonic() >= found[0]:
+            return None
+        return found[1]
+
+    def put(self, key: K, value: V) -> None:
+        self._rows.put(key, (time.monotonic() + self._seconds, value))
+
+    def forget(self, key: K) -> None:
+        self._rows.pop(key)

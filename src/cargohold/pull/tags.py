@@ -28,7 +28,7 @@ from cargohold.oci.mediatypes import FULL_ACCEPT, KNOWN, accepts, takes_everythi
 from cargohold.pull.accepts import OtherAccepts
 from cargohold.pull.links import Links
 from cargohold.pull.manifests import Head, Manifest, Manifests, answerable, head_of
-from cargohold.pull.recent import Recent
+from cargohold.pull.recent import Fresh, Recent
 from cargohold.tasks import Tasks
 from cargohold.upstream.offline import Offline
 from cargohold.upstream.repository import Descriptor, Remote
@@ -60,6 +60,7 @@ class Tags:
         self._heads: Recent[TagKey, Descriptor] = Recent()
         self._head_flights: SingleFlight[Descriptor | None] = SingleFlight(tasks, "tag head")
         self._asked: Recent[TagKey, float] = Recent()  # when a client last asked for a tag by GET
+        self._rows: Fresh[TagKey, TagEntry] = Fresh()  # the index's rows of hot tags, read within a second
         self._other_accepts = OtherAccepts(manifests, links, tasks)
 
     @property
@@ -68,7 +69,23 @@ class Tags:
         return self._fetches.joins + self._revalidations.joins + self._other_accepts.joins
 
     async def get(self, remote: Remote, tag: str, accept: frozenset[str]) -> Manifest:
-        return await self._get(remote, tag, accept, await self._index.get_tag(remote.upstream, remote.repository, tag))
+        return await self._get(remote, tag, accept, await self._row((remote.upstream, remote.repository, tag)))
+
+    async def _row(self, key: TagKey) -> TagEntry | None:
+        entry = self._rows.get(key)
+        if entry is None:
+            entry = await self._index.get_tag(*key)
+            if entry is not None:
+                self._rows.put(key, entry)
+        return entry
+
+    async def _put_tag(self, key: TagKey, digest: str, media_type: str) -> None:
+        await self._index.put_tag(*key, digest, media_type)
+        self._rows.forget(key)
+
+    async def _mark_checked(self, key: TagKey) -> None:
+        await self._index.mark_checked(*key)
+        self._rows.forget(key)
 
     async def _get(self, remote: Remote, tag: str, accept: frozenset[str], entry: TagEntry | None) -> Manifest:
         """`entry`: the index's row for the tag, as just read."""
@@ -109,7 +126,7 @@ class Tags:
     async def refresh(self, remote: Remote, tag: str) -> Manifest:
         """The tag revalidated now whatever its age (a HEAD; a GET only if it moved), or fetched: for sync."""
         key = (remote.upstream, remote.repository, tag)
-        entry = await self._index.get_tag(*key)
+        entry = await self._row(key)
         if entry is None:
             return await self._fetches.run(key, lambda: self._fetch_new(remote, tag))
         return await self._revalidated(remote, tag, entry)
@@ -135,9 +152,7 @@ class Tags:
         """GET the tag with the full Accept, keep the manifest and point the tag at it."""
         descriptor, body = await remote.get_manifest(tag, FULL_ACCEPT)
         manifest = await self._manifests.keep(remote, descriptor, body)
-        await self._index.put_tag(
-            remote.upstream, remote.repository, tag, str(descriptor.digest), descriptor.media_type
-        )
+        await self._put_tag((remote.upstream, remote.repository, tag), str(descriptor.digest), descriptor.media_type)
         return manifest
 
     async def _fetch_new(self, remote: Remote, tag: str) -> Manifest:
@@ -149,7 +164,7 @@ class Tags:
                 await self._links.add(remote, str(found.digest))
                 manifest = await self._manifests.get(remote, found.digest)
                 got = manifest.descriptor
-                await self._index.put_tag(remote.upstream, remote.repository, tag, str(got.digest), got.media_type)
+                await self._put_tag((remote.upstream, remote.repository, tag), str(got.digest), got.media_type)
                 return manifest
         return await self._fetch(remote, tag)
 
@@ -160,6 +175,7 @@ class Tags:
         except ManifestUnknown as exc:
             if not isinstance(exc, Offline):  # an offline mirror asked nobody
                 await self._index.drop_tag(remote.upstream, remote.repository, tag)
+                self._rows.forget((remote.upstream, remote.repository, tag))
             raise
 
     async def _revalidate(self, remote: Remote, tag: str, entry: TagEntry) -> TagEntry:
@@ -170,7 +186,7 @@ class Tags:
         if found is not None and not same and self._immutable(key):
             await self._moved(key, entry.digest, str(found.digest))
         if same or self._immutable(key):
-            await self._index.mark_checked(*key)
+            await self._mark_checked(key)
             return entry
         if found is None or found.media_type not in KNOWN:
             fetched = (await self._fetch(remote, tag)).descriptor
@@ -182,13 +198,13 @@ class Tags:
         # Fetch the new manifest before the tag points at it: if that fails, the old one is served stale.
         await self._manifests.get(remote, found.digest)
         await self._moved(key, entry.digest, str(found.digest))
-        await self._index.put_tag(*key, str(found.digest), found.media_type)
+        await self._put_tag(key, str(found.digest), found.media_type)
         return TagEntry(str(found.digest), found.media_type, time.time())
 
     async def head(self, remote: Remote, tag: str, accept: frozenset[str]) -> Head:
         """For HEAD. A tag whose manifest is not cached is asked upstream with a HEAD: remembered, the
         manifest left for a GET to fetch. Everything else is answered as for GET."""
-        entry = await self._index.get_tag(remote.upstream, remote.repository, tag)
+        entry = await self._row((remote.upstream, remote.repository, tag))
         if entry is None or await self._index.get_manifest(entry.digest) is None:
             found = await self._head_uncached(remote, tag, accept, entry)
             if found is not None:
@@ -227,9 +243,9 @@ class Tags:
         if entry is not None and str(found.digest) != entry.digest:
             await self._moved(key, entry.digest, str(found.digest))
             if self._immutable(key):
-                await self._index.mark_checked(*key)
+                await self._mark_checked(key)
                 return None
         await self._links.add(remote, str(found.digest))
-        await self._index.put_tag(*key, str(found.digest), found.media_type)
+        await self._put_tag(key, str(found.digest), found.media_type)
         self._heads.put(key, found)
         return found

@@ -47,6 +47,10 @@ def _without_port(host: str) -> str:
     return host.rsplit(":", 1)[0] if not host.endswith("]") else host
 
 
+# Resolved targets a router remembers; past this many it starts again (names come from clients).
+RESOLVED = 10_000
+
+
 class Router:
     """Maps a request's name, `?ns=` and Host header to an upstream repository; refuses the rest."""
 
@@ -55,12 +59,24 @@ class Router:
         self._default = upstreams[default]
         self._by_host = {host: u for u in upstreams.values() for host in u.config.hosts}
         self._allowed = {name: compile_globs(u.config.repositories) for name, u in upstreams.items()}
+        self._resolved: dict[tuple[str, str | None, str | None], Target] = {}
 
     @property
     def upstreams(self) -> list[UpstreamClient]:
         return list(self._upstreams.values())
 
     def resolve(self, name: str, ns: str | None = None, host: str | None = None) -> Target:
+        """The target of a request (every request resolves one: remembered, RESOLVED at most, refusals not)."""
+        key = (name, ns, host)
+        target = self._resolved.get(key)
+        if target is None:
+            target = self._resolve(name, ns, host)
+            if len(self._resolved) >= RESOLVED:
+                self._resolved.clear()
+            self._resolved[key] = target
+        return target
+
+    def _resolve(self, name: str, ns: str | None, host: str | None) -> Target:
         namespace = None
         by_host = self._by_host_header(host)
         if ns:
