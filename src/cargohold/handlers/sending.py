@@ -96,31 +96,65 @@ async def send_file(
 ) -> None:
     """Send bytes `[start, end)` of `file` a piece at a time, each accepted within `timeout`: with
     sendfile on plain TCP (the response's headers are already out), else read in a worker thread
-    and written. Pieces start at `CHUNK` and grow with the client's rate (each call costs a few
-    syscalls and a timer), see `_next_piece`."""
+    and written (`_copy`)."""
+    if can_sendfile(request):
+        await _sendfile(request, writer, file, start, end, timeout)
+    else:
+        await _copy(request, writer, file, start, end, timeout)
+
+
+def _transport_of(request: web.BaseRequest) -> asyncio.Transport:
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client went away")
+    return transport
+
+
+async def _sendfile(
+    request: web.BaseRequest, writer: AbstractStreamWriter, file: BinaryIO, start: int, end: int, timeout: float
+) -> None:
+    """Pieces start at `CHUNK` and grow with the client's rate (each call costs a few syscalls and a
+    timer), see `_next_piece`."""
     loop = asyncio.get_running_loop()
     piece = CHUNK
     while start < end:
         length = min(piece, end - start)
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("client went away")
+        transport = _transport_of(request)
         began = loop.time()
-        if can_sendfile(request):
-            try:
-                await within(timeout, loop.sendfile(transport, file, start, length, fallback=False))
-            except asyncio.SendfileNotAvailableError as exc:  # what a reset socket gives a new sendfile
-                raise ConnectionResetError(str(exc)) from exc
-            writer.output_size += length  # bytes the writer did not see: counted for the access log
-        else:
-            length = min(length, CHUNK)  # bytes held in memory stay bounded
-            data = await loop.run_in_executor(None, os.pread, file.fileno(), length, start)
-            if not data:
-                raise ConnectionResetError(f"{file.name} ended early")
-            await within(timeout, writer.write(data))
-            length = len(data)
+        try:
+            await within(timeout, loop.sendfile(transport, file, start, length, fallback=False))
+        except asyncio.SendfileNotAvailableError as exc:  # what a reset socket gives a new sendfile
+            raise ConnectionResetError(str(exc)) from exc
+        writer.output_size += length  # bytes the writer did not see: counted for the access log
         start += length
         piece = _next_piece(piece, length, loop.time() - began, timeout)
+
+
+async def _copy(
+    request: web.BaseRequest, writer: AbstractStreamWriter, file: BinaryIO, start: int, end: int, timeout: float
+) -> None:
+    """`CHUNK`s read on a worker thread one ahead of the one being written: the read of the next overlaps
+    the encryption and sending of this one (TLS), and a client holds at most two in memory."""
+    loop = asyncio.get_running_loop()
+
+    def read(offset: int) -> asyncio.Future[bytes]:
+        return loop.run_in_executor(None, os.pread, file.fileno(), min(CHUNK, end - offset), offset)
+
+    ahead = read(start) if start < end else None
+    try:
+        while ahead is not None:
+            data = await ahead
+            if not data:
+                raise ConnectionResetError(f"{file.name} ended early")
+            start += len(data)
+            ahead = read(start) if start < end else None
+            _transport_of(request)
+            await within(timeout, writer.write(data))
+    finally:
+        # The client went away or stalled: the read ahead is cancelled, or (done) its outcome dropped,
+        # seen so that an error in it is not logged as never retrieved.
+        if ahead is not None and not ahead.cancel():
+            ahead.exception()
 
 
 def _next_piece(piece: int, sent: int, took: float, timeout: float) -> int:
