@@ -9,9 +9,11 @@ ratio of req/s to `workers: 1`. "workers 2, limits on" is `workers: 2` with the 
 the way: the bench measures the cost of counting, not refusals). The others run with limits off.
 
 With `--uvloop` (uvloop installed) "workers 1, uvloop" runs the same server on uvloop's event loop,
-to see whether it is worth a setting.
+to see whether it is worth a setting. With `--against DIR` (another checkout of cargohold, e.g. a
+`git worktree` of the commit before a change) "workers 1/2, DIR" run that checkout's `src/`: an A/B of a
+code change in one run.
 
-    .venv/bin/python -m bench.workers_scaling [--seconds 5] [--rounds 3] [--uvloop]
+    .venv/bin/python -m bench.workers_scaling [--seconds 5] [--rounds 3] [--uvloop] [--against DIR]
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ class OnUvloop(Cargohold):
         return [self.python, "-c", UVLOOP, "serve", "--config", str(self.config_path)]
 
 
+class FromSource(Cargohold):
+    """The same server run from another checkout's `src/` (set `source` before starting it)."""
+
+    source = Path()
+
+    def command(self) -> list[str]:
+        code = f"import sys; sys.path.insert(0, {str(self.source / 'src')!r}); {FROM_CLI}"
+        return [self.python, "-c", code, "serve", "--config", str(self.config_path)]
+
+
+FROM_CLI = "from cargohold.cli import main; sys.exit(main(sys.argv[1:]))"
 REPO, TAG = "bench/scaling", "latest"
 CONNECTIONS = 32
 BIG = 1_000_000_000  # counted, never reached (0 would mean not counted at all)
@@ -56,15 +69,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--uvloop", action="store_true", help="also workers 1 on uvloop")
+    parser.add_argument("--against", type=Path, help="also workers 1 and 2 run from this checkout's src/")
     args = parser.parse_args()
     settings = {**SETTINGS, **({"workers 1, uvloop": {"workers": 1, "rate_limit": OFF}} if args.uvloop else {})}
+    if args.against:
+        FromSource.source = args.against.resolve()
+        for workers in (1, 2):
+            settings[f"workers {workers}, {args.against.name}"] = {"workers": workers, "rate_limit": OFF}
     work = Path(tempfile.mkdtemp(prefix="cargohold-bench-"))
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in settings}
     try:
         with Hub(work / "hub") as hub:
             hub.push_image(simple_image("scaling-bench"), REPO, TAG)
             servers = {
-                name: (OnUvloop if "uvloop" in name else Cargohold)(work / f"srv{i}", hub.url, overrides=over)
+                name: _kind(name, args.against)(work / f"srv{i}", hub.url, overrides=over)
                 for i, (name, over) in enumerate(settings.items())
             }
             try:
@@ -100,6 +118,12 @@ def main() -> None:
         print(
             f"  {name:22} {rps:8,.0f} req/s ({rps / base:.2f}x workers 1)  p99 {p99:.0f} ms  {cpu:5.0f} µs CPU/request"
         )
+
+
+def _kind(setting: str, against: Path | None) -> type[Cargohold]:
+    if "uvloop" in setting:
+        return OnUvloop
+    return FromSource if against is not None and setting.endswith(f", {against.name}") else Cargohold
 
 
 if __name__ == "__main__":

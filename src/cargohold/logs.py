@@ -77,6 +77,8 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str, log_format: str) -> None:
     """Send cargohold's logs to stderr in the configured format (replacing earlier handlers)."""
+    # Neither format shows the thread or the process: logging need not look them up for every record.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_Context())
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())

@@ -100,7 +100,8 @@ class AccessLogger(AbstractAccessLogger):
         }
         # A record made here, not through `info()`: logging would walk the stack for the caller's file and
         # line, which an access line does not show, on every request.
+        # The fields are the format's mapping as they are (logging would test a 1-tuple for one).
         record = self.logger.makeRecord(
-            self.logger.name, logging.INFO, "", 0, ACCESS_LINE, (fields,), None, extra={"fields": fields}
+            self.logger.name, logging.INFO, "", 0, ACCESS_LINE, fields, None, extra={"fields": fields}
         )
         self.logger.handle(record)
