@@ -28,7 +28,8 @@ NGINX_FILE, NGINX_RELAY, UPSTREAM, IDEAL = "nginx-file", "nginx-relay", "upstrea
 CARGOHOLD_2 = f"{CARGOHOLD} x2"  # the same with `workers: 2`
 NGINX_TLS, CARGOHOLD_TLS = "nginx-tls", f"{CARGOHOLD} tls"  # the same over HTTPS
 CARGOHOLD_TLS_2 = f"{CARGOHOLD_TLS} x2"
-RSS_LIMIT_MIB = 150
+RSS_LIMIT_MIB = 150  # one process, flat in layer size (issue 3)
+RSS_PER_PROCESS_MIB = 100  # each process of `workers: N` (issue 15)
 
 
 @dataclass
@@ -68,8 +69,17 @@ def _at_least(share: float) -> Target:
 METRICS = [
     Metric("warm1", "1. warm blob, 1 client", "MB/s", NGINX_FILE, _at_least(0.8)),
     Metric("warm8", "2. warm blob, 8 clients", "MB/s", NGINX_FILE, _at_least(0.8)),
-    Metric("cold", "3. cold pull, big layer", "MB/s", UPSTREAM, _at_least(0.9)),
-    Metric("cold_cpu", "3. cold pull, CPU the mirror used", "s", None, None, 2),
+    # Issue 15 restated issue 3's cold-pull target (0.9x of a direct pull) against nginx relaying with no
+    # cache and no hashing, the practical limit of any mirror on the bench machine.
+    Metric("cold", "3. cold pull, big layer", "MB/s", NGINX_RELAY, _at_least(0.8)),
+    Metric(
+        "cold_cpu",
+        "3. cold pull, CPU the mirror used",
+        "s",
+        NGINX_RELAY,
+        Target("<= 2.5x reference", lambda v, ref: ref is not None and v <= 2.5 * ref),
+        2,
+    ),
     Metric("herd_gets", "4. herd, upstream blob GETs", "GETs", IDEAL, Target("== 1 per blob", lambda v, ref: v == ref)),
     Metric("herd_seconds", "4. herd, wall time", "s", None, None, 2),
     Metric("herd_failed", "4. herd, pulls that failed", "pulls", None, Target("== 0", lambda v, ref: v == 0)),
@@ -79,6 +89,17 @@ METRICS = [
         "req/s",
         REPLACED,
         Target(">= 10x replaced", lambda v, ref: ref is not None and v >= 10 * ref),
+    ),
+    Metric(
+        "manifest_rps",
+        "5. warm manifest by tag, vs nginx",
+        "req/s",
+        NGINX_FILE,
+        Target(
+            ">= 12% of reference (workers: 2)",
+            lambda v, ref: ref is not None and v >= 0.12 * ref,
+            systems=CARGOHOLD_2,
+        ),
     ),
     Metric("manifest_p99", "5. warm manifest p99", "ms", None, None, 1),
     Metric(
@@ -94,12 +115,13 @@ METRICS = [
         Target(f"< {RSS_LIMIT_MIB} MiB (flat)", lambda v, ref: v < RSS_LIMIT_MIB),
         1,
     ),
+    Metric("rss_herd", "6. peak RSS in scenario 4", "MiB", None, None, 1),
     Metric(
-        "rss_herd",
-        "6. peak RSS in scenario 4",
+        "rss_herd_process",
+        "6. largest process's peak RSS in scenario 4",
         "MiB",
         None,
-        Target(f"< {RSS_LIMIT_MIB} MiB", lambda v, ref: v < RSS_LIMIT_MIB),
+        Target(f"< {RSS_PER_PROCESS_MIB} MiB per process", lambda v, ref: v < RSS_PER_PROCESS_MIB),
         1,
     ),
     Metric("tls1", "7. warm blob over HTTPS, 1 client", "MB/s", NGINX_TLS, _at_least(0.9)),
@@ -156,10 +178,16 @@ def _mb_per_s(result: dict[str, float]) -> float:
 
 
 def _with_peak_rss(system: System, fn: Callable[[], dict[str, float]]) -> tuple[dict[str, float], float]:
+    result, peaks = _with_peaks(system, fn)
+    return result, sum(peaks)
+
+
+def _with_peaks(system: System, fn: Callable[[], dict[str, float]]) -> tuple[dict[str, float], list[float]]:
+    """`fn`'s result and the peak RSS of each of the system's processes while it ran, MiB."""
     pids = system.pids()
     reset_peak_rss(pids)
     result = fn()
-    return result, peak_rss_mib(pids)
+    return result, [peak_rss_mib([pid]) for pid in pids]
 
 
 def _big_layer(b: Bench) -> str:
@@ -246,12 +274,13 @@ def herd(b: Bench, run: int) -> None:
             "tolerate": True,
             **client_spec(system),
         }
-        result, peak = _with_peak_rss(system, functools.partial(load, spec))
+        result, peaks = _with_peaks(system, functools.partial(load, spec))
         gets = b.hub.count("GET", rf"^/v2/{re.escape(image.repo)}/blobs/")
         b.results.add("herd_gets", system.name, gets)
         b.results.add("herd_seconds", system.name, result["seconds"])
         b.results.add("herd_failed", system.name, result["failed"])
-        b.results.add("rss_herd", system.name, peak)
+        b.results.add("rss_herd", system.name, sum(peaks))
+        b.results.add("rss_herd_process", system.name, max(peaks, default=0.0))
         b.log(
             f"  run {run + 1} herd         {system.name:15} {gets} upstream blob GETs, {result['seconds']:.2f} s, "
             f"{result['failed']} of {b.options.herd_clients} pulls failed"
