@@ -36,6 +36,18 @@ async def _ended(downloads: Downloads, download: Download) -> None:
     raise AssertionError("the download was still joinable 10s after it ended")
 
 
+def _join_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Joins hand the download on only once it has ended, as a peer fetch's hand-off can."""
+    join = Downloads.join
+
+    async def join_late(self: Downloads, *args: object, **kwargs: object) -> Download:
+        download = await join(self, *args, **kwargs)  # type: ignore[arg-type]
+        await _ended(self, download)
+        return download
+
+    monkeypatch.setattr(Downloads, "join", join_late)
+
+
 async def test_a_joiner_that_confirms_while_the_download_ends_gets_the_blob(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server_log: Callable[[], str]
 ) -> None:
@@ -76,14 +88,7 @@ async def test_a_download_that_ended_before_it_was_followed_is_served_from_the_s
     upstream = Upstream()
     data = os.urandom(256 << 10)
     digest = upstream.add(data)
-    join = Downloads.join
-
-    async def join_late(self: Downloads, *args: object, **kwargs: object) -> Download:
-        download = await join(self, *args, **kwargs)  # type: ignore[arg-type]
-        await _ended(self, download)
-        return download
-
-    monkeypatch.setattr(Downloads, "join", join_late)
+    _join_late(monkeypatch)
     async with mirror(tmp_path, upstream) as srv, KeepAlive.open(srv.port) as conn:
         answer = await conn.request(f"/v2/library/app/blobs/{digest}")
         assert answer.status == 200 and answer.body == data
@@ -100,14 +105,7 @@ async def test_a_download_that_failed_before_it_was_followed_is_an_error_not_a_r
     data = os.urandom(64 << 10)
     digest = digest_of(b"what the upstream should have sent")
     upstream.blobs[digest] = data
-    join = Downloads.join
-
-    async def join_late(self: Downloads, *args: object, **kwargs: object) -> Download:
-        download = await join(self, *args, **kwargs)  # type: ignore[arg-type]
-        await _ended(self, download)
-        return download
-
-    monkeypatch.setattr(Downloads, "join", join_late)
+    _join_late(monkeypatch)
     async with mirror(tmp_path, upstream) as srv, KeepAlive.open(srv.port) as conn:
         answer = await conn.request(f"/v2/library/app/blobs/{digest}")
         assert answer.status == 502 and b"does not match its digest" in answer.body

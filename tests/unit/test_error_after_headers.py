@@ -16,13 +16,17 @@ from blobmirror import KeepAlive, Upstream, mirror
 from cargohold import blobsource
 
 
+def _one_blob() -> tuple[Upstream, bytes, str]:
+    """An upstream with one blob: it, its bytes and its path on the mirror."""
+    upstream = Upstream()
+    data = os.urandom(64 << 10)
+    return upstream, data, f"/v2/library/app/blobs/{upstream.add(data)}"
+
+
 async def test_a_failure_after_the_headers_cuts_the_connection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    upstream = Upstream()
-    data = os.urandom(64 << 10)
-    digest = upstream.add(data)
-    path = f"/v2/library/app/blobs/{digest}"
+    upstream, data, path = _one_blob()
     async with mirror(tmp_path, upstream) as srv:
         async with KeepAlive.open(srv.port) as conn:
             assert (await conn.request(path)).body == data
@@ -44,10 +48,7 @@ async def test_a_failure_after_the_headers_cuts_the_connection(
 async def test_a_client_gone_before_the_headers_leaves_no_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    upstream = Upstream()
-    data = os.urandom(64 << 10)
-    digest = upstream.add(data)
-    path = f"/v2/library/app/blobs/{digest}"
+    upstream, data, path = _one_blob()
 
     async def gone(*args: object) -> NoReturn:
         raise ConnectionResetError("Cannot write to closing transport")  # what prepare raises then
