@@ -20,7 +20,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr(recent.time, "monotonic", fake)
+    monkeypatch.setattr(recent, "monotonic", fake)
     return fake
 
 

@@ -20,6 +20,7 @@ from cargohold.cache.store import BlobStore, FsBlobStore
 from cargohold.errors import ManifestUnknown, UpstreamUnavailable
 from cargohold.oci.digests import Digest
 from cargohold.oci.mediatypes import DOCKER_MANIFEST, FULL_ACCEPT, OCI_INDEX, OCI_MANIFEST, parse_accept
+from cargohold.pull import recent
 from cargohold.pull.links import Links
 from cargohold.pull.manifests import Manifests
 from cargohold.pull.tags import Tags
@@ -153,14 +154,31 @@ async def test_twenty_gets_of_a_new_tag_make_one_remote_get_then_none(pull: Pull
 
 
 async def test_hot_manifest_bytes_are_served_only_while_the_index_holds_the_manifest(pull: Pull) -> None:
-    """Warm hits skip the file read (a worker-thread hop each); eviction removes the index row first, so a
-    manifest evicted from the cache is never answered from memory: it is fetched again."""
+    """Warm hits skip the file read (a worker-thread hop each); eviction removes the index row first and,
+    in this process, forgets the manifest, so an evicted manifest is never answered from memory: it is
+    fetched again."""
     remote = SpyRemote()
     await pull.manifests.get(remote, IMAGE_DIGEST)
     for _ in range(3):
         assert (await pull.manifests.get(remote, IMAGE_DIGEST)).cache == "hit"
     assert pull.store.calls["load"] == 0 and remote.calls == Counter(get_manifest=1)
     await pull.index.inner.forget("manifests", str(IMAGE_DIGEST))  # what eviction does before the file goes
+    pull.manifests.forget(IMAGE_DIGEST)  # and what this process's evictor tells the manifests
+    again = await pull.manifests.get(remote, IMAGE_DIGEST)
+    assert again.cache == "miss" and remote.calls == Counter(get_manifest=2)
+
+
+async def test_a_manifest_removed_by_another_process_is_not_served_a_second_later(
+    pull: Pull, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker's eviction or the cache CLI removes the row only: the row read within the last
+    second may still answer, never one read longer ago."""
+    remote = SpyRemote()
+    await pull.manifests.get(remote, IMAGE_DIGEST)
+    assert (await pull.manifests.get(remote, IMAGE_DIGEST)).cache == "hit"  # the row is read and kept
+    await pull.index.inner.forget("manifests", str(IMAGE_DIGEST))
+    later = time.monotonic() + 1.0
+    monkeypatch.setattr(recent, "monotonic", lambda: later)
     again = await pull.manifests.get(remote, IMAGE_DIGEST)
     assert again.cache == "miss" and remote.calls == Counter(get_manifest=2)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Hashable
+from time import monotonic
 from typing import Generic, TypeVar
 
 # Upstream answers remembered per process in each table.
@@ -73,12 +73,12 @@ class Fresh(Generic[K, V]):
 
     def get(self, key: K) -> V | None:
         found = self._rows.get(key)
-        if found is None or time.monotonic() >= found[0]:
+        if found is None or monotonic() >= found[0]:
             return None
         return found[1]
 
     def put(self, key: K, value: V) -> None:
-        self._rows.put(key, (time.monotonic() + self._seconds, value))
+        self._rows.put(key, (monotonic() + self._seconds, value))
 
     def forget(self, key: K) -> None:
         self._rows.pop(key)
