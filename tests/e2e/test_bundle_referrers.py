@@ -5,7 +5,6 @@ referrers API and serves it and its blob by digest; skopeo still reads the bundl
 from __future__ import annotations
 
 import json
-import subprocess
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,7 @@ from test_artifacts import _signed_subject
 
 from cacheops import cli
 from rig.artifacts import OCI_INDEX, OCI_MANIFEST
-from rig.clients import need_binary
+from rig.clients import skopeo_copy
 from rig.hub import Hub
 from rig.server import Cargohold
 
@@ -53,12 +52,5 @@ def test_exported_referrers_are_listed_and_pulled_offline_after_import(
     assert hub.count(service=None) == 0
     assert "Traceback" not in target.log_text() + source.log_text()
 
-    skopeo = need_binary("skopeo")
-    copied = tmp_path / "from-bundle"
-    subprocess.run(
-        [skopeo, "--insecure-policy", "copy", f"oci-archive:{bundle}:docker.io/acme/signed:1.0", f"dir:{copied}"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    assert json.loads((copied / "manifest.json").read_bytes())["config"]
+    copied = skopeo_copy(f"oci-archive:{bundle}:docker.io/acme/signed:1.0", tmp_path / "from-bundle")
+    assert json.loads(copied.manifest)["config"]

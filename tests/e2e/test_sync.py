@@ -36,6 +36,16 @@ def _manifest(srv: Cargohold, repo: str, tag: str) -> tuple[int, bytes, dict[str
     return res.status, res.body, res.headers
 
 
+def _ran_at_start(srv: Cargohold, entry: str) -> None:
+    """Until the sync entry's run at start-up (it never ran) has succeeded and what it fetched is stored."""
+    wait_until(
+        lambda: sample(metrics(srv.url), "cargohold_sync_last_success", entry=entry) == 1,
+        timeout=60,
+        what="the scheduled sync run at start-up",
+    )
+    settled(srv)
+
+
 def test_sync_fetches_new_tags_and_revalidates_unchanged_ones_with_heads_only(
     cargohold: Factory, hub: Hub, tmp_path: Path
 ) -> None:
@@ -45,12 +55,7 @@ def test_sync_fetches_new_tags_and_revalidates_unchanged_ones_with_heads_only(
         hub.push_image(image, repo, tag)
     # Changed from the defaults: a sync entry (the point of the test). It runs at start-up, as it never ran.
     srv = cargohold(sync=[{"name": "team", "images": [f"{repo}:7.*"]}])
-    wait_until(
-        lambda: sample(metrics(srv.url), "cargohold_sync_last_success", entry="team") == 1,
-        timeout=60,
-        what="the scheduled sync run at start-up",
-    )
-    settled(srv)
+    _ran_at_start(srv, "team")
     kept = stored(srv)
     assert _content(v70) | _content(v71) <= kept
     assert not _content(v80) & kept, "a tag the pattern does not match was synced"
@@ -156,12 +161,7 @@ def test_sync_takes_latest_of_an_image_without_a_tag_and_only_the_platforms_aske
     here, there = index.child(I.local_arch()), index.child(I.other_arch())
     # Changed from the defaults: a sync entry of one platform (the point of the test).
     srv = cargohold(sync=[{"name": "one", "images": ["acme/multiarch"], "platforms": [f"linux/{I.local_arch()}"]}])
-    wait_until(
-        lambda: sample(metrics(srv.url), "cargohold_sync_last_success", entry="one") == 1,
-        timeout=60,
-        what="the scheduled sync run at start-up",
-    )
-    settled(srv)
+    _ran_at_start(srv, "one")
     kept = stored(srv)
     assert {index.digest} | _content(here) <= kept
     assert not set(there.blob_digests) & kept, "a platform not asked for was synced"

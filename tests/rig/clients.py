@@ -86,7 +86,7 @@ class CopyResult:
 
 
 def _docker_ref(src: str) -> str:
-    return src if "://" in src or src.startswith(("docker:", "oci:", "dir:")) else f"docker://{src}"
+    return src if "://" in src or src.startswith(("docker:", "oci:", "oci-archive:", "dir:")) else f"docker://{src}"
 
 
 def skopeo_copy(
