@@ -18,13 +18,12 @@ from pathlib import Path
 import redis.asyncio as redis
 
 from cargohold.cache.index import Index
+from cargohold.cache.peers import RELEASE_SCRIPT
 from cargohold.cache.redisindex import RedisIndex
 
 log = logging.getLogger("cargohold.sync")
 
 MAX_ERRORS = 10
-# Deletes the Redis lock only if it is still ours (it expires by itself after `every`).
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 @dataclass(slots=True)
@@ -114,8 +113,8 @@ class RunLock:
     async def release(self) -> None:
         try:
             if self._client is not None:
-                with contextlib.suppress(redis.RedisError):
-                    await self._client.eval(_RELEASE, 1, self._key, self._token)
+                with contextlib.suppress(redis.RedisError):  # deleted only if still ours; it expires anyway
+                    await self._client.eval(RELEASE_SCRIPT, 1, self._key, self._token)
         finally:
             self._unlock_file()
 
