@@ -10,6 +10,7 @@ from cargohold.errors import DigestInvalid
 
 _ALGORITHMS = {"sha256": 64, "sha512": 128}
 _SHAPE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+_HEX = re.compile(r"[a-f0-9]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +33,7 @@ class Digest:
         algorithm, _, hexpart = text.partition(":")
         if algorithm not in _ALGORITHMS:
             raise DigestInvalid(f"unsupported digest algorithm {algorithm!r}", {"digest": text})
-        if len(hexpart) != _ALGORITHMS[algorithm] or not re.fullmatch(r"[a-f0-9]+", hexpart):
+        if len(hexpart) != _ALGORITHMS[algorithm] or not _HEX.fullmatch(hexpart):
             raise DigestInvalid(f"invalid {algorithm} digest", {"digest": text})
         return cls(algorithm, hexpart)
 
