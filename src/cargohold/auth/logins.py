@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import logging
 import time
@@ -48,7 +49,16 @@ def basic_credentials(header: str) -> tuple[str, str] | None:
 
 def login_key(user: str, address: ClientAddress) -> str:
     """The throttle key of one user name from one address: a digest, so a long name costs no memory."""
+    if valid_username(user):  # at most 255 characters: remembered, as a client sending Basic asks on every request
+        return _valid_login_key(user, address)
+    return _digest_key(user, address)
+
+
+def _digest_key(user: str, address: ClientAddress) -> str:
     return f"login:{address}/{hashlib.sha256(user.encode(errors='replace')).hexdigest()[:24]}"
+
+
+_valid_login_key = functools.lru_cache(maxsize=4096)(_digest_key)
 
 
 class Logins:
