@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
 
 from cargohold.auth.acl import Acl
 from cargohold.auth.htpasswd import HtpasswdError, Users
-from cargohold.auth.logins import Logins, basic_credentials
+from cargohold.auth.logins import Logins
 from cargohold.auth.tokens import ExpiredToken, InvalidToken, Tokens, load_or_create_key
 from cargohold.config import ConfigError, Settings
 from cargohold.errors import Unauthorized
@@ -18,6 +19,7 @@ from cargohold.tasks import Tasks
 log = logging.getLogger("cargohold.auth")
 
 
+@functools.lru_cache(maxsize=1024)  # one per user's hash, asked for on every request a user sends
 def password_fingerprint(stored_hash: bytes) -> str:
     """Ties a token (access or refresh) to the password it was issued under: a SHA-256 a check costs
     microseconds of, and no use for guessing the password."""
@@ -77,10 +79,8 @@ class Auth:
             if self.acl.anonymous_allowed(anonymous.address):
                 return None
             raise Unauthorized("authentication required")
-        creds = basic_credentials(authorization)
-        if creds is None:
-            raise Unauthorized("unsupported credentials; use Basic (user name and password) or a Bearer token")
-        return await self.login_password(anonymous, *creds)
+        user, stored = await self.logins.check_basic(authorization, anonymous.address)
+        return Proof(user, password_fingerprint(stored))
 
     async def login_password(self, anonymous: Identity, user: str, password: str) -> Proof:
         """The user of Basic credentials or of an OAuth2 `grant_type=password` form, checked and throttled."""

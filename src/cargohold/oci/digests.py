@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -28,14 +29,7 @@ class Digest:
 
     @classmethod
     def parse(cls, text: str) -> Digest:
-        if len(text) > 256 or not _SHAPE.match(text):
-            raise DigestInvalid("invalid digest", {"digest": text[:256]})
-        algorithm, _, hexpart = text.partition(":")
-        if algorithm not in _ALGORITHMS:
-            raise DigestInvalid(f"unsupported digest algorithm {algorithm!r}", {"digest": text})
-        if len(hexpart) != _ALGORITHMS[algorithm] or not _HEX.fullmatch(hexpart):
-            raise DigestInvalid(f"invalid {algorithm} digest", {"digest": text})
-        return cls(algorithm, hexpart)
+        return _parse(text)
 
     @classmethod
     def parse_or_none(cls, text: str | None) -> Digest | None:
@@ -53,3 +47,15 @@ class Digest:
 def looks_like_digest(reference: str) -> bool:
     """A manifest reference with a colon is a digest (tags cannot contain one)."""
     return ":" in reference
+
+
+@functools.lru_cache(maxsize=4096)  # a warm hit parses the digests of its tag and blobs again and again
+def _parse(text: str) -> Digest:
+    if len(text) > 256 or not _SHAPE.match(text):
+        raise DigestInvalid("invalid digest", {"digest": text[:256]})
+    algorithm, _, hexpart = text.partition(":")
+    if algorithm not in _ALGORITHMS:
+        raise DigestInvalid(f"unsupported digest algorithm {algorithm!r}", {"digest": text})
+    if len(hexpart) != _ALGORITHMS[algorithm] or not _HEX.fullmatch(hexpart):
+        raise DigestInvalid(f"invalid {algorithm} digest", {"digest": text})
+    return Digest(algorithm, hexpart)
