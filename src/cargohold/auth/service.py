@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cargohold.auth.acl import Acl
+from cargohold.auth.expiring import Expiring
 from cargohold.auth.htpasswd import HtpasswdError, Users
 from cargohold.auth.logins import Logins
 from cargohold.auth.tokens import ExpiredToken, InvalidToken, Tokens, load_or_create_key
@@ -34,12 +35,25 @@ class Proof:
     fingerprint: str
 
 
+# How long a request's admission is remembered (`Auth.admitted`), and for how many different requests.
+ADMITTED_FOR = 1.0
+MAX_ADMITTED = 10_000
+# Longer Authorization headers are checked afresh each time rather than remembered whole.
+MAX_ADMITTED_HEADER = 4096
+# (Authorization header, client address, Host, repository name, ?ns=): what a request's admission depends on.
+AdmissionKey = tuple[str, ClientAddress, str, str | None, str | None]
+
+
 @dataclass
 class Auth:
     users: Users
     logins: Logins
     tokens: Tokens
     acl: Acl
+    # Who requests were let in as, for ADMITTED_FOR seconds: a client sends the same credentials for every
+    # request of a pull, and checking them and the rules again was a fifth of a warm hit's cost. A removed
+    # user, a changed password, a newly throttled address or an expired token is refused within that time.
+    admitted: Expiring[AdmissionKey, Identity] = field(default_factory=lambda: Expiring(MAX_ADMITTED))
 
     @classmethod
     def open(cls, settings: Settings, tasks: Tasks) -> Auth:
