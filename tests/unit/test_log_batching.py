@@ -126,3 +126,22 @@ def test_access_lines_go_direct_only_where_logging_would_send_them_to_that_handl
     access.filters.clear()
     handler.setLevel(logging.WARNING)
     assert direct_access(access) is None
+
+
+def test_a_handler_outlives_the_loops_it_batched_for(logger: tuple[logging.Logger, LoopBatched, Writes]) -> None:
+    """The remembered loop is only used while it runs in this thread: a later loop batches its own lines,
+    and with none running a line goes out at once."""
+    top, _, stream = logger
+
+    async def log_one(text: str) -> None:
+        top.info(text)
+        await asyncio.sleep(0)
+
+    asyncio.run(log_one("first loop"))
+    asyncio.run(log_one("second loop"))
+    top.info("no loop")
+    assert [line.split(" INFO ")[1] for line in stream.getvalue().splitlines()] == [
+        "batching-test first loop",
+        "batching-test second loop",
+        "batching-test no loop",
+    ]
