@@ -186,7 +186,7 @@ async def _until(what: str, done: Callable[[], bool]) -> None:
 
 async def _a_downloads(workers: Workers, path: str) -> asyncio.Task[bytes]:
     """A client of worker A starts the download and reads what it can (the test looks at B's client);
-    returns once A has published its temp file for the other workers."""
+    returns once A holds the download's lock (B finds A's publication by itself, whenever it comes)."""
 
     async def fetch() -> bytes:
         async with Client.send(workers.a, path) as client:
@@ -198,7 +198,7 @@ async def _a_downloads(workers: Workers, path: str) -> asyncio.Task[bytes]:
 
     task = asyncio.ensure_future(fetch())
     await workers.upstream.started.wait()
-    await _until("A to publish its download", lambda: any((workers.data_dir / "locks").glob("*.json")))
+    await _until("A to hold the download's lock", lambda: any((workers.data_dir / "locks").glob("sha256-*[0-9a-f]")))
     return task
 
 
