@@ -256,13 +256,17 @@ async def test_a_range_and_a_head_follow_the_other_workers_download(
         assert upstream.gets == 1
 
 
-async def test_a_follower_in_another_worker_is_cut_off_when_the_download_proves_bad(
-    tmp_path: Path, server_log: Callable[[], str]
+@pytest.mark.parametrize("failure", ["bad digest", "upstream cut"])
+async def test_a_follower_in_another_worker_is_cut_off_when_the_download_fails(
+    tmp_path: Path, failure: str, server_log: Callable[[], str]
 ) -> None:
-    """The upstream sends bytes that do not match the digest: B's client, which has bytes already, gets a
-    cut connection (never the whole body), and nothing is cached."""
+    """The upstream sends bytes that do not match the digest, or breaks the connection halfway: B's
+    client, which has bytes already, gets a cut connection (never the whole body), and nothing is cached."""
     data = os.urandom(SIZE)
-    upstream = GatedUpstream(digest_of(b"what the upstream should have sent"), data)
+    if failure == "bad digest":
+        upstream = GatedUpstream(digest_of(b"what the upstream should have sent"), data)
+    else:
+        upstream = GatedUpstream(digest_of(data), data, ends=["abort"])
     path = f"/v2/library/app/blobs/{upstream.digest}"
     async with two_workers(tmp_path, upstream) as workers:
         a_client = await _a_downloads(workers, path)
