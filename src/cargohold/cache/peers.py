@@ -125,6 +125,10 @@ class Peers(abc.ABC):
                 await lease.release()
                 return found
             publication = await self.published(digest, store) if follow else None
+            if not waited:
+                what = "following its download" if publication else "waiting for it to land"
+                log.info("another replica is fetching %s; %s", digest, what)
+                waited = True
             if publication is not None:
                 self.waits["followed"] += 1
                 return publication
@@ -134,9 +138,6 @@ class Peers(abc.ABC):
                     "waited %.0fs for another replica's download of %s; fetching it here too", self.wait, digest
                 )
                 return None
-            if not waited:
-                log.info("another replica is fetching %s; waiting for it to land", digest)
-                waited = True
             await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
             delay = min(delay * 2, POLL_MAX)
 
