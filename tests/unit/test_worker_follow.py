@@ -10,9 +10,13 @@ state the next one needs.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
+import json
 import os
+import signal
 import ssl
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,8 +29,10 @@ from blobmirror import server_log_fixture  # noqa: F401 - a fixture
 
 from cargohold.app import build_app
 from cargohold.cache.download import CHUNK
+from cargohold.cache.filelocks import FileLocks
 from cargohold.config import Settings
 from cargohold.keys import PROXY
+from cargohold.oci.digests import Digest
 from cargohold.proxy import PullThrough
 from rig.certs import TestCA
 
@@ -104,15 +110,16 @@ class Workers:
 
 
 @asynccontextmanager
-async def two_workers(tmp_path: Path, upstream: GatedUpstream, *, tls: bool = False) -> AsyncIterator[Workers]:
-    """Two cargohold apps on one data_dir with `workers: 2` (the setting under test), else shipped defaults;
-    with `tls`, worker B's clients reach it over TLS (its follower copies instead of sendfile)."""
+async def two_workers(
+    tmp_path: Path, upstream: GatedUpstream, *, tls: bool = False, **config: object
+) -> AsyncIterator[Workers]:
+    """Two cargohold apps on one data_dir with `workers: 2` (the setting under test), else shipped defaults
+    but for `config`; with `tls`, worker B's clients reach it over TLS (its follower copies, no sendfile)."""
     hub = TestServer(upstream.app(), host="127.0.0.1")
     await hub.start_server()
     data_dir = tmp_path / "data"
-    settings = Settings.model_validate(
-        {"data_dir": str(data_dir), "workers": 2, "upstreams": [{"name": "docker.io", "url": str(hub.make_url(""))}]}
-    )
+    upstreams = [{"name": "docker.io", "url": str(hub.make_url(""))}]
+    settings = Settings.model_validate({"data_dir": str(data_dir), "workers": 2, "upstreams": upstreams, **config})
     server_tls = client_tls = None
     if tls:
         ca = TestCA.create()
@@ -305,3 +312,45 @@ async def test_a_download_that_fails_before_a_byte_went_out_is_fetched_by_the_fo
         assert await a_client == b""
         assert upstream.gets == 2
         await _until("B's download to land", lambda: len(workers.stored()) == 1)
+
+
+async def test_a_follower_whose_holder_died_before_a_byte_fetches_the_blob_itself(
+    tmp_path: Path, server_log: Callable[[], str]
+) -> None:
+    """Another worker took the lock, published its temp file and was killed (SIGKILL: nothing cleaned up, the
+    file stays as it was): B's client, which got nothing yet, is served a download of B's own, long before
+    `index.peer_wait` (set far above this test's bounds, so only noticing the holder's death can pass)."""
+    data = os.urandom(SIZE)
+    upstream = GatedUpstream(digest_of(data), data)
+    upstream.go_on.set()
+    path = f"/v2/library/app/blobs/{upstream.digest}"
+    async with two_workers(tmp_path, upstream, index={"peer_wait": "1h"}) as workers:
+        peers = workers.proxy(workers.b).peers
+        assert isinstance(peers, FileLocks)
+        lock = peers.key(Digest.parse(upstream.digest))
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the holder: takes the lock, publishes an empty temp file, says so, waits to be killed
+            os.close(ready_r)
+            held = os.open(lock, os.O_RDWR | os.O_CREAT)
+            fcntl.flock(held, fcntl.LOCK_EX)
+            fd, temp = tempfile.mkstemp(dir=workers.data_dir / "tmp", prefix="dl-")
+            published = {"temp": temp, "inode": os.fstat(fd).st_ino, "size": SIZE, "pid": os.getpid(), "source": None}
+            out = os.open(f"{lock}.json", os.O_WRONLY | os.O_CREAT, 0o640)
+            os.write(out, json.dumps(published).encode())
+            os.write(ready_w, b"x")
+            signal.pause()
+            os._exit(0)
+        os.close(ready_w)
+        assert os.read(ready_r, 1) == b"x"
+        os.close(ready_r)
+        async with Client.send(workers.b, path) as b_client:
+            try:
+                await _until("B to follow the holder's download", lambda: peers.waits["followed"] == 1)
+            finally:
+                os.kill(pid, signal.SIGKILL)
+                await asyncio.to_thread(os.waitpid, pid, 0)
+            await b_client.head()
+            assert b_client.status == 200
+            assert await b_client.body(SIZE) == data
+        assert upstream.gets == 1
