@@ -10,7 +10,6 @@ state the next one needs.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
 import json
 import os
@@ -26,6 +25,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from blobmirror import server_log_fixture  # noqa: F401 - a fixture
+from lockholder import hold_in_child
 
 from cargohold.app import build_app
 from cargohold.cache.download import CHUNK
@@ -328,22 +328,14 @@ async def test_a_follower_whose_holder_died_before_a_byte_fetches_the_blob_itsel
         peers = workers.proxy(workers.b).peers
         assert isinstance(peers, FileLocks)
         lock = peers.key(Digest.parse(upstream.digest))
-        ready_r, ready_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the holder: takes the lock, publishes an empty temp file, says so, waits to be killed
-            os.close(ready_r)
-            held = os.open(lock, os.O_RDWR | os.O_CREAT)
-            fcntl.flock(held, fcntl.LOCK_EX)
+
+        def publish_an_empty_file() -> None:
             fd, temp = tempfile.mkstemp(dir=workers.data_dir / "tmp", prefix="dl-")
             published = {"temp": temp, "inode": os.fstat(fd).st_ino, "size": SIZE, "pid": os.getpid(), "source": None}
             out = os.open(f"{lock}.json", os.O_WRONLY | os.O_CREAT, 0o640)
             os.write(out, json.dumps(published).encode())
-            os.write(ready_w, b"x")
-            signal.pause()
-            os._exit(0)
-        os.close(ready_w)
-        assert os.read(ready_r, 1) == b"x"
-        os.close(ready_r)
+
+        pid = hold_in_child(lock, publish_an_empty_file)
         async with Client.send(workers.b, path) as b_client:
             try:
                 await _until("B to follow the holder's download", lambda: peers.waits["followed"] == 1)
