@@ -3,9 +3,10 @@ its size, digest and how the cache answered, and sends itself.
 
 Four ways a body leaves: a local file (sendfile on plain TCP, pread under TLS), an object in a
 bucket (streamed through, or a redirect to a presigned URL), a download in progress that the
-client follows at its own pace, or another worker's download followed through its temp file. A HEAD answers from the size alone. `send` writes the whole
-response before it returns, so whoever awaits it (the rate limit's connection slot) holds on
-until the client has its bytes, and the response aiohttp gets back is already finished.
+client follows at its own pace, or another worker's download, followed through its temp file.
+A HEAD answers from the size alone. `send` writes the whole response before it returns, so
+whoever awaits it (the rate limit's connection slot) holds on until the client has its bytes,
+and the response aiohttp gets back is already finished.
 """
 
 from __future__ import annotations
