@@ -37,6 +37,10 @@ LEASE = 60.0
 class FileLocks(Peers):
     """Download locks as files under `directory`, one per digest being fetched."""
 
+    # A look at a local lock is a few syscalls: look often, so that a waiter finds the holder's publication
+    # (and follows its download) soon after the upstream answered.
+    poll_max = 0.1
+
     def __init__(self, directory: Path, wait: float) -> None:
         super().__init__(wait, LEASE)
         directory.mkdir(parents=True, exist_ok=True, mode=0o750)

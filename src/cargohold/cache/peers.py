@@ -69,6 +69,8 @@ class Lease:
 class Peers(abc.ABC):
     """Download locks per digest shared with other processes: take one, or wait for its holder's download."""
 
+    poll_max = POLL_MAX  # the longest pause between two looks at a held lock
+
     def __init__(self, wait: float, lease: float) -> None:
         self.wait = wait
         self.lease = lease
@@ -139,7 +141,7 @@ class Peers(abc.ABC):
                 )
                 return None
             await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
-            delay = min(delay * 2, POLL_MAX)
+            delay = min(delay * 2, self.poll_max)
 
 
 class RedisPeers(Peers):
