@@ -18,7 +18,8 @@ from cargohold.config import Settings
 from cargohold.errors import StorageUnavailable
 from cargohold.handlers.metrics import count_response, metrics_listener
 from cargohold.handlers.target import stamp_namespace
-from cargohold.keys import METRICS, PROXY, RATE_LIMITER, SETTINGS, SYNC, TASKS
+from cargohold.keys import METRICS, PROXY, RATE_LIMITER, REQUEST_IDS, SETTINGS, SYNC, TASKS
+from cargohold.logs import RequestIds
 from cargohold.metrics import Metrics
 from cargohold.middleware.auth import authenticate
 from cargohold.middleware.observe import observe, stamp_headers
@@ -49,17 +50,24 @@ def build_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics([u.name for u in settings.upstreams], settings.cache.max_size)
     app[TASKS] = Tasks()
+    app[REQUEST_IDS] = RequestIds()
     app.cleanup_ctx.append(_rate_limiter)
     app.cleanup_ctx.append(_pull_through)
     app.cleanup_ctx.append(_supervise)
     if settings.auth is not None:
         app.cleanup_ctx.append(auth_context)
-    app.on_response_prepare.append(stamp_headers)
-    app.on_response_prepare.append(stamp_namespace)
     app.cleanup_ctx.append(metrics_listener)
-    app.on_response_prepare.append(count_response)
+    app.on_response_prepare.append(_stamp_and_count)
     add_routes(app)
     return app
+
+
+async def _stamp_and_count(request: web.Request, response: web.StreamResponse) -> None:
+    """Just before any response's headers go out (streamed ones too): its common headers, and its count.
+    One hook, not three: each hook is a coroutine per response."""
+    stamp_headers(request, response)
+    stamp_namespace(request, response)
+    count_response(request, response)
 
 
 async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from cargohold.auth.service import Auth
 from cargohold.config import Settings
+from cargohold.logs import RequestIds
 from cargohold.metrics import Metrics
 from cargohold.proxy import PullThrough
 from cargohold.ratelimit.limiter import RateLimiter
@@ -19,6 +20,7 @@ AUTH = web.AppKey("auth", Auth)  # only when `auth` is configured
 METRICS = web.AppKey("metrics", Metrics)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 SYNC = web.AppKey("sync", Scheduler)  # the sync entries (none configured: none)
+REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 TASKS = web.AppKey("tasks", Tasks)  # every background task of the app: cancelled and awaited at shutdown
 
 # Per request: its id, how the cache answered (hit/miss/stale, for the access log), its target.

@@ -74,8 +74,18 @@ def kind_of_route(route: str) -> str:
     return "-"
 
 
-# Labelled children of the per-response counters kept looked up (`Metrics._child`).
+# Kinds of response whose counters are kept looked up (`Metrics._counts_of`).
 MAX_CHILDREN = 1000
+
+
+@dataclass(slots=True)
+class _ResponseCounts:
+    """The labelled counters one kind of response adds to: requests, the cache outcome (manifest, blob and
+    referrers GETs), and served bytes with the name of their lasting counter (a 200 or 206 of those)."""
+
+    request: Counter
+    cache: Counter | None = None
+    source: tuple[Counter, str] | None = None
 
 
 class Metrics:
@@ -160,7 +170,7 @@ class Metrics:
         self.started = time.time()
         self._shared_dir = os.environ.get(MULTIPROC_ENV)
         self._own: list[Collector] = []  # collectors of live objects, registered here and in a workers' scrape
-        self._children: dict[tuple[object, ...], Counter] = {}
+        self._counts: dict[tuple[str, str, int, str], _ResponseCounts] = {}
 
     def attach(self, index: Index, proxy: PullThrough) -> None:
         """Read cache size and single-flight figures from the live objects at every scrape."""
@@ -180,33 +190,35 @@ class Metrics:
     def _lasting(self, name: str, value: float) -> None:
         """Also add to the index's counters (hit, miss, stale, bytes_cache, bytes_upstream), which survive restarts."""
         if self.index is not None:
-            self.index.add_counts({name: value})
+            self.index.add_count(name, value)
 
     # responses
 
-    def _child(self, metric: Counter, *labels: str) -> Counter:
-        """`metric.labels(*labels)`, looked up once: labels() takes a lock and builds a tuple, on every
-        request. Only the first MAX_CHILDREN label sets are kept (a client chooses the method)."""
-        key = (metric, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = metric.labels(*labels)
-            if len(self._children) < MAX_CHILDREN:
-                self._children[key] = child
-        return child
-
     def response(self, request: web.BaseRequest, response: web.StreamResponse, outcome: str) -> None:
-        route = route_of(request)
-        self._child(self.requests, route, request.method, str(response.status)).inc()
-        kind = kind_of_route(route)
-        if kind == "-" or request.method != "GET" or outcome not in ("hit", "miss", "stale"):
+        key = (route_of(request), request.method, response.status, outcome)
+        counts = self._counts.get(key) or self._counts_of(*key)
+        counts.request.inc()
+        if counts.cache is None:
             return
-        self._child(self.cache, kind, outcome).inc()
+        counts.cache.inc()
         self._lasting(outcome, 1)
-        if response.status in (200, 206) and response.content_length:
-            source = "upstream" if outcome == "miss" else "cache"
-            self._child(self.served_bytes, source).inc(response.content_length)
-            self._lasting("bytes_" + source, response.content_length)
+        if counts.source is not None and response.content_length:
+            counts.source[0].inc(response.content_length)
+            self._lasting(counts.source[1], response.content_length)
+
+    def _counts_of(self, route: str, method: str, status: int, outcome: str) -> _ResponseCounts:
+        """The counters a response of this kind adds to, looked up once (labels() takes a lock and builds a
+        tuple). Only the first MAX_CHILDREN kinds are kept (a client chooses the method)."""
+        counts = _ResponseCounts(self.requests.labels(route, method, str(status)))
+        kind = kind_of_route(route)
+        if kind != "-" and method == "GET" and outcome in ("hit", "miss", "stale"):
+            counts.cache = self.cache.labels(kind, outcome)
+            if status in (200, 206):
+                source = "upstream" if outcome == "miss" else "cache"
+                counts.source = (self.served_bytes.labels(source), "bytes_" + source)
+        if len(self._counts) < MAX_CHILDREN:
+            self._counts[(route, method, status, outcome)] = counts
+        return counts
 
     # the UpstreamClient observer
 

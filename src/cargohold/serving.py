@@ -17,6 +17,7 @@ from cargohold import __version__
 from cargohold.app import build_app
 from cargohold.config import Settings, split_host_port
 from cargohold.keys import SETTINGS
+from cargohold.logs import ACCESS_LOGGER
 from cargohold.middleware.observe import AccessLogger
 from cargohold.tasks import Tasks
 from cargohold.tls.acme import AcmeManager
@@ -80,7 +81,7 @@ async def _start(
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,
-        access_log=logging.getLogger("cargohold.access"),
+        access_log=logging.getLogger(ACCESS_LOGGER),
         shutdown_timeout=SHUTDOWN_TIMEOUT,
         # Bounds idle and slow-header (slowloris) connections: aiohttp closes a connection that
         # has no complete request this long after it opened or after its last response.

@@ -274,6 +274,49 @@ async def test_removed_user_is_refused_without_restart(make_client: Any, tmp_pat
     assert (await client.get("/v2/", headers=basic("alice"))).status == 200
 
 
+async def test_a_changed_password_stops_a_remembered_basic_header_at_once(make_client: Any, tmp_path: Path) -> None:
+    """A Basic header proven once is not checked again within a minute (`Logins.check_basic`), but only
+    while its user's hash is the one it was proven against."""
+    make, _ = make_client
+    client = await make({})
+    assert (await client.get("/v2/library/alpine/tags/list", headers=basic("bob"))).status == 200
+    htpasswd.set_user(tmp_path / "htpasswd", "bob", htpasswd.hash_password("new-pw", rounds=4))
+    users = client.server.app[AUTH].users
+    old = users.hash_of("bob")
+    for _ in range(100):  # the watcher rereads the file every second
+        if users.hash_of("bob") != old:
+            break
+        await asyncio.sleep(0.1)
+    assert (await client.get("/v2/library/alpine/tags/list", headers=basic("bob"))).status == 401
+    assert (await client.get("/v2/library/alpine/tags/list", headers=basic("bob", "new-pw"))).status == 200
+
+
+async def test_an_admission_is_remembered_for_its_credentials_address_and_repository_only(
+    make_client: Any, monkeypatch: Any
+) -> None:
+    """`Auth.admitted`: the same credentials from the same address for the same repository are not checked
+    again within the second; a token for one repository never lets another in through it."""
+    make, _ = make_client
+    client = await make({})
+    auth = client.server.app[AUTH]
+    checked: list[str] = []
+    real = auth.tokens.verify
+
+    def counting(token: str) -> Any:
+        checked.append(token)
+        return real(token)
+
+    monkeypatch.setattr(auth.tokens, "verify", counting)
+    token = await _token(client, "repository:library/alpine:pull", user="bob")
+    for _ in range(3):
+        assert (await client.get("/v2/library/alpine/tags/list", headers=bearer(token))).status == 200
+    assert len(checked) == 1
+    resp = await client.get("/v2/library/busybox/tags/list", headers=bearer(token))
+    assert resp.status == 401 and 'error="insufficient_scope"' in resp.headers["WWW-Authenticate"]
+    assert (await client.get("/v2/library/alpine/tags/list", headers=from_ip("192.0.2.5", bearer(token)))).status == 200
+    assert len(checked) == 3  # another repository, another address: checked
+
+
 async def test_a_bad_htpasswd_line_is_left_out_not_fatal(make_client: Any, tmp_path: Path, caplog: Any) -> None:
     """Issue 21.13: one bad line (here what `user add $'mallory\\n'` wrote before the fix) used to stop
     the start; now it is logged and left out, and every other user logs in."""

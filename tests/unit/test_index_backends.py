@@ -88,10 +88,11 @@ async def test_links_and_counters(index: Index) -> None:
     await index.put_link(UP, REPO, A)
     await index.put_link(UP, REPO, A)
     assert await index.has_link(UP, REPO, A) and not await index.has_link(UP, "other/repo", A)
-    index.add_counts({"hit": 2, "bytes_cache": 1.5})
-    index.add_counts({"hit": 1})
+    index.add_count("hit", 2)
+    index.add_count("bytes_cache", 1.5)
+    index.add_count("hit", 1)
     await index.flush()
-    index.add_counts({"miss": 1})
+    index.add_count("miss", 1)
     await index.flush()
     assert await index.counters() == {"hit": 3, "bytes_cache": 1.5, "miss": 1}
 

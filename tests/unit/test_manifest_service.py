@@ -301,6 +301,7 @@ async def test_refreshing_a_tag_nobody_asked_about_lately_is_deferrable(
     quota is at its reserve; one asked about within tag_ttl may not."""
     clock = [1_000_000.0]
     monkeypatch.setattr(time, "time", lambda: clock[0])
+    monkeypatch.setattr(recent, "monotonic", lambda: clock[0])  # the hits of the last second lapse too
     remote = SpyRemote(tag_ttl=600)
     await pull.tags.get(remote, "image", EVERYTHING)
     clock[0] += 400
@@ -311,3 +312,48 @@ async def test_refreshing_a_tag_nobody_asked_about_lately_is_deferrable(
     clock[0] += 1000
     await pull.tags.get(remote, "image", EVERYTHING)  # nobody asked within tag_ttl
     assert remote.deferred == 1 and remote.calls["head_manifest"] == 2
+
+
+async def test_a_hit_is_remembered_for_a_second_for_get_and_head(pull: Pull, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Tags._hits`: within the second after a hit, GETs and HEADs of the tag with the same Accept read nothing
+    again (each still counted as a pull of the tag); after it the rows are read as before."""
+    remote = SpyRemote()
+    await pull.tags.get(remote, "multi", EVERYTHING)
+    assert (await pull.tags.get(remote, "multi", EVERYTHING)).cache == "hit"  # remembered now
+    pull.index.calls.clear()
+    for _ in range(5):
+        assert (await pull.tags.get(remote, "multi", EVERYTHING)).body == INDEX
+        assert (await pull.tags.head(remote, "multi", EVERYTHING)).descriptor.digest == INDEX_DIGEST
+    assert pull.index.calls == Counter(touch_tag=10)
+    assert (await pull.tags.get(remote, "multi", ONLY_SCHEMA2)).body == CHILD  # another Accept: its own answer
+    later = time.monotonic() + 1.0
+    monkeypatch.setattr(recent, "monotonic", lambda: later)
+    pull.index.calls.clear()
+    assert (await pull.tags.get(remote, "multi", EVERYTHING)).cache == "hit"
+    assert pull.index.calls["get_tag"] == 1
+
+
+async def test_a_remembered_hit_goes_with_a_tag_move_an_eviction_and_the_tag_ttl(
+    pull: Pull, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hit is not remembered past this process's move of the tag or eviction of a manifest, nor past the
+    moment the tag is due for revalidation."""
+    remote = SpyRemote()
+    await pull.tags.get(remote, "image", EVERYTHING)
+    await pull.tags.get(remote, "image", EVERYTHING)
+    remote.tags["image"] = str(INDEX_DIGEST)
+    await pull.tags.refresh(remote, "image")  # moved: the index points the tag at the index now
+    assert (await pull.tags.get(remote, "image", EVERYTHING)).body == INDEX
+    assert (await pull.tags.get(remote, "image", EVERYTHING)).cache == "hit"  # remembered again
+    await pull.index.inner.forget("manifests", str(INDEX_DIGEST))
+    pull.manifests.forget(INDEX_DIGEST)  # this process's eviction
+    assert (await pull.tags.get(remote, "image", EVERYTHING)).cache == "miss"
+    short = SpyRemote(repository="library/short", tag_ttl=0.25)
+    await pull.tags.get(short, "image", EVERYTHING)
+    await pull.tags.get(short, "image", EVERYTHING)
+    start, wall = time.monotonic(), time.time()
+    monkeypatch.setattr(recent, "monotonic", lambda: start + 0.5)  # within the second, past the hit's time
+    monkeypatch.setattr(time, "time", lambda: wall + 0.5)  # past tag_ttl
+    short.calls.clear()
+    await pull.tags.get(short, "image", EVERYTHING)
+    assert short.calls["head_manifest"] == 1  # revalidated, not answered from the remembered hit

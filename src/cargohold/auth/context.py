@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from cargohold.auth.htpasswd import Users
 from cargohold.auth.service import Auth
 from cargohold.keys import AUTH, SETTINGS, TASKS
 
@@ -19,14 +18,15 @@ RELOAD_INTERVAL = 1.0  # how soon an edit of the htpasswd file (a removed user) 
 
 async def auth_context(app: web.Application) -> AsyncIterator[None]:
     auth = app[AUTH] = Auth.open(app[SETTINGS], app[TASKS])
-    app[TASKS].spawn(_watch(auth.users), "htpasswd reload")
+    app[TASKS].spawn(_watch(auth), "htpasswd reload")
     yield
 
 
-async def _watch(users: Users) -> None:
+async def _watch(auth: Auth) -> None:
     while True:
         await asyncio.sleep(RELOAD_INTERVAL)
         try:
-            users.refresh()
+            if auth.users.refresh():
+                auth.admitted.clear()  # a removed user or a changed password counts at once
         except Exception:
-            log.exception("could not reload the htpasswd file %s", users.path)
+            log.exception("could not reload the htpasswd file %s", auth.users.path)

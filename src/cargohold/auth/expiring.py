@@ -1,4 +1,4 @@
-"""A bounded map whose entries lapse at their own deadline: the verified-login and verified-token caches."""
+"""A bounded map whose entries lapse at their own deadline: the verified-login, verified-token and admission caches."""
 
 from __future__ import annotations
 
@@ -34,3 +34,6 @@ class Expiring(Generic[K, V]):
             if len(self._entries) >= self._limit:
                 self._entries.clear()
         self._entries[key] = (until, value)
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import logging
 import time
@@ -28,6 +29,8 @@ log = logging.getLogger("cargohold.auth")
 
 CACHE_TTL = 60.0
 MAX_CACHED = 10_000
+# Longer Basic headers are checked afresh each time rather than remembered whole.
+MAX_REMEMBERED_HEADER = 1024
 ADDRESS_FACTOR = 3  # failures an address may have, in multiples of the per-login limit
 # Checked when the user does not exist, so an unknown name costs as much as a wrong password.
 _NO_SUCH_USER = b"$2b$10$CWUxvK1EDNtOZjvU.mqo5OD6F13IysETFPlm64zKloqIEP.KBe5bm"
@@ -48,7 +51,16 @@ def basic_credentials(header: str) -> tuple[str, str] | None:
 
 def login_key(user: str, address: ClientAddress) -> str:
     """The throttle key of one user name from one address: a digest, so a long name costs no memory."""
+    if valid_username(user):  # at most 255 characters: remembered, as a client sending Basic asks on every request
+        return _valid_login_key(user, address)
+    return _digest_key(user, address)
+
+
+def _digest_key(user: str, address: ClientAddress) -> str:
     return f"login:{address}/{hashlib.sha256(user.encode(errors='replace')).hexdigest()[:24]}"
+
+
+_valid_login_key = functools.lru_cache(maxsize=4096)(_digest_key)
 
 
 class Logins:
@@ -71,6 +83,7 @@ class Logins:
         self.per_address = LoginThrottle(limit * ADDRESS_FACTOR, window, clock)
         self._clock = clock
         self._verified: Expiring[bytes, bool] = Expiring(MAX_CACHED, clock)
+        self._headers: Expiring[str, tuple[str, bytes]] = Expiring(MAX_CACHED, clock)
         # One bcrypt check per (user, password, hash) at a time, however many requests bring it.
         self._checking: SingleFlight[bool] = SingleFlight(tasks, "password check")
 
@@ -97,6 +110,24 @@ class Logins:
             raise Unauthorized("wrong user name or password")
         self.per_login.succeeded(login_key(user, address))
         return stored
+
+    async def check_basic(self, header: str, address: ClientAddress) -> tuple[str, bytes]:
+        """The user of `Authorization: Basic` credentials and the stored hash they proved right against,
+        as `check`. A header proven within CACHE_TTL, its user's hash unchanged, is not decoded and
+        hashed again (a pull sends it on every request); it is still refused while throttled."""
+        known = self._headers.get(header)
+        if known is not None and self.users.hash_of(known[0]) == known[1]:
+            user = known[0]
+            self.refuse_if_throttled(address, user)
+            self.per_login.succeeded(login_key(user, address))
+            return known
+        creds = basic_credentials(header)
+        if creds is None:
+            raise Unauthorized("unsupported credentials; use Basic (user name and password) or a Bearer token")
+        stored = await self.check(*creds, address)
+        if len(header) <= MAX_REMEMBERED_HEADER:
+            self._headers.put(header, (creds[0], stored), self._clock() + CACHE_TTL)
+        return creds[0], stored
 
     def refuse_if_throttled(self, address: ClientAddress, user: str | None = None) -> None:
         """TooManyRequests while the address, or this user name from it, has failed too often."""

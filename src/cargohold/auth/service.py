@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cargohold.auth.acl import Acl
+from cargohold.auth.expiring import Expiring
 from cargohold.auth.htpasswd import HtpasswdError, Users
-from cargohold.auth.logins import Logins, basic_credentials
+from cargohold.auth.logins import Logins
 from cargohold.auth.tokens import ExpiredToken, InvalidToken, Tokens, load_or_create_key
 from cargohold.config import ConfigError, Settings
 from cargohold.errors import Unauthorized
@@ -18,6 +20,7 @@ from cargohold.tasks import Tasks
 log = logging.getLogger("cargohold.auth")
 
 
+@functools.lru_cache(maxsize=1024)  # one per user's hash, asked for on every request a user sends
 def password_fingerprint(stored_hash: bytes) -> str:
     """Ties a token (access or refresh) to the password it was issued under: a SHA-256 a check costs
     microseconds of, and no use for guessing the password."""
@@ -32,12 +35,25 @@ class Proof:
     fingerprint: str
 
 
+# How long a request's admission is remembered (`Auth.admitted`), and for how many different requests.
+ADMITTED_FOR = 1.0
+MAX_ADMITTED = 10_000
+# Longer Authorization headers are checked afresh each time rather than remembered whole.
+MAX_ADMITTED_HEADER = 4096
+# (Authorization header, client address, Host, repository name, ?ns=): what a request's admission depends on.
+AdmissionKey = tuple[str, ClientAddress, str, str | None, str | None]
+
+
 @dataclass
 class Auth:
     users: Users
     logins: Logins
     tokens: Tokens
     acl: Acl
+    # Who requests were let in as, for ADMITTED_FOR seconds: a client sends the same credentials for every
+    # request of a pull, and checking them and the rules again was a fifth of a warm hit's cost. A removed
+    # user, a changed password, a newly throttled address or an expired token is refused within that time.
+    admitted: Expiring[AdmissionKey, Identity] = field(default_factory=lambda: Expiring(MAX_ADMITTED))
 
     @classmethod
     def open(cls, settings: Settings, tasks: Tasks) -> Auth:
@@ -77,10 +93,8 @@ class Auth:
             if self.acl.anonymous_allowed(anonymous.address):
                 return None
             raise Unauthorized("authentication required")
-        creds = basic_credentials(authorization)
-        if creds is None:
-            raise Unauthorized("unsupported credentials; use Basic (user name and password) or a Bearer token")
-        return await self.login_password(anonymous, *creds)
+        user, stored = await self.logins.check_basic(authorization, anonymous.address)
+        return Proof(user, password_fingerprint(stored))
 
     async def login_password(self, anonymous: Identity, user: str, password: str) -> Proof:
         """The user of Basic credentials or of an OAuth2 `grant_type=password` form, checked and throttled."""

@@ -119,7 +119,7 @@ class Index(Protocol):
     async def put_link(self, upstream: str, repository: str, digest: str) -> None: ...
     def touch(self, table: str, digest: str) -> None: ...
     def touch_tag(self, upstream: str, repository: str, tag: str) -> None: ...
-    def add_counts(self, counts: dict[str, float]) -> None: ...
+    def add_count(self, name: str, value: float) -> None: ...
     async def counters(self) -> dict[str, float]: ...
     async def usage(self) -> Usage: ...
     async def least_recent(self, limit: int, offset: int = 0) -> list[Stored]: ...
@@ -147,7 +147,7 @@ class AccessBuffer:
         self._touched: dict[tuple[str, str], float] = {}
         self._touched_tags: dict[tuple[str, str, str], float] = {}
         self._tag_pulls: Counter[tuple[str, str, str]] = Counter()
-        self._counts: Counter[str] = Counter()
+        self._counts: dict[str, float] = {}
 
     def touch(self, table: str, digest: str) -> None:
         """Remember an access to a manifest or blob; written by the next `flush`."""
@@ -158,18 +158,18 @@ class AccessBuffer:
         self._touched_tags[(upstream, repository, tag)] = time.time()
         self._tag_pulls[(upstream, repository, tag)] += 1
 
-    def add_counts(self, counts: dict[str, float]) -> None:
-        """Add to the lasting counters (hits, misses, bytes), so figures survive restarts; written by `flush`."""
-        self._counts.update(counts)
+    def add_count(self, name: str, value: float) -> None:
+        """Add to a lasting counter (hits, misses, bytes), so figures survive restarts; written by `flush`."""
+        self._counts[name] = self._counts.get(name, 0) + value
 
     def _take(
         self,
     ) -> tuple[
-        dict[tuple[str, str], float], dict[tuple[str, str, str], float], Counter[tuple[str, str, str]], Counter[str]
+        dict[tuple[str, str], float], dict[tuple[str, str, str], float], Counter[tuple[str, str, str]], dict[str, float]
     ]:
         """What was gathered since the last flush (touched, tags, tag pulls, counts), and start afresh."""
         taken = self._touched, self._touched_tags, self._tag_pulls, self._counts
-        self._touched, self._touched_tags, self._tag_pulls, self._counts = {}, {}, Counter(), Counter()
+        self._touched, self._touched_tags, self._tag_pulls, self._counts = {}, {}, Counter(), {}
         return taken
 
 

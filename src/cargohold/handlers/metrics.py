@@ -11,8 +11,8 @@ from cargohold.config import split_host_port
 from cargohold.keys import CACHE, METRICS, SETTINGS
 
 
-async def count_response(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare hook: count every response of the main app as its headers go out."""
+def count_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Count every response of the main app as its headers go out (from the app's prepare hook)."""
     request.app[METRICS].response(request, response, request.get(CACHE, "-"))
 
 

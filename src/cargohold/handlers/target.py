@@ -22,7 +22,7 @@ def target_of(request: web.Request) -> Target:
     return request[TARGET]
 
 
-async def stamp_namespace(request: web.Request, response: web.StreamResponse) -> None:
+def stamp_namespace(request: web.Request, response: web.StreamResponse) -> None:
     """The distribution spec's proxying rule: a request scoped by `?ns=` answers with `OCI-Namespace`."""
     target = request.get(TARGET)
     if target is not None and target.namespace is not None:

@@ -8,13 +8,14 @@ user the rules do not allow gets 403 DENIED.
 from __future__ import annotations
 
 import re
+import time
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
-from cargohold.auth.service import Auth
+from cargohold.auth.service import ADMITTED_FOR, MAX_ADMITTED_HEADER, Auth
 from cargohold.auth.tokens import ROUTE, SERVICE, Grant, InvalidToken
 from cargohold.errors import Denied, RegistryError, Unauthorized
 from cargohold.external import public_base_url
@@ -127,7 +128,15 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     auth = request.app.get(AUTH)
     if auth is None or request.path in OPEN_PATHS:
         return await handler(request)
+    header = request.headers.get("Authorization", "")
+    key = (header, request[IDENTITY].address, request.host, request.match_info.get("name"), request.query.get("ns"))
+    admitted = auth.admitted.get(key)
+    if admitted is not None:
+        request[IDENTITY] = admitted
+        return await handler(request)
     who, grant = await _identify(request, auth)
     request[IDENTITY] = who
     _authorize(request, auth, who, grant)
+    if len(header) <= MAX_ADMITTED_HEADER:
+        auth.admitted.put(key, who, time.monotonic() + ADMITTED_FOR)
     return await handler(request)

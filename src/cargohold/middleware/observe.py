@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import secrets
+from time import time as wall_time
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -14,15 +14,13 @@ from aiohttp.typedefs import Handler
 from cargohold import logs
 from cargohold.errors import NotFound, RegistryError, Unsupported, error_response
 from cargohold.identity import IDENTITY, Identity, client_address
-from cargohold.keys import CACHE, KIND, REQUEST_ID, SETTINGS
-from cargohold.logs import mask_secrets
+from cargohold.keys import CACHE, KIND, REQUEST_ID, REQUEST_IDS, SETTINGS
+from cargohold.logs import ACCESS_LINE, mask_secrets
 from cargohold.metrics import kind_of_route, route_of
 
 log = logging.getLogger("cargohold.server")
-access = logging.getLogger("cargohold.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-ACCESS_LINE = "%(client)s %(user)s %(method)s %(path)s %(status)d %(bytes)d %(ms).1fms kind=%(kind)s cache=%(cache)s rid=%(request_id)s"
 # The status the access log shows for a client that went away before its answer was out (as nginx).
 CLIENT_GONE = 499
 
@@ -39,7 +37,7 @@ def _as_registry_error(exc: web.HTTPException) -> web.Response:
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost middleware: every failure leaves as an OCI error, never as a traceback."""
     given = request.headers.get("X-Request-Id", "")
-    request[REQUEST_ID] = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+    request[REQUEST_ID] = given if given and _REQUEST_ID.match(given) else request.app[REQUEST_IDS].next()
     logs.request_id.set(request[REQUEST_ID])
     request[CACHE] = "-"
     request[KIND] = kind_of_route(route_of(request))  # here, routed: the access log may see a request that never was
@@ -72,7 +70,7 @@ def _answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     return error_response(500, "UNKNOWN", "internal error", {"request_id": request[REQUEST_ID]})
 
 
-async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
+def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Headers every response carries, streamed ones included (runs just before headers go out)."""
     response.headers["X-Request-Id"] = request.get(REQUEST_ID, "-")
     if request.path.startswith("/v2"):
@@ -81,6 +79,10 @@ async def stamp_headers(request: web.Request, response: web.StreamResponse) -> N
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request: who, what, status, bytes, time, and whether the cache answered."""
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        self._direct = logs.direct_access(logger)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
@@ -98,6 +100,9 @@ class AccessLogger(AbstractAccessLogger):
             "cache": request.get(CACHE, "-"),
             "request_id": request.get(REQUEST_ID, "-"),
         }
+        if self._direct is not None:
+            self._direct.access(fields, wall_time())
+            return
         # A record made here, not through `info()`: logging would walk the stack for the caller's file and
         # line, which an access line does not show, on every request.
         # The fields are the format's mapping as they are (logging would test a 1-tuple for one).

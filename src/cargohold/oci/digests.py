@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from cargohold.errors import DigestInvalid
 
 _ALGORITHMS = {"sha256": 64, "sha512": 128}
 _SHAPE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+_HEX = re.compile(r"[a-f0-9]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,14 +29,7 @@ class Digest:
 
     @classmethod
     def parse(cls, text: str) -> Digest:
-        if len(text) > 256 or not _SHAPE.match(text):
-            raise DigestInvalid("invalid digest", {"digest": text[:256]})
-        algorithm, _, hexpart = text.partition(":")
-        if algorithm not in _ALGORITHMS:
-            raise DigestInvalid(f"unsupported digest algorithm {algorithm!r}", {"digest": text})
-        if len(hexpart) != _ALGORITHMS[algorithm] or not re.fullmatch(r"[a-f0-9]+", hexpart):
-            raise DigestInvalid(f"invalid {algorithm} digest", {"digest": text})
-        return cls(algorithm, hexpart)
+        return _parse(text)
 
     @classmethod
     def parse_or_none(cls, text: str | None) -> Digest | None:
@@ -52,3 +47,15 @@ class Digest:
 def looks_like_digest(reference: str) -> bool:
     """A manifest reference with a colon is a digest (tags cannot contain one)."""
     return ":" in reference
+
+
+@functools.lru_cache(maxsize=4096)  # a warm hit parses the digests of its tag and blobs again and again
+def _parse(text: str) -> Digest:
+    if len(text) > 256 or not _SHAPE.match(text):
+        raise DigestInvalid("invalid digest", {"digest": text[:256]})
+    algorithm, _, hexpart = text.partition(":")
+    if algorithm not in _ALGORITHMS:
+        raise DigestInvalid(f"unsupported digest algorithm {algorithm!r}", {"digest": text})
+    if len(hexpart) != _ALGORITHMS[algorithm] or not _HEX.fullmatch(hexpart):
+        raise DigestInvalid(f"invalid {algorithm} digest", {"digest": text})
+    return Digest(algorithm, hexpart)

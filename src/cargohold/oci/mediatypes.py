@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -21,6 +22,11 @@ FULL_ACCEPT = ", ".join(MODERN)
 
 def parse_accept(values: Iterable[str]) -> frozenset[str]:
     """Media types from one or many Accept headers (docker sends one header per type)."""
+    return _parse_accept(tuple(values))
+
+
+@functools.lru_cache(maxsize=512)  # clients send the same few Accept headers on every request
+def _parse_accept(values: tuple[str, ...]) -> frozenset[str]:
     types = set()
     for value in values:
         for item in value.split(","):

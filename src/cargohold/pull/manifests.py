@@ -63,6 +63,8 @@ class Manifests:
         # process's eviction calls `forget`).
         self._bodies: RecentBytes[Digest] = RecentBytes(BODIES_IN_MEMORY, 1 << 20)
         self._rows: Fresh[Digest, ManifestEntry] = Fresh()
+        # How many manifests this process has evicted: answers remembered before a change of it are not served.
+        self.evictions = 0
 
     @property
     def joins(self) -> int:
@@ -72,6 +74,7 @@ class Manifests:
     def forget(self, digest: Digest) -> None:
         """The manifest was evicted by this process: not served from memory any more."""
         self._rows.forget(digest)
+        self.evictions += 1
 
     async def get(self, remote: Remote, digest: Digest) -> Manifest:
         entry = self._rows.get(digest)

@@ -77,8 +77,10 @@ class Fresh(Generic[K, V]):
             return None
         return found[1]
 
-    def put(self, key: K, value: V) -> None:
-        self._rows.put(key, (monotonic() + self._seconds, value))
+    def put(self, key: K, value: V, seconds: float | None = None) -> None:
+        """Kept for the table's `seconds`, or fewer."""
+        kept = self._seconds if seconds is None else min(seconds, self._seconds)
+        self._rows.put(key, (monotonic() + kept, value))
 
     def forget(self, key: K) -> None:
         self._rows.pop(key)

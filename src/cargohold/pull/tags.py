@@ -10,6 +10,9 @@ that may be deferred (served stale) when the quota is at its reserve (upstream/q
 
 The index holds answers to the full Accept. A client that does not take the type a tag points at gets upstream's
 answer for its own Accept, asked once for concurrent clients and remembered (per process) within `tag_ttl`.
+
+A hit is remembered for a second per Accept (`_hits`, per process): the next GET or HEAD of the tag within it
+is answered without reading the rows again, as they would be read from `Fresh` within that second anyway.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from cargohold.cache.index import Index, TagEntry
 from cargohold.config import UpstreamConfig
@@ -36,6 +39,16 @@ from cargohold.upstream.repository import Descriptor, Remote
 log = logging.getLogger("cargohold.proxy")
 
 TagKey = tuple[str, str, str]
+# Accept headers whose hits are remembered per tag (a client chooses its Accept).
+HIT_ACCEPTS = 8
+
+
+@dataclass(slots=True)
+class _Hits:
+    """A tag's hits of the last second by Accept, valid while this process has evicted no manifest since."""
+
+    evictions: int
+    by_accept: dict[frozenset[str], Manifest] = field(default_factory=dict)
 
 
 class Tags:
@@ -61,6 +74,7 @@ class Tags:
         self._head_flights: SingleFlight[Descriptor | None] = SingleFlight(tasks, "tag head")
         self._asked: Recent[TagKey, float] = Recent()  # when a client last asked for a tag by GET
         self._rows: Fresh[TagKey, TagEntry] = Fresh()  # the index's rows of hot tags, read within a second
+        self._hits: Fresh[TagKey, _Hits] = Fresh()  # answers from cache of the last second (`_hit`)
         self._other_accepts = OtherAccepts(manifests, links, tasks)
 
     @property
@@ -69,7 +83,31 @@ class Tags:
         return self._fetches.joins + self._revalidations.joins + self._other_accepts.joins
 
     async def get(self, remote: Remote, tag: str, accept: frozenset[str]) -> Manifest:
-        return await self._get(remote, tag, accept, await self._row((remote.upstream, remote.repository, tag)))
+        key = (remote.upstream, remote.repository, tag)
+        hit = self._hit(key, accept)
+        if hit is not None:
+            return hit
+        return await self._get(remote, tag, accept, await self._row(key))
+
+    def _hit(self, key: TagKey, accept: frozenset[str]) -> Manifest | None:
+        """This Accept's answer from cache of the last second (the tag's pull counted), unless a manifest
+        was evicted meanwhile."""
+        hits = self._hits.get(key)
+        if hits is None or hits.evictions != self._manifests.evictions:
+            return None
+        hit = hits.by_accept.get(accept)
+        if hit is not None:
+            self._index.touch_tag(*key)
+        return hit
+
+    def _remember_hit(self, key: TagKey, accept: frozenset[str], manifest: Manifest, fresh_for: float) -> None:
+        """Remember a hit for a second, or until the tag is due for revalidation if that comes first."""
+        hits = self._hits.get(key)
+        if hits is None or hits.evictions != self._manifests.evictions:
+            hits = _Hits(self._manifests.evictions)
+            self._hits.put(key, hits, fresh_for)
+        if len(hits.by_accept) < HIT_ACCEPTS:
+            hits.by_accept[accept] = manifest
 
     async def _row(self, key: TagKey) -> TagEntry | None:
         entry = self._rows.get(key)
@@ -81,11 +119,16 @@ class Tags:
 
     async def _put_tag(self, key: TagKey, digest: str, media_type: str) -> None:
         await self._index.put_tag(*key, digest, media_type)
-        self._rows.forget(key)
+        self._forget(key)
 
     async def _mark_checked(self, key: TagKey) -> None:
         await self._index.mark_checked(*key)
+        self._forget(key)
+
+    def _forget(self, key: TagKey) -> None:
+        """The tag's row changed through this process: read it again."""
         self._rows.forget(key)
+        self._hits.forget(key)
 
     async def _get(self, remote: Remote, tag: str, accept: frozenset[str], entry: TagEntry | None) -> Manifest:
         """`entry`: the index's row for the tag, as just read."""
@@ -106,8 +149,12 @@ class Tags:
         if not accepts(accept, entry.media_type):
             return await self._other_accepts.get(remote, tag, accept)
         self._index.touch_tag(*key)
-        if now - entry.checked_at < remote.tag_ttl:
-            return await self._manifests.get(remote, Digest.parse(entry.digest))
+        fresh_for = entry.checked_at + remote.tag_ttl - now
+        if fresh_for > 0:
+            manifest = await self._manifests.get(remote, Digest.parse(entry.digest))
+            if manifest.cache == "hit":
+                self._remember_hit(key, accept, manifest, fresh_for)
+            return manifest
         if asked is None or now - asked >= remote.tag_ttl:
             remote = remote.deferrable()  # nobody else asked for it lately: not worth the reserve
         try:
@@ -175,7 +222,7 @@ class Tags:
         except ManifestUnknown as exc:
             if not isinstance(exc, Offline):  # an offline mirror asked nobody
                 await self._index.drop_tag(remote.upstream, remote.repository, tag)
-                self._rows.forget((remote.upstream, remote.repository, tag))
+                self._forget((remote.upstream, remote.repository, tag))
             raise
 
     async def _revalidate(self, remote: Remote, tag: str, entry: TagEntry) -> TagEntry:
@@ -204,6 +251,9 @@ class Tags:
     async def head(self, remote: Remote, tag: str, accept: frozenset[str]) -> Head:
         """For HEAD. A tag whose manifest is not cached is asked upstream with a HEAD: remembered, the
         manifest left for a GET to fetch. Everything else is answered as for GET."""
+        hit = self._hit((remote.upstream, remote.repository, tag), accept)
+        if hit is not None:
+            return head_of(hit)
         entry = await self._row((remote.upstream, remote.repository, tag))
         if entry is None or await self._index.get_manifest(entry.digest) is None:
             found = await self._head_uncached(remote, tag, accept, entry)

@@ -7,9 +7,9 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerMinute, RateLimitItemPerSecond
-from limits.aio.storage import MovingWindowSupport
 from limits.errors import StorageError
 
 from cargohold.config import RateLimitConfig
@@ -84,6 +84,15 @@ class Items:
         )
 
 
+class MovingWindows(Protocol):
+    """The two calls of limits' moving-window storages the limiter makes (its Redis storage, and
+    `memory.MovingWindowMemory`)."""
+
+    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool: ...
+
+    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]: ...
+
+
 def too_many(key: str, budget: str, limit: int, window: int, retry_after: int) -> TooManyRequests:
     """The 429 a client sees, with the headers Docker Hub uses for its own limits."""
     return TooManyRequests(
@@ -100,7 +109,7 @@ def too_many(key: str, budget: str, limit: int, window: int, retry_after: int) -
 class RateLimiter:
     """Budgets per identity (cached), counted in the storage; lets requests through if the storage fails."""
 
-    def __init__(self, config: RateLimitConfig, storage: MovingWindowSupport) -> None:
+    def __init__(self, config: RateLimitConfig, storage: MovingWindows) -> None:
         self.config = config
         self.connections = Connections()
         # The two calls of limits' MovingWindowRateLimiter, made here with keys built once per window.

@@ -4,7 +4,9 @@ limits' own MemoryStorage starts a sweep over every key (with a thread hop per k
 every hit; with a thousand client addresses that cost a quarter of the throughput of warm manifest
 hits (docs/ratelimit.md). Here each key's window is a deque trimmed when it is used, and keys whose
 window has emptied are dropped by a sweep at most every SWEEP seconds. It keeps limits' storage
-interface, so the strategy code and the Redis storage stay the library's.
+interface for the two calls the limiter makes (`limiter.MovingWindows`), so the Redis storage stays the
+library's; it is not a subclass of limits' storages, whose every call is wrapped in one more coroutine
+that turns backend errors into StorageError (this one has no backend to fail).
 
 With `workers: N` each worker keeps its own windows and counts every hit N times: each has 1/N of
 the configured budget (at least one request per window), so a client's requests, wherever the kernel sends its connections, add up to
@@ -16,18 +18,13 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from limits.aio.storage import MemoryStorage
-
 SWEEP = 10.0
 
 
-class MovingWindowMemory(MemoryStorage):
+class MovingWindowMemory:
     """Moving windows only (what the limiter uses): per key its expiry and the hit times, oldest first."""
 
-    STORAGE_SCHEME = ["async+cargohold-memory"]  # noqa: RUF012  # limits declares it a plain list attribute
-
     def __init__(self, share: int = 1) -> None:
-        super().__init__()
         self._share = share  # the workers the budget is split among
         self._windows: dict[str, tuple[int, deque[float]]] = {}
         self._swept = time.time()
@@ -56,14 +53,6 @@ class MovingWindowMemory(MemoryStorage):
         now = time.time()
         hits = self._window(key, expiry, now)
         return (hits[0], len(hits) * self._share) if hits else (now, 0)
-
-    async def clear(self, key: str) -> None:
-        self._windows.pop(key, None)
-        await super().clear(key)
-
-    async def reset(self) -> int | None:
-        self._windows.clear()
-        return await super().reset()
 
     def _sweep(self, now: float) -> None:
         self._swept = now

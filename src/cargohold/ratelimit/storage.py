@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio
-from limits.aio.storage import MovingWindowSupport, RedisStorage
+from limits.aio.storage import RedisStorage
 
+from cargohold.ratelimit.limiter import MovingWindows
 from cargohold.ratelimit.memory import MovingWindowMemory
 
 # A slow Redis must not stall requests: the limiter lets them through when Redis does not answer.
@@ -15,7 +16,7 @@ REDIS_TIMEOUT = 1.0
 
 
 @asynccontextmanager
-async def open_storage(uri: str, workers: int = 1) -> AsyncIterator[MovingWindowSupport]:
+async def open_storage(uri: str, workers: int = 1) -> AsyncIterator[MovingWindows]:
     """The storage for `memory://` (a 1/`workers` share of each budget) or `redis[s]://host:port[/db]`, closed on exit."""
     if uri == "memory://":
         yield MovingWindowMemory(workers)

@@ -7,7 +7,8 @@ from aiohttp import web
 from cargohold.config import Settings
 from cargohold.errors import NotFound
 from cargohold.handlers.meta import health
-from cargohold.keys import ACME_CHALLENGES, HTTPS_PORT, SETTINGS
+from cargohold.keys import ACME_CHALLENGES, HTTPS_PORT, REQUEST_IDS, SETTINGS
+from cargohold.logs import RequestIds
 from cargohold.middleware.observe import observe
 
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
@@ -17,6 +18,7 @@ def plain_http_app(settings: Settings, challenges: dict[str, str], https_port: i
     """`challenges` is the ACME manager's live token -> key authorization map (empty with cert files)."""
     app = web.Application(middlewares=[observe], client_max_size=4096)
     app[SETTINGS] = settings
+    app[REQUEST_IDS] = RequestIds()
     app[ACME_CHALLENGES] = challenges
     app[HTTPS_PORT] = https_port
     app.router.add_get("/health", health)
