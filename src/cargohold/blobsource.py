@@ -1,19 +1,21 @@
 """A blob ready to leave the server: one object that holds what keeps it (a pin, an open file), knows
 its size, digest and how the cache answered, and sends itself.
 
-Three ways a body leaves: a local file (sendfile on plain TCP, pread under TLS), an object in a
-bucket (streamed through, or a redirect to a presigned URL), or a download in progress that the
-client follows at its own pace. A HEAD answers from the size alone. `send` writes the whole
-response before it returns, so whoever awaits it (the rate limit's connection slot) holds on
-until the client has its bytes, and the response aiohttp gets back is already finished.
+Four ways a body leaves: a local file (sendfile on plain TCP, pread under TLS), an object in a
+bucket (streamed through, or a redirect to a presigned URL), a download in progress that the
+client follows at its own pace, or another worker's download, followed through its temp file.
+A HEAD answers from the size alone. `send` writes the whole response before it returns, so
+whoever awaits it (the rate limit's connection slot) holds on until the client has its bytes,
+and the response aiohttp gets back is already finished.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Self
@@ -22,6 +24,7 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 
 from cargohold.cache.download import Download, DownloadFailed
+from cargohold.cache.peerfile import PeerFile
 from cargohold.cache.store import Pin, RemoteBlob
 from cargohold.errors import StorageUnavailable, UpstreamInvalid
 from cargohold.handlers.sending import (
@@ -36,6 +39,7 @@ from cargohold.handlers.sending import (
 from cargohold.oci.digests import Digest
 
 Span = tuple[int, int] | None
+log = logging.getLogger("cargohold.blobs")
 
 
 class BlobSource:
@@ -61,6 +65,14 @@ class BlobSource:
 
     async def _send_body(self, request: web.Request, span: Span, timeout: float) -> web.StreamResponse:
         raise NotImplementedError(f"{type(self).__name__} has no body to send")
+
+    async def _send_instead(
+        self, request: web.Request, span: Span, timeout: float, again: Callable[[], Awaitable[BlobSource]]
+    ) -> web.StreamResponse:
+        """The body from the source `again` gives, when this one can no longer send it (nothing sent yet)."""
+        async with await again() as other:
+            self.cache = other.cache
+            return await other.send(request, span, timeout)
 
     async def close(self) -> None:
         if self._pin is not None:
@@ -148,9 +160,7 @@ class BucketObject(BlobSource):
                 raise StorageUnavailable(
                     "blob moved in the cache while being served; try again", {"digest": str(self.digest)}
                 )
-            async with await self._refetch() as again:
-                self.cache = again.cache
-                return await again.send(request, span, timeout)
+            return await self._send_instead(request, span, timeout, self._refetch)
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
             response = blob_response(self.digest, span, self._blob.size)
             await response.prepare(request)
@@ -222,3 +232,62 @@ class Follower(BlobSource):
                     start = offset + length
         async with contextlib.aclosing(download.read(start, end)) as chunks:
             await write_all(response, chunks, timeout)
+
+
+class PeerFollower(BlobSource):
+    """A blob another worker of this machine is downloading, sent from its temp file as it grows (see
+    `cache/peerfile.py`): the headers wait for the first piece that may go out, so a download that fails
+    before it gives the client to `fallback` (today's wait, or a download here); once bytes are out, a
+    failure cuts the connection, as for a `Follower`. Files go out as `LocalFile`'s do, a piece at a time."""
+
+    def __init__(
+        self,
+        digest: Digest,
+        file: PeerFile,
+        pin: Pin,
+        patience: float,
+        fallback: Callable[[], Awaitable[BlobSource]],
+    ) -> None:
+        super().__init__(digest, file.size, "miss", pin)
+        self._file = file
+        self._patience = patience
+        self._fallback = fallback
+
+    async def _send_body(self, request: web.Request, span: Span, timeout: float) -> web.StreamResponse:
+        assert self.size is not None
+        start, end = span or (0, self.size)
+        async with contextlib.aclosing(self._file.spans(start, end, self._patience)) as spans:
+            try:
+                first = await anext(spans, None)
+            except DownloadFailed as exc:
+                log.info("%s; serving %s without following it", exc, self.digest)
+                self._file.close()  # let go of that file now: what comes next may take long
+                return await self._send_instead(request, span, timeout, self._fallback)
+            response = blob_response(self.digest, span, self.size)
+            writer = await response.prepare(request)
+            assert writer is not None  # a fresh response is prepared here, once
+            try:
+                return await send_body(
+                    request, response, self.digest, self._send(request, writer, first, spans, timeout)
+                )
+            except DownloadFailed as exc:
+                cut_off(request, "cutting off a client of %s: %s", self.digest, exc)
+                return response
+
+    async def _send(
+        self,
+        request: web.Request,
+        writer: AbstractStreamWriter,
+        first: tuple[int, int] | None,
+        spans: AsyncIterator[tuple[int, int]],
+        timeout: float,
+    ) -> None:
+        piece = first
+        while piece is not None:
+            offset, length = piece
+            await send_file(request, writer, self._file.file, offset, offset + length, timeout)
+            piece = await anext(spans, None)
+
+    async def close(self) -> None:
+        await super().close()
+        self._file.close()

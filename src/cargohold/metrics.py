@@ -314,7 +314,7 @@ class _Live:
                 "Blob misses that waited for another replica's download, by outcome",
                 labels=["outcome"],
             )
-            for outcome in ("landed", "took_over", "timed_out"):
+            for outcome in ("landed", "took_over", "timed_out", "followed"):
                 waits.add_metric([outcome], self._proxy.peers.waits[outcome])
             yield waits
         pauses = CounterMetricFamily(

@@ -5,10 +5,11 @@ holder lets go, the lock files do not pile up. Two `FileLocks` on one directory 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import signal
 from pathlib import Path
+
+from lockholder import hold_in_child
 
 from cargohold.cache.filelocks import FileLocks
 from cargohold.cache.peers import Lease
@@ -38,18 +39,7 @@ async def test_one_worker_downloads_and_the_other_gets_the_landed_file(tmp_path:
 async def test_a_killed_holder_lets_the_other_take_over_at_once(tmp_path: Path) -> None:
     store = FsBlobStore(tmp_path)
     locks = FileLocks(tmp_path / "locks", wait=30)
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the holder: takes the lock, says so, and waits to be killed
-        os.close(ready_r)
-        held = os.open(locks.key(DIGEST), os.O_RDWR | os.O_CREAT)
-        fcntl.flock(held, fcntl.LOCK_EX)
-        os.write(ready_w, b"x")
-        signal.pause()
-        os._exit(0)
-    os.close(ready_w)
-    assert os.read(ready_r, 1) == b"x"
-    os.close(ready_r)
+    pid = hold_in_child(locks.key(DIGEST))
     claim = asyncio.create_task(locks.claim(DIGEST, store))
     await asyncio.sleep(0.3)
     assert not claim.done()  # waiting for the holder

@@ -59,6 +59,9 @@ MakeRoom = Callable[[int], Awaitable[bool]]
 MAX_BLOB_SIZE = 20 << 30
 # How much more room a download of unknown size reserves at a time (at least; it doubles as it grows).
 ROOM_STEP = 64 << 20
+# The mode of a temp file whose digest checked out (mkstemp makes it 0600; the store gives every blob this
+# mode too): a follower in another worker process sees it with an fstat of its own descriptor.
+VERIFIED_MODE = 0o640
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -268,9 +271,11 @@ class Download:
                 views[0] = views[0][done:]
 
     def _commit(self, fd: int, temp: Path) -> None:
-        """Fsync and move the temp file into the store (on a worker thread); on failure both go."""
+        """Mark the temp file verified, fsync it and move it into the store (on a worker thread); on
+        failure both go."""
         try:
             try:
+                os.fchmod(fd, VERIFIED_MODE)
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -6,6 +6,11 @@ for another replica (`Peers.claim`) and then serve the file it landed. The kerne
 a process that dies, so a killed worker never keeps the others waiting; `index.peer_wait` bounds the
 wait for a wedged one. The holder removes the lock file before it lets go; a waiter that locked a
 file removed meanwhile sees another inode at the path and tries again.
+
+While it downloads, the holder publishes its temp file next to the lock (`<lock>.json`, see
+`cache/peerfile.py`), so that the other workers' clients follow the download as it lands instead of
+waiting for its end. Only the holder writes it; it removes it before it lets go of the lock, and a new
+holder removes one that a dead holder left.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import logging
 import os
 from pathlib import Path
 
+from cargohold.cache.download import Download
+from cargohold.cache.peerfile import Publication, source_of
 from cargohold.cache.peers import Lease, Peers
+from cargohold.cache.store import BlobStore, Spool
 from cargohold.errors import StorageUnavailable
 from cargohold.oci.digests import Digest
 
@@ -28,6 +36,10 @@ LEASE = 60.0
 
 class FileLocks(Peers):
     """Download locks as files under `directory`, one per digest being fetched."""
+
+    # A look at a local lock is a few syscalls: look often, so that a waiter finds the holder's publication
+    # (and follows its download) soon after the upstream answered.
+    poll_max = 0.1
 
     def __init__(self, directory: Path, wait: float) -> None:
         super().__init__(wait, LEASE)
@@ -52,7 +64,24 @@ class FileLocks(Peers):
             os.close(fd)
             return False
         self._held[token] = fd
+        _remove(_publication(key))  # a dead holder's: it names a download that will not end
         return True
+
+    async def publish(self, lease: Lease, download: Download) -> None:
+        """Tell the other workers where `download` writes, while it writes to a temp file of known size."""
+        temp, size = download.temp, download.size
+        if temp is None or size is None or download.verified or download.spill_from is not None:
+            return
+        try:
+            inode = os.stat(temp).st_ino
+            Publication(temp, inode, size, os.getpid(), source_of(download.source)).save(_publication(lease.key))
+        except OSError as exc:  # the others wait for the download's end instead
+            log.warning("could not publish the download of %s: %s", download.digest, exc)
+
+    async def published(self, digest: Digest, store: BlobStore) -> Publication | None:
+        if not isinstance(store, Spool):
+            return None
+        return Publication.load(_publication(self.key(digest)), store.tmp)
 
     async def renew(self, lease: Lease) -> bool:
         return lease.token in self._held
@@ -61,6 +90,15 @@ class FileLocks(Peers):
         fd = self._held.pop(lease.token, None)
         if fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lease.key)
+        _remove(_publication(lease.key))
+        _remove(Path(lease.key))
         os.close(fd)
+
+
+def _publication(key: str) -> Path:
+    return Path(f"{key}.json")
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

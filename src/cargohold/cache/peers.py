@@ -24,6 +24,7 @@ from pathlib import Path
 import redis.asyncio as redis
 
 from cargohold.cache.download import Download
+from cargohold.cache.peerfile import Publication
 from cargohold.cache.store import BlobStore, RemoteBlob
 from cargohold.errors import StorageUnavailable
 from cargohold.oci.digests import Digest
@@ -50,6 +51,7 @@ class Lease:
         """Keep the lock alive while `download` runs, then let the waiting replicas look in the bucket
         (run in the background by the app's `Tasks`, which cancels it at shutdown: the lock is released)."""
         try:
+            await self._peers.publish(self, download)
             while True:
                 try:
                     await asyncio.wait_for(download.wait_finished(), self._peers.lease / 3)
@@ -67,10 +69,12 @@ class Lease:
 class Peers(abc.ABC):
     """Download locks per digest shared with other processes: take one, or wait for its holder's download."""
 
+    poll_max = POLL_MAX  # the longest pause between two looks at a held lock
+
     def __init__(self, wait: float, lease: float) -> None:
-        self._wait = wait
+        self.wait = wait
         self.lease = lease
-        # How waits for another replica's download ended: landed, took_over, timed_out (for metrics).
+        # How waits for another replica's download ended: landed, took_over, timed_out, followed (for metrics).
         self.waits: Counter[str] = Counter()
 
     @abc.abstractmethod
@@ -88,13 +92,26 @@ class Peers(abc.ABC):
     @abc.abstractmethod
     async def release(self, lease: Lease) -> None: ...
 
-    async def claim(self, digest: Digest, store: BlobStore) -> Lease | Path | RemoteBlob | None:
-        """A lease to download `digest`; or the blob, landed meanwhile by another replica; or None
-        when the wait ran out (download without a lease)."""
+    async def publish(self, lease: Lease, download: Download) -> None:
+        """Tell the others how to follow `download`, the one `lease` is held for (where they can: see
+        `published`)."""
+        return
+
+    async def published(self, digest: Digest, store: BlobStore) -> Publication | None:
+        """How to follow the download of `digest` in progress elsewhere; None where others cannot
+        (across machines) or nothing is published."""
+        return None
+
+    async def claim(
+        self, digest: Digest, store: BlobStore, *, follow: bool = False
+    ) -> Lease | Path | RemoteBlob | Publication | None:
+        """A lease to download `digest`; or the blob, landed meanwhile by another replica; with `follow`,
+        the download in progress elsewhere that can be followed; or None when the wait ran out (download
+        without a lease)."""
         key = self.key(digest)
         token = secrets.token_hex(8)
         loop = asyncio.get_running_loop()
-        deadline, delay, waited = loop.time() + self._wait, POLL_FIRST, False
+        deadline, delay, waited = loop.time() + self.wait, POLL_FIRST, False
         while True:
             if await self.take(key, token):
                 lease = Lease(self, key, token)
@@ -109,17 +126,22 @@ class Peers(abc.ABC):
                     return lease
                 await lease.release()
                 return found
+            publication = await self.published(digest, store) if follow else None
+            if not waited:
+                what = "following its download" if publication else "waiting for it to land"
+                log.info("another replica is fetching %s; %s", digest, what)
+                waited = True
+            if publication is not None:
+                self.waits["followed"] += 1
+                return publication
             if loop.time() >= deadline:
                 self.waits["timed_out"] += 1
                 log.warning(
-                    "waited %.0fs for another replica's download of %s; fetching it here too", self._wait, digest
+                    "waited %.0fs for another replica's download of %s; fetching it here too", self.wait, digest
                 )
                 return None
-            if not waited:
-                log.info("another replica is fetching %s; waiting for it to land", digest)
-                waited = True
             await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
-            delay = min(delay * 2, POLL_MAX)
+            delay = min(delay * 2, self.poll_max)
 
 
 class RedisPeers(Peers):

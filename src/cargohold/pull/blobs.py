@@ -3,13 +3,15 @@ and the typed remote; what leaves is a `BlobSource` that sends itself (`cargohol
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from pathlib import Path
 
 import aiohttp
 
-from cargohold.blobsource import BlobSource, BucketObject, Described, Follower, LocalFile, failure_of
+from cargohold.blobsource import BlobSource, BucketObject, Described, Follower, LocalFile, PeerFollower, failure_of
 from cargohold.cache.download import Download, Downloads
 from cargohold.cache.index import Index
+from cargohold.cache.peerfile import Publication
 from cargohold.cache.peers import Lease, Peers
 from cargohold.cache.store import BlobStore, RemoteBlob
 from cargohold.errors import StorageUnavailable
@@ -38,7 +40,7 @@ class Blobs:
         self._links = links
         self._tasks = tasks
         self._peers = peers
-        self._peer_fetches: SingleFlight[Download | Path | RemoteBlob] = SingleFlight(tasks, "peer fetch")
+        self._peer_fetches: SingleFlight[Download | Path | RemoteBlob | Publication] = SingleFlight(tasks, "peer fetch")
 
     async def get(self, remote: Remote, digest: Digest, *, body: bool = True) -> BlobSource:
         """The blob ready to send: the cached copy (pinned, and open when it is a file), or the (joined)
@@ -69,14 +71,19 @@ class Blobs:
         except FileNotFoundError:
             return None
 
-    async def _fetch_blob(self, remote: Remote, digest: Digest, *, refetch: bool) -> BlobSource:
+    async def _fetch_blob(self, remote: Remote, digest: Digest, *, refetch: bool, follow: bool = True) -> BlobSource:
         """Join (or start) the download of a blob; also for a cached copy that vanished (evicted) just now.
-        With peers (replicas sharing a bucket), the blob may come from another replica's download instead.
+        With peers (replicas sharing a bucket), the blob may come from another replica's download instead,
+        and (`follow`, workers of one machine) be sent as that download writes it.
         What came through another repository is confirmed for this one before it is served."""
         if self._peers is None or self._downloads.active(digest) is not None:
-            found: Path | RemoteBlob | Download = await self._join(remote, digest)
+            found: Path | RemoteBlob | Download | Publication = await self._join(remote, digest)
         else:
-            found = await self._peer_fetches.run(str(digest), lambda: self._fetch_among_peers(remote, digest))
+            found = await self._peer_fetches.run(
+                (str(digest), follow), lambda: self._fetch_among_peers(remote, digest, follow=follow)
+            )
+        if isinstance(found, Publication):
+            return await self._follow_peer(remote, digest, found, refetch=refetch)
         if isinstance(found, Download):
             follower = Follower.of(found)  # at once, before any await: see `Follower.of`
             if follower is not None:
@@ -95,7 +102,24 @@ class Blobs:
             raise StorageUnavailable("blob moved in the cache while being served; try again", {"digest": str(digest)})
         return source
 
-    async def _confirmed(self, remote: Remote, follower: Follower, source: object) -> Follower:
+    async def _follow_peer(
+        self, remote: Remote, digest: Digest, published: Publication, *, refetch: bool
+    ) -> BlobSource:
+        """Another worker's download, followed through its temp file, opened at once; when that file is
+        gone already (landed, or failed), or the download fails before a byte went out, the blob is
+        waited for (or downloaded) as without following."""
+        assert self._peers is not None
+        file = published.open()
+
+        def again() -> Awaitable[BlobSource]:
+            return self._fetch_blob(remote, digest, refetch=refetch, follow=False)
+
+        if file is None:
+            return await again()
+        follower = PeerFollower(digest, file, self._store.pin(digest), self._peers.wait, again)
+        return await self._confirmed(remote, follower, published.source)
+
+    async def _confirmed(self, remote: Remote, follower: BlobSource, source: object) -> BlobSource:
         """The follower, once the blob is confirmed for the asking repository when it is fetched through
         another one; closed (its hold on the download let go) if that fails."""
         if source != (remote.upstream, remote.repository):
@@ -111,10 +135,15 @@ class Blobs:
             digest, lambda: self._open_blob(remote, digest), (remote.upstream, remote.repository)
         )
 
-    async def _fetch_among_peers(self, remote: Remote, digest: Digest) -> Download | Path | RemoteBlob:
-        """Download under the cluster's lock for this digest, or take what another replica landed."""
+    async def _fetch_among_peers(
+        self, remote: Remote, digest: Digest, *, follow: bool
+    ) -> Download | Path | RemoteBlob | Publication:
+        """Download under the cluster's lock for this digest, or take what another replica landed (or,
+        with `follow`, the download another worker of this machine is writing)."""
         assert self._peers is not None
-        claim = await self._peers.claim(digest, self._store)
+        claim = await self._peers.claim(digest, self._store, follow=follow)
+        if isinstance(claim, Publication):
+            return claim
         if claim is not None and not isinstance(claim, Lease):
             self._index.touch("blobs", str(digest))
             return claim
@@ -134,9 +163,11 @@ class Blobs:
         return resp
 
     async def _described(self, remote: Remote, digest: Digest) -> BlobSource:
-        """For HEAD, an uncached blob without fetching it: the size of its download in progress, else
-        what a HEAD upstream says."""
-        active = self._downloads.active(digest)
+        """For HEAD, an uncached blob without fetching it: the size of its download in progress (here or
+        in another worker), else what a HEAD upstream says."""
+        active: Download | Publication | None = self._downloads.active(digest)
+        if active is None and self._peers is not None:
+            active = await self._peers.published(digest, self._store)
         if active is not None and active.size is not None:
             if active.source != (remote.upstream, remote.repository):
                 await self._links.confirm(remote, digest, "blobs")
