@@ -526,6 +526,9 @@ class Settings(Strict):
     workers: int | Literal["auto"] = Field(
         1, description="serving processes on the same listeners and data_dir; auto = one per core"
     )
+    loop: Annotated[Literal["auto", "asyncio", "uvloop"], Word] = Field(
+        "auto", description="the event loop: auto = uvloop when serving HTTPS (where it measurably helps), else asyncio"
+    )
     leader: bool = Field(
         True, description="internal, set by the supervisor of `workers`: this process runs the background work"
     )

@@ -16,6 +16,7 @@ from aiohttp import web
 from cargohold import __version__
 from cargohold.app import build_app
 from cargohold.config import Settings, split_host_port
+from cargohold.eventloop import LoopUnavailable, loop_factory, loop_name
 from cargohold.keys import SETTINGS
 from cargohold.logs import ACCESS_LOGGER
 from cargohold.middleware.observe import AccessLogger
@@ -117,12 +118,13 @@ async def serve_until_stopped(settings: Settings) -> None:
                 stack, plain_http_app(settings, tls.challenges, https_port), settings.http_listen, settings.idle_timeout
             )
         log.info(
-            "cargohold %s listening on %s://%s%s, cache in %s, upstreams: %s",
+            "cargohold %s listening on %s://%s%s, cache in %s, event loop %s, upstreams: %s",
             __version__,
             "https" if tls.context else "http",
             settings.listen,
             f" and http://{settings.http_listen}" if settings.http_listen else "",
             settings.data_dir,
+            loop_name(settings),
             ", ".join(f"{u.name}={u.url}" for u in settings.upstreams),
         )
         await stopped.wait()
@@ -139,7 +141,13 @@ def run(settings: Settings) -> None:
 def serve_one(settings: Settings) -> None:
     """One serving process (of `workers`)."""
     try:
-        asyncio.run(serve_until_stopped(settings))
+        factory = loop_factory(settings)
+    except LoopUnavailable as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(2) from None
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(serve_until_stopped(settings))
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         raise SystemExit(2) from None

@@ -82,6 +82,18 @@ def test_second_pull_within_ttl_makes_no_upstream_request(hub: Hub, cargohold: F
     assert _access_lines(srv, "cache=hit")
 
 
+def test_a_pull_on_uvloop_over_plain_http_cold_and_warm(hub: Hub, cargohold: Factory, tmp_path: Path) -> None:
+    """`loop: uvloop` (the setting this test is about) on plain HTTP: uvloop has no `loop.sendfile`, so
+    files go out read and written, followed and cached alike."""
+    srv = cargohold(overrides={"loop": "uvloop"})
+    im = hub.images["big"]
+    for where in ("cold", "warm"):
+        got = skopeo_copy(f"{srv.netloc}/{im.ref}", tmp_path / where)
+        assert got.digest == im.digest and set(im.blob_digests) <= set(got.blobs)
+    assert ", event loop uvloop," in srv.log_text()
+    assert _access_lines(srv, "cache=hit")
+
+
 def test_one_component_names_get_library(hub: Hub, cargohold: Factory, tmp_path: Path) -> None:
     srv = cargohold()
     im = hub.images["multi"]  # library/alpine-test

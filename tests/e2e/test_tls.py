@@ -144,6 +144,7 @@ def test_acme_certificate_serves_skopeo_and_docker_over_https(
     san = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == [DOMAIN]
     assert "GET /.well-known/acme-challenge/" in srv.log_text()  # pebble's validation reached cargohold
+    assert ", event loop uvloop," in srv.log_text()  # `loop: auto` serves HTTPS on uvloop (eventloop.py)
 
     image = hub_images["multi"]
     ref = f"{DOMAIN}:{srv.port}/{image.ref}"

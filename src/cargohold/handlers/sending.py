@@ -86,9 +86,14 @@ async def send_body(
 
 
 def can_sendfile(request: web.BaseRequest) -> bool:
-    """Plain TCP can take sendfile; TLS needs the bytes in user space."""
+    """Plain TCP on asyncio's own loop can take sendfile (uvloop has no `loop.sendfile`, `loop: uvloop`);
+    TLS needs the bytes in user space."""
     transport = request.transport
-    return transport is not None and transport.get_extra_info("sslcontext") is None
+    return (
+        transport is not None
+        and transport.get_extra_info("sslcontext") is None
+        and isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop)
+    )
 
 
 async def send_file(

@@ -17,6 +17,7 @@ from cargohold.errors import TooManyRequests
 from cargohold.identity import Identity
 from cargohold.ratelimit.budgets import Budget, budget_for
 from cargohold.ratelimit.connections import Connections
+from cargohold.ratelimit.memory import MovingWindowMemory
 
 log = logging.getLogger("cargohold.ratelimit")
 
@@ -114,6 +115,8 @@ class RateLimiter:
         self.connections = Connections()
         # The two calls of limits' MovingWindowRateLimiter, made here with keys built once per window.
         self._storage = storage
+        # The in-process windows are counted without a coroutine per window (a pull counts in three).
+        self._memory = storage if isinstance(storage, MovingWindowMemory) else None
         self._items: dict[tuple[str | None, frozenset[str]], Items] = {}
         self._storage_failing = False
         self.enabled = not (budget_for(config, None, frozenset()).unlimited and not config.users and not config.groups)
@@ -132,7 +135,11 @@ class RateLimiter:
         for window in items.by_kind[kind]:
             stored = f"{key}/{window.suffix}"
             try:
-                if await self._storage.acquire_entry(stored, window.amount, window.expiry):
+                if self._memory is not None:
+                    counted = self._memory.hit(stored, window.amount, window.expiry)
+                else:
+                    counted = await self._storage.acquire_entry(stored, window.amount, window.expiry)
+                if counted:
                     continue
                 oldest, _ = await self._storage.get_moving_window(stored, window.amount, window.expiry)
             except StorageError as exc:
@@ -141,7 +148,8 @@ class RateLimiter:
             self._failing(None)
             retry = min(window.expiry, max(1, math.ceil(oldest + window.expiry - time.time())))
             return too_many(key, window.name, window.amount, window.expiry, retry)
-        self._failing(None)
+        if self._storage_failing:
+            self._failing(None)
         return None
 
     def _failing(self, exc: StorageError | None) -> None:

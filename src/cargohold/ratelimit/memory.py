@@ -39,13 +39,20 @@ class MovingWindowMemory:
         return hits
 
     async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        return self.hit(key, limit, expiry, amount)
+
+    def hit(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        """`acquire_entry` without a coroutine: the limiter counts a pull in three windows per request."""
         now = time.time()
         if now - self._swept > SWEEP:
             self._sweep(now)
         hits = self._window(key, expiry, now)
         if len(hits) + amount > max(1, limit // self._share):
             return False
-        hits.extend([now] * amount)
+        if amount == 1:
+            hits.append(now)
+        else:
+            hits.extend([now] * amount)
         return True
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
