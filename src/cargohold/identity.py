@@ -56,31 +56,24 @@ class Identity:
 IDENTITY = web.RequestKey("identity", Identity)
 
 
-class _IPv4(ipaddress.IPv4Address):
+class _FormattedOnce:
     """An address that formats itself once: `str()` of an ipaddress object costs a microsecond, and a
     request's address is formatted for its rate-limit key, its login throttle and its access line."""
 
-    __slots__ = ("_text",)
-
     def __init__(self, address: str | int) -> None:
-        super().__init__(address)
+        super().__init__(address)  # type: ignore[call-arg]  # the ipaddress class this is mixed into
         self._text = super().__str__()
 
     def __str__(self) -> str:
         return self._text
 
 
-class _IPv6(ipaddress.IPv6Address):
-    """As `_IPv4`."""
+class _IPv4(_FormattedOnce, ipaddress.IPv4Address):
+    pass
 
-    __slots__ = ("_text",)
 
-    def __init__(self, address: str | int) -> None:
-        super().__init__(address)
-        self._text = super().__str__()
-
-    def __str__(self) -> str:
-        return self._text
+class _IPv6(_FormattedOnce, ipaddress.IPv6Address):
+    pass
 
 
 @functools.lru_cache(maxsize=4096)
