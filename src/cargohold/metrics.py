@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from cargohold.cache.index import Index, Stored, Usage
 from cargohold.proxy import PullThrough
+from cargohold.thisloop import ThisLoop
 
 _REMAINING = re.compile(r"^\s*(\d+)")
 
@@ -171,6 +172,9 @@ class Metrics:
         self._shared_dir = os.environ.get(MULTIPROC_ENV)
         self._own: list[Collector] = []  # collectors of live objects, registered here and in a workers' scrape
         self._counts: dict[tuple[str, str, int, str], _ResponseCounts] = {}
+        # Responses of this loop iteration not counted yet: (route, method, status, outcome) -> [responses, bytes].
+        self._pending: dict[tuple[str, str, int, str], list[int]] = {}
+        self._loop = ThisLoop()
 
     def attach(self, index: Index, proxy: PullThrough) -> None:
         """Read cache size and single-flight figures from the live objects at every scrape."""
@@ -183,7 +187,8 @@ class Metrics:
         self.registry.register(collector)
 
     async def refresh(self) -> None:
-        """Read the cache's size from the index (before a scrape or a status page)."""
+        """Count what waits, and read the cache's size from the index (before a scrape or a status page)."""
+        self.count_pending()
         if self.index is not None:
             self.usage = await self.index.usage()
 
@@ -195,16 +200,40 @@ class Metrics:
     # responses
 
     def response(self, request: web.BaseRequest, response: web.StreamResponse, outcome: str) -> None:
+        """Count a response at the end of this event-loop iteration, with the others of the iteration: a
+        counter's `inc` takes a lock (and, with workers, writes a shared file) each time."""
         key = (route_of(request), request.method, response.status, outcome)
+        served = response.content_length or 0
+        pending = self._pending.get(key)
+        if pending is None:
+            if not self._pending:
+                loop = self._loop.get()
+                if loop is None:
+                    self._count((key, [1, served]))
+                    return
+                loop.call_soon(self.count_pending)
+            self._pending[key] = [1, served]
+        else:
+            pending[0] += 1
+            pending[1] += served
+
+    def count_pending(self) -> None:
+        """Add the responses counted since to the counters (also before a scrape reads them)."""
+        pending, self._pending = self._pending, {}
+        for each in pending.items():
+            self._count(each)
+
+    def _count(self, pending: tuple[tuple[str, str, int, str], list[int]]) -> None:
+        key, (responses, served) = pending
         counts = self._counts.get(key) or self._counts_of(*key)
-        counts.request.inc()
+        counts.request.inc(responses)
         if counts.cache is None:
             return
-        counts.cache.inc()
-        self._lasting(outcome, 1)
-        if counts.source is not None and response.content_length:
-            counts.source[0].inc(response.content_length)
-            self._lasting(counts.source[1], response.content_length)
+        counts.cache.inc(responses)
+        self._lasting(key[3], responses)
+        if counts.source is not None and served:
+            counts.source[0].inc(served)
+            self._lasting(counts.source[1], served)
 
     def _counts_of(self, route: str, method: str, status: int, outcome: str) -> _ResponseCounts:
         """The counters a response of this kind adds to, looked up once (labels() takes a lock and builds a

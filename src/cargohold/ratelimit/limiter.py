@@ -132,11 +132,12 @@ class RateLimiter:
 
     async def check(self, key: str, items: Items, kind: Kind) -> TooManyRequests | None:
         """Count one request of client `key`; the error to answer with when it is over a budget."""
+        now = time.time()
         for window in items.by_kind[kind]:
             stored = f"{key}/{window.suffix}"
             try:
                 if self._memory is not None:
-                    counted = self._memory.hit(stored, window.amount, window.expiry)
+                    counted = self._memory.hit(stored, window.amount, window.expiry, now)
                 else:
                     counted = await self._storage.acquire_entry(stored, window.amount, window.expiry)
                 if counted:
@@ -146,7 +147,7 @@ class RateLimiter:
                 self._failing(exc)
                 return None
             self._failing(None)
-            retry = min(window.expiry, max(1, math.ceil(oldest + window.expiry - time.time())))
+            retry = min(window.expiry, max(1, math.ceil(oldest + window.expiry - now)))
             return too_many(key, window.name, window.amount, window.expiry, retry)
         if self._storage_failing:
             self._failing(None)

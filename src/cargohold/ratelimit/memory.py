@@ -39,11 +39,10 @@ class MovingWindowMemory:
         return hits
 
     async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
-        return self.hit(key, limit, expiry, amount)
+        return self.hit(key, limit, expiry, time.time(), amount)
 
-    def hit(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
-        """`acquire_entry` without a coroutine: the limiter counts a pull in three windows per request."""
-        now = time.time()
+    def hit(self, key: str, limit: int, expiry: int, now: float, amount: int = 1) -> bool:
+        """`acquire_entry` at `now`, without a coroutine: the limiter counts a pull in three windows per request."""
         if now - self._swept > SWEEP:
             self._sweep(now)
         hits = self._window(key, expiry, now)
