@@ -209,7 +209,7 @@ class Metrics:
             if not self._pending:
                 loop = self._loop.get()
                 if loop is None:
-                    self._count((key, [1, served]))
+                    self._count(key, 1, served)
                     return
                 loop.call_soon(self.count_pending)
             self._pending[key] = [1, served]
@@ -220,11 +220,10 @@ class Metrics:
     def count_pending(self) -> None:
         """Add the responses counted since to the counters (also before a scrape reads them)."""
         pending, self._pending = self._pending, {}
-        for each in pending.items():
-            self._count(each)
+        for key, (responses, served) in pending.items():
+            self._count(key, responses, served)
 
-    def _count(self, pending: tuple[tuple[str, str, int, str], list[int]]) -> None:
-        key, (responses, served) = pending
+    def _count(self, key: tuple[str, str, int, str], responses: int, served: int) -> None:
         counts = self._counts.get(key) or self._counts_of(*key)
         counts.request.inc(responses)
         if counts.cache is None:

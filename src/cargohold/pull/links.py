@@ -33,10 +33,7 @@ class Links:
     async def confirm(self, remote: Remote, digest: Digest, kind: Kind) -> None:
         """Before cached content goes to a repository it never came through, one HEAD upstream must find it there."""
         key = (remote.upstream, remote.repository, str(digest))
-        if self._known.get(key):
-            return
-        if await self._index.has_link(*key):
-            self._known.put(key, True)
+        if await self._known.read(key, lambda: self._index.has_link(*key)):
             return
         await self._heads.run(key, lambda: self._head(remote, digest, kind))
 

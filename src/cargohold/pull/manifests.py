@@ -77,11 +77,7 @@ class Manifests:
         self.evictions += 1
 
     async def get(self, remote: Remote, digest: Digest) -> Manifest:
-        entry = self._rows.get(digest)
-        if entry is None:
-            entry = await self._index.get_manifest(str(digest))
-            if entry is not None:
-                self._rows.put(digest, entry)
+        entry = await self._rows.read(digest, lambda: self._index.get_manifest(str(digest)))
         if entry is not None:
             body = self._bodies.get(digest)
             if body is None:

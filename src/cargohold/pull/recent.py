@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from time import monotonic
 from typing import Generic, TypeVar
 
@@ -65,7 +65,7 @@ class RecentBytes(Generic[K]):
 class Fresh(Generic[K, V]):
     """Index rows read within the last `seconds` (per process), so a hot tag's hit skips its SQLite reads.
     Writes made through this process forget their key at once; others' (another worker, the cache CLI)
-    are seen within `seconds`. Only rows that exist are kept: a miss always asks the index."""
+    are seen within `seconds`. Only rows that exist (a true value) are kept: a miss always asks the index."""
 
     def __init__(self, seconds: float = 1.0, limit: int = ANSWERS) -> None:
         self._seconds = seconds
@@ -81,6 +81,15 @@ class Fresh(Generic[K, V]):
         """Kept for the table's `seconds`, or fewer."""
         kept = self._seconds if seconds is None else min(seconds, self._seconds)
         self._rows.put(key, (monotonic() + kept, value))
+
+    async def read(self, key: K, load: Callable[[], Awaitable[V | None]]) -> V | None:
+        """The row read within the last `seconds`, else `load`ed now (and kept if there is one)."""
+        value = self.get(key)
+        if value is None:
+            value = await load()
+            if value:
+                self.put(key, value)
+        return value
 
     def forget(self, key: K) -> None:
         self._rows.pop(key)

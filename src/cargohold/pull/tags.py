@@ -110,12 +110,7 @@ class Tags:
             hits.by_accept[accept] = manifest
 
     async def _row(self, key: TagKey) -> TagEntry | None:
-        entry = self._rows.get(key)
-        if entry is None:
-            entry = await self._index.get_tag(*key)
-            if entry is not None:
-                self._rows.put(key, entry)
-        return entry
+        return await self._rows.read(key, lambda: self._index.get_tag(*key))
 
     async def _put_tag(self, key: TagKey, digest: str, media_type: str) -> None:
         await self._index.put_tag(*key, digest, media_type)
