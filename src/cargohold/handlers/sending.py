@@ -5,6 +5,7 @@ thread) under TLS, a piece at a time; chunks from a download or a bucket are wri
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from collections.abc import AsyncIterable, Awaitable
@@ -138,21 +139,28 @@ async def _sendfile(
 async def _copy(
     request: web.BaseRequest, writer: AbstractStreamWriter, file: BinaryIO, start: int, end: int, timeout: float
 ) -> None:
-    """`CHUNK`s read on a worker thread one ahead of the one being written: the read of the next overlaps
-    the encryption and sending of this one (TLS), and a client holds at most two in memory."""
+    """`CHUNK`s read and written. A piece the page cache holds is read on the loop (`read_cached`): a
+    worker thread would cost more in hand-offs than the copy. Once the disk has to be waited for, the
+    next piece is read ahead on a worker thread while this one is encrypted and sent; a client holds
+    at most two pieces in memory."""
     loop = asyncio.get_running_loop()
+    fd = file.fileno()
 
     def read(offset: int) -> asyncio.Future[bytes]:
-        return loop.run_in_executor(None, os.pread, file.fileno(), min(CHUNK, end - offset), offset)
+        return loop.run_in_executor(None, os.pread, fd, min(CHUNK, end - offset), offset)
 
-    ahead = read(start) if start < end else None
+    ahead: asyncio.Future[bytes] | None = None
     try:
-        while ahead is not None:
-            data = await ahead
+        while start < end:
+            data: bytes | bytearray | memoryview | None = None
+            if ahead is None:
+                data = read_cached(fd, min(CHUNK, end - start), start)
+            if data is None:
+                data = await (ahead or read(start))
+                ahead = read(start + len(data)) if data and start + len(data) < end else None
             if not data:
                 raise ConnectionResetError(f"{file.name} ended early")
             start += len(data)
-            ahead = read(start) if start < end else None
             _transport_of(request)
             await within(timeout, writer.write(data))
     finally:
@@ -160,6 +168,21 @@ async def _copy(
         # seen so that an error in it is not logged as never retrieved.
         if ahead is not None and not ahead.cancel():
             ahead.exception()
+
+
+def read_cached(fd: int, length: int, offset: int) -> bytearray | memoryview | None:
+    """Up to `length` bytes at `offset` if the page cache holds them, without waiting for the disk
+    (`RWF_NOWAIT`); None if it would have to be waited for, or the file system cannot say."""
+    buffer = bytearray(length)
+    try:
+        got = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+    return buffer if got == length else memoryview(buffer)[:got]
 
 
 def _next_piece(piece: int, sent: int, took: float, timeout: float) -> int:
