@@ -127,13 +127,32 @@ async def _sendfile(
         length = min(piece, end - start)
         transport = _transport_of(request)
         began = loop.time()
-        try:
-            await within(timeout, loop.sendfile(transport, file, start, length, fallback=False))
-        except asyncio.SendfileNotAvailableError as exc:  # what a reset socket gives a new sendfile
-            raise ConnectionResetError(str(exc)) from exc
+        sent = _send_now(transport, file, start, length)
+        if sent < length:
+            try:
+                await within(timeout, loop.sendfile(transport, file, start + sent, length - sent, fallback=False))
+            except asyncio.SendfileNotAvailableError as exc:  # what a reset socket gives a new sendfile
+                raise ConnectionResetError(str(exc)) from exc
         writer.output_size += length  # bytes the writer did not see: counted for the access log
         start += length
         piece = _next_piece(piece, length, loop.time() - began, timeout)
+
+
+def _send_now(transport: asyncio.Transport, file: BinaryIO, offset: int, length: int) -> int:
+    """What the socket takes of the piece at once, in one sendfile call, when the transport holds
+    nothing to write first. `loop.sendfile` pauses reading and waits for the socket to be writable
+    even after a call that sent everything: several system calls and callbacks per piece, more than
+    the copy itself for a piece of a download that fits the socket's buffer."""
+    if transport.get_write_buffer_size():
+        return 0
+    try:
+        return os.sendfile(transport.get_extra_info("socket").fileno(), file.fileno(), offset, length)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except ConnectionError:
+        raise
+    except OSError:  # anything else is for loop.sendfile to meet and say
+        return 0
 
 
 async def _copy(

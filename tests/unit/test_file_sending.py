@@ -1,11 +1,15 @@
-"""A cached blob sent over TLS is read on the event loop while the page cache holds it (preadv with
-RWF_NOWAIT), and on a worker thread, one piece ahead, once the disk has to be waited for or the file
-system cannot tell. Every way gives the same bytes, whole and in ranges."""
+"""How a cached file's bytes leave. Over plain TCP a piece goes out in one sendfile call when the
+socket takes it at once, and the rest through the loop's sendfile when it does not. Over TLS a piece is
+read on the event loop while the page cache holds it (preadv with RWF_NOWAIT), and on a worker thread,
+one piece ahead, once the disk has to be waited for or the file system cannot tell. Every way gives the
+same bytes, whole and in ranges."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,3 +96,52 @@ def test_a_partly_cached_piece_is_what_the_cache_holds(tmp_path: Path, monkeypat
             sending.read_cached(fd, 4, 0)
     finally:
         os.close(fd)
+
+
+async def _slow_get(port: int, path: str) -> bytes:
+    """GET `path` with a small receive window, reading 64 KiB a millisecond: the server's socket fills."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = bytearray()
+        async with asyncio.timeout(60):
+            while len(body) < length:
+                body += await reader.read(min(1 << 16, length - len(body)))
+                await asyncio.sleep(0.001)
+        return bytes(body)
+    finally:
+        writer.close()
+
+
+async def test_a_slow_client_over_tcp_gets_the_whole_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pieces the socket takes only in part (or not at all) are finished by the loop's sendfile."""
+    upstream = Upstream()
+    data = os.urandom(6 * CHUNK + 321)
+    path = f"/v2/library/app/blobs/{upstream.add(data)}"
+    short: list[int] = []
+    real = os.sendfile
+
+    def sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        try:
+            sent = real(out_fd, in_fd, offset, count)
+        except BlockingIOError:
+            short.append(0)
+            raise
+        if sent < count:
+            short.append(sent)
+        return sent
+
+    async with mirror(tmp_path, upstream) as srv:
+        async with KeepAlive.open(srv.port) as conn:
+            assert (await conn.request(path)).body == data
+        await srv.settled()
+        monkeypatch.setattr(os, "sendfile", sendfile)
+        assert await _slow_get(srv.port, path) == data
+    assert short  # the socket did not take every piece whole
