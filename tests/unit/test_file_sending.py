@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -16,8 +17,11 @@ from pathlib import Path
 import pytest
 from blobmirror import KeepAlive, Upstream, mirror
 
+from cargohold import blobsource
 from cargohold.cache.download import CHUNK
+from cargohold.cache.store import Pin
 from cargohold.handlers import sending
+from cargohold.oci.digests import Digest
 
 Preadv = Callable[..., int]
 
@@ -145,3 +149,34 @@ async def test_a_slow_client_over_tcp_gets_the_whole_file(tmp_path: Path, monkey
         monkeypatch.setattr(os, "sendfile", sendfile)
         assert await _slow_get(srv.port, path) == data
     assert short  # the socket did not take every piece whole
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["sendfile", "read"])
+async def test_a_cached_file_cut_short_under_the_server_cuts_the_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tls: bool
+) -> None:
+    """The client would otherwise wait for bytes that never come on a connection kept alive (sendfile
+    met the end of the file and the response was ended as if whole), or be told it went away (read)."""
+    upstream = Upstream()
+    data = os.urandom(3 * CHUNK)
+    digest = upstream.add(data)
+    path = f"/v2/library/app/blobs/{digest}"
+    real_open = blobsource.LocalFile.open
+
+    async def open_then_truncate(digest: Digest, file: Path, pin: Pin) -> blobsource.LocalFile:
+        source = await real_open(digest, file, pin)
+        os.truncate(file, CHUNK + 5)  # after its size was taken
+        return source
+
+    async with mirror(tmp_path, upstream, tls=tls) as srv:
+        async with KeepAlive.open(srv.port, srv.client_tls) as conn:
+            assert (await conn.request(path)).body == data
+        await srv.settled()
+        monkeypatch.setattr(blobsource.LocalFile, "open", open_then_truncate)
+        with caplog.at_level(logging.WARNING, "cargohold.blobs"):
+            async with KeepAlive.open(srv.port, srv.client_tls) as conn:
+                async with asyncio.timeout(10):
+                    with pytest.raises(asyncio.IncompleteReadError):
+                        await conn.request(path)
+    assert f"cutting off a client of {digest}" in caplog.text
+    assert f"ended at {CHUNK + 5} bytes" in caplog.text

@@ -27,6 +27,10 @@ class ClientStalled(Exception):
     """The client accepted no piece of a blob within `send_timeout`."""
 
 
+class FileEndedEarly(Exception):
+    """A cached file held fewer bytes than its size when opened: changed on disk under the server."""
+
+
 def cut_off(request: web.BaseRequest, message: str, *args: object) -> None:
     """Abort the connection: once the headers are gone, the only honest signal left. Whatever the
     response held (pin, reader of a download) is released by its caller; the download goes on."""
@@ -81,6 +85,8 @@ async def send_body(
         await response.write_eof()
     except ClientStalled:
         cut_off(request, STALLED, digest)
+    except FileEndedEarly as exc:
+        cut_off(request, "cutting off a client of %s: %s", digest, exc)
     except ConnectionError:  # reset, or a broken pipe under sendfile
         log.debug("client of %s went away after %d bytes", digest, response.body_length)
     return response
@@ -130,9 +136,15 @@ async def _sendfile(
         sent = _send_now(transport, file, start, length)
         if sent < length:
             try:
-                await within(timeout, loop.sendfile(transport, file, start + sent, length - sent, fallback=False))
+                rest = loop.sendfile(transport, file, start + sent, length - sent, fallback=False)
+                async with asyncio.timeout(timeout):
+                    sent += await rest
+            except TimeoutError:
+                raise ClientStalled from None
             except asyncio.SendfileNotAvailableError as exc:  # what a reset socket gives a new sendfile
                 raise ConnectionResetError(str(exc)) from exc
+        if sent < length:  # sendfile met the end of the file
+            raise FileEndedEarly(f"{file.name} ended at {start + sent} bytes")
         writer.output_size += length  # bytes the writer did not see: counted for the access log
         start += length
         piece = _next_piece(piece, length, loop.time() - began, timeout)
@@ -178,7 +190,7 @@ async def _copy(
                 data = await (ahead or read(start))
                 ahead = read(start + len(data)) if data and start + len(data) < end else None
             if not data:
-                raise ConnectionResetError(f"{file.name} ended early")
+                raise FileEndedEarly(f"{file.name} ended at {start} bytes")
             start += len(data)
             _transport_of(request)
             await within(timeout, writer.write(data))
