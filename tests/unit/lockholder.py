@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 def hold_in_child(lock: str, then: Callable[[], None] = lambda: None) -> int:
     """Fork a process that takes the flock on `lock`, runs `then` and waits to be killed; its pid, once it
-    holds the lock and `then` is done. Kill it with SIGKILL and reap it (os.waitpid): it cleans nothing up."""
+    holds the lock and `then` is done. Kill it with `kill`: it cleans nothing up."""
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -27,3 +27,9 @@ def hold_in_child(lock: str, then: Callable[[], None] = lambda: None) -> int:
     finally:
         os.close(ready_r)
     return pid
+
+
+def kill(pid: int) -> None:
+    """SIGKILL a process of `hold_in_child` and reap it: once this returns, its pid is gone."""
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)

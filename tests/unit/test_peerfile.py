@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
+import pytest
+from lockholder import hold_in_child, kill
+
+from cargohold.cache.filelocks import FileLocks
 from cargohold.cache.peerfile import Publication
 from cargohold.cache.store import FsBlobStore
 
@@ -60,3 +66,45 @@ def test_a_published_name_that_is_no_longer_that_download_is_not_opened(tmp_path
         assert published.open() is None
     finally:
         os.close(held)
+
+
+def _stage_and_stop(store: FsBlobStore, lock: Path) -> Callable[[], None]:
+    """What a holder of `lock` killed between writing its publication and the rename did: the write."""
+
+    def stage() -> None:
+        fd, temp = store.new_temp()
+        with mock.patch.object(os, "replace"):  # the rename that a kill at this point never gets to
+            Publication(temp, os.fstat(fd).st_ino, 10, os.getpid(), None).save(lock.with_name(f"{lock.name}.json"))
+
+    return stage
+
+
+def test_a_half_written_publication_of_a_killed_holder_is_removed_when_a_worker_starts(tmp_path: Path) -> None:
+    """Two holders staged their publications; one was killed before its rename. A worker that starts (its
+    `FileLocks`) removes the dead one's staging file, never the live one's (it may be about to rename it)."""
+    store = FsBlobStore(tmp_path / "data")
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    dead = hold_in_child(str(locks / "sha256-aa"), _stage_and_stop(store, locks / "sha256-aa"))
+    kill(dead)
+    live = hold_in_child(str(locks / "sha256-bb"), _stage_and_stop(store, locks / "sha256-bb"))
+    try:
+        staged = sorted(p.name for p in locks.glob("*.json.*"))
+        assert staged == [f"sha256-aa.json.{dead}", f"sha256-bb.json.{live}"]
+        FileLocks(locks, 60.0)
+        assert sorted(p.name for p in locks.glob("*.json.*")) == [f"sha256-bb.json.{live}"]
+    finally:
+        kill(live)
+
+
+def test_a_publication_that_cannot_be_moved_into_place_leaves_nothing_staged(tmp_path: Path) -> None:
+    """Nobody would remove a live process's staging file: the holder removes its own when saving fails."""
+    store = FsBlobStore(tmp_path / "data")
+    fd, temp = store.new_temp()
+    os.close(fd)
+    where = tmp_path / "lock.json"
+    where.mkdir()
+    (where / "in the way").write_bytes(b"")
+    with pytest.raises(OSError):
+        Publication(temp, temp.stat().st_ino, 10, os.getpid(), None).save(where)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "lock.json"]

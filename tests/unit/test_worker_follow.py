@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import json
 import os
-import signal
 import ssl
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -25,7 +24,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from blobmirror import server_log_fixture  # noqa: F401 - a fixture
-from lockholder import hold_in_child
+from lockholder import hold_in_child, kill
 
 from cargohold.app import build_app
 from cargohold.cache.download import CHUNK
@@ -209,6 +208,24 @@ async def _a_downloads(workers: Workers, path: str) -> asyncio.Task[bytes]:
     return task
 
 
+async def _b_follows(server_log: Callable[[], str]) -> None:
+    """Until B's claim found the download published (its first look at the lock, made after the publication
+    was there) and went on to follow it: nothing is counted before its follower has a byte to send."""
+    await _until("B to follow the download", lambda: "following its download" in server_log())
+
+
+def _publish_an_empty_file(workers: Workers, lock: str) -> Callable[[], None]:
+    """What a holder of `lock` (in a child process: `hold_in_child`) runs to publish a temp file of its own."""
+
+    def publish() -> None:
+        fd, temp = tempfile.mkstemp(dir=workers.data_dir / "tmp", prefix="dl-")
+        published = {"temp": temp, "inode": os.fstat(fd).st_ino, "size": SIZE, "pid": os.getpid(), "source": None}
+        out = os.open(f"{lock}.json", os.O_WRONLY | os.O_CREAT, 0o640)
+        os.write(out, json.dumps(published).encode())
+
+    return publish
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
 async def test_a_client_of_another_worker_streams_the_download_as_it_lands(
     tmp_path: Path, tls: bool, server_log: Callable[[], str]
@@ -231,7 +248,7 @@ async def test_a_client_of_another_worker_streams_the_download_as_it_lands(
         assert await a_client == data
         assert upstream.gets == 1
         assert workers.proxy(workers.b).peers is not None
-        assert workers.proxy(workers.b).peers.waits["followed"] == 1
+        assert workers.proxy(workers.b).peers.waits == {"followed": 1}
         await _until("A's download to land", lambda: len(workers.stored()) == 1)
         assert workers.temp_files() == []
 
@@ -295,16 +312,18 @@ async def test_a_download_that_fails_before_a_byte_went_out_is_fetched_by_the_fo
     tmp_path: Path, server_log: Callable[[], str]
 ) -> None:
     """A's upstream connection breaks before B's client got a byte (headers included): B downloads the
-    blob itself and serves all of it."""
+    blob itself and serves all of it; its wait counts once, as the take-over that served it."""
     data = os.urandom(SIZE)
     upstream = GatedUpstream(digest_of(data), data, ends=["abort"], first=0)
     path = f"/v2/library/app/blobs/{upstream.digest}"
     async with two_workers(tmp_path, upstream) as workers:
         a_client = await _a_downloads(workers, path)
         peers = workers.proxy(workers.b).peers
-        assert peers is not None
+        assert isinstance(peers, FileLocks)
+        lock = peers.key(Digest.parse(upstream.digest))
+        await _until("A to publish its download", lambda: os.path.exists(f"{lock}.json"))
         async with Client.send(workers.b, path) as b_client:
-            await _until("B to follow A's download", lambda: peers.waits["followed"] == 1)
+            await _b_follows(server_log)
             upstream.go_on.set()
             await b_client.head()
             assert b_client.status == 200
@@ -312,14 +331,20 @@ async def test_a_download_that_fails_before_a_byte_went_out_is_fetched_by_the_fo
         assert await a_client == b""
         assert upstream.gets == 2
         await _until("B's download to land", lambda: len(workers.stored()) == 1)
+        assert peers.waits == {"took_over": 1}
 
 
-async def test_a_follower_whose_holder_died_before_a_byte_fetches_the_blob_itself(
-    tmp_path: Path, server_log: Callable[[], str]
+@pytest.mark.parametrize("discarded", [False, True], ids=["killed", "discarded-then-killed"])
+async def test_a_follower_whose_holder_failed_before_a_byte_fetches_the_blob_itself_and_counts_once(
+    tmp_path: Path, discarded: bool, server_log: Callable[[], str]
 ) -> None:
-    """Another worker took the lock, published its temp file and was killed (SIGKILL: nothing cleaned up, the
-    file stays as it was): B's client, which got nothing yet, is served a download of B's own, long before
-    `index.peer_wait` (set far above this test's bounds, so only noticing the holder's death can pass)."""
+    """Another worker took the lock and published its temp file, and B's client follows it. Then the holder is
+    killed (SIGKILL: nothing cleaned up, the file stays as it was); or (`discarded`) its download is discarded
+    first (the temp file removed unproven) while it still holds the lock, so that B falls back to waiting for
+    the lock, and killed once B waits. B's client, which got nothing yet, is served a download of B's own, long
+    before `index.peer_wait` (set far above this test's bounds, so only noticing the holder's end can pass).
+    That is one wait, counted once as the take-over that served it: not also as followed, and whether or not
+    B's claim after the fall-back had to wait for the lock."""
     data = os.urandom(SIZE)
     upstream = GatedUpstream(digest_of(data), data)
     upstream.go_on.set()
@@ -328,21 +353,18 @@ async def test_a_follower_whose_holder_died_before_a_byte_fetches_the_blob_itsel
         peers = workers.proxy(workers.b).peers
         assert isinstance(peers, FileLocks)
         lock = peers.key(Digest.parse(upstream.digest))
-
-        def publish_an_empty_file() -> None:
-            fd, temp = tempfile.mkstemp(dir=workers.data_dir / "tmp", prefix="dl-")
-            published = {"temp": temp, "inode": os.fstat(fd).st_ino, "size": SIZE, "pid": os.getpid(), "source": None}
-            out = os.open(f"{lock}.json", os.O_WRONLY | os.O_CREAT, 0o640)
-            os.write(out, json.dumps(published).encode())
-
-        pid = hold_in_child(lock, publish_an_empty_file)
+        pid = hold_in_child(lock, _publish_an_empty_file(workers, lock))
         async with Client.send(workers.b, path) as b_client:
             try:
-                await _until("B to follow the holder's download", lambda: peers.waits["followed"] == 1)
+                await _b_follows(server_log)
+                if discarded:
+                    for temp in workers.temp_files():
+                        temp.unlink()
+                    await _until("B to wait for the lock again", lambda: "waiting for it to land" in server_log())
             finally:
-                os.kill(pid, signal.SIGKILL)
-                await asyncio.to_thread(os.waitpid, pid, 0)
+                await asyncio.to_thread(kill, pid)
             await b_client.head()
             assert b_client.status == 200
             assert await b_client.body(SIZE) == data
         assert upstream.gets == 1
+        assert peers.waits == {"took_over": 1}

@@ -10,7 +10,8 @@ file removed meanwhile sees another inode at the path and tries again.
 While it downloads, the holder publishes its temp file next to the lock (`<lock>.json`, see
 `cache/peerfile.py`), so that the other workers' clients follow the download as it lands instead of
 waiting for its end. Only the holder writes it; it removes it before it lets go of the lock, and a new
-holder removes one that a dead holder left.
+holder removes one that a dead holder left; a worker that starts removes the half-written ones (staging
+files) of holders killed while writing them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 from pathlib import Path
 
 from cargohold.cache.download import Download
-from cargohold.cache.peerfile import Publication, source_of
+from cargohold.cache.peerfile import Publication, remove_dead_staging, source_of
 from cargohold.cache.peers import Lease, Peers
 from cargohold.cache.store import BlobStore, Spool
 from cargohold.errors import StorageUnavailable
@@ -44,6 +45,7 @@ class FileLocks(Peers):
     def __init__(self, directory: Path, wait: float) -> None:
         super().__init__(wait, LEASE)
         directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        remove_dead_staging(directory)
         self._dir = directory
         self._held: dict[str, int] = {}  # token -> the locked descriptor
 

@@ -12,20 +12,28 @@ so one `fstat` of the follower's own descriptor says how far the file has grown 
 even after the file was renamed into the store or (a bucket) uploaded and removed. A file unlinked without
 the mark was discarded (the download failed, or went on uncached); a holder whose pid is gone died; a file
 that does not grow for `peer_wait` is given up. Each of those ends the follow with `DownloadFailed`.
+
+The holder writes its publication to `<lock>.json.<pid>` first and renames it into place: one killed in
+between leaves that staging file, which `remove_dead_staging` removes when a worker starts (never one whose
+pid lives: it may be about to rename it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import AsyncGenerator, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from cargohold.cache.download import VERIFIED_MODE, DownloadFailed
+
+log = logging.getLogger("cargohold.peers")
 
 # How often a follower looks at the file while it does not grow: from POLL_FIRST, doubling up to POLL_MAX.
 POLL_FIRST, POLL_MAX = 0.005, 0.1
@@ -33,15 +41,33 @@ POLL_FIRST, POLL_MAX = 0.005, 0.1
 MAX_PUBLICATION = 4096
 
 
+class Wait:
+    """A wait for another worker's download that found it published, counted once in `waits` (the metric
+    cargohold_peer_waits) by what served it: `followed` once a follower has a first piece to send (from then
+    on it never falls back), else the outcome of the claim its client falls back to (`Peers.claim`)."""
+
+    def __init__(self, waits: Counter[str]) -> None:
+        self._waits = waits
+        self.counted = False
+
+    def count(self, outcome: str) -> None:
+        """Count it as `outcome`, unless it is counted already."""
+        if not self.counted:
+            self.counted = True
+            self._waits[outcome] += 1
+
+
 @dataclass(frozen=True)
 class Publication:
-    """What the holder of a download lock tells the other workers about its download."""
+    """What the holder of a download lock tells the other workers about its download; `wait`, not published,
+    is the wait of the worker that found it (`Peers.claim`)."""
 
     temp: Path
     inode: int
     size: int
     pid: int
     source: tuple[str, str] | None  # (upstream, repository) it is fetched from; None: not said
+    wait: Wait | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def load(cls, where: Path, temps: Path) -> Publication | None:
@@ -62,14 +88,16 @@ class Publication:
         return cls(temp, inode, size, pid, None if source is None else (source[0], source[1]))
 
     def save(self, where: Path) -> None:
-        """Write it next to `where` and move it into place: a reader sees all of it or none."""
+        """Write it next to `where` and move it into place: a reader sees all of it or none. What it staged
+        is removed when that fails (a full disk): nobody else would while this process lives."""
         staged = where.with_name(f"{where.name}.{os.getpid()}")
-        staged.write_text(
-            json.dumps(
-                {"temp": str(self.temp), "inode": self.inode, "size": self.size, "pid": self.pid, "source": self.source}
-            )
-        )
-        os.replace(staged, where)
+        body = {"temp": str(self.temp), "inode": self.inode, "size": self.size, "pid": self.pid, "source": self.source}
+        try:
+            staged.write_text(json.dumps(body))
+            os.replace(staged, where)
+        except OSError:
+            staged.unlink(missing_ok=True)
+            raise
 
     def open(self) -> PeerFile | None:
         """The published file, open read-only; None when it is not (or no longer) that download's temp file:
@@ -100,11 +128,13 @@ class PeerFile:
         self.size = publication.size
         self._name = publication.temp.name
         self._pid = publication.pid
+        self._wait = publication.wait
 
     async def spans(self, start: int, end: int, patience: float) -> AsyncGenerator[tuple[int, int], None]:
         """`(offset, length)` pieces of `[start, end)` as they land, all but the last byte until the file is
         proven; returns once all of it is sent and proven (even for no bytes at all). DownloadFailed when
-        the download ends without proof, its holder dies, or the file does not grow for `patience` seconds."""
+        the download ends without proof, its holder dies, or the file does not grow for `patience` seconds.
+        The wait that found the download is counted `followed` at the first piece (or the proof of none)."""
         loop = asyncio.get_running_loop()
         position, seen, delay = start, -1, POLL_FIRST
         deadline = loop.time() + patience
@@ -115,9 +145,11 @@ class PeerFile:
                 raise DownloadFailed(f"another worker's download into {self._name} failed")
             readable = min(st.st_size, end if proven else end - 1)
             if position < readable:
+                self._followed()
                 yield position, readable - position
                 position = readable
             elif proven:
+                self._followed()
                 return
             if st.st_size != seen:  # it grows: look again soon
                 seen, delay, deadline = st.st_size, POLL_FIRST, loop.time() + patience
@@ -127,15 +159,33 @@ class PeerFile:
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
 
+    def _followed(self) -> None:
+        if self._wait is not None:
+            self._wait.count("followed")
+
     def close(self) -> None:
         self.file.close()
+
+
+def remove_dead_staging(directory: Path) -> None:
+    """Remove the staging files (`<lock>.json.<pid>`, see `Publication.save`) under `directory` whose
+    writer is dead: a holder killed before its rename leaves one that nothing else would ever remove.
+    A live process's is left alone."""
+    removed = 0
+    for path in directory.glob("*.json.*"):
+        pid = path.suffix[1:]
+        if pid.isascii() and pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.info("removed %d publications that killed workers left unfinished", removed)
 
 
 def _alive(pid: int) -> bool:
     """Whether process `pid` still exists (the lock's holder; same machine, so the same pid namespace)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no pid is that large
         return False
     except PermissionError:
         return True

@@ -18,13 +18,15 @@ import asyncio
 import logging
 import secrets
 import socket
+import weakref
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import redis.asyncio as redis
 
 from cargohold.cache.download import Download
-from cargohold.cache.peerfile import Publication
+from cargohold.cache.peerfile import Publication, Wait
 from cargohold.cache.store import BlobStore, RemoteBlob
 from cargohold.errors import StorageUnavailable
 from cargohold.oci.digests import Digest
@@ -74,8 +76,11 @@ class Peers(abc.ABC):
     def __init__(self, wait: float, lease: float) -> None:
         self.wait = wait
         self.lease = lease
-        # How waits for another replica's download ended: landed, took_over, timed_out, followed (for metrics).
+        # How waits for another replica's download ended: landed, took_over, timed_out, followed (for metrics),
+        # each counted once (see `claim`).
         self.waits: Counter[str] = Counter()
+        # The last wait per lock that found a download to follow, while one of its followers lives.
+        self._follows: weakref.WeakValueDictionary[str, Wait] = weakref.WeakValueDictionary()
 
     @abc.abstractmethod
     def key(self, digest: Digest) -> str:
@@ -107,8 +112,12 @@ class Peers(abc.ABC):
     ) -> Lease | Path | RemoteBlob | Publication | None:
         """A lease to download `digest`; or the blob, landed meanwhile by another replica; with `follow`,
         the download in progress elsewhere that can be followed; or None when the wait ran out (download
-        without a lease)."""
+        without a lease).
+        A claim that waited counts how its wait ended in `waits`, once; one that found a download to follow
+        leaves that to its `Wait`: `followed` once a follower has a piece to send, else the claim without
+        `follow` its client falls back to ends that same wait (counted even if that claim did not wait)."""
         key = self.key(digest)
+        resumed = None if follow else self._follows.get(key)
         token = secrets.token_hex(8)
         loop = asyncio.get_running_loop()
         deadline, delay, waited = loop.time() + self.wait, POLL_FIRST, False
@@ -120,8 +129,7 @@ class Peers(abc.ABC):
                 except BaseException:
                     await asyncio.shield(lease.release())
                     raise
-                if waited:
-                    self.waits["took_over" if found is None else "landed"] += 1
+                self._count("took_over" if found is None else "landed", waited, resumed)
                 if found is None:
                     return lease
                 await lease.release()
@@ -132,16 +140,24 @@ class Peers(abc.ABC):
                 log.info("another replica is fetching %s; %s", digest, what)
                 waited = True
             if publication is not None:
-                self.waits["followed"] += 1
-                return publication
+                wait = Wait(self.waits)
+                self._follows[key] = wait
+                return replace(publication, wait=wait)
             if loop.time() >= deadline:
-                self.waits["timed_out"] += 1
+                self._count("timed_out", waited, resumed)
                 log.warning(
                     "waited %.0fs for another replica's download of %s; fetching it here too", self.wait, digest
                 )
                 return None
             await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
             delay = min(delay * 2, self.poll_max)
+
+    def _count(self, outcome: str, waited: bool, resumed: Wait | None) -> None:
+        """Count a claim's end: as the end of the follow it falls back from, else as a wait of its own."""
+        if resumed is not None:
+            resumed.count(outcome)
+        elif waited:
+            self.waits[outcome] += 1
 
 
 class RedisPeers(Peers):
