@@ -1,6 +1,6 @@
 """Sending a blob body to a client under `send_timeout`: a client that takes no piece in time is cut
-off, one that went away is let go. Files go out with sendfile on plain TCP and pread (in a worker
-thread) under TLS, a piece at a time; chunks from a download or a bucket are written as they come."""
+off, one that went away is let go. Files go out a piece at a time, with sendfile on plain TCP and read
+and written under TLS; chunks from a download or a bucket are written as they come."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import errno
 import logging
 import os
 from collections.abc import AsyncIterable, Awaitable
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -18,6 +18,7 @@ from cargohold.cache.download import CHUNK
 from cargohold.oci.digests import Digest
 
 log = logging.getLogger("cargohold.blobs")
+T = TypeVar("T")
 STALLED = "cutting off a client of %s: it took no piece of the blob within send_timeout"
 # The largest piece one sendfile call may take (pieces grow with the client's rate, see `_next_piece`).
 MAX_PIECE = 64 << 20
@@ -39,11 +40,11 @@ def cut_off(request: web.BaseRequest, message: str, *args: object) -> None:
         request.transport.abort()
 
 
-async def within(timeout: float, send: Awaitable[object]) -> None:
+async def within(timeout: float, send: Awaitable[T]) -> T:
     """Await one piece of sending; ClientStalled if the client does not take it in time."""
     try:
         async with asyncio.timeout(timeout):
-            await send
+            return await send
     except TimeoutError:
         raise ClientStalled from None
 
@@ -136,11 +137,9 @@ async def _sendfile(
         sent = _send_now(transport, file, start, length)
         if sent < length:
             try:
-                rest = loop.sendfile(transport, file, start + sent, length - sent, fallback=False)
-                async with asyncio.timeout(timeout):
-                    sent += await rest
-            except TimeoutError:
-                raise ClientStalled from None
+                sent += await within(
+                    timeout, loop.sendfile(transport, file, start + sent, length - sent, fallback=False)
+                )
             except asyncio.SendfileNotAvailableError as exc:  # what a reset socket gives a new sendfile
                 raise ConnectionResetError(str(exc)) from exc
         if sent < length:  # sendfile met the end of the file
