@@ -14,9 +14,6 @@ from aiohttp import web
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_HOP = 64
-# An IPv6 host is given a /64 (RFC 6177, what ISPs and clouds hand out) and may use any of its 2^64
-# addresses: limits and login throttles count the /64 as one client.
-IPV6_CLIENT_PREFIX = 64
 
 
 @dataclass(frozen=True)
@@ -37,19 +34,6 @@ class UnknownAddress:
 ClientAddress = IPAddress | UnknownAddress
 
 
-def counted_as(address: ClientAddress) -> str:
-    """What rate limits and login throttles count an address as: itself, or its /64 for IPv6 (one
-    client could otherwise take a fresh address for every request, or every guess at a password)."""
-    if isinstance(address, ipaddress.IPv6Address):
-        return _ipv6_client(address)
-    return str(address)
-
-
-@functools.lru_cache(maxsize=4096)
-def _ipv6_client(address: ipaddress.IPv6Address) -> str:
-    return str(ipaddress.IPv6Network((address, IPV6_CLIENT_PREFIX), strict=False))
-
-
 def within(address: ClientAddress, networks: Iterable[IPNetwork]) -> bool:
     """Whether the address is inside any of `networks`; an unknown address never is."""
     return not isinstance(address, UnknownAddress) and any(address in net for net in networks)
@@ -65,8 +49,8 @@ class Identity:
 
     @property
     def key(self) -> str:
-        """What limits count by: the user, else the address (`counted_as`)."""
-        return f"user:{self.user}" if self.user else f"ip:{counted_as(self.address)}"
+        """What limits and logs count by: the user, else the address."""
+        return f"user:{self.user}" if self.user else f"ip:{self.address}"
 
 
 IDENTITY = web.RequestKey("identity", Identity)

@@ -243,22 +243,6 @@ async def test_failed_logins_are_throttled_per_user_and_address_and_per_address(
     assert (await client.get("/v2/", headers=from_ip("192.0.2.2", basic("bob")))).status == 200
 
 
-async def test_failed_logins_from_one_ipv6_64_count_together(make_client: Any) -> None:
-    """One host's /64 offers 2^64 addresses: a fresh one per guess must not reset the count. The access
-    and failed-login lines still name the address itself."""
-    make, _ = make_client
-    client = await make({"max_failed_logins": 3, "failed_login_window": "1h"})
-    for i in range(3):  # alice's password, guessed from three addresses of one /64
-        hop = f"[2001:db8:0:7::{i + 1}]"
-        assert (await client.get("/v2/", headers=from_ip(hop, basic("alice", "guess")))).status == 401
-    assert (await client.get("/v2/", headers=from_ip("[2001:db8:0:7::99]", basic("alice")))).status == 429
-    for i in range(6):  # other names: the /64 itself reaches three times the limit
-        hop = f"[2001:db8:0:7:{i}::1]"
-        assert (await client.get("/v2/", headers=from_ip(hop, basic(f"user{i}", "guess")))).status == 401
-    assert (await client.get("/v2/", headers=from_ip("[2001:db8:0:7::abc]", basic("carol")))).status == 429
-    assert (await client.get("/v2/", headers=from_ip("[2001:db8:0:8::1]", basic("alice")))).status == 200
-
-
 async def test_nobody_can_lock_another_user_out(make_client: Any) -> None:
     """Issue 21.2: failures for `alice` from attacker addresses never refuse her right password elsewhere,
     on Basic, GET /token and the password grant; a window later the attacker is where he started."""

@@ -22,7 +22,7 @@ from cargohold.auth.htpasswd import (
 from cargohold.auth.throttle import LoginThrottle
 from cargohold.errors import TooManyRequests, Unauthorized
 from cargohold.flight import SingleFlight
-from cargohold.identity import ClientAddress, counted_as
+from cargohold.identity import ClientAddress
 from cargohold.tasks import Tasks
 
 log = logging.getLogger("cargohold.auth")
@@ -57,7 +57,7 @@ def login_key(user: str, address: ClientAddress) -> str:
 
 
 def _digest_key(user: str, address: ClientAddress) -> str:
-    return f"login:{counted_as(address)}/{hashlib.sha256(user.encode(errors='replace')).hexdigest()[:24]}"
+    return f"login:{address}/{hashlib.sha256(user.encode(errors='replace')).hexdigest()[:24]}"
 
 
 _valid_login_key = functools.lru_cache(maxsize=4096)(_digest_key)
@@ -66,10 +66,9 @@ _valid_login_key = functools.lru_cache(maxsize=4096)(_digest_key)
 class Logins:
     """The one place a password is checked, for Basic auth on /v2/ and for /token alike.
 
-    Failures are counted per (user, address) and per address (for IPv6, its /64: `counted_as`), never
-    per user alone: a user's right password from an address that has not failed is always checked,
-    whoever guesses at her name elsewhere. An address gets ADDRESS_FACTOR times the limit, for the
-    users sharing it (a NAT).
+    Failures are counted per (user, address) and per address, never per user alone: a user's right
+    password from an address that has not failed is always checked, whoever guesses at her name
+    elsewhere. An address gets ADDRESS_FACTOR times the limit, for the users sharing it (a NAT).
 
     A verified login is remembered for CACHE_TTL under a hash of user, password and stored hash,
     so a pull sending Basic on every request costs one bcrypt check, and a changed password or
@@ -132,7 +131,7 @@ class Logins:
 
     def refuse_if_throttled(self, address: ClientAddress, user: str | None = None) -> None:
         """TooManyRequests while the address, or this user name from it, has failed too often."""
-        wait = self.per_address.retry_after([f"ip:{counted_as(address)}"])
+        wait = self.per_address.retry_after([f"ip:{address}"])
         if user is not None:
             wait = max(wait, self.per_login.retry_after([login_key(user, address)]))
         if wait:
@@ -142,7 +141,7 @@ class Logins:
 
     def failed(self, address: ClientAddress, user: str | None, named: str | None = None) -> None:
         """Count it and say so (the name only, never the password), for operators and fail2ban alike."""
-        self.per_address.failed([f"ip:{counted_as(address)}"])
+        self.per_address.failed([f"ip:{address}"])
         if user is not None:
             self.per_login.failed([login_key(user, address)])
         log.warning("failed login for user %r from %s", (named or user or "")[:64], address)
