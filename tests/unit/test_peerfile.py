@@ -4,6 +4,7 @@ published temp file under the store's temp directory, and only while it is that 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -108,3 +109,17 @@ def test_a_publication_that_cannot_be_moved_into_place_leaves_nothing_staged(tmp
     with pytest.raises(OSError):
         Publication(temp, temp.stat().st_ino, 10, os.getpid(), None).save(where)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "lock.json"]
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_stop_a_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Removing what killed workers left is tidying: a file that will not go is logged and left."""
+    locks = tmp_path / "locks"
+    stuck = locks / "sha256-cc.json.999999999"  # no process has that pid
+    stuck.mkdir(parents=True)
+    (stuck / "in the way").write_bytes(b"")  # a directory: unlink fails
+    with caplog.at_level(logging.WARNING, "cargohold.peers"):
+        FileLocks(locks, 60.0)
+    assert stuck.exists()
+    assert f"cannot remove {stuck}" in caplog.text

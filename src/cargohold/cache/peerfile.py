@@ -175,7 +175,11 @@ def remove_dead_staging(directory: Path) -> None:
     for path in directory.glob("*.json.*"):
         pid = path.suffix[1:]
         if pid.isascii() and pid.isdigit() and not _alive(int(pid)):
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # never a reason not to start: the file is only left behind
+                log.warning("cannot remove %s, which a killed worker left: %s", path, exc)
+                continue
             removed += 1
     if removed:
         log.info("removed %d publications that killed workers left unfinished", removed)

@@ -5,7 +5,6 @@ and written under TLS; chunks from a download or a bucket are written as they co
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 from collections.abc import AsyncIterable, Awaitable
@@ -28,8 +27,9 @@ class ClientStalled(Exception):
     """The client accepted no piece of a blob within `send_timeout`."""
 
 
-class FileEndedEarly(Exception):
-    """A cached file held fewer bytes than its size when opened: changed on disk under the server."""
+class FileFailed(Exception):
+    """A cached file could not be sent whole: it ended before the size it was opened with (changed on
+    disk under the server), or reading it failed. The server's fault, not the client's."""
 
 
 def cut_off(request: web.BaseRequest, message: str, *args: object) -> None:
@@ -86,7 +86,7 @@ async def send_body(
         await response.write_eof()
     except ClientStalled:
         cut_off(request, STALLED, digest)
-    except FileEndedEarly as exc:
+    except FileFailed as exc:
         cut_off(request, "cutting off a client of %s: %s", digest, exc)
     except ConnectionError:  # reset, or a broken pipe under sendfile
         log.debug("client of %s went away after %d bytes", digest, response.body_length)
@@ -140,10 +140,12 @@ async def _sendfile(
                 sent += await within(
                     timeout, loop.sendfile(transport, file, start + sent, length - sent, fallback=False)
                 )
-            except asyncio.SendfileNotAvailableError as exc:  # what a reset socket gives a new sendfile
-                raise ConnectionResetError(str(exc)) from exc
+            except asyncio.SendfileNotAvailableError as exc:  # the first sendfile call failed
+                if transport.is_closing():  # what a reset socket gives
+                    raise ConnectionResetError(str(exc)) from exc
+                raise FileFailed(f"sendfile of {file.name} failed at {start + sent} bytes") from exc
         if sent < length:  # sendfile met the end of the file
-            raise FileEndedEarly(f"{file.name} ended at {start + sent} bytes")
+            raise FileFailed(f"{file.name} ended at {start + sent} bytes")
         writer.output_size += length  # bytes the writer did not see: counted for the access log
         start += length
         piece = _next_piece(piece, length, loop.time() - began, timeout)
@@ -186,10 +188,14 @@ async def _copy(
             if ahead is None:
                 data = read_cached(fd, min(CHUNK, end - start), start)
             if data is None:
-                data = await (ahead or read(start))
+                try:
+                    data = await (ahead or read(start))
+                except OSError as exc:
+                    ahead = None
+                    raise FileFailed(f"reading {file.name} at {start} failed: {exc}") from exc
                 ahead = read(start + len(data)) if data and start + len(data) < end else None
             if not data:
-                raise FileEndedEarly(f"{file.name} ended at {start} bytes")
+                raise FileFailed(f"{file.name} ended at {start} bytes")
             start += len(data)
             _transport_of(request)
             await within(timeout, writer.write(data))
@@ -202,16 +208,15 @@ async def _copy(
 
 def read_cached(fd: int, length: int, offset: int) -> bytearray | memoryview | None:
     """Up to `length` bytes at `offset` if the page cache holds them, without waiting for the disk
-    (`RWF_NOWAIT`); None if it would have to be waited for, or the file system cannot say."""
+    (`RWF_NOWAIT`). None if it would have to be waited for, at the end of the file, or on any error
+    (a file system or sandbox without the flag): the worker thread's plain read then says which."""
     buffer = bytearray(length)
     try:
         got = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
-    except (BlockingIOError, InterruptedError):
+    except OSError:
         return None
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-            return None
-        raise
+    if not got:
+        return None
     return buffer if got == length else memoryview(buffer)[:got]
 
 
