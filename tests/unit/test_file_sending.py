@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
-from blobmirror import KeepAlive, Upstream, mirror
+from blobmirror import KeepAlive, Mirror, Upstream, mirror
 
 from cargohold import blobsource
 from cargohold.cache.download import CHUNK
@@ -145,6 +145,23 @@ async def test_a_slow_client_over_tcp_gets_the_whole_file(tmp_path: Path, monkey
     assert short  # the socket did not take every piece whole
 
 
+async def _cache(srv: Mirror, path: str, data: bytes) -> None:
+    """Pull `path` once through the mirror, so that it is served from the cached file from now on."""
+    async with KeepAlive.open(srv.port, srv.client_tls) as conn:
+        assert (await conn.request(path)).body == data
+    await srv.settled()
+
+
+async def _cut_off(srv: Mirror, path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """GET `path`: the connection is cut before the body is whole (within seconds, not a client's
+    timeout later), with the blob logger's warnings captured."""
+    with caplog.at_level(logging.WARNING, "cargohold.blobs"):
+        async with KeepAlive.open(srv.port, srv.client_tls) as conn:
+            async with asyncio.timeout(10):
+                with pytest.raises(asyncio.IncompleteReadError):
+                    await conn.request(path)
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["sendfile", "read"])
 async def test_a_cached_file_cut_short_under_the_server_cuts_the_connection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tls: bool
@@ -163,15 +180,9 @@ async def test_a_cached_file_cut_short_under_the_server_cuts_the_connection(
         return source
 
     async with mirror(tmp_path, upstream, tls=tls) as srv:
-        async with KeepAlive.open(srv.port, srv.client_tls) as conn:
-            assert (await conn.request(path)).body == data
-        await srv.settled()
+        await _cache(srv, path, data)
         monkeypatch.setattr(blobsource.LocalFile, "open", open_then_truncate)
-        with caplog.at_level(logging.WARNING, "cargohold.blobs"):
-            async with KeepAlive.open(srv.port, srv.client_tls) as conn:
-                async with asyncio.timeout(10):
-                    with pytest.raises(asyncio.IncompleteReadError):
-                        await conn.request(path)
+        await _cut_off(srv, path, caplog)
     assert f"cutting off a client of {digest}" in caplog.text
     assert f"ended at {CHUNK + 5} bytes" in caplog.text
 
@@ -192,16 +203,9 @@ async def test_a_cached_file_that_cannot_be_read_cuts_the_connection(
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     async with mirror(tmp_path, upstream, tls=tls) as srv:
-        async with KeepAlive.open(srv.port, srv.client_tls) as conn:
-            assert (await conn.request(path)).body == data
-        await srv.settled()
-        monkeypatch.setattr(os, "sendfile", broken)
-        monkeypatch.setattr(os, "preadv", broken)
-        monkeypatch.setattr(os, "pread", broken)
-        with caplog.at_level(logging.WARNING, "cargohold.blobs"):
-            async with KeepAlive.open(srv.port, srv.client_tls) as conn:
-                async with asyncio.timeout(10):
-                    with pytest.raises(asyncio.IncompleteReadError):
-                        await conn.request(path)
+        await _cache(srv, path, data)
+        for call in ("sendfile", "preadv", "pread"):
+            monkeypatch.setattr(os, call, broken)
+        await _cut_off(srv, path, caplog)
     assert f"cutting off a client of {digest}" in caplog.text
     assert ("sendfile of" if not tls else "Input/output error") in caplog.text
