@@ -243,6 +243,24 @@ async def test_failed_logins_are_throttled_per_user_and_address_and_per_address(
     assert (await client.get("/v2/", headers=from_ip("192.0.2.2", basic("bob")))).status == 200
 
 
+async def test_an_ipv6_64_has_a_budget_of_failed_logins_for_all_its_addresses(make_client: Any) -> None:
+    """A host holds a whole /64: a fresh address for every guess was a fresh count. Its addresses now
+    share one, at ten times an address's (a subnet's hosts share a /64 too); each address keeps its own."""
+    make, _ = make_client
+    client = await make({"max_failed_logins": 3, "failed_login_window": "1h"})  # an address: 9, a /64: 90
+    for i in range(10):
+        hop = f"[2001:db8:0:7::{i + 1}]"
+        for user in ("alice", "bob", "carol") * 3:  # an address's nine, three per name
+            assert (await client.get("/v2/", headers=from_ip(hop, basic(user, "guess")))).status == 401
+        if i == 0:  # one address at its limit does not hold back its neighbours
+            assert (await client.get("/v2/", headers=from_ip("[2001:db8:0:7::99]", basic("alice")))).status == 200
+    resp = await client.get("/v2/", headers=from_ip("[2001:db8:0:7:abcd::1]", basic("alice")))
+    assert resp.status == 429 and 3500 < int(resp.headers["Retry-After"]) <= 3600  # the /64's ninety are spent
+    assert (await client.get("/token", headers=from_ip("[2001:db8:0:7::abc]", basic("alice")))).status == 429
+    assert (await client.get("/v2/", headers=from_ip("[2001:db8:0:8::1]", basic("alice")))).status == 200
+    assert (await client.get("/v2/", headers=from_ip("192.0.2.1", basic("alice")))).status == 200
+
+
 async def test_nobody_can_lock_another_user_out(make_client: Any) -> None:
     """Issue 21.2: failures for `alice` from attacker addresses never refuse her right password elsewhere,
     on Basic, GET /token and the password grant; a window later the attacker is where he started."""

@@ -7,6 +7,7 @@ import base64
 import binascii
 import functools
 import hashlib
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +33,10 @@ MAX_CACHED = 10_000
 # Longer Basic headers are checked afresh each time rather than remembered whole.
 MAX_REMEMBERED_HEADER = 1024
 ADDRESS_FACTOR = 3  # failures an address may have, in multiples of the per-login limit
+# Failures an IPv6 /64 may have, in multiples of an address's: a host holds a whole /64 and could take a
+# fresh address for every guess; a subnet's hosts share one, so it is a multiple, and only for logins.
+NETWORK_FACTOR = 10
+IPV6_NETWORK = 64
 # Checked when the user does not exist, so an unknown name costs as much as a wrong password.
 _NO_SUCH_USER = b"$2b$10$CWUxvK1EDNtOZjvU.mqo5OD6F13IysETFPlm64zKloqIEP.KBe5bm"
 
@@ -63,12 +68,26 @@ def _digest_key(user: str, address: ClientAddress) -> str:
 _valid_login_key = functools.lru_cache(maxsize=4096)(_digest_key)
 
 
+def network_key(address: ClientAddress) -> str | None:
+    """The throttle key of an IPv6 address's /64; None for IPv4 (an IPv4-mapped address is IPv4 by now)
+    and an unknown address, which are counted as themselves only."""
+    if isinstance(address, ipaddress.IPv6Address):
+        return _ipv6_network_key(address)
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _ipv6_network_key(address: ipaddress.IPv6Address) -> str:
+    return f"net:{ipaddress.IPv6Network((address, IPV6_NETWORK), strict=False)}"
+
+
 class Logins:
     """The one place a password is checked, for Basic auth on /v2/ and for /token alike.
 
     Failures are counted per (user, address) and per address, never per user alone: a user's right
     password from an address that has not failed is always checked, whoever guesses at her name
-    elsewhere. An address gets ADDRESS_FACTOR times the limit, for the users sharing it (a NAT).
+    elsewhere. An address gets ADDRESS_FACTOR times the limit, for the users sharing it (a NAT), and an
+    IPv6 /64 NETWORK_FACTOR times an address's, for its addresses together.
 
     A verified login is remembered for CACHE_TTL under a hash of user, password and stored hash,
     so a pull sending Basic on every request costs one bcrypt check, and a changed password or
@@ -81,6 +100,7 @@ class Logins:
         self.users = users
         self.per_login = LoginThrottle(limit, window, clock)
         self.per_address = LoginThrottle(limit * ADDRESS_FACTOR, window, clock)
+        self.per_network = LoginThrottle(limit * ADDRESS_FACTOR * NETWORK_FACTOR, window, clock)
         self._clock = clock
         self._verified: Expiring[bytes, bool] = Expiring(MAX_CACHED, clock)
         self._headers: Expiring[str, tuple[str, bytes]] = Expiring(MAX_CACHED, clock)
@@ -130,8 +150,11 @@ class Logins:
         return creds[0], stored
 
     def refuse_if_throttled(self, address: ClientAddress, user: str | None = None) -> None:
-        """TooManyRequests while the address, or this user name from it, has failed too often."""
+        """TooManyRequests while the address, its IPv6 /64, or this user name from it, has failed too often."""
         wait = self.per_address.retry_after([f"ip:{address}"])
+        network = network_key(address)
+        if network is not None:
+            wait = max(wait, self.per_network.retry_after([network]))
         if user is not None:
             wait = max(wait, self.per_login.retry_after([login_key(user, address)]))
         if wait:
@@ -142,6 +165,9 @@ class Logins:
     def failed(self, address: ClientAddress, user: str | None, named: str | None = None) -> None:
         """Count it and say so (the name only, never the password), for operators and fail2ban alike."""
         self.per_address.failed([f"ip:{address}"])
+        network = network_key(address)
+        if network is not None:
+            self.per_network.failed([network])
         if user is not None:
             self.per_login.failed([login_key(user, address)])
         log.warning("failed login for user %r from %s", (named or user or "")[:64], address)
