@@ -24,7 +24,7 @@ from cargohold.tasks import Tasks
 from cargohold.tls.acme import AcmeManager
 from cargohold.tls.context import CertReloader
 from cargohold.tls.plain import plain_http_app
-from cargohold.workers import supervise
+from cargohold.workers import STOP_SIGNALS, supervise
 
 log = logging.getLogger("cargohold")
 
@@ -107,8 +107,24 @@ async def serve_until_stopped(settings: Settings) -> None:
     """Listen on every configured address until SIGTERM or SIGINT, then stop gracefully."""
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stopped.set)
+    try:
+        await _serve(settings, stopped)
+    finally:
+        _ignore_stop_signals(loop)
+
+
+def _ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """Once stopped, a late second SIGTERM (a supervisor's and a process group's) is ignored. Removed
+    here, not by the loop's close: that closes the loop's wakeup pipe first, and a signal between the two
+    is written to a closed descriptor ("Exception ignored ... signal wakeup fd", a traceback in the log)."""
+    for sig in STOP_SIGNALS:
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+
+
+async def _serve(settings: Settings, stopped: asyncio.Event) -> None:
     async with contextlib.AsyncExitStack() as stack:
         tls = await stack.enter_async_context(https(settings))
         await _start(stack, build_app(settings), settings.listen, settings.idle_timeout, ssl_context=tls.context)
