@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rig.util import free_port
 
 from cargohold.config import Settings
 from cargohold.serving import serve_until_stopped
+from rig.util import free_port
 
 
 @pytest.fixture(name="restored_signals")
