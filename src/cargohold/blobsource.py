@@ -1,7 +1,7 @@
 """A blob ready to leave the server: one object that holds what keeps it (a pin, an open file), knows
 its size, digest and how the cache answered, and sends itself.
 
-Four ways a body leaves: a local file (sendfile on plain TCP, pread under TLS), an object in a
+Four ways a body leaves: a local file (sendfile on plain TCP, read and written under TLS), an object in a
 bucket (streamed through, or a redirect to a presigned URL), a download in progress that the
 client follows at its own pace, or another worker's download, followed through its temp file.
 A HEAD answers from the size alone. `send` writes the whole response before it returns, so
