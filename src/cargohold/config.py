@@ -358,7 +358,7 @@ class StatusConfig(Strict):
 
     public: bool = Field(
         default=False,
-        description="show anonymous clients the whole status page (images, upstream URLs) and /ready's checks",
+        description="show anonymous clients the whole status page (images, upstream URLs), /ready's checks and /metrics",
     )
 
 

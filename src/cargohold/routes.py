@@ -7,7 +7,7 @@ from aiohttp import web
 from cargohold.handlers.blobs import get_blob
 from cargohold.handlers.manifests import get_manifest
 from cargohold.handlers.meta import api_version, health, unsupported
-from cargohold.handlers.metrics import metrics_endpoint
+from cargohold.handlers.metrics import METRICS_PATH, metrics_endpoint
 from cargohold.handlers.referrers import get_referrers
 from cargohold.handlers.status import ready, status_page
 from cargohold.handlers.tags import list_tags
@@ -22,7 +22,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/token", issue_token)
     r.add_post("/token", issue_oauth_token)
     r.add_get("/ready", ready)
-    r.add_get("/metrics", metrics_endpoint)
+    r.add_get(METRICS_PATH, metrics_endpoint)
     r.add_get("/", status_page)
     r.add_get("/v2/", api_version)
     r.add_get("/v2", api_version)

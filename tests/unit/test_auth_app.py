@@ -776,3 +776,22 @@ async def test_status_page_shows_each_viewer_only_what_they_may_pull(make_client
     everything = await _status(public)
     assert "library/alpine:3" in everything and "acme/many:1" in everything and upstream_url in everything
     assert set(await (await public.get("/ready")).json()) == {"status", "checks", "upstreams"}
+
+
+async def test_metrics_need_a_login_where_anonymous_clients_may_pull(make_client: Any) -> None:
+    """/metrics names the upstream account, content mirrors and sync entries: an anonymous client let in
+    to pull read all of it, even though the status page shows it only aggregates (issue 21.5)."""
+    make, _ = make_client
+    client = await make({"anonymous": True})
+    assert (await client.get("/v2/")).status == 200  # admitted anonymously: that admission must not carry over
+    resp = await client.get("/metrics")
+    assert resp.status == 401 and await _error(resp) == "UNAUTHORIZED"
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer realm=")
+    assert "cargohold_upstream_pulls" not in await resp.text()
+    resp = await client.get("/metrics", headers=basic("carol"))
+    assert resp.status == 200 and 'account="anonymous"' in await resp.text()
+    token = await _token(client, user="alice")
+    assert (await client.get("/metrics", headers=bearer(token))).status == 200
+    public = await make({"anonymous": True}, status={"public": True})
+    assert (await public.get("/metrics")).status == 200
+    assert (await (await make()).get("/metrics")).status == 200  # an open mirror: everyone may see everything

@@ -10,6 +10,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from cargohold.config import split_host_port
 from cargohold.keys import CACHE, METRICS, SETTINGS
 
+METRICS_PATH = "/metrics"
+
 
 def count_response(request: web.Request, response: web.StreamResponse) -> None:
     """Count every response of the main app as its headers go out (from the app's prepare hook)."""
@@ -31,7 +33,7 @@ async def metrics_listener(app: web.Application) -> AsyncIterator[None]:
         return
     side = web.Application()
     side[METRICS] = app[METRICS]
-    side.router.add_get("/metrics", metrics_endpoint)
+    side.router.add_get(METRICS_PATH, metrics_endpoint)
     runner = web.AppRunner(side, access_log=None)
     await runner.setup()
     host, port = split_host_port(listen)

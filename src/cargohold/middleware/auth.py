@@ -15,10 +15,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
-from cargohold.auth.service import ADMITTED_FOR, MAX_ADMITTED_HEADER, Auth
+from cargohold.auth.service import ADMITTED_FOR, MAX_ADMITTED_HEADER, AdmissionKey, Auth
 from cargohold.auth.tokens import ROUTE, SERVICE, Grant, InvalidToken
 from cargohold.errors import Denied, RegistryError, Unauthorized
 from cargohold.external import public_base_url
+from cargohold.handlers.metrics import METRICS_PATH
 from cargohold.handlers.target import proxy_of, target_of
 from cargohold.identity import IDENTITY, Identity
 from cargohold.keys import AUTH, SETTINGS
@@ -108,7 +109,8 @@ def _covers(request: web.Request, grant: Grant, upstream: str, repository: str) 
 
 
 def _authorize(request: web.Request, auth: Auth, who: Identity, grant: Grant | None) -> None:
-    """Apply the access rules to a repository request (the ping, `/` and /metrics need a login only)."""
+    """Apply the access rules to a repository request (the ping and `/` need a login only, or none where
+    anonymous clients are let in; /metrics a login, see `authenticate`)."""
     if "name" not in request.match_info:
         return
     target = target_of(request)
@@ -122,6 +124,16 @@ def _authorize(request: web.Request, auth: Auth, who: Identity, grant: Grant | N
         raise _refuse(request, auth, "the token does not grant pull of this repository", "insufficient_scope")
 
 
+async def _admit(request: web.Request, auth: Auth, header: str, key: AdmissionKey) -> Identity:
+    """Identify the caller and apply the access rules; remember the admission for a short while."""
+    who, grant = await _identify(request, auth)
+    request[IDENTITY] = who  # a refusal below is logged with who it was
+    _authorize(request, auth, who, grant)
+    if len(header) <= MAX_ADMITTED_HEADER:
+        auth.admitted.put(key, who, time.monotonic() + ADMITTED_FOR)
+    return who
+
+
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Replace the anonymous Identity with the authenticated one; refuse before anything else runs."""
@@ -130,13 +142,10 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         return await handler(request)
     header = request.headers.get("Authorization", "")
     key = (header, request[IDENTITY].address, request.host, request.match_info.get("name"), request.query.get("ns"))
-    admitted = auth.admitted.get(key)
-    if admitted is not None:
-        request[IDENTITY] = admitted
-        return await handler(request)
-    who, grant = await _identify(request, auth)
+    who = auth.admitted.get(key) or await _admit(request, auth, header, key)
     request[IDENTITY] = who
-    _authorize(request, auth, who, grant)
-    if len(header) <= MAX_ADMITTED_HEADER:
-        auth.admitted.put(key, who, time.monotonic() + ADMITTED_FOR)
+    if request.path == METRICS_PATH and who.user is None and not request.app[SETTINGS].status.public:
+        # Upstream and content-mirror names, the upstream account, sync entries: like the status page's
+        # details, not for anonymous clients. Checked after the admission cache (keyed without the path).
+        raise Unauthorized("log in to read the metrics", None, _challenge(request, auth))
     return await handler(request)
