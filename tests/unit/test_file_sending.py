@@ -209,3 +209,17 @@ async def test_a_cached_file_that_cannot_be_read_cuts_the_connection(
         await _cut_off(srv, path, caplog)
     assert f"cutting off a client of {digest}" in caplog.text
     assert ("sendfile of" if not tls else "Input/output error") in caplog.text
+
+
+async def test_a_socket_timeout_is_a_connection_gone_and_only_the_deadline_a_stall() -> None:
+    """A send failing with the socket's ETIMEDOUT (a TimeoutError too) was taken for the client stalling
+    past send_timeout, and logged as such."""
+
+    async def vanished() -> None:
+        raise TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+
+    with pytest.raises(ConnectionError):
+        await sending.within(30.0, vanished())
+    with pytest.raises(sending.ClientStalled):
+        await sending.within(0.01, asyncio.sleep(5))
+    assert await sending.within(1.0, asyncio.sleep(0, "sent")) == "sent"

@@ -41,12 +41,16 @@ def cut_off(request: web.BaseRequest, message: str, *args: object) -> None:
 
 
 async def within(timeout: float, send: Awaitable[T]) -> T:
-    """Await one piece of sending; ClientStalled if the client does not take it in time."""
+    """Await one piece of sending; ClientStalled if the client does not take it in time. A socket's own
+    ETIMEDOUT (also a TimeoutError: the peer vanished) is a connection that went away, not a stall."""
+    deadline = asyncio.timeout(timeout)
     try:
-        async with asyncio.timeout(timeout):
+        async with deadline:
             return await send
-    except TimeoutError:
-        raise ClientStalled from None
+    except TimeoutError as exc:
+        if deadline.expired():
+            raise ClientStalled from None
+        raise ConnectionAbortedError(*exc.args) from exc
 
 
 def blob_headers(digest: Digest) -> dict[str, str]:
