@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 from aiohttp import web
-from yarl import URL
 
 from cargohold.errors import BadRequest
+from cargohold.handlers.links import next_link, upstream_next
 from cargohold.handlers.target import proxy_of, target_of
 from cargohold.keys import CACHE
 from cargohold.oci.digests import Digest
@@ -16,21 +14,6 @@ from cargohold.oci.mediatypes import OCI_INDEX
 # Query parameters of ours; the rest is the page query of a Link we gave, passed on to upstream.
 OURS = frozenset({"ns", "artifactType"})
 MAX_PAGE_PARAMS = 8
-
-_NEXT = re.compile(r'<([^<>]*)>\s*;\s*rel="?next"?', re.IGNORECASE)
-
-
-def next_page(link: str | None, request: web.Request, subject: str) -> str | None:
-    """Upstream's next-page Link pointed back at us: the client's name (path prefix included) and its `?ns=`,
-    upstream's page query kept; whatever host or path upstream named is not followed by anyone."""
-    found = _NEXT.search(link or "")
-    if found is None:
-        return None
-    query = [(k, v) for k, v in URL(found.group(1)).query.items() if k != "ns"]
-    if "ns" in request.query:
-        query.append(("ns", request.query["ns"]))
-    url = URL.build(path=f"/v2/{request.match_info['name']}/referrers/{subject}", query=query)
-    return f'<{url}>; rel="next"'
 
 
 async def get_referrers(request: web.Request) -> web.Response:
@@ -46,7 +29,7 @@ async def get_referrers(request: web.Request) -> web.Response:
     headers = {"Content-Type": OCI_INDEX}
     if answer.filtered:
         headers["OCI-Filters-Applied"] = "artifactType"
-    link = next_page(answer.link, request, subject)
-    if link is not None:
-        headers["Link"] = link
+    following = upstream_next(answer.link)
+    if following is not None:
+        headers["Link"] = next_link(request, f"referrers/{subject}", following)
     return web.Response(body=answer.body, headers=headers)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import urlencode
 
 from aiohttp import web
 
+from cargohold.handlers.links import next_link, upstream_next
 from cargohold.handlers.target import proxy_of, target_of
 
+# All a tags/list page query holds (all this mirror passes upstream).
+PAGE_QUERY = frozenset({"n", "last"})
 
-def page(body: bytes, n: str | None, last: str | None) -> tuple[bytes, str | None] | None:
+
+def page(body: bytes, n: str | None, last: str | None) -> tuple[bytes, dict[str, str] | None] | None:
     """The tag list `body` cut to the page `n`/`last` asks for, and the query of the next page;
     None when nothing is asked or the body has no list of tags to cut."""
     if n is None and last is None:
@@ -28,7 +31,7 @@ def page(body: bytes, n: str | None, last: str | None) -> tuple[bytes, str | Non
         return None
     after = sorted(t for t in tags if last is None or t > last)
     kept = after if limit is None else after[:limit]
-    following = urlencode({"n": limit, "last": kept[-1]}) if limit and len(after) > len(kept) else None
+    following = {"n": str(limit), "last": kept[-1]} if limit and len(after) > len(kept) else None
     return json.dumps({**data, "tags": kept}).encode(), following
 
 
@@ -37,12 +40,12 @@ async def list_tags(request: web.Request) -> web.Response:
     n, last = request.query.get("n"), request.query.get("last")
     result = await proxy_of(request).tag_list(target, n, last)
     body, headers = result.body, {}
-    if result.link:
-        # The upstream's pagination link names its own repository; point it back at the client's name.
-        headers["Link"] = result.link.replace(f"/v2/{target.repository}/", f"/v2/{request.match_info['name']}/", 1)
+    upstream_page = upstream_next(result.link)
+    if upstream_page is not None:
+        headers["Link"] = next_link(request, "tags/list", [(k, v) for k, v in upstream_page if k in PAGE_QUERY])
     cut = page(body, n, last)
     if cut is not None:
         body, following = cut
         if following is not None and "Link" not in headers:
-            headers["Link"] = f'</v2/{request.match_info["name"]}/tags/list?{following}>; rel="next"'
+            headers["Link"] = next_link(request, "tags/list", following.items())
     return web.Response(body=body, content_type="application/json", headers=headers)
