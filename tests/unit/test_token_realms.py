@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cargohold.config import ConfigError, Settings, UpstreamConfig
-from cargohold.errors import UpstreamInvalid
-from cargohold.upstream.realms import RealmPolicy, default_realm_hosts
+from cargohold.upstream.realms import RealmPolicy, RefusedTarget, default_realm_hosts
 
 
 def _policy(url: str, token_realms: list[str] | None = None) -> RealmPolicy:
@@ -15,9 +14,11 @@ def _policy(url: str, token_realms: list[str] | None = None) -> RealmPolicy:
 
 
 def _refused(policy: RealmPolicy, realm: str) -> dict[str, object]:
-    with pytest.raises(UpstreamInvalid) as refused:
+    """Where the refused realm was (for the log); the client's detail names only the upstream and the setting."""
+    with pytest.raises(RefusedTarget) as refused:
         policy.check(realm)
-    return dict(refused.value.detail or {})
+    assert refused.value.detail == {"upstream": "r.test", "setting": "token_realms"}
+    return {"realm_host": refused.value.host, "realm_port": refused.value.port}
 
 
 # One customer (or account) per host: a neighbour under the same parent is someone else.

@@ -29,9 +29,13 @@ from unit.upstreamkit import CONFIG, MANIFEST, ScriptedResolver, error_of, manif
 STATS = {"requests_total": 7, "uptime_seconds": 1234}  # an internal JSON endpoint an attacker wants read
 
 
-async def test_a_redirect_to_a_host_outside_the_policy_is_not_followed(tmp_path: Path) -> None:
+async def test_a_redirect_to_a_host_outside_the_policy_is_not_followed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The attack of issue 21.1: `302 http://<internal>/stats` for a manifest was fetched, served as
-    an OCI manifest and cached under the tag. Now the internal service never hears a request."""
+    an OCI manifest and cached under the tag. Now the internal service never hears a request. The
+    client is not told where the redirect went either (it named the host, or the whole URL with a
+    signed query); the log is."""
     hits: Counter[str] = Counter()
 
     async def stats(request: web.Request) -> web.Response:
@@ -42,7 +46,8 @@ async def test_a_redirect_to_a_host_outside_the_policy_is_not_followed(tmp_path:
         targets = [
             str(other_host.make_url("/stats")),
             str(own_host.make_url("/stats")),
-        ]  # another host; ours, other port
+            "s3://internal-bucket.corp/blob?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=s3cret",
+        ]  # another host; ours, other port; a scheme nobody follows
 
         async def manifest(request: web.Request) -> web.Response:
             raise web.HTTPFound(targets[int(request.match_info["tag"])])
@@ -51,12 +56,16 @@ async def test_a_redirect_to_a_host_outside_the_policy_is_not_followed(tmp_path:
             served({"/v2/team/app/manifests/{tag}": manifest}) as upstream,
             mirror(tmp_path, {"name": "docker.io", "url": str(upstream.make_url(""))}) as client,
         ):
-            for tag in ("0", "1"):
+            for tag in ("0", "1", "2"):
                 resp = await client.get(f"/v2/team/app/manifests/{tag}")
                 error = await error_of(resp)
                 assert resp.status == 502 and "redirect" in error["message"], error
-                assert "requests_total" not in json.dumps(error)
+                assert error["detail"] == {"upstream": "docker.io", "setting": "redirect_hosts"}
+                text = await resp.text()
+                assert not any(word in text for word in ("requests_total", "127.0.0", "bucket", "AKIA")), text
             assert hits == Counter()
+            assert "127.0.0.2" in caplog.text and "s3://internal-bucket.corp/blob" in caplog.text
+            assert "AKIA" not in caplog.text and "s3cret" not in caplog.text
 
 
 async def test_a_listed_cdn_is_followed_without_authorization(tmp_path: Path) -> None:

@@ -292,12 +292,8 @@ class UpstreamClient:
         raise UpstreamUnavailable(f"upstream {self.name} redirected too often", {"upstream": self.name})
 
     def _check_redirect(self, url: str) -> None:
-        """Raise UpstreamInvalid for a redirect the policy refuses, or to a literal address refused here."""
-        try:
-            self._redirects.check(url)
-        except UpstreamInvalid as exc:
-            log.warning("upstream %s: refused redirect: %s %s", self.name, exc.message, exc.detail)
-            raise
+        """Raise UpstreamInvalid for a redirect the policy refuses (it logs where), or to a literal address refused here."""
+        self._redirects.check(url)
         try:
             self._guard.check_literal(URL(url).raw_host or "")
         except ForbiddenAddress as exc:

@@ -21,13 +21,17 @@ is addresses.py's concern.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
+from typing import Any
 
 from publicsuffixlist import PublicSuffixList
 from yarl import URL
 
 from cargohold.config import UpstreamConfig
 from cargohold.errors import UpstreamInvalid
+
+log = logging.getLogger("cargohold.upstream")
 
 # Registries whose realms are known, first match wins: (upstream host pattern, realm hosts besides its own).
 WELL_KNOWN_REALMS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -121,6 +125,14 @@ def _host_and_port(entry: str) -> tuple[str, int | None]:
     return (normal_host(name), int(port)) if colon and port.isdigit() else (normal_host(entry), None)
 
 
+class RefusedTarget(UpstreamInvalid):
+    """A realm or redirect the policy refuses; `host` and `port` are for the log and tests, not the client."""
+
+    def __init__(self, message: str, detail: Any, *, host: str, port: int | None) -> None:
+        super().__init__(message, detail)
+        self.host, self.port = host, port
+
+
 class HostPolicy:
     """Answers whether a URL an upstream named (token realm, redirect) is one it may send us to."""
 
@@ -142,7 +154,7 @@ class HostPolicy:
         )
 
     def check(self, target: str) -> None:
-        """Raise UpstreamInvalid unless `target` is http(s) on an allowed host and port (https if the upstream is)."""
+        """Raise RefusedTarget unless `target` is http(s) on an allowed host and port (https if the upstream is)."""
         try:
             url = URL(target)
             host = normal_host(url.raw_host or "")
@@ -150,27 +162,25 @@ class HostPolicy:
             url, host = URL(), ""
         schemes = ("https",) if self._https else ("http", "https")
         if not host or url.scheme not in schemes:
-            raise UpstreamInvalid(
-                f"upstream {self._name} named an unusable {self._what}", {self._what.split()[-1]: target[:200]}
-            )
+            raise self._refused(f"named an unusable {self._what}", url, host)
         if host == self._host and self._any_own_port:
             return
         usual = (DEFAULT_PORTS[url.scheme], self._port)
         ports = [port for pattern, port in self._allowed if _matches(host, pattern)]
         if not ports:
-            raise UpstreamInvalid(
-                f"upstream {self._name} named a {self._what} on a host it may not use (see {self._setting})",
-                {"upstream": self._name, self._key("host"): host[:255]},
-            )
+            raise self._refused(f"named a {self._what} on a host it may not use (see {self._setting})", url, host)
         if not any(url.port in ((port,) if port is not None else usual) for port in ports):
-            raise UpstreamInvalid(
-                f"upstream {self._name} named a {self._what} on a port it may not use (see {self._setting}: host:port)",
-                {"upstream": self._name, self._key("host"): host[:255], self._key("port"): url.port},
-            )
+            why = f"named a {self._what} on a port it may not use (see {self._setting}: host:port)"
+            raise self._refused(why, url, host)
 
-    def _key(self, field: str) -> str:
-        """Detail keys: realm_host, redirect_host, ..."""
-        return f"{self._what.split()[-1]}_{field}"
+    def _refused(self, why: str, url: URL, host: str) -> RefusedTarget:
+        """The refusal, logged with the scheme, host, port and path (never the query: a signed URL's
+        credentials); the client is told only the upstream's name and the setting, not the host."""
+        port = f":{url.port}" if url.port is not None else ""
+        place = f"{url.scheme}://{host}{port}{url.raw_path}"[:300] if host else "an unparseable URL"
+        log.warning("upstream %s %s: %s", self._name, why, place)
+        detail = {"upstream": self._name, "setting": self._setting}
+        return RefusedTarget(f"upstream {self._name} {why}", detail, host=host[:255], port=url.port if host else None)
 
 
 def realm_hosts(config: UpstreamConfig) -> list[str]:
