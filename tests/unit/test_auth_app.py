@@ -795,3 +795,21 @@ async def test_metrics_need_a_login_where_anonymous_clients_may_pull(make_client
     public = await make({"anonymous": True}, status={"public": True})
     assert (await public.get("/metrics")).status == 200
     assert (await (await make()).get("/metrics")).status == 200  # an open mirror: everyone may see everything
+
+
+async def test_ready_names_offline_upstreams_only_to_those_who_see_everything(make_client: Any) -> None:
+    """/ready needs no login; behind logins it said `{"status"}` only, but still listed the offline
+    upstreams by name (internal registry names) to anyone who could reach the port."""
+    make, _ = make_client
+    upstreams = [
+        {"name": "docker.io", "url": "http://127.0.0.1:9"},
+        {"name": "registry.corp.internal", "url": "http://127.0.0.1:9", "offline": True},
+    ]
+    client = await make({}, upstreams=upstreams)
+    assert await (await client.get("/ready")).json() == {"status": "ready"}
+    public = await make({}, upstreams=upstreams, status={"public": True})
+    body = await (await public.get("/ready")).json()
+    assert body["offline"] == ["registry.corp.internal"] and body["upstreams"]["registry.corp.internal"] == "offline"
+    assert (await (await (await make(upstreams=upstreams)).get("/ready")).json())["offline"] == [
+        "registry.corp.internal"
+    ]

@@ -61,10 +61,10 @@ async def ready(request: web.Request) -> web.Response:
         checks["index"] = f"not readable: {exc}"
     ok = all(value == "ok" for value in checks.values())
     body: dict[str, object] = {"status": "ready" if ok else "not ready"}
-    offline = _offline(request)
-    if offline:
-        body["offline"] = sorted(offline)  # serving only what is cached: ready all the same
     if _shows_all(request):
+        offline = _offline(request)
+        if offline:
+            body["offline"] = sorted(offline)  # serving only what is cached: ready all the same
         body["checks"] = checks
         states = request.app[METRICS].upstreams.items()
         body["upstreams"] = {name: "offline" if name in offline else state.state for name, state in states}
