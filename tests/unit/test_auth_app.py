@@ -813,3 +813,29 @@ async def test_ready_names_offline_upstreams_only_to_those_who_see_everything(ma
     assert (await (await (await make(upstreams=upstreams)).get("/ready")).json())["offline"] == [
         "registry.corp.internal"
     ]
+
+
+async def test_an_anonymous_client_the_rules_limit_cannot_map_the_routing(make_client: Any) -> None:
+    """An anonymous client let in for library/* only got 404 "no upstream registry is configured under
+    this name" for an unknown upstream, but 401 naming the upstream for a configured one: enough to list
+    the upstreams (internal registries) and which names each serves."""
+    make, counts = make_client
+    client = await make({"anonymous": True, "rules": [{"repositories": ["library/*"]}, {"users": ["*"]}]})
+    answers = []
+    for name in ("registry.other.internal/team/app", "ghcr.io/secret/app", "acme/tool"):
+        resp = await client.get(f"/v2/{name}/tags/list")
+        assert resp.status == 401 and resp.headers["WWW-Authenticate"].endswith(f',scope="repository:{name}:pull"')
+        answers.append(await resp.json())
+    assert (
+        answers[0]
+        == answers[1]
+        == answers[2]
+        == {"errors": [{"code": "UNAUTHORIZED", "message": "log in to pull this repository", "detail": {}}]}
+    )
+    assert (await client.get("/v2/library/alpine/tags/list")).status == 200
+    # A logged-in user still learns what is wrong with a name, and which upstream a refusal is about.
+    resp = await client.get("/v2/registry.other.internal/team/app/tags/list", headers=basic("bob"))
+    assert resp.status == 404
+    open_to_anonymous = await make({"anonymous": True})  # may pull everything: nothing to hide
+    assert (await open_to_anonymous.get("/v2/registry.other.internal/team/app/tags/list")).status == 404
+    assert counts == Counter({"library/alpine": 1})

@@ -58,6 +58,16 @@ class Acl:
     def groups_of(self, user: str) -> frozenset[str]:
         return frozenset(name for name, members in self._groups.items() if user in members)
 
+    def allows_everything(self, who: Identity) -> bool:
+        """Whether some rule lets `who` pull every repository of every upstream (no rules: everyone let in)."""
+        return any(
+            _rule_matches_who(rule, who)
+            and "pull" in rule.actions
+            and rule.upstream == "*"
+            and "*" in rule.repositories
+            for rule in self._rules
+        )
+
     def allows(self, who: Identity, upstream: str, repository: str, action: str = "pull") -> bool:
         return any(
             _rule_matches_who(rule, who) and _rule_matches_what(rule, upstream, repository, action)

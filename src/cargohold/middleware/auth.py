@@ -113,13 +113,20 @@ def _authorize(request: web.Request, auth: Auth, who: Identity, grant: Grant | N
     anonymous clients are let in; /metrics a login, see `authenticate`)."""
     if "name" not in request.match_info:
         return
-    target = target_of(request)
+    # An anonymous client the rules limit learns nothing of the routing: a name no upstream serves and
+    # one it may not pull get the same answer, naming neither the upstream nor the repository.
+    hidden = who.user is None and not auth.acl.allows_everything(who)
+    try:
+        target = target_of(request)
+    except RegistryError:
+        if hidden:
+            raise Unauthorized("log in to pull this repository", None, _challenge(request, auth)) from None
+        raise
     upstream, repository = target.upstream.name, target.repository
     if not auth.acl.allows(who, upstream, repository):
-        detail = {"upstream": upstream, "repository": repository}
-        if who.user is None:
-            raise Unauthorized("log in to pull this repository", detail, _challenge(request, auth))
-        raise Denied("access to this repository is denied", detail)
+        if hidden:
+            raise Unauthorized("log in to pull this repository", None, _challenge(request, auth))
+        raise Denied("access to this repository is denied", {"upstream": upstream, "repository": repository})
     if grant is not None and not _covers(request, grant, upstream, repository):
         raise _refuse(request, auth, "the token does not grant pull of this repository", "insufficient_scope")
 
