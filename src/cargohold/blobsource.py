@@ -26,7 +26,7 @@ from aiohttp.abc import AbstractStreamWriter
 from cargohold.cache.download import Download, DownloadFailed
 from cargohold.cache.peerfile import PeerFile
 from cargohold.cache.store import Pin, RemoteBlob
-from cargohold.errors import StorageUnavailable, UpstreamInvalid
+from cargohold.errors import RegistryError, StorageUnavailable, UpstreamInvalid
 from cargohold.handlers.sending import (
     blob_headers,
     blob_response,
@@ -172,8 +172,12 @@ class BucketObject(BlobSource):
 
 
 def failure_of(download: Download) -> UpstreamInvalid:
-    """What a client of a failed download is told when none of the body has gone out yet."""
-    return UpstreamInvalid(f"upstream blob failed: {download.error}", {"digest": str(download.digest)})
+    """What a client of a failed download is told when none of the body has gone out yet: our own
+    errors' messages (wrong digest, too large), else no more than that it failed. Anything else (an
+    OSError names a path in data_dir, a connection error a host) is the log's."""
+    error = download.error
+    why = error.message if isinstance(error, RegistryError) else "the download failed"
+    return UpstreamInvalid(f"upstream blob failed: {why}", {"digest": str(download.digest)})
 
 
 class Follower(BlobSource):

@@ -4,6 +4,7 @@ fsync and rename into the store, and keeps it even when that commit then fails."
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import threading
 from pathlib import Path
@@ -13,9 +14,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from cargohold.cache.download import Downloads
+from cargohold.blobsource import failure_of
+from cargohold.cache.download import Download, Downloads
 from cargohold.cache.index import SqliteIndex
 from cargohold.cache.store import FsBlobStore
+from cargohold.errors import UpstreamInvalid
 from cargohold.oci.digests import Digest
 from cargohold.tasks import Tasks
 
@@ -213,3 +216,16 @@ async def test_a_temp_file_made_as_shutdown_cancels_the_download_is_removed(tmp_
         await asyncio.sleep(0.05)
     await index.close()
     assert list(store.tmp.iterdir()) == []
+
+
+async def test_a_failed_downloads_joiners_are_told_what_failed_in_our_words_only(tmp_path: Path) -> None:
+    """A joiner of a download that failed was told `str(error)`: an OSError names a path in data_dir
+    (and a connection error the host it failed at). Our own refusals say what was wrong."""
+    index = SqliteIndex(tmp_path / "index.db")
+    download = Download(DIGEST, FsBlobStore(tmp_path / "data"), index)
+    download.error = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "data" / "tmp" / "blob.x"))
+    refused = failure_of(download)
+    assert refused.message == "upstream blob failed: the download failed" and str(tmp_path) not in str(refused.detail)
+    download.error = UpstreamInvalid("upstream sent a blob that does not match its digest", {"digest": str(DIGEST)})
+    assert failure_of(download).message == "upstream blob failed: upstream sent a blob that does not match its digest"
+    await index.close()
