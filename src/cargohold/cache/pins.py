@@ -45,7 +45,8 @@ async def closure(store: BlobStore, roots: Iterable[str]) -> set[str]:
         if digest in seen:
             continue
         seen.add(digest)
-        body = await store.load(Digest.parse(digest))
+        parsed = Digest.parse_or_none(digest)  # an upstream's manifest may name anything
+        body = None if parsed is None else await store.load(parsed)
         if body is not None:
             refs = references(body)
             stack += [child.digest for child in refs.manifests]

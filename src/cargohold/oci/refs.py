@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+# Past any real blob (and past what the index's integer columns hold).
+MAX_SIZE = 1 << 63
+
 
 @dataclass(frozen=True, slots=True)
 class Child:
@@ -29,24 +32,37 @@ def _platform(descriptor: dict) -> str | None:  # type: ignore[type-arg]
     return "/".join(str(p) for p in parts)
 
 
+def _size(descriptor: dict) -> int:  # type: ignore[type-arg]
+    """A descriptor's size when it is a count of bytes, else 0 (unknown): the manifest is the upstream's."""
+    size = descriptor.get("size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and 0 <= size < MAX_SIZE else 0
+
+
+def _descriptors(document: dict, key: str) -> list[dict]:  # type: ignore[type-arg]
+    """The descriptors under `key` that name a digest; none when it is not a list."""
+    found = document.get(key)
+    if not isinstance(found, list):
+        return []
+    return [d for d in found if isinstance(d, dict) and isinstance(d.get("digest"), str)]
+
+
 def references(body: bytes) -> Refs:
-    """The descriptors in an OCI/Docker manifest or index (schema 1 layers too); empty for anything else."""
+    """The descriptors in an OCI/Docker manifest or index (schema 1 layers too); empty for anything else.
+    Only what is well formed counts: a stored manifest was checked for its kind, not every field."""
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return Refs()
     if not isinstance(document, dict):
         return Refs()
-    children = [
-        Child(d["digest"], int(d.get("size", 0)), _platform(d))
-        for d in document.get("manifests") or []
-        if isinstance(d, dict) and isinstance(d.get("digest"), str)
+    children = [Child(d["digest"], _size(d), _platform(d)) for d in _descriptors(document, "manifests")]
+    config = document.get("config")
+    configs = [config] if isinstance(config, dict) and isinstance(config.get("digest"), str) else []
+    blobs = [Child(d["digest"], _size(d)) for d in configs + _descriptors(document, "layers")]
+    layers = document.get("fsLayers")
+    blobs += [
+        Child(d["blobSum"], 0)
+        for d in (layers if isinstance(layers, list) else [])
+        if isinstance(d, dict) and isinstance(d.get("blobSum"), str)
     ]
-    descriptors = [document.get("config"), *(document.get("layers") or [])]
-    blobs = [
-        Child(d["digest"], int(d.get("size", 0)))
-        for d in descriptors
-        if isinstance(d, dict) and isinstance(d.get("digest"), str)
-    ]
-    blobs += [Child(d["blobSum"], 0) for d in document.get("fsLayers") or [] if isinstance(d, dict) and "blobSum" in d]
     return Refs(children, blobs)
