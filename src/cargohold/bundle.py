@@ -372,7 +372,7 @@ class Layout:
 def _json_object(body: bytes, what: str) -> dict[str, Any]:
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         document = None
     if not isinstance(document, dict):
         raise BundleError(f"{what} is not a JSON object")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Callable, Iterator
+from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -215,6 +216,24 @@ def test_bad_ranges(target: tuple[Cargohold, Image, str]) -> None:
             assert res.oci_code() == "RANGE_INVALID"
 
     check()
+
+
+def test_numbers_int_refuses_are_malformed_input_not_a_traceback(target: tuple[Cargohold, Image, str]) -> None:
+    """Python's int() refuses over 4,300 digits, and "²".isdigit() is true but int() refuses it: a Range or
+    `n=` like these answered 500 with a traceback in the log (the fixture checks the log)."""
+    srv, im, canary = target
+    blob = max(im.layers, key=lambda b: b.size)
+    huge = "9" * 4301
+    for value in (f"bytes={huge}-", f"bytes=-{huge}", f"bytes=0-{huge}"):
+        for digest in (blob.digest, im.config.digest):  # type: ignore[union-attr]
+            for method in (b"GET", b"HEAD"):
+                path = f"/v2/{im.repo}/blobs/{digest}".encode()
+                res = raw_request(srv.port, path, method=method, headers=[(b"Range", value.encode())])
+                assert res.status == 416, (value[:20], res.status)
+                _check(res, canary, head=method == b"HEAD")
+    for n in ("\u00b2", huge):
+        res = raw_request(srv.port, f"/v2/{im.repo}/tags/list?n={quote(n)}".encode())
+        _check(res, canary, ok={200})
 
 
 def test_bad_authorization_is_never_passed_on(target: tuple[Cargohold, Image, str], hub: Hub) -> None:

@@ -63,14 +63,16 @@ async def test_repair_drops_rows_without_files_and_indexes_files_without_rows(tm
         b'"layers":[]}'
     )
     config = b'{"architecture":"amd64","rootfs":{}}'
-    for content in (manifest, config):
+    deep = b"[" * 200_000 + b"]" * 200_000  # any blob an upstream served; json.loads raised RecursionError on it
+    for content in (manifest, config, deep):
         store.write(Digest.of(content), content)
-    assert await repair(index, store) == (1, 2)
+    assert await repair(index, store) == (1, 3)
     stored = {e.digest: e.table for e in await index.stored()}
     assert stored == {
         str(d[b"kept"]): "blobs",
         str(Digest.of(manifest)): "manifests",
         str(Digest.of(config)): "blobs",
+        str(Digest.of(deep)): "blobs",
     }
     assert await repair(index, store) == (0, 0)
 

@@ -105,6 +105,17 @@ async def test_the_tag_list_is_read_page_after_page() -> None:
     assert remote.asked == 3
 
 
+@pytest.mark.parametrize("tags", [5, "latest", {"a": 1}, None])
+async def test_a_tag_list_whose_tags_are_no_list_has_no_tags(tags: object) -> None:
+    """`"tags": 5` from an upstream raised TypeError in the sync run ("int is not iterable")."""
+
+    class Odd(_PagedRemote):
+        async def list_tags(self, n: str | None, last: str | None) -> TagList:
+            return TagList(json.dumps({"name": self.repository, "tags": tags}).encode(), None)
+
+    assert await list_tags(Odd([], 10)) == []  # type: ignore[arg-type]
+
+
 async def test_status_page_shows_tag_moves_only_of_images_the_viewer_may_pull(make_client: Any) -> None:  # noqa: F811
     make, _ = make_client
     rules = {"rules": [{"users": ["alice"], "repositories": ["library/*"]}], "anonymous": True}

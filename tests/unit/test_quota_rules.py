@@ -26,7 +26,7 @@ from cargohold.oci.mediatypes import FULL_ACCEPT, OCI_MANIFEST
 from cargohold.tasks import Tasks
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.mirrors import ContentMirrors, mirror_config
-from cargohold.upstream.quota import reserve_of
+from cargohold.upstream.quota import Quota, reserve_of
 from cargohold.upstream.repository import Repository
 
 MANIFEST = json.dumps(
@@ -243,3 +243,21 @@ async def test_a_blob_with_wrong_bytes_from_the_mirror_is_not_cached_and_the_ups
     finally:
         await tasks.close()
         await index.close()
+
+
+def test_an_upstreams_figures_are_bounded_and_a_pause_ends_when_pulls_are_left_again() -> None:
+    """A header of 5,000 digits made every request to the upstream fail with a traceback (int() refuses
+    it); `w=` of a year, or a Retry-After of one, paused pulls for that long; and a pause outlived the
+    upstream saying pulls were left again."""
+    quota = Quota("docker.io", "anonymous", "10%", 30.0)
+    quota.observe({"RateLimit-Remaining": "1" * 5000, "RateLimit-Limit": "100;w=" + "9" * 5000})
+    assert quota.remaining is None and quota.window == 21600.0  # no figure: nothing taken
+    quota.observe({"RateLimit-Remaining": "0;w=999999999999", "RateLimit-Limit": "100;w=999999999999"})
+    assert quota.remaining == 0 and quota.window == 86400.0
+    quota.refused(31536000.0)
+    assert 86000 < quota.paused_for() <= 86400
+    quota.observe({"RateLimit-Remaining": "0;w=21600"})  # still none left: still paused
+    assert quota.paused_for() > 86000
+    quota.observe({"RateLimit-Remaining": "99;w=21600"})
+    assert quota.paused_for() == 0 and quota.remaining == 99
+    quota.check(deferrable=False)  # pulls go again

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -78,3 +79,25 @@ async def test_next_page_links_name_this_mirror_and_the_clients_namespace(tmp_pa
                 assert "corp.internal" not in resp.headers["Link"] and "s3cret" not in resp.headers["Link"]
         finally:
             await upstream.close()
+
+
+async def test_a_tag_list_nested_too_deep_is_the_upstreams_fault(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tag list of 200,000 nested arrays (400 KB, well under the size bound) answered 500 with a
+    RecursionError traceback: the JSON check caught ValueError only."""
+
+    async def tags(request: web.Request) -> web.Response:
+        return web.Response(body=b"[" * 200_000 + b"]" * 200_000, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/v2/{name:.+}/tags/list", tags)
+    upstream = TestServer(app, host="127.0.0.1")
+    await upstream.start_server()
+    try:
+        async with mirror(tmp_path, {"name": "docker.io", "url": str(upstream.make_url(""))}) as client:
+            resp = await client.get("/v2/team/app/tags/list")
+            assert resp.status == 502 and (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+    finally:
+        await upstream.close()
+    assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text

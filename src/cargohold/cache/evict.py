@@ -86,7 +86,7 @@ def _manifest_type(body: bytes) -> str | None:
     try:
         document = json.loads(body)
         media_type = media_type_of(None, body)
-    except ValueError:
+    except (ValueError, RecursionError):  # any cached blob: an upstream's bytes
         return None
     is_manifest = isinstance(document, dict) and any(k in document for k in ("layers", "manifests", "fsLayers"))
     return media_type if is_manifest else None

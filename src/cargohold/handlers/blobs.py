@@ -14,7 +14,8 @@ from cargohold.keys import CACHE, SETTINGS
 from cargohold.oci.digests import Digest
 
 # One byte range: `first-last`, `first-` or the suffix `-length` (several ranges are not supported).
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+# ASCII digits, and few enough for int() (which refuses over 4,300): more is a malformed Range.
+_RANGE = re.compile(r"bytes=([0-9]{0,100})-([0-9]{0,100})")
 
 
 class PreconditionFailed(RegistryError):

@@ -8,6 +8,7 @@ is cut here too: on a list the upstream already paged this changes nothing.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -15,6 +16,8 @@ from aiohttp import web
 from cargohold.handlers.links import next_link, upstream_next
 from cargohold.handlers.target import proxy_of, target_of
 
+# A usable `n`: ASCII digits that int() takes (`"²".isdigit()` is true; int() refuses it, and over 4,300 digits).
+_COUNT = re.compile(r"[0-9]{1,9}")
 # All a tags/list page query holds (all this mirror passes upstream).
 PAGE_QUERY = frozenset({"n", "last"})
 
@@ -24,7 +27,7 @@ def page(body: bytes, n: str | None, last: str | None) -> tuple[bytes, dict[str,
     None when nothing is asked or the body has no list of tags to cut."""
     if n is None and last is None:
         return None
-    limit = int(n) if n is not None and n.isdigit() else None
+    limit = int(n) if n is not None and _COUNT.fullmatch(n) else None
     data: dict[str, Any] = json.loads(body)
     tags = data.get("tags")
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):

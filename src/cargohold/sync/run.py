@@ -56,8 +56,8 @@ async def list_tags(remote: Remote) -> list[str]:
     last = None
     for _ in range(MAX_PAGES):
         page = await remote.list_tags(str(PAGE), last)
-        listed = json.loads(page.body).get("tags") or []
-        names = [t for t in listed if isinstance(t, str)]
+        listed = json.loads(page.body).get("tags")  # a JSON object (the remote checks): its tags are the upstream's
+        names = [t for t in listed if isinstance(t, str)] if isinstance(listed, list) else []
         tags += names
         if not page.link or not names:
             return tags

@@ -21,9 +21,12 @@ from cargohold.errors import UpstreamRateLimited
 
 log = logging.getLogger("cargohold.upstream")
 
-_FIGURE = re.compile(r"^\s*(\d+)\s*(?:;\s*w\s*=\s*(\d+))?")
+# ASCII digits, few enough for int() and float(): a figure past that is no figure (the header is ignored).
+_FIGURE = re.compile(r"^\s*([0-9]{1,12})\s*(?:;\s*w\s*=\s*([0-9]{1,12}))?(?![0-9])")
 # Docker Hub's window; assumed until a header names one.
 DEFAULT_WINDOW = 21600.0
+# The longest window taken from a header (so the longest pause after a 429): an upstream's word, bounded.
+MAX_WINDOW = 86400.0
 # The spent pulls remembered for "spent in the window" (one timestamp each).
 MAX_REMEMBERED = 100_000
 
@@ -87,8 +90,11 @@ class Quota:
         limit = _figure(headers.get("RateLimit-Limit"))
         self.remaining = remaining[0]
         self.limit = limit[0] if limit is not None else self.limit
-        self.window = remaining[1] or (limit[1] if limit is not None else None) or self.window
+        self.window = min(remaining[1] or (limit[1] if limit is not None else None) or self.window, MAX_WINDOW)
         self.source = headers.get("Docker-RateLimit-Source", self.source)
+        if self.remaining > 0 and self.paused_for() > 0:  # pulls left again (a HEAD says so): the pause is over
+            log.info("upstream %s: %d pulls left again; pulls resume", self.upstream, self.remaining)
+            self._until = 0.0
         reserve = self.reserve
         if reserve is not None and self.remaining > reserve:
             self._at_reserve = False

@@ -130,7 +130,7 @@ def _outcome(exc: RegistryError) -> str:
 def _is_json_object(body: bytes) -> bool:
     try:
         return isinstance(json.loads(body), dict)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting too: the body is the upstream's
         return False
 
 
