@@ -16,8 +16,10 @@ from aiohttp import web
 
 from cargohold.config import UpstreamConfig
 from cargohold.errors import UpstreamUnavailable
+from cargohold.upstream import auth as upstream_auth
 from cargohold.upstream.addresses import AddressGuard
 from cargohold.upstream.client import UpstreamClient
+from cargohold.upstream.realms import RealmPolicy
 from rig.certs import TestCA
 from unit.upstreamkit import MANIFEST, ScriptedResolver, error_of, manifest_response, mirror, served
 
@@ -236,3 +238,22 @@ async def test_error_details_name_the_upstream_not_its_host(tmp_path: Path) -> N
                 resp = await client.get(path)
                 assert resp.status in (502, 503)
                 assert "127.0.0.2" not in json.dumps(await error_of(resp))
+
+
+async def test_tokens_held_for_an_upstream_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token is held per repository asked for, and a client names any repository it likes: they were
+    kept forever, expired ones too (9,000 names took the server from 77 to 109 MB)."""
+    monkeypatch.setattr(upstream_auth, "MAX_TOKENS", 8, raising=False)  # (the old code had no bound)
+
+    async def token(request: web.Request) -> web.Response:
+        return web.json_response({"token": "t" * 2048 + request.query["scope"], "expires_in": 300})
+
+    async with served({"/token": token}) as realm, aiohttp.ClientSession() as session:
+        config = UpstreamConfig(name="docker.io", url=str(realm.make_url("")))
+        tokens = upstream_auth.TokenCache(session, "docker.io", None, RealmPolicy(config))
+        tokens.use(upstream_auth.Challenge("bearer", {"realm": str(realm.make_url("/token"))}))
+        scopes = [f"repository:attacker/r{i}:pull" for i in range(30)]
+        for scope in scopes:
+            assert (await tokens.token(scope)).endswith(scope) and tokens.cached(scope) is not None
+        assert sum(tokens.cached(scope) is not None for scope in scopes) <= 8
+        await tokens.close()

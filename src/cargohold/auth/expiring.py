@@ -1,4 +1,5 @@
-"""A bounded map whose entries lapse at their own deadline: the verified-login, verified-token and admission caches."""
+"""A bounded map whose entries lapse at their own deadline: the verified-login, verified-token and admission caches,
+and the tokens cargohold holds for its upstreams."""
 
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ class Expiring(Generic[K, V]):
             if len(self._entries) >= self._limit:
                 self._entries.clear()
         self._entries[key] = (until, value)
+
+    def discard(self, key: K) -> None:
+        self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def clear(self) -> None:
         self._entries.clear()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from cargohold.auth.expiring import Expiring
 from cargohold.errors import UpstreamError, UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable
 from cargohold.flight import SingleFlight
 from cargohold.tasks import Tasks
@@ -27,6 +28,8 @@ _PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 DEFAULT_TOKEN_LIFETIME = 60.0
 # Tokens are a few KiB (Docker Hub's about 2): a realm sending more is refused, not read on.
 MAX_TOKEN_RESPONSE = 64 << 10
+# Upstream tokens held at once (one per repository asked for; a few KB each).
+MAX_TOKENS = 1024
 TOKEN_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10)
 
 
@@ -68,7 +71,8 @@ class TokenCache:
         self._name = upstream_name
         self._credentials = credentials
         self._realms = realms
-        self._tokens: dict[str, tuple[str, float]] = {}
+        # One per scope (repository) asked for: any name a client sends, so bounded, and expired ones go.
+        self._tokens: Expiring[str, str] = Expiring(MAX_TOKENS)
         # Token fetches are the client's own tasks: they use its session, so they stop before it closes.
         self._fetches = Tasks()
         self._flight: SingleFlight[str] = SingleFlight(self._fetches, f"token for {upstream_name}")
@@ -85,13 +89,10 @@ class TokenCache:
         await self._fetches.close()
 
     def cached(self, scope: str) -> str | None:
-        entry = self._tokens.get(scope)
-        if entry and entry[1] > time.monotonic():
-            return entry[0]
-        return None
+        return self._tokens.get(scope)
 
     def forget(self, scope: str) -> None:
-        self._tokens.pop(scope, None)
+        self._tokens.discard(scope)
 
     async def token(self, scope: str) -> str:
         """A token for `scope`, from cache or one request to the realm shared by concurrent callers."""
@@ -145,7 +146,7 @@ class TokenCache:
         if token is None:
             raise UpstreamInvalid(f"token service of {self._name} gave no token", detail)
         # Renew a little early so a token never expires between our check and the upstream's.
-        self._tokens[scope] = (token, started + lifetime - min(30.0, lifetime / 4))
+        self._tokens.put(scope, token, started + lifetime - min(30.0, lifetime / 4))
         log.debug("token for %s scope %s, valid %.0fs", self._name, scope, lifetime)
         return token
 
