@@ -333,6 +333,11 @@ async def test_an_admission_is_remembered_for_its_credentials_address_and_reposi
     assert resp.status == 401 and 'error="insufficient_scope"' in resp.headers["WWW-Authenticate"]
     assert (await client.get("/v2/library/alpine/tags/list", headers=from_ip("192.0.2.5", bearer(token)))).status == 200
     assert len(checked) == 3  # another repository, another address: checked
+    # A Host no DNS name can be (any string a client sends) is not remembered: checked each time.
+    for _ in range(2):
+        resp = await client.get("/v2/library/alpine/tags/list", headers={"Host": "h" * 1000, **bearer(token)})
+        assert resp.status == 200
+    assert len(checked) == 5
 
 
 async def test_a_bad_htpasswd_line_is_left_out_not_fatal(make_client: Any, tmp_path: Path, caplog: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import tracemalloc
 from pathlib import Path
 
 import jwt
@@ -95,3 +96,21 @@ def test_scope_parsing() -> None:
         Scope("repository", "localhost:5000/acme/tool", frozenset({"pull"})),
     ]
     assert str(scopes[0]) == "repository:library/alpine:pull,push"
+
+
+def test_remembered_tokens_stay_small_whatever_a_client_asks_for(tmp_path: Path) -> None:
+    """A client asking /token for 100 scopes gets a token of about 8 KB, and each one it sent was
+    remembered whole with its 100 names until it expired: 3,000 of them took RSS from 74 to 322 MB."""
+    tokens = Tokens(load_or_create_key(tmp_path), 300)
+    many = parse_scopes([f"repository:a/r{i:03}:pull" for i in range(100)])
+    issued = [tokens.issue(None, many) for _ in range(200)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        assert all(len(tokens.verify(token).access) == 100 for token in issued)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1 << 20, grown  # was about 8.6 MB (43 KB a token)
+    one = tokens.issue("alice", parse_scopes(["repository:library/alpine:pull"]))
+    assert tokens.verify(one) is tokens.verify(one)  # a pull's token is remembered

@@ -40,6 +40,8 @@ ADMITTED_FOR = 1.0
 MAX_ADMITTED = 10_000
 # Longer Authorization headers are checked afresh each time rather than remembered whole.
 MAX_ADMITTED_HEADER = 4096
+# Nor are requests with a longer Host (a DNS name is at most 253 characters, and a port): any string a client sends.
+MAX_ADMITTED_HOST = 300
 # (Authorization header, client address, Host, repository name, ?ns=): what a request's admission depends on.
 AdmissionKey = tuple[str, ClientAddress, str, str | None, str | None]
 

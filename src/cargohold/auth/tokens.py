@@ -6,6 +6,7 @@ restart and instances sharing a data_dir accept each other's tokens.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import time
@@ -28,6 +29,9 @@ REFRESH_AUDIENCE = "cargohold-refresh"  # never accepted as an access token, nor
 KEY_FILE = "token-signing-key.pem"
 LEEWAY = 5  # seconds of clock skew tolerated between instances
 MAX_CACHED = 10_000
+# A verified token is remembered only if it names at most this many repositories (a pull's token names one or
+# two): a client asking /token for 100 scopes per token made each entry about 43 KB.
+MAX_CACHED_NAMES = 16
 
 
 class InvalidToken(Exception):
@@ -118,7 +122,8 @@ class Tokens:
         self.ttl = int(ttl)
         self.refresh_ttl = int(refresh_ttl)
         self._clock = clock
-        self._verified: Expiring[str, Grant] = Expiring(MAX_CACHED, time.time)
+        # Keyed by a digest of the token (a token may be 8 KB); grants of many names are not kept at all.
+        self._verified: Expiring[bytes, Grant] = Expiring(MAX_CACHED, time.time)
 
     def issue(self, user: str | None, granted: Iterable[Scope], fingerprint: str | None = None) -> str:
         """An access token; a user's carries `pwd`, the fingerprint of their password hash."""
@@ -181,10 +186,12 @@ class Tokens:
         )
 
     def verify(self, token: str) -> Grant:
-        grant = self._verified.get(token)
+        key = hashlib.sha256(token.encode()).digest()
+        grant = self._verified.get(key)
         if grant is None:
             expires, grant = self._check(token)
-            self._verified.put(token, grant, expires)
+            if len(grant.access) <= MAX_CACHED_NAMES:
+                self._verified.put(key, grant, expires)
         return grant
 
     def _check(self, token: str) -> tuple[float, Grant]:

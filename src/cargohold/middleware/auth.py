@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
-from cargohold.auth.service import ADMITTED_FOR, MAX_ADMITTED_HEADER, AdmissionKey, Auth
+from cargohold.auth.service import ADMITTED_FOR, MAX_ADMITTED_HEADER, MAX_ADMITTED_HOST, AdmissionKey, Auth
 from cargohold.auth.tokens import ROUTE, SERVICE, Grant, InvalidToken
 from cargohold.errors import Denied, RegistryError, Unauthorized
 from cargohold.external import public_base_url
@@ -136,7 +136,7 @@ async def _admit(request: web.Request, auth: Auth, header: str, key: AdmissionKe
     who, grant = await _identify(request, auth)
     request[IDENTITY] = who  # a refusal below is logged with who it was
     _authorize(request, auth, who, grant)
-    if len(header) <= MAX_ADMITTED_HEADER:
+    if len(header) <= MAX_ADMITTED_HEADER and len(request.host) <= MAX_ADMITTED_HOST:
         auth.admitted.put(key, who, time.monotonic() + ADMITTED_FOR)
     return who
 

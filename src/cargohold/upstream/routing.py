@@ -59,6 +59,7 @@ class Router:
         self._default = upstreams[default]
         self._by_host = {host: u for u in upstreams.values() for host in u.config.hosts}
         self._allowed = {name: compile_globs(u.config.repositories) for name, u in upstreams.items()}
+        # Keyed by the upstream a Host routes to, not the Host itself (any 8 KB string a client sends).
         self._resolved: dict[tuple[str, str | None, str | None], Target] = {}
 
     @property
@@ -67,18 +68,18 @@ class Router:
 
     def resolve(self, name: str, ns: str | None = None, host: str | None = None) -> Target:
         """The target of a request (every request resolves one: remembered, RESOLVED at most, refusals not)."""
-        key = (name, ns, host)
+        by_host = self._by_host_header(host)
+        key = (name, ns, by_host.name if by_host is not None else None)
         target = self._resolved.get(key)
         if target is None:
-            target = self._resolve(name, ns, host)
+            target = self._resolve(name, ns, by_host)
             if len(self._resolved) >= RESOLVED:
                 self._resolved.clear()
             self._resolved[key] = target
         return target
 
-    def _resolve(self, name: str, ns: str | None, host: str | None) -> Target:
+    def _resolve(self, name: str, ns: str | None, by_host: UpstreamClient | None) -> Target:
         namespace = None
-        by_host = self._by_host_header(host)
         if ns:
             upstream = self._named(ns)
             namespace = upstream.name
