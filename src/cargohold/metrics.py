@@ -9,7 +9,6 @@ and single-flight joins are read from the live objects at scrape time.
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,8 +22,7 @@ from prometheus_client.registry import Collector
 from cargohold.cache.index import Index, Stored, Usage
 from cargohold.proxy import PullThrough
 from cargohold.thisloop import ThisLoop
-
-_REMAINING = re.compile(r"^\s*(\d+)")
+from cargohold.upstream.quota import figure
 
 # With `workers: N`, the directory where every worker's counters live (prometheus_client's multiprocess mode).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -261,12 +259,12 @@ class Metrics:
             state.last_ok = time.time()
         if method == "GET" and status in (200, 206) and response.content_length:
             self.upstream_bytes.labels(upstream).inc(response.content_length)
-        remaining = _REMAINING.match(response.headers.get("RateLimit-Remaining", ""))
-        if remaining:
-            state.ratelimit_remaining = int(remaining.group(1))
+        remaining = figure(response.headers.get("RateLimit-Remaining"))
+        if remaining is not None:
+            state.ratelimit_remaining = remaining[0]
             self.ratelimit_remaining.labels(upstream).set(state.ratelimit_remaining)
-            limit = _REMAINING.match(response.headers.get("RateLimit-Limit", ""))
-            state.ratelimit_limit = int(limit.group(1)) if limit else None
+            limit = figure(response.headers.get("RateLimit-Limit"))
+            state.ratelimit_limit = limit[0] if limit is not None else None
 
     def upstream_failed(self, upstream: str, method: str, kind: str, seconds: float, *, counted: bool = False) -> None:
         if not counted:

@@ -257,3 +257,25 @@ async def test_tokens_held_for_an_upstream_are_bounded(monkeypatch: pytest.Monke
             assert (await tokens.token(scope)).endswith(scope) and tokens.cached(scope) is not None
         assert sum(tokens.cached(scope) is not None for scope in scopes) <= 8
         await tokens.close()
+
+
+async def test_figures_int_refuses_in_an_upstreams_headers_are_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`RateLimit-Remaining` of 5,000 digits: the metrics and the quota each parsed it with int(), which
+    refuses over 4,300 digits, so every request to that upstream answered 500 with a traceback."""
+
+    async def manifest(request: web.Request) -> web.Response:
+        response = manifest_response()
+        response.headers["RateLimit-Remaining"] = "1" * 5000
+        response.headers["RateLimit-Limit"] = "100;w=" + "9" * 5000
+        return response
+
+    async with (
+        served({"/v2/team/app/manifests/{tag}": manifest}) as upstream,
+        mirror(tmp_path, {"name": "docker.io", "url": str(upstream.make_url(""))}) as client,
+    ):
+        for method in ("GET", "HEAD"):
+            resp = await client.request(method, "/v2/team/app/manifests/1")
+            assert resp.status == 200, await resp.text()
+    assert "Traceback" not in caplog.text

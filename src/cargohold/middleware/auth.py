@@ -25,7 +25,7 @@ from cargohold.identity import IDENTITY, Identity
 from cargohold.keys import AUTH, SETTINGS
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/token"})
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9._/:-]{1,512}$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._/:-]{1,512}")
 
 
 def token_realm(request: web.Request) -> str:
@@ -54,7 +54,7 @@ def _scope(request: web.Request) -> str | None:
         return None
     ns = request.query.get("ns")
     full = f"{ns}/{name}" if ns else name
-    return f"repository:{full}:pull" if _SAFE_NAME.match(full) else None
+    return f"repository:{full}:pull" if _SAFE_NAME.fullmatch(full) else None
 
 
 def _challenge(request: web.Request, auth: Auth, error: str | None = None) -> dict[str, str]:

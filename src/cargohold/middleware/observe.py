@@ -20,7 +20,7 @@ from cargohold.metrics import kind_of_route, route_of
 
 log = logging.getLogger("cargohold.server")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # fullmatch: a final newline would end up in the log
 # The status the access log shows for a client that went away before its answer was out (as nginx).
 CLIENT_GONE = 499
 
@@ -37,7 +37,7 @@ def _as_registry_error(exc: web.HTTPException) -> web.Response:
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost middleware: every failure leaves as an OCI error, never as a traceback."""
     given = request.headers.get("X-Request-Id", "")
-    request[REQUEST_ID] = given if given and _REQUEST_ID.match(given) else request.app[REQUEST_IDS].next()
+    request[REQUEST_ID] = given if given and _REQUEST_ID.fullmatch(given) else request.app[REQUEST_IDS].next()
     logs.request_id.set(request[REQUEST_ID])
     request[CACHE] = "-"
     request[KIND] = kind_of_route(route_of(request))  # here, routed: the access log may see a request that never was

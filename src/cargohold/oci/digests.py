@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from cargohold.errors import DigestInvalid
 
 _ALGORITHMS = {"sha256": 64, "sha512": 128}
-_SHAPE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+_SHAPE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")  # fullmatch: no final newline
 _HEX = re.compile(r"[a-f0-9]+")
 
 
@@ -51,7 +51,7 @@ def looks_like_digest(reference: str) -> bool:
 
 @functools.lru_cache(maxsize=4096)  # a warm hit parses the digests of its tag and blobs again and again
 def _parse(text: str) -> Digest:
-    if len(text) > 256 or not _SHAPE.match(text):
+    if len(text) > 256 or not _SHAPE.fullmatch(text):
         raise DigestInvalid("invalid digest", {"digest": text[:256]})
     algorithm, _, hexpart = text.partition(":")
     if algorithm not in _ALGORITHMS:

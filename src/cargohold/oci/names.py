@@ -7,13 +7,14 @@ import re
 from cargohold.errors import ManifestUnknown, NameInvalid
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-_NAME = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+# Matched whole (fullmatch): `$` would also match before a final newline ("3.21\n" passed as a tag).
+_NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 MAX_NAME = 255
 
 
 def check_name(name: str) -> str:
-    if len(name) > MAX_NAME or not _NAME.match(name):
+    if len(name) > MAX_NAME or not _NAME.fullmatch(name):
         raise NameInvalid("invalid repository name", {"name": name[:MAX_NAME]})
     return name
 
@@ -21,6 +22,6 @@ def check_name(name: str) -> str:
 def check_tag(tag: str) -> str:
     """A reference that is no tag (nor a digest, checked before) cannot name a manifest: 404 like the
     registry behind us and as the OCI conformance suite expects, decided here without asking upstream."""
-    if not _TAG.match(tag):
+    if not _TAG.fullmatch(tag):
         raise ManifestUnknown("manifest unknown: not a valid tag or digest", {"tag": tag[:128]})
     return tag

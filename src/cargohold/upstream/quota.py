@@ -31,7 +31,7 @@ MAX_WINDOW = 86400.0
 MAX_REMEMBERED = 100_000
 
 
-def _figure(value: str | None) -> tuple[int, float | None] | None:
+def figure(value: str | None) -> tuple[int, float | None] | None:
     """(count, window seconds) of a `N;w=SECONDS` header."""
     match = _FIGURE.match(value or "")
     if match is None:
@@ -84,10 +84,10 @@ class Quota:
 
     def observe(self, headers: Mapping[str, str]) -> None:
         """Take the figures of any answer that carries them (HEADs do, and cost nothing)."""
-        remaining = _figure(headers.get("RateLimit-Remaining"))
+        remaining = figure(headers.get("RateLimit-Remaining"))
         if remaining is None:
             return
-        limit = _figure(headers.get("RateLimit-Limit"))
+        limit = figure(headers.get("RateLimit-Limit"))
         self.remaining = remaining[0]
         self.limit = limit[0] if limit is not None else self.limit
         self.window = min(remaining[1] or (limit[1] if limit is not None else None) or self.window, MAX_WINDOW)
