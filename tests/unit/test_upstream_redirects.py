@@ -217,6 +217,20 @@ def test_json_that_is_not_a_manifest_is_refused(body: object) -> None:
         media_type_of(None, b"[" * 100_000 + b"]" * 100_000)
 
 
+@pytest.mark.parametrize(
+    "media_type", ["text/html", "application/x; charset=utf-8", "application/x\r\nSet-Cookie: a=b"]
+)
+def test_a_manifest_names_an_application_type_or_is_refused(media_type: str) -> None:
+    """A manifest is served with its own media type as Content-Type: `text/html` (from a bundle or an
+    upstream, with a config to pass as an artifact) was a page with script on the mirror's origin."""
+    document = {"schemaVersion": 2, "mediaType": media_type, "config": CONFIG, "x": "<script>alert(1)</script>"}
+    for content_type in (None, "application/json", "text/html"):
+        with pytest.raises(ValueError, match="application/"):
+            media_type_of(content_type, json.dumps(document).encode())
+    # Declared by the upstream as a known type, it is served as that type.
+    assert media_type_of(OCI_MANIFEST, json.dumps(document).encode()) == OCI_MANIFEST
+
+
 def test_manifests_of_every_known_kind_are_accepted() -> None:
     layer = {**CONFIG, "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip"}
     child = {"mediaType": DOCKER_MANIFEST, "digest": "sha256:" + "b" * 64, "size": 9, "platform": {"os": "linux"}}
@@ -259,3 +273,4 @@ async def test_a_non_manifest_is_neither_served_nor_cached(tmp_path: Path) -> No
         assert resp.status == 502 and "requests_total" not in json.dumps(await error_of(resp))
         resp = await client.get("/v2/team/app/manifests/1")
         assert resp.status == 200 and await resp.read() == MANIFEST  # asked again: nothing was cached
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"  # no browser takes content for a page

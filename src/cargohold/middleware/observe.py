@@ -73,6 +73,8 @@ def _answer(request: web.Request, exc: Exception) -> web.StreamResponse:
 def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Headers every response carries, streamed ones included (runs just before headers go out)."""
     response.headers["X-Request-Id"] = request.get(REQUEST_ID, "-")
+    # Content comes from upstreams and bundles: a browser must take its Content-Type as given, never sniff HTML.
+    response.headers["X-Content-Type-Options"] = "nosniff"
     if request.path.startswith("/v2"):
         response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
 

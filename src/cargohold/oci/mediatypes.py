@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,6 +15,8 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 
+# A media type a manifest may be served as (RFC 6838 names): application/ only, no parameters.
+_MANIFEST_TYPE = re.compile(r"application/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 # What we ask upstream for when the client takes everything: the tag cache holds these answers.
 MODERN = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
 KNOWN = frozenset((*MODERN, DOCKER_SCHEMA1_SIGNED, DOCKER_SCHEMA1))
@@ -61,6 +64,9 @@ def media_type_of(content_type: str | None, body: bytes) -> str:
         media_type = DOCKER_SCHEMA1_SIGNED if "signatures" in document else DOCKER_SCHEMA1
     else:
         media_type = OCI_INDEX if "manifests" in document else OCI_MANIFEST
+    if not _MANIFEST_TYPE.fullmatch(media_type):
+        # It becomes the Content-Type of what the mirror serves: `text/html` would be a page on its origin.
+        raise ValueError("a manifest's media type is an application/ type")
     validate_manifest(document, media_type)
     return media_type
 
