@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,12 @@ def test_other_hash_kinds_are_left_out_naming_the_line(
     assert f"{path} line 3" in caplog.text and kind in caplog.text
 
 
-@pytest.mark.parametrize("name", ["mallory\n", "mallory\r", " mallory", "a:b", "", "x" * 256])
+@pytest.mark.parametrize(
+    "name",
+    # A comment line (a user nobody can be), escapes for the terminal of `user list`, C1 controls, and a name
+    # from bytes that are not UTF-8 (a traceback when written) were accepted too.
+    ["mallory\n", "mallory\r", " mallory", "a:b", "", "x" * 256, "#alice", "\x1b[31mred", "a\x85b", "caf\udce9"],
+)
 def test_user_names_that_would_break_the_file_are_refused(name: str) -> None:
     """Issue 21.13: `re.match` with `$` let a name end in a newline, which split the entry in two."""
     with pytest.raises(ValueError, match="invalid user name"):
@@ -129,3 +135,22 @@ def test_users_reload_on_change_and_drop_bad_entries(tmp_path: Path, caplog: pyt
     assert "line 2" in caplog.text and "eve" in caplog.text
     path.unlink()
     assert users.refresh() and not users.users
+
+
+def test_edits_at_the_same_time_all_land(tmp_path: Path) -> None:
+    """Two `user add` at once each read the file, and the last rename won: 16 at once left 9-13 users."""
+    path = tmp_path / "htpasswd"
+    hashed = htpasswd.hash_password("pw", rounds=4)
+    names = [f"u{i}" for i in range(16)]
+    start = threading.Barrier(len(names))
+
+    def add(name: str) -> None:
+        start.wait()
+        htpasswd.set_user(path, name, hashed)
+
+    threads = [threading.Thread(target=add, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(htpasswd.list_users(path)) == sorted(names)

@@ -6,10 +6,13 @@ The server watches the file and picks up edits within seconds; the CLI edits it 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +24,10 @@ MAX_PASSWORD_BYTES = 72  # bcrypt ignores everything after; refusing is better t
 BCRYPT_ROUNDS = 10  # ~70 ms a check: paid once per login, then cached
 # Always with fullmatch: `$` also matches before a final newline, which let `user add $'mallory\n'` in.
 _BCRYPT = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
-_USER = re.compile(r"[^:\s]{1,255}")
+# No colon, white space or control character (C0, DEL, C1), none that cannot be written as UTF-8 (a name
+# from bytes that are not UTF-8), and no `#` first: that line would be a comment, a user nobody can be.
+_NAME_CHAR = r"[^:\s\x00-\x1f\x7f-\x9f\ud800-\udfff]"
+_USER = re.compile(rf"(?!#){_NAME_CHAR}{{1,255}}")
 
 
 class HtpasswdError(Exception):
@@ -55,13 +61,16 @@ def check_password(password: str) -> bytes:
 
 
 def valid_username(name: str) -> bool:
-    """1-255 characters, none of them a colon or white space (a newline would split the file's line)."""
+    """1-255 characters, none of them a colon, white space or a control character (a newline would split the
+    file's line, an escape sequence would reach the terminal of `user list`), not starting with `#`."""
     return _USER.fullmatch(name) is not None
 
 
 def check_username(name: str) -> str:
     if not valid_username(name):
-        raise ValueError(f"invalid user name {name[:64]!r} (1-255 characters, no ':' or spaces)")
+        raise ValueError(
+            f"invalid user name {name[:64]!r} (1-255 characters, no ':', spaces or control characters, no '#' first)"
+        )
     return name
 
 
@@ -184,28 +193,44 @@ def list_users(path: Path) -> list[str]:
     return [u for u in map(_entry_user, _read_lines(path)) if u is not None]
 
 
+@contextlib.contextmanager
+def _editing(path: Path) -> Iterator[None]:
+    """One edit of the file at a time (two `user add` at once each read the file and the last rename won,
+    losing the other's user): an exclusive flock on its directory (no lock file left beside it), for the read,
+    change and write. The file itself cannot carry the lock: each edit replaces it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def set_user(path: Path, user: str, hashed: str) -> bool:
     """Add or replace a user's entry, keeping every other line; True when the user was new."""
-    lines = _read_lines(path)
     entry = f"{check_username(user)}:{hashed}"
-    found = False
-    for i, line in enumerate(lines):
-        if _entry_user(line) == user:
-            lines[i] = entry
-            found = True
-    if not found:
-        lines.append(entry)
-    _write(path, lines)
+    with _editing(path):
+        lines = _read_lines(path)
+        found = False
+        for i, line in enumerate(lines):
+            if _entry_user(line) == user:
+                lines[i] = entry
+                found = True
+        if not found:
+            lines.append(entry)
+        _write(path, lines)
     return not found
 
 
 def remove_user(path: Path, user: str) -> bool:
     """Drop a user's entry; False when there was none."""
-    lines = _read_lines(path)
-    kept = [line for line in lines if _entry_user(line) != user]
-    if len(kept) == len(lines):
-        return False
-    _write(path, kept)
+    with _editing(path):
+        lines = _read_lines(path)
+        kept = [line for line in lines if _entry_user(line) != user]
+        if len(kept) == len(lines):
+            return False
+        _write(path, kept)
     return True
 
 
