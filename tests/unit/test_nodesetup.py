@@ -311,3 +311,11 @@ def test_a_state_file_that_is_not_ours_is_one_warning_not_a_crash_loop(
     assert json.loads(state.read_text())["files"] == ["/etc/containerd/certs.d/docker.io/hosts.toml"]
     assert uninstall_containerd(node) == 0
     assert not (node / "etc/containerd/certs.d/docker.io").exists() and not state.exists()
+
+
+def test_a_config_directory_with_dot_dot_is_refused(node: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--containerd-dir /etc/../../x` named a directory beside the node root, not on it."""
+    before, beside = snapshot(node), snapshot(node.parent)
+    assert install(node, "docker.io", extra=("--containerd-dir", "/etc/../../x")) == 2
+    assert "without '..'" in capsys.readouterr().err
+    assert snapshot(node) == before and snapshot(node.parent) == beside
