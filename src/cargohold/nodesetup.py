@@ -143,14 +143,23 @@ def _node(parts: Sequence[str]) -> str:
     return "/" + "/".join(parts)
 
 
+def _read_regular(dir_fd: int, name: str, limit: int) -> bytes | None:
+    """Up to `limit` bytes of `name` if it is a regular file; None for anything else: a link is not
+    followed, and a FIFO or device is never opened (opening one can block, or do something)."""
+    if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        return None
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit) if stat.S_ISREG(os.fstat(fd).st_mode) else None  # swapped meanwhile
+
+
 def _ours(dir_fd: int, name: str) -> bool:
-    """A regular file (not a link, nor a FIFO that would block) whose first line is MARK."""
+    """A regular file whose first line is MARK."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        head = _read_regular(dir_fd, name, len(MARK) + 1)
     except OSError:
         return False
-    with os.fdopen(fd, "rb") as f:
-        return stat.S_ISREG(os.fstat(fd).st_mode) and f.read(len(MARK) + 1).rstrip(b"\r\n") == MARK.encode()
+    return head is not None and head.rstrip(b"\r\n") == MARK.encode()
 
 
 def _present(dir_fd: int, name: str) -> bool:
@@ -342,15 +351,13 @@ class ConfigDir:
 def _read_state(dir_fd: int) -> bytes | None:
     """The state file's bytes; None where there is none, ForeignState where it is no file of ours."""
     try:
-        fd = os.open(STATE_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        raw = _read_regular(dir_fd, STATE_FILE, MAX_STATE_BYTES + 1)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise ForeignState("not a regular file") from exc
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ForeignState("not a regular file")
-        raw = f.read(MAX_STATE_BYTES + 1)
+        raise ForeignState("unreadable") from exc
+    if raw is None:
+        raise ForeignState("not a regular file")
     if len(raw) > MAX_STATE_BYTES:
         raise ForeignState("too large")
     return raw

@@ -4,6 +4,7 @@ restores a node root exactly, leaving files it did not write alone."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -319,3 +320,21 @@ def test_a_config_directory_with_dot_dot_is_refused(node: Path, capsys: pytest.C
     assert install(node, "docker.io", extra=("--containerd-dir", "/etc/../../x")) == 2
     assert "without '..'" in capsys.readouterr().err
     assert snapshot(node) == before and snapshot(node.parent) == beside
+
+
+def test_a_fifo_in_place_of_a_file_is_left_alone_and_never_blocks(
+    node: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Pins what passed before too: opening a FIFO for reading would wait for a writer forever."""
+    certs = node / "etc/containerd/certs.d"
+    (certs / "docker.io").mkdir()
+    os.mkfifo(certs / "docker.io/hosts.toml")
+    os.mkfifo(certs / ".cargohold-node-setup.json")
+    assert install(node, "docker.io", "ghcr.io", extra=("--containers-dir", "")) == 0
+    out = capsys.readouterr().out
+    assert "ignored, as if empty (not a regular file)" in out
+    assert "left alone (not written by cargohold): /etc/containerd/certs.d/docker.io/hosts.toml" in out
+    (certs / ".cargohold-node-setup.json").unlink()  # install replaced it with its own; a FIFO again
+    os.mkfifo(certs / ".cargohold-node-setup.json")
+    assert uninstall_containerd(node) == 0
+    assert (certs / "docker.io/hosts.toml").is_fifo() and (certs / ".cargohold-node-setup.json").is_fifo()
