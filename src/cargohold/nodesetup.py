@@ -10,17 +10,27 @@ every registry; CRI-O/podman do not, so their mirror location carries the regist
 Every file it writes starts with MARK, and each config directory gets a state file naming the files
 and directories it created: `uninstall` removes exactly those (a file only while it still carries
 MARK) and leaves everything else, pre-existing `hosts.toml` files included, as it was.
+
+It runs as root in directories others may write to, so it trusts nothing found there: no symlink below
+`--root` is followed (a link where a directory or file should be is left alone), temporary files are
+new files of random names, and a state file it did not write (not JSON, another shape, a path outside
+its directory) counts as empty with one warning line, never as a reason to touch anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import posixpath
 import re
+import secrets
 import signal
+import stat
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -122,77 +132,174 @@ def registries_conf(registries: Iterable[Registry], mirror: Mirror) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ours(path: Path) -> bool:
-    """A regular file (not a link) whose first line is MARK."""
-    if path.is_symlink() or not path.is_file():
+def node_parts(path: str) -> tuple[str, ...]:
+    """An absolute node path's components; ValueError for a relative one or one with `..` (never resolved)."""
+    if not path.startswith("/") or "\0" in path or ".." in path.split("/"):
+        raise ValueError(f"{path!r} is not an absolute path without '..'")
+    return tuple(p for p in posixpath.normpath(path).split("/") if p)
+
+
+def _node(parts: Sequence[str]) -> str:
+    return "/" + "/".join(parts)
+
+
+def _read_regular(dir_fd: int, name: str, limit: int) -> bytes | None:
+    """Up to `limit` bytes of `name` if it is a regular file; None for anything else: a link is not
+    followed, and a FIFO or device is never opened (opening one can block, or do something)."""
+    if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        return None
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit) if stat.S_ISREG(os.fstat(fd).st_mode) else None  # swapped meanwhile
+
+
+def _ours(dir_fd: int, name: str) -> bool:
+    """A regular file whose first line is MARK."""
+    try:
+        head = _read_regular(dir_fd, name, len(MARK) + 1)
+    except OSError:
         return False
-    with path.open("rb") as f:
-        return f.read(len(MARK) + 1).rstrip(b"\r\n") == MARK.encode()
+    return head is not None and head.rstrip(b"\r\n") == MARK.encode()
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.cargohold-tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+def _present(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _write_atomically(dir_fd: int, name: str, text: str) -> None:
+    """A new file of a random name (O_EXCL: never an existing path, nor through a link), renamed over `name`."""
+    tmp = f".{name}.{secrets.token_hex(8)}.cargohold-tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fchmod(fd, 0o644)  # whatever the umask
+            os.fsync(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    os.fsync(dir_fd)
+
+
+class ForeignState(ValueError):
+    """A state file this agent did not write: ignored, as if there were none."""
 
 
 @dataclass
 class ConfigDir:
-    """One runtime's config directory on the node, and what this agent created in it."""
+    """One runtime's config directory on the node, and what this agent created in it.
 
-    root: Path  # the node's / as mounted here
+    Everything below `root` is reached one component at a time from a directory fd, never following a
+    symlink: a link (or a file) where a directory should be is left alone, whatever it points to.
+    """
+
+    root: Path  # the node's / as mounted here (the operator's path: followed)
     path: str  # as the node sees it, e.g. /etc/containerd/certs.d
     created_dirs: list[str] = field(default_factory=list)  # node paths, outermost first
     files: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    parts: tuple[str, ...] = field(init=False)
+    has_state: bool = field(default=False, init=False)  # a state file of ours is there
 
-    def local(self, node_path: str) -> Path:
-        return self.root / node_path.lstrip("/")
+    def __post_init__(self) -> None:
+        try:
+            self.parts = node_parts(self.path)
+        except ValueError as exc:
+            raise SetupError(f"config directory {exc}") from None
 
-    @property
-    def state_path(self) -> Path:
-        return self.local(self.path) / STATE_FILE
+    def _note(self, line: str) -> None:
+        if line not in self.log:
+            self.log.append(line)
+
+    @contextmanager
+    def _opened(self, parts: tuple[str, ...], *, create: bool) -> Iterator[int | None]:
+        """The directory at node path `parts` as an fd; None where a component is missing (and not to be
+        created here), or is a symlink or no directory (logged)."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for depth in range(1, len(parts) + 1):
+                child = self._child(fd, parts[:depth], create=create)
+                if child is None:
+                    yield None
+                    return
+                os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _child(self, parent: int, parts: tuple[str, ...], *, create: bool) -> int | None:
+        try:
+            return os.open(parts[-1], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                return None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            self._note(f"left alone (a symlink or not a directory; not followed): {_node(parts)}")
+            return None
+        with suppress(FileExistsError):  # made by someone else meanwhile: theirs
+            os.mkdir(parts[-1], 0o755, dir_fd=parent)
+            self.created_dirs.append(_node(parts))
+        return self._child(parent, parts, create=False)
 
     def load(self) -> ConfigDir:
-        """Read what an earlier run created (a missing or foreign state file: nothing)."""
-        path = self.state_path
-        if not path.is_file() or path.is_symlink() or path.stat().st_size > MAX_STATE_BYTES:
-            return self
-        state = json.loads(path.read_text())
-        if isinstance(state, dict):
-            base = self.path.rstrip("/")
-            related = [d for d in state.get("created_dirs", []) if isinstance(d, str) and d.startswith("/")]
-            # only this directory, its ancestors and what is below it: never anything else on the node
-            self.created_dirs = [d for d in related if base.startswith(d) or d.startswith(base + "/")]
-            self.files = [f for f in state.get("files", []) if isinstance(f, str) and f.startswith(base + "/")]
+        """Read what an earlier run created; a missing state file is nothing, a foreign one too (logged)."""
+        try:
+            with self._opened(self.parts, create=False) as fd:
+                raw = None if fd is None else _read_state(fd)
+            if raw is None:
+                return self
+            try:
+                state = json.loads(raw)
+            except (ValueError, RecursionError) as exc:
+                raise ForeignState("not JSON, or nested too deep") from exc
+            self.created_dirs, self.files = self._checked(state)
+            self.has_state = True
+        except ValueError as exc:  # one line, never a traceback: a pod that crash-loops on it fixes nothing
+            self._note(f"ignored, as if empty ({exc}): {_node(self.parts)}/{STATE_FILE}")
         return self
 
-    def _ensure_dir(self, node_dir: str) -> None:
-        missing = []
-        current = node_dir.rstrip("/")
-        while current and not self.local(current).exists():
-            missing.append(current)
-            current = current.rsplit("/", 1)[0]
-        for d in reversed(missing):
-            self.local(d).mkdir(mode=0o755)
-            self.created_dirs.append(d)
+    def _checked(self, state: object) -> tuple[list[str], list[str]]:
+        """The state's paths, each genuinely in this directory (files) or on its way or in it (directories)."""
+        if not isinstance(state, dict) or set(state) != {"created_dirs", "files"}:
+            raise ForeignState("not the state's keys")
+        lists = [state["created_dirs"], state["files"]]
+        if not all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in lists):
+            raise ForeignState("not lists of paths")
+        n = len(self.parts)
+        try:
+            dirs, files = ([node_parts(p) for p in paths] for paths in lists)
+        except ValueError:
+            raise ForeignState("a path that is relative or has '..'") from None
+        if not all(d and (d[:n] == self.parts or self.parts[: len(d)] == d) for d in dirs):
+            raise ForeignState("a directory neither on the way to this one nor in it")
+        if not all(len(f) > n and f[:n] == self.parts for f in files):
+            raise ForeignState("a file not in this directory")
+        return [_node(d) for d in dirs], [_node(f) for f in files]
 
     def write(self, relative: str, text: str) -> str | None:
         """Write `relative` under this directory unless a file that is not ours is there; its node path."""
-        node_path = f"{self.path.rstrip('/')}/{relative}"
-        target = self.local(node_path)
-        if target.is_symlink() or (target.exists() and not _ours(target)):
-            self.log.append(f"left alone (not written by cargohold): {node_path}")
-            return None
-        self._ensure_dir(node_path.rsplit("/", 1)[0])
-        if node_path not in self.files:
-            self.files.append(node_path)
-            self.save()  # first: what this run creates is never forgotten, even if it fails half-way
-        _write_atomically(target, text)
+        parts = (*self.parts, *relative.split("/"))
+        node_path = _node(parts)
+        with self._opened(parts[:-1], create=True) as fd:
+            if fd is None:
+                return None
+            if _present(fd, parts[-1]) and not _ours(fd, parts[-1]):
+                self._note(f"left alone (not written by cargohold): {node_path}")
+                return None
+            if node_path not in self.files:
+                self.files.append(node_path)
+                self.save()  # first: what this run creates is never forgotten, even if it fails half-way
+            _write_atomically(fd, parts[-1], text)
         self.log.append(f"wrote {node_path}")
         return node_path
 
@@ -206,28 +313,54 @@ class ConfigDir:
     def remove(self, keep: Sequence[str] = ()) -> None:
         """Remove our files not in `keep`, then the directories we created that are left empty."""
         for node_path in [f for f in self.files if f not in keep]:
-            target = self.local(node_path)
-            if _ours(target):
-                target.unlink()
-                self.log.append(f"removed {node_path}")
-            elif target.exists():
-                self.log.append(f"left alone (edited since): {node_path}")
+            parts = node_parts(node_path)
+            with self._opened(parts[:-1], create=False) as fd:
+                if fd is not None and _ours(fd, parts[-1]):
+                    os.unlink(parts[-1], dir_fd=fd)
+                    self.log.append(f"removed {node_path}")
+                elif fd is not None and _present(fd, parts[-1]):
+                    self._note(f"left alone (edited since): {node_path}")
             self.files.remove(node_path)
-        if not self.files:
-            self.state_path.unlink(missing_ok=True)
+        if not self.files and self.has_state:
+            with self._opened(self.parts, create=False) as fd, suppress(FileNotFoundError):
+                if fd is not None:
+                    os.unlink(STATE_FILE, dir_fd=fd)
+            self.has_state = False
         for d in reversed(list(self.created_dirs)):
-            try:
-                self.local(d).rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError:
-                continue  # not empty: someone else's files, or ours still in use
+            parts = node_parts(d)
+            with self._opened(parts[:-1], create=False) as fd:
+                if fd is None:
+                    continue
+                try:
+                    os.rmdir(parts[-1], dir_fd=fd)  # never follows a link: ENOTDIR
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue  # not empty (someone else's files, or ours still in use), or no directory
             self.created_dirs.remove(d)
 
     def save(self) -> None:
         if self.files:
             state = {"created_dirs": self.created_dirs, "files": self.files}
-            _write_atomically(self.state_path, json.dumps(state, indent=1) + "\n")
+            with self._opened(self.parts, create=False) as fd:
+                if fd is not None:
+                    _write_atomically(fd, STATE_FILE, json.dumps(state, indent=1) + "\n")
+                    self.has_state = True
+
+
+def _read_state(dir_fd: int) -> bytes | None:
+    """The state file's bytes; None where there is none, ForeignState where it is no file of ours."""
+    try:
+        raw = _read_regular(dir_fd, STATE_FILE, MAX_STATE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ForeignState("unreadable") from exc
+    if raw is None:
+        raise ForeignState("not a regular file")
+    if len(raw) > MAX_STATE_BYTES:
+        raise ForeignState("too large")
+    return raw
 
 
 def install(

@@ -3,6 +3,8 @@ restores a node root exactly, leaving files it did not write alone."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -205,3 +207,134 @@ def test_the_ca_is_a_path_on_the_node(node: Path, capsys: pytest.CaptureFixture[
     assert install(node, "docker.io", mirror="https://m.example", extra=("--ca", "/etc/m.pem")) == 0
     hosts = tomllib.loads((node / "etc/containerd/certs.d/docker.io/hosts.toml").read_text())
     assert hosts["host"]["https://m.example"]["ca"] == "/etc/m.pem"
+
+
+# What was found on a second look (docs/security.md, "Node agent findings"): a node's config directories
+# may already hold links and a state file the agent did not write. Each test failed before the fix.
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory beside the node root: nothing the agent does may ever change it."""
+    out = tmp_path / "outside"
+    out.mkdir()
+    (out / "victim.conf").write_text("the operator's own content\n")
+    return out
+
+
+def uninstall_containerd(root: Path) -> int:
+    return node_setup(root, "uninstall", "--containers-dir", "")
+
+
+@pytest.mark.parametrize("link", ["etc/containerd/certs.d/ghcr.io", "etc/containerd/certs.d"])
+def test_a_directory_that_is_a_link_is_left_alone_not_followed(
+    node: Path, outside: Path, link: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Case A: certs.d/ghcr.io (or certs.d itself) a link to a directory outside the node root."""
+    if link == "etc/containerd/certs.d":
+        (node / link / "quay.io/hosts.toml").unlink()
+        (node / link / "quay.io/ca.crt").unlink()
+        (node / link / "quay.io").rmdir()
+        (node / link).rmdir()
+    (node / link).symlink_to(outside, target_is_directory=True)
+    before, elsewhere = snapshot(node), snapshot(outside)
+    assert install(node, "docker.io", "ghcr.io", extra=("--containers-dir", "")) == 0
+    assert snapshot(outside) == elsewhere
+    assert f"left alone (a symlink or not a directory; not followed): /{link}" in capsys.readouterr().out
+    assert uninstall_containerd(node) == 0
+    assert snapshot(node) == before and snapshot(outside) == elsewhere
+
+
+@pytest.mark.parametrize(
+    "old_tmp",
+    [
+        "etc/containerd/certs.d/docker.io/.hosts.toml.cargohold-tmp",  # case B
+        "etc/containerd/certs.d/..cargohold-node-setup.json.cargohold-tmp",  # case B2: the state file's
+    ],
+)
+def test_a_link_at_a_temporary_name_is_never_written_through(node: Path, outside: Path, old_tmp: str) -> None:
+    """Cases B and B2: temporary files are new files of random names, never an existing path."""
+    (node / old_tmp).parent.mkdir(exist_ok=True)
+    (node / old_tmp).symlink_to(outside / "victim.conf")
+    elsewhere = snapshot(outside)
+    assert install(node, "docker.io", extra=("--containers-dir", "")) == 0
+    hosts = node / "etc/containerd/certs.d/docker.io/hosts.toml"
+    assert not hosts.is_symlink() and hosts.read_text().startswith(MARK)
+    assert (node / old_tmp).is_symlink()  # someone else's: left as it was
+    assert snapshot(outside) == elsewhere
+    assert uninstall_containerd(node) == 0
+    assert snapshot(outside) == elsewhere and not hosts.exists()
+
+
+UP = "/etc/containerd/certs.d/../../../../outside"  # from the node root's certs.d to `outside` beside it
+
+
+@pytest.mark.parametrize(
+    ("dirs", "files"),
+    [([f"{UP}/empty"], [f"{UP}/marked.toml"]), (["/etc/contain"], [])],
+    ids=["dot-dot", "a-prefix-but-no-ancestor"],
+)
+def test_a_tampered_state_file_never_leads_outside_the_node_root(
+    node: Path, outside: Path, dirs: list[str], files: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Case C: `..` in the listed paths, or a directory that is a string prefix of an ancestor (`/etc/contain`)."""
+    (outside / "marked.toml").write_text(MARK + "\nsomeone else's\n")
+    (outside / "empty").mkdir()
+    (node / "etc/contain").mkdir()
+    state = node / "etc/containerd/certs.d/.cargohold-node-setup.json"
+    state.write_text(json.dumps({"created_dirs": dirs, "files": files}))
+    before, elsewhere = snapshot(node), snapshot(outside)
+    assert uninstall_containerd(node) == 0
+    assert snapshot(outside) == elsewhere
+    assert snapshot(node) == before
+    assert capsys.readouterr().out.count("ignored, as if empty") == 1
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "[" * 100_000 + "]" * 100_000,  # case D: RecursionError
+        '{"created_dirs": 5, "files": []}',  # case D2: TypeError
+        "{not json",
+    ],
+    ids=["nested", "dirs-a-number", "not-json"],
+)
+def test_a_state_file_that_is_not_ours_is_one_warning_not_a_crash_loop(
+    node: Path, content: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cases D and D2: a traceback and exit 1 on every start made the DaemonSet pod crash-loop."""
+    state = node / "etc/containerd/certs.d/.cargohold-node-setup.json"
+    state.write_text(content)
+    for _ in range(2):  # a restarted pod: the second run reads the state the first one wrote
+        assert install(node, "docker.io", extra=("--containers-dir", "")) == 0
+    out = capsys.readouterr().out
+    assert out.count("ignored, as if empty") == 1 and "wrote /etc/containerd/certs.d/docker.io/hosts.toml" in out
+    assert json.loads(state.read_text())["files"] == ["/etc/containerd/certs.d/docker.io/hosts.toml"]
+    assert uninstall_containerd(node) == 0
+    assert not (node / "etc/containerd/certs.d/docker.io").exists() and not state.exists()
+
+
+def test_a_config_directory_with_dot_dot_is_refused(node: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--containerd-dir /etc/../../x` named a directory beside the node root, not on it."""
+    before, beside = snapshot(node), snapshot(node.parent)
+    assert install(node, "docker.io", extra=("--containerd-dir", "/etc/../../x")) == 2
+    assert "without '..'" in capsys.readouterr().err
+    assert snapshot(node) == before and snapshot(node.parent) == beside
+
+
+def test_a_fifo_in_place_of_a_file_is_left_alone_and_never_blocks(
+    node: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Pins what passed before too: opening a FIFO for reading would wait for a writer forever."""
+    certs = node / "etc/containerd/certs.d"
+    (certs / "docker.io").mkdir()
+    os.mkfifo(certs / "docker.io/hosts.toml")
+    os.mkfifo(certs / ".cargohold-node-setup.json")
+    assert install(node, "docker.io", "ghcr.io", extra=("--containers-dir", "")) == 0
+    out = capsys.readouterr().out
+    assert "ignored, as if empty (not a regular file)" in out
+    assert "left alone (not written by cargohold): /etc/containerd/certs.d/docker.io/hosts.toml" in out
+    (certs / ".cargohold-node-setup.json").unlink()  # install replaced it with its own; a FIFO again
+    os.mkfifo(certs / ".cargohold-node-setup.json")
+    assert uninstall_containerd(node) == 0
+    assert (certs / "docker.io/hosts.toml").is_fifo() and (certs / ".cargohold-node-setup.json").is_fifo()
