@@ -4,6 +4,7 @@ descriptor or `max_blob_size`, compressed bundles, an interrupted import, and ta
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import gzip
@@ -25,6 +26,7 @@ import pytest
 
 from cargohold.bundle import BundleError, import_bundle
 from cargohold.cache.backends import open_backends
+from cargohold.cli.cache import accept
 from cargohold.config import Settings, load_settings
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -294,3 +296,8 @@ def test_import_never_moves_an_immutable_tag_and_records_every_move(tmp_path: Pa
 
     assert _import(settings, second)[0] == 1  # refused again, recorded once
     assert len(asyncio.run(rows())[1]) == 2
+
+    # `cache accept` lets the next import take it, as it lets the next pull
+    assert asyncio.run(accept(settings, argparse.Namespace(image="alpine:3.20"))) == 0
+    assert _import(settings, second)[0] == 0
+    assert asyncio.run(rows())[0] == [new, new]
