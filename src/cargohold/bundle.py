@@ -46,6 +46,7 @@ from cargohold.pull.referrers import referrers_index, tag_schema_tag
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 MAX_DOCUMENT = 4 << 20  # index.json, oci-layout and manifests are read whole, so bounded
+MAX_LINKS = 1_000_000  # (repository, digest) rows an import writes: 1,000 images of 200 blobs is 200,000
 CHUNK = 1 << 20
 
 Say = Callable[[str], None]  # where progress lines go (the command line prints them)
@@ -381,6 +382,7 @@ class Seeder:
         self._index, self._store = backends.index, backends.store
         self._layout = layout
         self._seeded: set[Digest] = set()  # content this import has put, each once however often it is named
+        self._links = 0
         self.blobs = self.bytes = 0
         self.moved: list[str] = []
         self.refused: list[str] = []
@@ -475,12 +477,20 @@ class Seeder:
             linked.append(Digest.parse(blob.digest))
         media_type = descriptor.get("mediaType")
         await self._manifest(top, media_type if isinstance(media_type, str) else None)
-        for digest in linked:
-            await self._index.put_link(image.upstream, image.repository, str(digest))
+        await self._link(image, list(dict.fromkeys(linked)))
         where = f"{image.upstream}/{image.repository}"
         if tag is None:
             return f"imported {where}@{top}"
         return await self._tag(image, tag, str(top))
+
+    async def _link(self, image: ImageName, digests: list[Digest]) -> None:
+        """Link the image's content to its repository; bounded, as an index.json naming one image in many
+        repositories asks for repositories times content rows."""
+        self._links += len(digests)
+        if self._links > MAX_LINKS:
+            raise BundleError(f"index.json links more than {MAX_LINKS} (repository, digest) pairs: split the bundle")
+        for digest in digests:
+            await self._index.put_link(image.upstream, image.repository, str(digest))
 
     async def _tag(self, image: ImageName, tag: str, digest: str) -> str:
         """Point the tag at `digest`: a move is recorded (`cache history`), an immutable tag keeps its digest."""

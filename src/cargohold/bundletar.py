@@ -18,6 +18,7 @@ from dataclasses import dataclass
 BLOCK = 512
 MAX_PAX = 64 << 10  # the PAX records of one member (Go and Python write a few short ones)
 MAX_HEADERS = 100_000  # a bundle of 1,000 images of 50 layers has 50,000; each kept one costs ~300 bytes
+REREAD = 256 << 20  # what an import may read beyond its bundle twice over: manifests named by many tags
 CHUNK = 1 << 20
 LAYOUT_NAME = re.compile(r"oci-layout|index\.json|blobs/[a-z0-9]{1,32}/[a-f0-9]{32,128}")
 COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
@@ -89,7 +90,9 @@ class LayoutTar:
                     f"{label} is compressed ({kind}): decompress it first; import reads the plain tar that "
                     "export and skopeo's oci-archive: write"
                 )
-        self._scan(os.fstat(fd).st_size)
+        size = os.fstat(fd).st_size
+        self._left = 2 * size + REREAD  # an index.json naming the same content over and over reads it once too often
+        self._scan(size)
 
     def _scan(self, end: int) -> None:
         at, pax = 0, dict[str, str]()
@@ -125,11 +128,21 @@ class LayoutTar:
             raise BundleError(f"{self._label}: {name} is in the tar twice")
         self.members[name] = member
 
+    def _spend(self, size: int) -> None:
+        self._left -= size
+        if self._left < 0:
+            raise BundleError(
+                f"{self._label}: its index names the same content so often that reading it takes "
+                "more than twice the bundle's size: not a bundle"
+            )
+
     def read(self, member: Member) -> bytes:
+        self._spend(member.size)
         return os.pread(self._fd, member.size, member.offset)
 
     def chunks(self, member: Member) -> Iterator[bytes]:
         """The member's bytes, exactly its size (the scan checked the file holds them)."""
+        self._spend(member.size)
         at, end = member.offset, member.offset + member.size
         while at < end:
             chunk = os.pread(self._fd, min(CHUNK, end - at), at)

@@ -301,3 +301,20 @@ def test_import_never_moves_an_immutable_tag_and_records_every_move(tmp_path: Pa
     assert asyncio.run(accept(settings, argparse.Namespace(image="alpine:3.20"))) == 0
     assert _import(settings, second)[0] == 0
     assert asyncio.run(rows())[0] == [new, new]
+
+
+def test_an_index_naming_one_big_manifest_over_and_over_is_refused(tmp_path: Path) -> None:
+    """F3: every entry of index.json read its manifest again (4 MiB at most, 28,000 entries fit in a 4 MiB
+    index.json): days of reading from a small bundle. Reads are bounded to twice the bundle and 256 MiB."""
+    layer = b"layer"
+    manifest = json.loads(_manifest(_sha(layer), len(layer)))
+    manifest["annotations"] = {"padding": "p" * (1 << 20)}
+    body = json.dumps(manifest).encode()
+    bundle = tmp_path / "b.tar"
+    with tarfile.open(bundle, "w", format=tarfile.PAX_FORMAT) as tar:
+        _add(tar, "oci-layout", LAYOUT)
+        for blob in (layer, b"{}", body):
+            _add(tar, f"blobs/sha256/{_sha(blob)[7:]}", blob)
+        _add(tar, "index.json", _index({f"docker.io/acme/tool:{n}": body for n in range(1000)}))
+    with pytest.raises(BundleError, match="more than twice the bundle's size"):
+        _import(_settings(tmp_path), bundle)
