@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import tarfile
 import tempfile
 import time
@@ -28,6 +29,8 @@ from typing import IO, Any
 
 import aiohttp
 
+from cargohold.bundletar import BundleError as BundleError
+from cargohold.bundletar import LayoutTar, Member
 from cargohold.cache.backends import Backends, open_backends
 from cargohold.cli.cache import base_url, client_session
 from cargohold.config import Settings
@@ -43,14 +46,10 @@ from cargohold.pull.referrers import referrers_index, tag_schema_tag
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 MAX_DOCUMENT = 4 << 20  # index.json, oci-layout and manifests are read whole, so bounded
-MAX_MEMBERS = 1_000_000
+MAX_LINKS = 1_000_000  # (repository, digest) rows an import writes: 1,000 images of 200 blobs is 200,000
 CHUNK = 1 << 20
 
 Say = Callable[[str], None]  # where progress lines go (the command line prints them)
-
-
-class BundleError(Exception):
-    """A bundle that cannot be written or is not acceptable; the message says which image and why."""
 
 
 # export
@@ -328,45 +327,34 @@ async def export(
 class Layout:
     """The members of an OCI layout tar by name; documents read bounded, blobs streamed."""
 
-    def __init__(self, tar: tarfile.TarFile) -> None:
+    def __init__(self, tar: LayoutTar) -> None:
         self._tar = tar
-        self._members: dict[str, tarfile.TarInfo] = {}
-        for count, member in enumerate(tar, 1):
-            if count > MAX_MEMBERS:
-                raise BundleError(f"more than {MAX_MEMBERS} entries: not a bundle")
-            if member.isfile():
-                self._members[member.name.removeprefix("./")] = member
 
     @staticmethod
     def blob_name(digest: Digest) -> str:
         return f"blobs/{digest.algorithm}/{digest.hex}"
 
     def has(self, digest: Digest) -> bool:
-        return self.blob_name(digest) in self._members
+        return self.blob_name(digest) in self._tar.members
 
-    def _open(self, name: str) -> tuple[tarfile.TarInfo, IO[bytes]]:
-        member = self._members.get(name)
-        source = self._tar.extractfile(member) if member is not None else None
-        if member is None or source is None:
+    def member(self, name: str) -> Member:
+        member = self._tar.members.get(name)
+        if member is None:
             raise BundleError(f"{name} is missing from the bundle")
-        return member, source
+        return member
 
     def document(self, name: str, digest: Digest | None = None) -> bytes:
         """A JSON file of the layout (a manifest when `digest` is given: verified against it)."""
-        member, source = self._open(name)
+        member = self.member(name)
         if member.size > MAX_DOCUMENT:
             raise BundleError(f"{name}: larger than {human(MAX_DOCUMENT)}")
-        with source:
-            body = source.read(MAX_DOCUMENT + 1)
+        body = self._tar.read(member)
         if digest is not None and Digest.of(body, digest.algorithm) != digest:
             raise BundleError(f"{name}: its content does not match its digest")
         return body
 
-    def chunks(self, digest: Digest) -> Iterator[bytes]:
-        _, source = self._open(self.blob_name(digest))
-        with source:
-            while chunk := source.read(CHUNK):
-                yield chunk
+    def chunks(self, member: Member) -> Iterator[bytes]:
+        return self._tar.chunks(member)
 
 
 def _json_object(body: bytes, what: str) -> dict[str, Any]:
@@ -380,13 +368,24 @@ def _json_object(body: bytes, what: str) -> dict[str, Any]:
 
 
 class Seeder:
-    """Puts a bundle's images into the cache: content first, links, then the tag, so nothing half-seeded is served."""
+    """Puts a bundle's images into the cache: content first, links, then the tag, so nothing half-seeded is served.
+
+    Each blob's size in the tar is checked against its descriptor and `max_blob_size` before a byte of it is
+    written; it goes into the store's temp directory (removed on any failure, SIGINT and SIGTERM included, and
+    by the server's start after a kill -9) and is committed only when its digest matches. A tag already pointing
+    elsewhere is moved and the move recorded, as a pull records it; an immutable tag is never moved (`refused`).
+    """
 
     def __init__(self, settings: Settings, backends: Backends, layout: Layout) -> None:
         self._settings = settings
+        self._upstreams = {u.name: u for u in settings.upstreams}
         self._index, self._store = backends.index, backends.store
         self._layout = layout
+        self._seeded: set[Digest] = set()  # content this import has put, each once however often it is named
+        self._links = 0
         self.blobs = self.bytes = 0
+        self.moved: list[str] = []
+        self.refused: list[str] = []
 
     def _target(self, ref_name: str) -> tuple[ImageName, str | None]:
         """`docker.io/acme/tool:1.0` -> (the image, its tag); `...@sha256:...` has no tag; no tag means latest."""
@@ -394,7 +393,7 @@ class Seeder:
         if "@" in ref_name:
             name = ref_name.split("@", 1)[0]
         image = parse_image(self._settings, name)
-        if image.upstream not in {u.name for u in self._settings.upstreams}:
+        if image.upstream not in self._upstreams:
             raise BundleError(f"{ref_name}: no upstream {image.upstream!r} in the config")
         try:
             check_name(image.repository)
@@ -404,31 +403,46 @@ class Seeder:
         return image, tag
 
     async def _blob(self, digest: Digest, size: int) -> None:
-        """Stream a blob into the store, hashing as it goes; it is committed only if digest and size match."""
+        """Stream a blob into the store, hashing as it goes; it is committed only if digest and size match.
+        `size` 0 is a descriptor without one (schema 1): the digest and `max_blob_size` still bound it."""
+        if digest in self._seeded:
+            return
         cached = await self._store.locate(digest)
         if cached is not None:  # verified when it was stored; the index learns its real size
             size = cached.stat().st_size if isinstance(cached, Path) else cached.size
         else:
-            fd, temp = self._store.new_temp()
-            try:
-                hasher, written = digest.hasher(), 0
-                with os.fdopen(fd, "wb") as out:
-                    for chunk in self._layout.chunks(digest):
-                        hasher.update(chunk)
-                        out.write(chunk)
-                        written += len(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
-                if hasher.hexdigest() != digest.hex or (size and written != size):
-                    raise BundleError(f"blob {digest}: its content does not match its descriptor")
-                size = await asyncio.to_thread(self._store.commit, temp, digest)
-            except BaseException:
-                self._store.discard(temp)
-                raise
+            member = self._layout.member(Layout.blob_name(digest))
+            if size and member.size != size:
+                raise BundleError(f"blob {digest}: {member.size} bytes in the bundle, its descriptor says {size}")
+            if member.size > self._settings.max_blob_size:
+                limit = human(self._settings.max_blob_size)
+                raise BundleError(f"blob {digest}: {human(member.size)}, more than max_blob_size ({limit})")
+            size = await self._stored(digest, member)
             self.blobs, self.bytes = self.blobs + 1, self.bytes + size
         await self._index.put_blob(str(digest), size)
+        self._seeded.add(digest)
 
-    async def _manifest(self, digest: Digest, media_type: str | None) -> bytes:
+    async def _stored(self, digest: Digest, member: Member) -> int:
+        fd, temp = self._store.new_temp()
+        try:
+            hasher = digest.hasher()
+            with os.fdopen(fd, "wb") as out:
+                for chunk in self._layout.chunks(member):
+                    hasher.update(chunk)
+                    out.write(chunk)
+                    await asyncio.sleep(0)  # where SIGINT and SIGTERM (a cancellation) come in
+                out.flush()
+                os.fsync(out.fileno())
+            if hasher.hexdigest() != digest.hex:
+                raise BundleError(f"blob {digest}: its content does not match its descriptor")
+            return await asyncio.to_thread(self._store.commit, temp, digest)
+        except BaseException:
+            self._store.discard(temp)
+            raise
+
+    async def _manifest(self, digest: Digest, media_type: str | None) -> None:
+        if digest in self._seeded:
+            return
         body = self._layout.document(Layout.blob_name(digest), digest)
         try:
             media_type = media_type_of(media_type, body)  # validated like an upstream's manifest
@@ -436,7 +450,7 @@ class Seeder:
             raise BundleError(f"manifest {digest}: not a manifest ({exc})") from None
         await self._store.save(digest, body)
         await self._index.put_manifest(str(digest), media_type, len(body))
-        return body
+        self._seeded.add(digest)
 
     async def image(self, descriptor: dict[str, Any]) -> str:
         """Seed one entry of index.json; returns what it became, for the summary."""
@@ -463,20 +477,56 @@ class Seeder:
             linked.append(Digest.parse(blob.digest))
         media_type = descriptor.get("mediaType")
         await self._manifest(top, media_type if isinstance(media_type, str) else None)
-        for digest in linked:
-            await self._index.put_link(image.upstream, image.repository, str(digest))
+        await self._link(image, list(dict.fromkeys(linked)))
         where = f"{image.upstream}/{image.repository}"
         if tag is None:
-            return f"{where}@{top}"
-        stored = await self._index.get_manifest(str(top))
+            return f"imported {where}@{top}"
+        return await self._tag(image, tag, str(top))
+
+    async def _link(self, image: ImageName, digests: list[Digest]) -> None:
+        """Link the image's content to its repository; bounded, as an index.json naming one image in many
+        repositories asks for repositories times content rows."""
+        self._links += len(digests)
+        if self._links > MAX_LINKS:
+            raise BundleError(f"index.json links more than {MAX_LINKS} (repository, digest) pairs: split the bundle")
+        for digest in digests:
+            await self._index.put_link(image.upstream, image.repository, str(digest))
+
+    async def _tag(self, image: ImageName, tag: str, digest: str) -> str:
+        """Point the tag at `digest`: a move is recorded (`cache history`), an immutable tag keeps its digest."""
+        key, name = (image.upstream, image.repository, tag), f"{image.upstream}/{image.repository}:{tag}"
+        old = await self._index.get_tag(*key)
+        if old is not None and old.digest != digest:
+            if self._upstreams[image.upstream].immutable(image.repository, tag):
+                last = await self._index.tag_moves(*key, limit=1)
+                if not last or (last[0].old_digest, last[0].new_digest) != (old.digest, digest):
+                    await self._index.record_tag_move(*key, old.digest, digest)
+                self.refused.append(name)
+                return f"refused {name}: an immutable tag, it stays at {old.digest} (the bundle has {digest})"
+            await self._index.record_tag_move(*key, old.digest, digest)
+            self.moved.append(name)
+        stored = await self._index.get_manifest(digest)
         assert stored is not None  # just put
-        await self._index.put_tag(image.upstream, image.repository, tag, str(top), stored.media_type)
-        return f"{where}:{tag}"
+        await self._index.put_tag(*key, digest, stored.media_type)
+        moved = f" (moved from {old.digest})" if old is not None and old.digest != digest else ""
+        return f"imported {name}{moved}"
 
 
-async def import_bundle(settings: Settings, bundle: Path, say: Say) -> None:
-    with tarfile.open(bundle, "r:*") as tar:
-        layout = Layout(tar)
+async def import_bundle(settings: Settings, bundle: Path, say: Say) -> int:
+    """Seed the cache with a bundle; how many of its tags were refused (immutable tags that would move)."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)  # the temp file of a blob is removed as on Ctrl-C
+    try:
+        return await _import(settings, bundle, say)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _import(settings: Settings, bundle: Path, say: Say) -> int:
+    fd = os.open(bundle, os.O_RDONLY)
+    try:
+        layout = Layout(LayoutTar(fd, str(bundle)))
         version = _json_object(layout.document("oci-layout"), "oci-layout").get("imageLayoutVersion")
         if not isinstance(version, str) or not version.startswith("1."):
             raise BundleError(f"oci-layout: unsupported imageLayoutVersion {version!r}")
@@ -488,5 +538,12 @@ async def import_bundle(settings: Settings, bundle: Path, say: Say) -> None:
             for entry in entries:
                 if not isinstance(entry, dict):
                     raise BundleError(f"index.json: not a descriptor: {entry!r}")
-                say(f"imported {await seeder.image(entry)}")
+                say(await seeder.image(entry))
+    finally:
+        os.close(fd)
     say(f"{len(entries)} image(s) from {bundle}: {seeder.blobs} new blobs, {human(seeder.bytes)}")
+    if seeder.moved:
+        say(f"{len(seeder.moved)} tag(s) moved (see cargohold cache history): {', '.join(seeder.moved)}")
+    if seeder.refused:
+        say(f"{len(seeder.refused)} immutable tag(s) refused, kept as they were: {', '.join(seeder.refused)}")
+    return len(seeder.refused)

@@ -115,11 +115,15 @@ def _bundle(args: argparse.Namespace, settings: Settings) -> int:
         if args.command == "export":
             output = args.output.absolute()
             asyncio.run(bundle.export(settings, args.images, output, args.platform, args.url, args.user, print))
-        else:
-            asyncio.run(bundle.import_bundle(settings, args.bundle, print))
+        elif asyncio.run(bundle.import_bundle(settings, args.bundle, print)):
+            print("cargohold: import: immutable tags refused (above); the rest is imported", file=sys.stderr)
+            return 1
     except (bundle.BundleError, RegistryError, OSError, tarfile.TarError, aiohttp.ClientError, TimeoutError) as exc:
         print(f"cargohold: {args.command} failed: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):  # SIGINT, SIGTERM: what was half-written is removed
+        print(f"cargohold: {args.command} interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
