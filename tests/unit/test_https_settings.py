@@ -91,6 +91,16 @@ async def test_plain_listener_answers_challenges_and_health_and_redirects(aiohtt
     assert moved.headers["Location"] == "https://mirror.example:8443/v2/library/alpine/manifests/3?x=1"
 
 
+async def test_with_acme_a_redirect_names_only_its_domains(aiohttp_client: Any) -> None:
+    """Without external_url the redirect named whatever Host the client sent (`Host: evil.example` ->
+    `https://evil.example/...`); with ACME the names are known."""
+    acme = {"acme": {"domains": ["mirror.example", "alias.example"]}}
+    client = await _plain(aiohttp_client, 443, tls=acme, http_listen="127.0.0.1:8080")
+    for host, expected in (("evil.example", "mirror.example"), ("ALIAS.example:80", "alias.example")):
+        moved = await client.get("/v2/", headers={"Host": host}, allow_redirects=False)
+        assert moved.status == 308 and moved.headers["Location"].lower() == f"https://{expected}/v2/"
+
+
 async def test_redirect_drops_the_default_port_and_follows_external_url(aiohttp_client: Any) -> None:
     default = await _plain(aiohttp_client, 443)
     moved = await default.head("/v2/", headers={"Host": "mirror.example"}, allow_redirects=False)

@@ -36,12 +36,16 @@ async def acme_challenge(request: web.Request) -> web.Response:
 
 
 async def to_https(request: web.Request) -> web.Response:
-    """Everything else moves to HTTPS: `external_url` when set, else this host on the HTTPS port."""
-    external = request.app[SETTINGS].external_url
-    if external:
-        base = external.rstrip("/")
+    """Everything else moves to HTTPS: `external_url` when set, else this host on the HTTPS port. With ACME
+    the host must be one of its domains (else the first one): a redirect never names a host a client made up."""
+    settings = request.app[SETTINGS]
+    if settings.external_url:
+        base = settings.external_url.rstrip("/")
     else:
         host = request.url.host or "localhost"
+        domains = settings.tls.acme.domains if settings.tls.acme is not None else None
+        if domains and host.lower() not in domains:
+            host = domains[0]
         host = f"[{host}]" if ":" in host else host
         port = request.app[HTTPS_PORT]
         base = f"https://{host}" + ("" if port == 443 else f":{port}")
