@@ -30,6 +30,7 @@ import redis
 import yaml
 
 from cargohold.cli import main
+from cargohold.nodesetup import STATE_FILE
 from rig.clients import DEAD_SERVER, Containerd, need_binary
 from rig.hub import Hub
 from rig.server import REPO_ROOT, Cargohold
@@ -448,15 +449,16 @@ def test_through_the_narrow_mounts_the_node_agent_writes_what_it_wrote_through_t
         "etc/containerd/certs.d",
         "etc/containers/registries.conf.d",
     }
-    for root in (whole, narrow):
-        assert main(node_agent_args(objects, root, "10.96.0.50", 5000)) == 0
+    before_args = ("--containerd-dir=", "--containers-dir=")  # the command line before: their defaults
+    old = [a for a in node_agent_args(objects, whole, "10.96.0.50", 5000) if not a.startswith(before_args)]
+    assert main(old) == 0
+    assert main(node_agent_args(objects, narrow, "10.96.0.50", 5000)) == 0
     assert written(narrow) == written(whole)
-    assert {Path(f).parent.name for f in written(narrow)} == {
-        "docker.io", "ghcr.io", "quay.io", "registry.k8s.io", "registries.conf.d"
-    }  # fmt: skip
-    states = [json.loads((r / d / ".cargohold-node-setup.json").read_text())["files"]
-              for d in ("etc/containerd/certs.d", "etc/containers/registries.conf.d") for r in (whole, narrow)]  # fmt: skip
-    assert states[0] == states[1] and states[2] == states[3]
+    registries = {"docker.io", "ghcr.io", "quay.io", "registry.k8s.io"}
+    assert {Path(f).parent.name for f in written(narrow)} == registries | {"registries.conf.d"}
+    for config_dir in ("etc/containerd/certs.d", "etc/containers/registries.conf.d"):
+        whole_state, narrow_state = (json.loads((r / config_dir / STATE_FILE).read_text()) for r in (whole, narrow))
+        assert narrow_state["files"] == whole_state["files"]
     assert main(["node-setup", "uninstall", f"--root={narrow}"]) == 0
     assert snapshot(narrow) == before
 
