@@ -1,34 +1,41 @@
 """deploy/kubernetes/: no cluster here, so what is checked is what can be without one. Each overlay (and
 with the optional components) renders with `kubectl kustomize`; every object validates against the
 Kubernetes 1.32 schemas (kubernetes-validate, strict); the ConfigMap's config with each container's
-environment passes `cargohold config check`; and the node agent, with the arguments its DaemonSet gives
-it, configures a temp node root through which real containerd and podman pull via cargohold, and
-uninstall leaves that root as it was."""
+environment passes `cargohold config check`; the NetworkPolicies, evaluated by their rules, admit whom
+they should (no CNI here to enforce them); the scale-out Redis, run with its container's own command,
+refuses a client without the password its Secret gives the mirror's URLs; and the node agent, with the
+arguments and the only mounts its DaemonSet gives it, configures a temp node root through which real
+containerd and podman pull via cargohold, and uninstall leaves that root as it was."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import tomllib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import redis
 import yaml
 
 from cargohold.cli import main
-from rig.clients import DEAD_SERVER, Containerd
+from cargohold.nodesetup import STATE_FILE
+from rig.clients import DEAD_SERVER, Containerd, need_binary
 from rig.hub import Hub
 from rig.server import REPO_ROOT, Cargohold
 from rig.tree import snapshot
-from rig.util import run
+from rig.util import free_port, run, start_process, stop_process, wait_until
 
 KUBERNETES = "1.32.0"  # the version the manifests are validated against (kubectl here is 1.32 too)
 MANIFESTS = REPO_ROOT / "deploy" / "kubernetes"
@@ -46,6 +53,10 @@ SERVICE_LINKS = {
     "CARGOHOLD_PORT": "tcp://10.96.0.50:5000",
     "CARGOHOLD_PORT_5000_TCP": "tcp://10.96.0.50:5000",
 }
+
+
+#: Stand-ins for the Secrets the operator creates (docs/kubernetes.md); made up per run, never committed.
+STAND_INS = {("cargohold-redis", "password"): secrets.token_hex(16)}
 
 
 def _kubectl() -> str:
@@ -106,6 +117,22 @@ def kubelet_expand(args: list[str], env: dict[str, str]) -> list[str]:
     return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in args]
 
 
+def container_env(container: dict[str, Any], stand_ins: dict[tuple[str, str], str]) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: `stand_ins` ((Secret, key) -> value) stand in for
+    the Secrets the operator creates, and each value may name the variables defined before it."""
+    env: dict[str, str] = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = kubelet_expand([e["value"]], env)[0]
+        elif "secretKeyRef" in e.get("valueFrom", {}):
+            ref = e["valueFrom"]["secretKeyRef"]
+            if (ref["name"], ref["key"]) in stand_ins:
+                env[e["name"]] = stand_ins[ref["name"], ref["key"]]
+            else:
+                assert ref.get("optional"), f"the Secret {ref['name']} has no stand-in here"
+    return env
+
+
 # -- the manifests ----------------------------------------------------------------------------
 
 
@@ -119,7 +146,7 @@ def test_every_object_validates_against_the_kubernetes_schemas(
             continue
         assert kubernetes_validate.validate(obj, KUBERNETES, strict=True) == KUBERNETES.rsplit(".", 1)[0]
     kinds = {o["kind"] for o in objects}
-    assert {"Namespace", "ConfigMap", "Secret", "Service", "Deployment", "DaemonSet"} <= kinds
+    assert {"Namespace", "ConfigMap", "Secret", "Service", "Deployment", "DaemonSet", "NetworkPolicy"} <= kinds
     assert ("PersistentVolumeClaim" in kinds) == variant.startswith("single")
     assert {"HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds or variant.startswith("single")
     assert ({"Ingress", "ServiceMonitor"} <= kinds) == variant.endswith("components")
@@ -148,7 +175,8 @@ def test_the_config_with_each_containers_environment_passes_config_check(
     path = tmp_path / "cargohold.yaml"
     path.write_text(config_map["data"]["cargohold.yaml"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARGOHOLD_")}
-    env |= {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    env |= container_env(container, STAND_INS)
+    assert not [v for v in env.values() if "$(" in v]  # every variable named is defined before it
     check = config_check(path, env)
     assert check.returncode == 0, check.stderr
     assert container["args"][-1] == "/etc/cargohold/config/cargohold.yaml"
@@ -195,6 +223,158 @@ def test_the_mirror_runs_restricted_with_probes_and_measured_resources(
         assert backend == {"name": "cargohold", "port": {"name": "http"}}
 
 
+# -- network policies: no CNI here, so the rendered objects are evaluated by NetworkPolicy's rules ----------
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where a connection comes from: a pod (its namespace, that namespace's labels, its own labels) or a
+    node (`pod` None: kube-proxy, the kubelet, host-network pods), which only an ipBlock or no `from` admits."""
+
+    namespace: str
+    namespace_labels: dict[str, str]
+    pod: dict[str, str] | None
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # what the shipped policies use, evaluated exactly
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _from(peer_rule: dict[str, Any], namespace: str, peer: Peer) -> bool:
+    assert set(peer_rule) <= {"podSelector", "namespaceSelector"}, peer_rule  # no ipBlock shipped
+    if peer.pod is None:
+        return False
+    if "namespaceSelector" in peer_rule:
+        in_namespace = selects(peer_rule["namespaceSelector"], peer.namespace_labels)
+    else:  # a podSelector alone: pods of the policy's own namespace
+        in_namespace = peer.namespace == namespace
+    return in_namespace and selects(peer_rule.get("podSelector", {}), peer.pod)
+
+
+def admitted(objects: list[dict[str, Any]], workload: str, port: str, peer: Peer) -> bool:
+    """Whether the NetworkPolicies let `peer` connect to `port` (a container port's name) of the pods of the
+    Deployment `workload`: every policy selecting them that has Ingress is a union of allow rules."""
+    pod = one(objects, "Deployment", workload)
+    namespace, labels = pod["metadata"]["namespace"], pod["spec"]["template"]["metadata"]["labels"]
+    number = {p["name"]: p["containerPort"] for c in pod["spec"]["template"]["spec"]["containers"] for p in c["ports"]}[
+        port
+    ]
+    policies = [
+        o["spec"]
+        for o in objects
+        if o["kind"] == "NetworkPolicy"
+        and o["metadata"]["namespace"] == namespace
+        and "Ingress" in o["spec"]["policyTypes"]
+        and selects(o["spec"]["podSelector"], labels)
+    ]
+    if not policies:
+        return True
+    to_port = [{"port": port, "protocol": "TCP"}, {"port": number, "protocol": "TCP"}]
+    return any(
+        (not rule.get("ports") or any({"protocol": "TCP"} | p in to_port for p in rule["ports"]))
+        and (not rule.get("from") or any(_from(f, namespace, peer) for f in rule["from"]))
+        for spec in policies
+        for rule in spec.get("ingress", [])
+    )
+
+
+NAMESPACE_LABELS = {"kubernetes.io/metadata.name": "cargohold", "app.kubernetes.io/part-of": "cargohold"}
+PROMETHEUS = {"app.kubernetes.io/name": "prometheus"}
+MIRROR = Peer(
+    "cargohold", NAMESPACE_LABELS, {"app.kubernetes.io/name": "cargohold", "app.kubernetes.io/component": "mirror"}
+)
+AGENT = Peer(
+    "cargohold", NAMESPACE_LABELS, {"app.kubernetes.io/name": "cargohold", "app.kubernetes.io/component": "node-agent"}
+)
+NEIGHBOUR = Peer("cargohold", NAMESPACE_LABELS, {"app": "debug"})  # any other pod in the namespace
+ELSEWHERE = Peer("default", {"kubernetes.io/metadata.name": "default"}, {"app": "web"})
+MONITORING = Peer(
+    "monitoring", {"kubernetes.io/metadata.name": "monitoring", "cargohold/scrape-metrics": "true"}, PROMETHEUS
+)
+UNLABELLED_MONITORING = Peer("monitoring", {"kubernetes.io/metadata.name": "monitoring"}, PROMETHEUS)
+NODE = Peer("", {}, None)
+EVERYONE = [MIRROR, AGENT, NEIGHBOUR, ELSEWHERE, MONITORING, UNLABELLED_MONITORING, NODE]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_mirror_takes_pulls_from_everyone_and_metrics_only_from_labelled_namespaces(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    objects = rendered[variant]
+    assert [p for p in EVERYONE if not admitted(objects, "cargohold", "http", p)] == []  # pulls work as before
+    assert [p for p in EVERYONE if admitted(objects, "cargohold", "metrics", p)] == [MONITORING]
+    # every pod of the namespace is under a policy (a default deny), the agent's included: it listens on nothing
+    for o in objects:
+        if o["kind"] in ("Deployment", "DaemonSet"):
+            labels = o["spec"]["template"]["metadata"]["labels"]
+            assert any(selects(p["spec"]["podSelector"], labels) for p in objects if p["kind"] == "NetworkPolicy")
+    # the evaluation is not vacuous: without the policies, metrics would be open to every pod (and node)
+    unguarded = [o for o in objects if o["kind"] != "NetworkPolicy"]
+    assert all(admitted(unguarded, "cargohold", "metrics", p) for p in EVERYONE)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v.startswith("scaleout")])
+def test_redis_admits_the_mirror_pods_only(rendered: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    """Whoever writes to Redis repoints tags (library/nginx:latest -> an image of theirs) for every node."""
+    objects = rendered[variant]
+    assert [p for p in EVERYONE if admitted(objects, "redis", "redis", p)] == [MIRROR]
+    policy = one(objects, "NetworkPolicy", "redis")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= one(objects, "Service", "redis")["spec"]["selector"].items()
+    # the Redis policy alone (no default deny) admits exactly the same
+    alone = [o for o in objects if o["kind"] != "NetworkPolicy" or o["metadata"]["name"] == "redis"]
+    assert [p for p in EVERYONE if admitted(alone, "redis", "redis", p)] == [MIRROR]
+    assert all(admitted([o for o in objects if o["kind"] != "NetworkPolicy"], "redis", "redis", p) for p in EVERYONE)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v.startswith("scaleout")])
+def test_redis_asks_for_the_password_the_mirror_urls_carry(
+    rendered: dict[str, list[dict[str, Any]]], variant: str, tmp_path: Path
+) -> None:
+    """The Redis container's own command, run here (redis-server moved to a free loopback port), refuses a
+    client without the password, and the mirror's URLs (the kubelet's expansion) and the probe get in."""
+    objects = rendered[variant]
+    pod = pod_specs(objects)["redis"]
+    container = next(c for c in pod["containers"] if c["name"] == "redis")
+    env = container_env(container, STAND_INS)
+    password = STAND_INS["cargohold-redis", "password"]
+    port = free_port()
+    wrapper = tmp_path / "bin" / "redis-server"  # the image's redis-server, on loopback and a free port
+    wrapper.parent.mkdir()
+    wrapper.write_text(
+        f'#!/bin/sh\nexec {need_binary("redis-server", "/usr/bin/redis-server")} "$@"'
+        f" --bind 127.0.0.1 --port {port} --dir {tmp_path}\n"
+    )
+    wrapper.chmod(0o755)
+    path = f"{wrapper.parent}:{os.environ['PATH']}"
+    proc = start_process([*container["command"], *container["args"]], tmp_path / "redis.log", env=env | {"PATH": path})
+    try:
+        anonymous = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        wait_until(lambda: _refused(anonymous), timeout=30, what="redis-server to refuse a client without password")
+        mirror = container_env(mirror_container(objects), STAND_INS)
+        for name in ("CARGOHOLD_INDEX__URL", "CARGOHOLD_RATE_LIMIT__STORAGE"):
+            url = mirror[name].replace("@redis:6379/", f"@127.0.0.1:{port}/")
+            assert url.startswith(f"redis://:{password}@"), name
+            assert redis.Redis.from_url(url, socket_timeout=5).ping() is True
+        probe = container["readinessProbe"]["exec"]["command"]
+        cli = [probe[0], "-p", str(port), *probe[1:]]
+        assert run(cli, env=os.environ | env).stdout.strip() == "PONG"
+        assert run(cli, env={"PATH": os.environ["PATH"]}).stdout.strip().startswith("NOAUTH")
+        assert password.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()  # exec'd: this is redis
+        assert Path(f"/proc/{proc.pid}/exe").resolve().name.startswith("redis")
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0  # SIGTERM reached redis-server itself (exec), which shut down cleanly
+
+
+def _refused(client: redis.Redis) -> bool:
+    try:
+        client.ping()
+    except redis.AuthenticationError:
+        return True
+    return False
+
+
 def node_agent_args(objects: list[dict[str, Any]], root: Path, host: str, port: int) -> list[str]:
     """The DaemonSet's command line as the kubelet would run it, with the node's / at `root`
     and every registry's fallback on a dead loopback port (DESIGN.md: nothing leaves loopback)."""
@@ -217,10 +397,70 @@ def test_the_node_agent_serves_every_upstream_and_mounts_what_it_writes(
     hosts = tomllib.loads((tmp_path / "etc/containerd/certs.d/ghcr.io/hosts.toml").read_text())
     assert hosts["host"] == {"http://10.96.0.50:5000": {"capabilities": ["pull", "resolve"]}}
     spec = one(objects, "DaemonSet")["spec"]["template"]["spec"]
-    mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
-    assert mounts == {"/host/etc/containerd", "/host/etc/containers"}
-    assert {v["hostPath"]["path"] for v in spec["volumes"]} == {"/etc/containerd", "/etc/containers"}
     assert not spec.get("hostNetwork") and not spec["containers"][0]["securityContext"].get("privileged")
+
+
+def test_the_node_agent_mounts_only_the_two_directories_it_writes(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Not all of the node's /etc/containerd and /etc/containers (config.toml, registries.conf, policy.json,
+    auth.json): the agent reads and writes nothing there but its two directories, named by its arguments."""
+    spec = one(rendered["single"], "DaemonSet")["spec"]["template"]["spec"]
+    args = dict(a.removeprefix("--").split("=", 1) for a in spec["containers"][0]["args"] if "=" in a)
+    wanted = {args["containerd-dir"], args["containers-dir"]}
+    assert wanted == {"/etc/containerd/certs.d", "/etc/containers/registries.conf.d"}
+    volumes = {v["name"]: v["hostPath"] for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
+    assert set(mounts) == {args["root"] + d for d in wanted}
+    for path, mount in mounts.items():  # each at the node path it mounts, written to, made where missing
+        assert volumes[mount["name"]] == {"path": path.removeprefix(args["root"]), "type": "DirectoryOrCreate"}
+        assert not mount.get("readOnly") and not mount.get("subPath")
+    assert len(volumes) == len(mounts)
+
+
+def narrow_root(objects: list[dict[str, Any]], root: Path) -> Path:
+    """A node root as the DaemonSet's mounts present it to the agent: its mount points, nothing else."""
+    container = one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+    for mount in container["volumeMounts"]:
+        (root / mount["mountPath"].removeprefix("/host/")).mkdir(parents=True)
+    return root
+
+
+def written(root: Path) -> dict[str, str]:
+    """What the agent wrote under root (its state file aside, which also names the directories it made)."""
+    return {
+        str(p.relative_to(root)): p.read_text()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.read_text().startswith("# Written by cargohold")
+    }
+
+
+def test_through_the_narrow_mounts_the_node_agent_writes_what_it_wrote_through_the_whole_directories(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The same files for both runtimes as on a node root with all of /etc/containerd and /etc/containers
+    (the mounts before), and an uninstall leaves the narrow root as the kubelet made it."""
+    objects = rendered["single"]
+    whole = tmp_path / "whole"
+    for d, f in (("etc/containerd", "config.toml"), ("etc/containers", "registries.conf")):
+        (whole / d).mkdir(parents=True)
+        (whole / d / f).write_text("# the node's own\n")
+    narrow = narrow_root(objects, tmp_path / "narrow")
+    before = snapshot(narrow)
+    assert {str(p.relative_to(narrow)) for p in narrow.rglob("*") if not any(p.iterdir())} == {
+        "etc/containerd/certs.d",
+        "etc/containers/registries.conf.d",
+    }
+    before_args = ("--containerd-dir=", "--containers-dir=")  # the command line before: their defaults
+    old = [a for a in node_agent_args(objects, whole, "10.96.0.50", 5000) if not a.startswith(before_args)]
+    assert main(old) == 0
+    assert main(node_agent_args(objects, narrow, "10.96.0.50", 5000)) == 0
+    assert written(narrow) == written(whole)
+    registries = {"docker.io", "ghcr.io", "quay.io", "registry.k8s.io"}
+    assert {Path(f).parent.name for f in written(narrow)} == registries | {"registries.conf.d"}
+    for config_dir in ("etc/containerd/certs.d", "etc/containers/registries.conf.d"):
+        whole_state, narrow_state = (json.loads((r / config_dir / STATE_FILE).read_text()) for r in (whole, narrow))
+        assert narrow_state["files"] == whole_state["files"]
+    assert main(["node-setup", "uninstall", f"--root={narrow}"]) == 0
+    assert snapshot(narrow) == before
 
 
 # -- the node agent against real container runtimes ---------------------------------------------
