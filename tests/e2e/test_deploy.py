@@ -64,7 +64,20 @@ def _volume_targets(service: Mapping[str, Any]) -> set[str]:
     return {v["target"] if isinstance(v, dict) else v.split(":")[1] for v in service["volumes"]}
 
 
-def test_compose_files_resolve_with_the_example_env() -> None:
+# What .env.example leaves for the operator to fill in (a subnet, a password), as an operator would.
+FILLED = {"TRAEFIK_TRUSTED_NETWORKS": "172.18.0.0/16", "REDIS_PASSWORD": "0123456789abcdef"}
+
+
+def _filled_env(tmp_path: Path, **left_out: str) -> Path:
+    """deploy/.env.example with FILLED set, minus the names in `left_out`."""
+    lines = (DEPLOY / ".env.example").read_text().splitlines()
+    settings = {k: v for k, v in FILLED.items() if k not in left_out}
+    path = tmp_path / ".env"
+    path.write_text("\n".join([*lines, *(f"{k}={v}" for k, v in settings.items())]) + "\n")
+    return path
+
+
+def test_compose_files_resolve_with_the_example_env(tmp_path: Path) -> None:
     standalone = compose_config("docker-compose.yml")["services"]["cargohold"]
     assert _ports(standalone) == {("80", "8080"), ("443", "8443")}
     assert standalone["build"]["dockerfile"] == "deploy/Dockerfile"
@@ -75,7 +88,7 @@ def test_compose_files_resolve_with_the_example_env() -> None:
     assert env["CARGOHOLD_TLS__ACME__EMAIL"] == "ops@example.com"
     assert env["CARGOHOLD_EXTERNAL_URL"] == f"https://{EXAMPLE_DOMAIN}"
 
-    behind = compose_config("docker-compose.traefik.yml")
+    behind = compose_config("docker-compose.traefik.yml", _filled_env(tmp_path))
     service = behind["services"]["cargohold"]
     assert "ports" not in service  # only Traefik reaches it
     labels = service["labels"]
@@ -85,14 +98,21 @@ def test_compose_files_resolve_with_the_example_env() -> None:
     assert labels["traefik.docker.network"] == "traefik"
     assert labels["traefik.http.services.cargohold.loadbalancer.server.port"] == "5000"
     assert service["environment"]["CARGOHOLD_LISTEN"] == "0.0.0.0:5000"
+    assert service["environment"]["CARGOHOLD_RATE_LIMIT__TRUSTED_PROXIES"] == "[172.18.0.0/16]"
     assert "/data" in _volume_targets(service)
     assert behind["networks"]["traefik"] == {"external": True, "name": "traefik"}
 
 
-def test_scaleout_compose_shares_bucket_and_redis() -> None:
-    resolved = compose_config("docker-compose.scaleout.yml")
+def test_scaleout_compose_shares_bucket_and_redis(tmp_path: Path) -> None:
+    resolved = compose_config("docker-compose.scaleout.yml", _filled_env(tmp_path))
     env = resolved["services"]["cargohold"]["environment"]
-    assert env["CARGOHOLD_STORAGE__BACKEND"] == "s3" and env["CARGOHOLD_INDEX__URL"] == "redis://redis:6379/0"
+    # Redis asks for a password, and both URLs carry it: any container on the backend network could
+    # otherwise repoint a tag in the index for every client.
+    assert env["CARGOHOLD_STORAGE__BACKEND"] == "s3"
+    assert env["CARGOHOLD_INDEX__URL"] == "redis://:0123456789abcdef@redis:6379/0"
+    assert env["CARGOHOLD_RATE_LIMIT__STORAGE"] == "redis://:0123456789abcdef@redis:6379/1"
+    assert resolved["services"]["redis"]["command"][-2:] == ["--requirepass", "0123456789abcdef"]
+    assert env["CARGOHOLD_RATE_LIMIT__TRUSTED_PROXIES"] == "[172.18.0.0/16]"
     assert env["CARGOHOLD_STORAGE__S3__ENDPOINT_URL"] == "http://minio:9000"
     assert "volumes" not in resolved["services"]["cargohold"]  # each replica its own /data
     assert {"redis", "minio", "minio-bucket"} <= set(resolved["services"])
@@ -103,6 +123,13 @@ def test_compose_names_the_missing_setting(tmp_path: Path) -> None:
     empty.write_text("ACME_EMAIL=ops@example.com\n")
     with pytest.raises(CommandError, match=r"set REGISTRY_DOMAIN in \.env"):
         compose_config("docker-compose.yml", empty)
+    # No default for these: all private ranges let any container on a shared network name its own address
+    # (and escape the login and rate limits); a Redis without a password lets it rewrite the index.
+    for compose in ("docker-compose.traefik.yml", "docker-compose.scaleout.yml"):
+        with pytest.raises(CommandError, match=r"set TRAEFIK_TRUSTED_NETWORKS in \.env"):
+            compose_config(compose, _filled_env(tmp_path, TRAEFIK_TRUSTED_NETWORKS=""))
+    with pytest.raises(CommandError, match=r"set REDIS_PASSWORD in \.env"):
+        compose_config("docker-compose.scaleout.yml", _filled_env(tmp_path, REDIS_PASSWORD=""))
 
 
 def test_dockerfile_runs_as_a_user_with_data_on_a_volume() -> None:
