@@ -8,9 +8,11 @@ else through the running instance (which fetches and caches it, as `warm` does).
 the bundle: every blob is hashed while it streams into the store, and documents are read bounded in size.
 
 Referrers (signatures, attestations, SBOMs whose `subject` is an exported manifest), as the instance's
-referrers API lists them, go in as the referrers tag schema: an index tagged `<alg>-<hex>` listing them, an
-ordinary `index.json` entry that skopeo reads past and import seeds like any tag, so the importing instance's
-referrers API finds them through the tag schema, offline too.
+referrers API lists them (every page, up to `REFERRER_PAGES`), go in as the referrers tag schema: an index
+tagged `<alg>-<hex>` listing them, an ordinary `index.json` entry that skopeo reads past and import seeds like
+any tag, so the importing instance's referrers API finds them through the tag schema, offline too. A referrer
+the instance cannot serve (deleted upstream, a digest algorithm it cannot compute) is left out with a warning:
+it is an addition to the image, not part of it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from cargohold.bundletar import LayoutTar, Member
 from cargohold.cache.backends import Backends, open_backends
 from cargohold.cli.cache import base_url, client_session
 from cargohold.config import Settings
-from cargohold.errors import RegistryError
+from cargohold.errors import DigestInvalid, RegistryError
+from cargohold.handlers.links import upstream_next
 from cargohold.handlers.status import human
 from cargohold.oci.digests import Digest, looks_like_digest
 from cargohold.oci.imagename import ImageName, parse_image
@@ -47,9 +50,14 @@ REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 MAX_DOCUMENT = 4 << 20  # index.json, oci-layout and manifests are read whole, so bounded
 MAX_LINKS = 1_000_000  # (repository, digest) rows an import writes: 1,000 images of 200 blobs is 200,000
+REFERRER_PAGES = 64  # pages of a subject's referrers export follows (registries page by 100 or more)
 CHUNK = 1 << 20
 
 Say = Callable[[str], None]  # where progress lines go (the command line prints them)
+
+
+class Unserved(BundleError):
+    """The instance does not serve a manifest or blob (an error status): a referrer with it is left out."""
 
 
 # export
@@ -110,7 +118,7 @@ class Source:
         url = f"{self._base}/v2/{want.path}/manifests/{reference}"
         async with self._session.get(url, headers={"Accept": FULL_ACCEPT}) as resp:
             if resp.status != 200:
-                raise BundleError(f"manifest {what}: HTTP {resp.status} {(await resp.text())[:200]}")
+                raise Unserved(f"manifest {what}: HTTP {resp.status} {(await resp.text())[:200]}")
             body = await _read_bounded(resp, f"manifest {what}")
             content_type = resp.headers.get("Content-Type")
         got = Digest.of(body, digest.algorithm if digest is not None else "sha256")
@@ -121,16 +129,27 @@ class Source:
         except ValueError:
             raise BundleError(f"manifest {what}: not a JSON document") from None
 
-    async def referrers(self, want: Wanted, subject: Digest) -> list[dict[str, Any]] | None:
-        """The referrers the instance knows of `subject` (first page), None when it cannot say."""
-        async with self._session.get(f"{self._base}/v2/{want.path}/referrers/{subject}") as resp:
-            if resp.status != 200:
+    async def referrers(self, want: Wanted, subject: Digest) -> tuple[list[dict[str, Any]], bool] | None:
+        """The referrers the instance lists for `subject`, each once, following its next-page Links (its own
+        path, their page query) up to `REFERRER_PAGES` pages, and whether that was all; None when it cannot say."""
+        url, what = f"{self._base}/v2/{want.path}/referrers/{subject}", f"referrers of {want.path}@{subject}"
+        found: dict[str, dict[str, Any]] = {}
+        query: list[tuple[str, str]] | None = []
+        for _ in range(REFERRER_PAGES):
+            async with self._session.get(url, params=query) as resp:
+                if resp.status != 200:
+                    return None
+                body = await _read_bounded(resp, what)
+                query = upstream_next(resp.headers.get("Link"))
+            listed = _json_object(body, what).get("manifests")
+            if not isinstance(listed, list):
                 return None
-            body = await _read_bounded(resp, f"referrers of {want.path}@{subject}")
-        listed = _json_object(body, f"referrers of {want.path}@{subject}").get("manifests")
-        if not isinstance(listed, list):
-            return None
-        return [d for d in listed if isinstance(d, dict) and looks_like_digest(str(d.get("digest")))]
+            for d in listed:
+                if isinstance(d, dict) and looks_like_digest(str(d.get("digest"))):
+                    found.setdefault(d["digest"], d)
+            if query is None:
+                return list(found.values()), True
+        return list(found.values()), False
 
     async def blob(self, want: Wanted, digest: Digest, size: int) -> IO[bytes]:
         """An open file with the blob's bytes (verified while they go into the tar)."""
@@ -148,7 +167,7 @@ class Source:
             else:
                 async with self._session.get(f"{self._base}/v2/{want.path}/blobs/{digest}") as resp:
                     if resp.status != 200:
-                        raise BundleError(f"blob {digest} of {want.path}: HTTP {resp.status}")
+                        raise Unserved(f"blob {digest} of {want.path}: HTTP {resp.status}")
                     async for chunk in resp.content.iter_chunked(CHUNK):
                         out.write(chunk)
                         if size and out.tell() > size:
@@ -276,22 +295,32 @@ async def _add_blobs(source: Source, writer: LayoutWriter, want: Wanted, blobs: 
 
 async def _export_referrers(source: Source, writer: LayoutWriter, want: Wanted, subject: Digest, say: Say) -> int:
     """The referrers of `subject` with their blobs, and the tag schema's index listing them; how many."""
-    listed = await source.referrers(want, subject)
-    if listed is None:
+    answer = await source.referrers(want, subject)
+    if answer is None:
         say(f"{want.path}@{subject}: the instance could not list its referrers; exported without them")
         return 0
-    if not listed:
-        return 0
+    listed, complete = answer
+    if not complete:
+        say(f"{want.path}@{subject}: more than {REFERRER_PAGES} pages of referrers; exported the first {len(listed)}")
+    carried = []
     for descriptor in listed:
-        referrer, _, referrer_body = await source.manifest(want, descriptor["digest"])
-        await _add_blobs(source, writer, want, references(referrer_body).blobs)
+        try:  # each blob is fetched whole before it is written; blobs written before a failing one stay,
+            # named by nothing import reads. Content that does not match its digest still fails the export.
+            referrer, _, referrer_body = await source.manifest(want, descriptor["digest"])
+            await _add_blobs(source, writer, want, references(referrer_body).blobs)
+        except (Unserved, DigestInvalid) as exc:
+            say(f"{want.path}@{subject}: referrer {descriptor['digest']} left out: {exc}")
+            continue
         writer.add_document(referrer, referrer_body)
-    index = referrers_index(listed)
+        carried.append(descriptor)
+    if not carried:
+        return 0
+    index = referrers_index(carried)
     index_digest = Digest.of(index)
     writer.add_document(index_digest, index)
     ref_name = f"{want.image.upstream}/{want.image.repository}:{tag_schema_tag(subject)}"
     writer.add_entry(ref_name, OCI_INDEX, index_digest, index)
-    return len(listed)
+    return len(carried)
 
 
 async def export(

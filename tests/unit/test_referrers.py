@@ -92,6 +92,32 @@ async def test_filter_applied_by_upstream_or_by_us(tmp_path: Path) -> None:
             assert _digests(await resp.json()) == [referrers[2].digest]
 
 
+class _SaysFilteredAlways(ReferrersRegistry):
+    """Sends `OCI-Filters-Applied: artifactType` with every referrers answer, asked to filter or not."""
+
+    def app(self) -> web.Application:
+        app = super().app()
+        app.on_response_prepare.append(self._says_filtered)
+        return app
+
+    async def _says_filtered(self, request: web.Request, response: web.StreamResponse) -> None:
+        if "/referrers/" in request.path:
+            response.headers["OCI-Filters-Applied"] = "artifactType"
+
+
+async def test_filters_applied_said_only_when_a_filter_was_asked_for(tmp_path: Path) -> None:
+    registry = _SaysFilteredAlways(page_size=10)
+    chart, referrers = _content("says-filtered")
+    for item in (chart, *referrers):
+        registry.add("charts/app", item)
+    async with _setup(tmp_path, registry) as client:
+        resp = await client.get(f"/v2/charts/app/referrers/{chart.digest}")
+        assert resp.status == 200 and "OCI-Filters-Applied" not in resp.headers
+        assert len(_digests(await resp.json())) == 3
+        resp = await client.get(f"/v2/charts/app/referrers/{chart.digest}", params={"artifactType": SBOM})
+        assert resp.headers["OCI-Filters-Applied"] == "artifactType"
+
+
 async def test_cached_within_tag_ttl_then_stale_when_upstream_fails(tmp_path: Path) -> None:
     registry = ReferrersRegistry(page_size=10)
     chart, referrers = _content("ttl")

@@ -4,7 +4,8 @@ Upstream's referrers API is passed through; an upstream that answers it 404 (dis
 is read through the referrers tag schema instead: the `<alg>-<hex>` tag whose index lists the referrers, as
 cosign and oras push it. New referrers appear over time, so an answer is remembered (per process, bounded)
 with `tag_ttl` semantics: within it no upstream request, after it asked again, the last answer served stale
-when upstream fails.
+when upstream fails. An offline upstream's answers are not remembered: its tag schema changes only by an
+import next to the running server, which the tag layer sees within a second.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cargohold.oci.mediatypes import OCI_INDEX
 from cargohold.pull.recent import Recent
 from cargohold.pull.tags import Tags
 from cargohold.tasks import Tasks
-from cargohold.upstream.offline import OfflineManifest
+from cargohold.upstream.offline import OfflineRepository
 from cargohold.upstream.repository import Remote
 
 log = logging.getLogger("cargohold.proxy")
@@ -50,8 +51,11 @@ class ReferrersAnswer:
 
 
 def tag_schema_tag(digest: Digest) -> str:
-    """The referrers tag schema's tag for a subject: `sha256:<hex>` -> `sha256-<hex>`."""
-    return f"{digest.algorithm}-{digest.hex}"
+    """The referrers tag schema's tag for a subject: `<alg>-<ref>`, the encoded part cut to 64 characters as the
+    distribution spec says (`sha512:<128 hex>` -> `sha512-<first 64>`; a tag holds 128 characters at most). Its
+    other rules (the algorithm cut to 32, characters a tag cannot hold made `-`) change nothing for the
+    algorithms a `Digest` may have."""
+    return f"{digest.algorithm}-{digest.hex[:64]}"
 
 
 def referrers_index(descriptors: list[Any]) -> bytes:
@@ -86,6 +90,9 @@ class Referrers:
         self, remote: Remote, digest: Digest, artifact_type: str | None, page: Mapping[str, str]
     ) -> ReferrersAnswer:
         key = (remote.upstream, remote.repository, str(digest), artifact_type or "", tuple(sorted(page.items())))
+        if isinstance(remote, OfflineRepository):  # nobody to ask: the cached tag schema, as it is now
+            answer = await self._fetches.run(key, lambda: self._from_tag_schema(remote, digest, artifact_type))
+            return replace(answer, cache="hit")
         known = self._answers.get(key)
         if known is not None and time.time() - known.checked_at < remote.tag_ttl:
             return replace(known, cache="hit")
@@ -124,10 +131,7 @@ class Referrers:
     async def _fetch(
         self, remote: Remote, digest: Digest, artifact_type: str | None, page: Mapping[str, str]
     ) -> ReferrersAnswer:
-        try:
-            found = await remote.referrers(digest, artifact_type, page)
-        except OfflineManifest:  # an offline mirror answers from the tag schema it has cached (an imported bundle)
-            found = None
+        found = await remote.referrers(digest, artifact_type, page)
         if found is None:
             return await self._from_tag_schema(remote, digest, artifact_type)
         if artifact_type and not found.filtered:  # upstream ignored the filter: apply it here

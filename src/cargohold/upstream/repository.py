@@ -290,5 +290,6 @@ class Repository:
             raise UpstreamInvalid(
                 "upstream sent a referrers answer that is not an OCI index", {"digest": str(digest)}
             ) from None
-        filtered = "artifacttype" in (f.strip().lower() for f in applied.split(","))
+        # Only a filter we asked for was applied (an upstream may send the header regardless).
+        filtered = bool(artifact_type) and "artifacttype" in (f.strip().lower() for f in applied.split(","))
         return Referrers(body, filtered, link)
