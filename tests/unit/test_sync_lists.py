@@ -23,7 +23,7 @@ from unit.upstreamkit import mirror
 
 
 class _Listing:
-    """An upstream's tag list: `pages` in turn (the last one again and again), each with a Link while `link`."""
+    """An upstream's tag list: `pages` in turn (the last one again and again), each with a Link if `link`."""
 
     upstream, repository, tag_ttl = "docker.io", "acme/app", 600.0
 
@@ -33,8 +33,9 @@ class _Listing:
     async def list_tags(self, n: str | None, last: str | None) -> TagList:
         page = self.pages[min(self.asked, len(self.pages) - 1)]
         self.asked += 1
-        more = self.link and self.asked < len(self.pages) + 5
-        return TagList(json.dumps({"name": self.repository, "tags": page}).encode(), '<n>; rel="next"' if more else None)
+        return TagList(
+            json.dumps({"name": self.repository, "tags": page}).encode(), '<n>; rel="next"' if self.link else None
+        )
 
 
 async def test_odd_tag_names_are_left_out_and_version_order_never_raises() -> None:
