@@ -87,6 +87,9 @@ async def test_a_hostile_tag_list_is_bounded_and_read_off_the_event_loop(caplog:
         assert newest(listed, 2) == ["1.39998", "1.39999"]
     finally:
         beat.cancel()
+    caplog.clear()
+    whole = _Listing([[f"t{i}" for i in range(run.MAX_TAGS)]], link=False)  # exactly as many: nothing left out
+    assert len(await list_tags(whole)) == run.MAX_TAGS and "left out" not in caplog.text  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", ["nightly/base", "../../escaped", ".hidden", "a" * 65, ""])

@@ -82,11 +82,11 @@ async def list_tags(remote: Remote) -> list[str]:
         if not names:
             return list(tags)
         tags.update(dict.fromkeys(names))
+        if not page.link and len(tags) <= MAX_TAGS:
+            return list(tags)
         if len(tags) >= MAX_TAGS:
             _left_out(remote, f"more than {MAX_TAGS:,} tags")
             return list(tags)[:MAX_TAGS]
-        if not page.link:
-            return list(tags)
         last = names[-1]
     _left_out(remote, f"more than {MAX_PAGES} pages of tags")
     return list(tags)
