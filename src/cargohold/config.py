@@ -456,6 +456,13 @@ class SyncEntry(Strict):
         default="latest", description="for an image without a tag: latest, or the N newest tags (by version order)"
     )
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        """The name makes file names in data_dir/sync and a Redis key: no `/`, no `..`, nothing hidden."""
+        name = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+        return value if value is None else _all_match([value], name, "sync entry name", "e.g. db or team-1.2")[0]
+
     @field_validator("images")
     @classmethod
     def _images(cls, value: list[str]) -> list[str]:

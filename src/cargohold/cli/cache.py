@@ -382,9 +382,16 @@ async def _warm_one(session: aiohttp.ClientSession, base: str, image: str, platf
         name, reference = image.rsplit(":", 1)
     top = references(await _manifest(session, base, name, reference))
     blobs: dict[str, Child] = {b.digest: b for b in top.blobs}
-    for child in top.manifests:
-        if platform is None or child.platform == platform or (child.platform or "").startswith(platform + "/"):
-            blobs.update((b.digest, b) for b in references(await _manifest(session, base, name, child.digest)).blobs)
+    children = [
+        child
+        for child in top.manifests
+        if platform is None or child.platform == platform or (child.platform or "").startswith(platform + "/")
+    ]
+    if top.manifests and not children:  # an index without that platform: nothing would be warmed
+        offered = ", ".join(sorted({c.platform or "?" for c in top.manifests}))
+        raise RuntimeError(f"no {platform} platform (it has {offered})")
+    for child in children:
+        blobs.update((b.digest, b) for b in references(await _manifest(session, base, name, child.digest)).blobs)
     progress = Progress(image, sum(b.size for b in blobs.values()), len(blobs))
     gate = asyncio.Semaphore(WARM_PARALLEL)
 

@@ -6,6 +6,7 @@ single-flight cache (a client pulling the same image at the same time joins the 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import re
@@ -27,7 +28,11 @@ log = logging.getLogger("cargohold.sync")
 PARALLEL = 4  # tags synced at once, and blobs downloaded at once, per run
 PAGE = 1000  # tags asked per page of the upstream's tag list
 MAX_PAGES = 100
+MAX_TAGS = 100_000  # tags kept of one repository's list: an upstream ignoring `n` sends 1.3M in one 16 MiB page
 _GLOB = re.compile(r"[*?\[]")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # the distribution spec's tag grammar
+_DIGITS = re.compile(r"([0-9]+)")
+_VERSION = re.compile(r"v?[0-9]")
 
 Progress = Callable[[EntryState, str], Awaitable[None]]
 
@@ -37,10 +42,24 @@ class SyncFailed(Exception):
 
 
 def version_key(tag: str) -> tuple[int, tuple[tuple[int, int, str], ...]]:
-    """Orders `1.9` before `1.10` (runs of digits compare as numbers, before letters), and tags that are no
-    version (`latest`, `alpine`) before every version: the N newest tags are versions."""
-    parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", tag) if p)
-    return (1 if re.match(r"v?\d", tag) else 0), parts
+    """Orders `1.9` before `1.10` (runs of ASCII digits compare as numbers, before letters), and tags that are no
+    version (`latest`, `alpine`) before every version: the N newest tags are versions. Never raises: digits are
+    compared by length then text, not through int() (`²` is no ASCII digit; int() refuses 4,300 digits)."""
+    tag = tag[:128]
+    runs = _DIGITS.split(tag)  # text, digits, text, digits, ...: the odd ones are digits
+    parts = tuple(_number(p) if i % 2 else (1, 0, p) for i, p in enumerate(runs) if p)
+    return (1 if _VERSION.match(tag) else 0), parts
+
+
+def _number(digits: str) -> tuple[int, int, str]:
+    """A run of digits as it compares as a number: shorter first (leading zeros aside), then by its text."""
+    significant = digits.lstrip("0")
+    return 0, len(significant), significant
+
+
+def newest(tags: list[str], count: int) -> list[str]:
+    """The `count` newest of `tags` in version order, oldest first (a heap: no sort of the whole list)."""
+    return heapq.nlargest(count, tags, key=version_key)[::-1]
 
 
 def platform_wanted(platform: str | None, wanted: list[str]) -> bool:
@@ -51,24 +70,42 @@ def platform_wanted(platform: str | None, wanted: list[str]) -> bool:
 
 
 async def list_tags(remote: Remote) -> list[str]:
-    """Every tag of the repository upstream, page after page (at most MAX_PAGES)."""
-    tags: list[str] = []
+    """Every tag of the repository upstream, page after page: only names of the tag grammar, each once, at most
+    MAX_TAGS of them (the rest is left out, with a warning). A page that brings no new tag ends the list (an
+    upstream that ignores `last` would send its first page again and again). Pages are read off the event loop:
+    one can hold a million names."""
+    tags: dict[str, None] = {}  # a dict: the upstream's order, each tag once
     last = None
     for _ in range(MAX_PAGES):
         page = await remote.list_tags(str(PAGE), last)
-        listed = json.loads(page.body).get("tags")  # a JSON object (the remote checks): its tags are the upstream's
-        names = [t for t in listed if isinstance(t, str)] if isinstance(listed, list) else []
-        tags += names
-        if not page.link or not names:
-            return tags
+        names = await asyncio.to_thread(_new_names, page.body, tags)
+        if not names:
+            return list(tags)
+        tags.update(dict.fromkeys(names))
+        if not page.link and len(tags) <= MAX_TAGS:
+            return list(tags)
+        if len(tags) >= MAX_TAGS:
+            _left_out(remote, f"more than {MAX_TAGS:,} tags")
+            return list(tags)[:MAX_TAGS]
         last = names[-1]
-    log.warning(
-        "sync: %s/%s lists more than %d pages of tags: the rest is left out",
-        remote.upstream,
-        remote.repository,
-        MAX_PAGES,
-    )
-    return tags
+    _left_out(remote, f"more than {MAX_PAGES} pages of tags")
+    return list(tags)
+
+
+def _new_names(body: bytes, seen: dict[str, None]) -> list[str]:
+    """The valid tags of a page not in `seen`, each once, at most MAX_TAGS (runs in a thread)."""
+    listed = json.loads(body).get("tags")  # a JSON object (the remote checks): its tags are the upstream's
+    found: dict[str, None] = {}
+    for name in listed if isinstance(listed, list) else ():
+        if isinstance(name, str) and name not in seen and _TAG.fullmatch(name):
+            found[name] = None
+            if len(found) >= MAX_TAGS:
+                break
+    return list(found)
+
+
+def _left_out(remote: Remote, why: str) -> None:
+    log.warning("sync: %s/%s lists %s: the rest is left out", remote.upstream, remote.repository, why)
 
 
 async def bounded(items: Iterable[tuple[Target, str]], work: Callable[[Target, str], Awaitable[None]]) -> None:
@@ -133,7 +170,7 @@ class Syncer:
         if wanted.tag is not None:
             return [t for t in listed if fnmatchcase(t, wanted.tag)]
         assert isinstance(entry.tags, int)
-        return sorted(listed, key=version_key)[-entry.tags :]
+        return await asyncio.to_thread(newest, listed, entry.tags)  # up to MAX_TAGS keys: off the event loop
 
     async def _sync_tag(
         self, target: Target, tag: str, entry: SyncEntry, state: EntryState, gate: asyncio.Semaphore

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydantic
 import redis.asyncio as redis
 
 from cargohold.cache.index import Index
@@ -74,12 +75,14 @@ def dump(state: EntryState) -> str:
 
 
 def load(data_dir: Path, name: str) -> EntryState:
-    """The last saved state of an entry; a fresh one if none (or unreadable)."""
+    """The last saved state of an entry; a fresh one if none, or if it is not what `dump` writes (a JSON object of
+    the fields with their types: `null`, `[]` or `{"errors": 5}` too)."""
     try:
-        raw = json.loads((_directory(data_dir) / f"{name}.json").read_text())
-        return EntryState(**{k: v for k, v in raw.items() if k in EntryState.__dataclass_fields__})
-    except (OSError, ValueError, TypeError):
+        text = (_directory(data_dir) / f"{name}.json").read_bytes()
+        raw = pydantic.TypeAdapter(EntryState).validate_json(text, strict=True)
+    except (OSError, pydantic.ValidationError):
         return EntryState(name)
+    return dataclasses.replace(raw, name=name)
 
 
 class RunLock:
