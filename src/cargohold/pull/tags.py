@@ -344,6 +344,6 @@ def _not_taken(tag: str, media_type: str) -> ManifestUnknown:
     and an index it keeps is not resolved to a platform's manifest here: a client that does not take the kept
     manifest's type gets this 404."""
     return ManifestUnknown(
-        f"the immutable tag {tag} is kept at a {media_type} manifest, which the request's Accept does not take",
+        f"the immutable tag {tag} is kept at a manifest of type {media_type}, which the request's Accept does not take",
         {"tag": tag, "mediaType": media_type},
     )
