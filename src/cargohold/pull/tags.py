@@ -2,14 +2,17 @@
 (free under Docker Hub's pull limit), fetched only when the digest moved, and served stale when upstream fails.
 
 A tag found pointing at a new digest is recorded in the index's tag-move history. A tag the upstream's
-`immutable_tags` match keeps the first digest seen: a move upstream is recorded and logged, not followed.
+`immutable_tags` match keeps the first digest seen until an operator accepts a move (`cargohold cache accept`,
+which drops the row): a move upstream is recorded and logged, not followed; an upstream that says the tag is gone
+or refuses it (404, 401, 403) gets it served stale, not dropped; and it is never asked upstream by tag with a
+client's other Accept (the tag may have moved there), so such a client gets the kept manifest or nothing.
 
 A GET is a pull on Docker Hub's quota: with content mirrors a new tag is resolved with a free HEAD and its manifest
 fetched by digest (from a mirror first); a moved tag nobody asked about within `tag_ttl` is refreshed with a pull
 that may be deferred (served stale) when the quota is at its reserve (upstream/quota.py).
 
-The index holds answers to the full Accept. A client that does not take the type a tag points at gets upstream's
-answer for its own Accept, asked once for concurrent clients and remembered (per process) within `tag_ttl`.
+The index holds answers to the full Accept. A client that does not take the type a (mutable) tag points at gets
+upstream's answer for its own Accept, asked once for concurrent clients and remembered (per process) within `tag_ttl`.
 
 A hit is remembered for a second per Accept (`_hits`, per process): the next GET or HEAD of the tag within it
 is answered without reading the rows again, as they would be read from `Fresh` within that second anyway.
@@ -132,17 +135,17 @@ class Tags:
         self._asked.put(key, now)
         if entry is None:
             # Upstream may have answered this client's own Accept already: that answer, without asking anew.
-            known = self._other_accepts.remembered(remote, tag, accept)
+            known = None if self._immutable(key) else self._other_accepts.remembered(remote, tag, accept)
             if known is not None:
                 return await self._manifests.get(remote, known.digest)
             # Fetched with the full Accept and remembered, so a client that accepts the manifest's own type
             # (most do, whatever else they list) is answered from cache next time.
             manifest = await self._fetches.run(key, lambda: self._fetch_new(remote, tag))
             if not accepts(accept, manifest.descriptor.media_type):
-                return await self._other_accepts.get(remote, tag, accept)
+                return await self._other_accept(remote, tag, accept, manifest.descriptor.media_type)
             return manifest
         if not accepts(accept, entry.media_type):
-            return await self._other_accepts.get(remote, tag, accept)
+            return await self._other_accept(remote, tag, accept, entry.media_type)
         self._index.touch_tag(*key)
         fresh_for = entry.checked_at + remote.tag_ttl - now
         if fresh_for > 0:
@@ -155,13 +158,30 @@ class Tags:
         try:
             return await self._revalidated(remote, tag, entry)
         except UpstreamError as exc:
-            log.warning("serving stale %s/%s:%s (%s): %s", *key, entry.digest, exc.message)
-            return replace(await self._manifests.get(remote, Digest.parse(entry.digest)), cache="stale")
+            return await self._stale(remote, key, entry.digest, exc.message)
+
+    async def _stale(self, remote: Remote, key: TagKey, digest: str, why: str) -> Manifest:
+        """The digest the tag last had, served stale (said in the log, counted as stale) because of `why`."""
+        log.warning("serving stale %s/%s:%s (%s): %s", *key, digest, why)
+        return replace(await self._manifests.get(remote, Digest.parse(digest)), cache="stale")
+
+    async def _other_accept(self, remote: Remote, tag: str, accept: frozenset[str], media_type: str) -> Manifest:
+        """For a client that does not take `media_type`, the type the tag points at: upstream's answer for its own
+        Accept; none for an immutable tag (`_not_taken`)."""
+        if self._immutable((remote.upstream, remote.repository, tag)):
+            raise _not_taken(tag, media_type)
+        return await self._other_accepts.get(remote, tag, accept)
 
     async def _revalidated(self, remote: Remote, tag: str, entry: TagEntry) -> Manifest:
-        """The tag's manifest after one shared revalidation: a miss when the tag moved."""
+        """The tag's manifest after one shared revalidation: a miss when the tag moved; stale when an immutable
+        tag is gone upstream or refused (404, 401, 403): it keeps its digest."""
         key = (remote.upstream, remote.repository, tag)
-        fresh = await self._revalidations.run(key, lambda: self._revalidate(remote, tag, entry))
+        try:
+            fresh = await self._revalidations.run(key, lambda: self._revalidate(remote, tag, entry))
+        except ManifestUnknown as exc:
+            if not self._kept(key, exc):
+                raise
+            return await self._stale(remote, key, entry.digest, f"immutable tag kept, {exc.message}: {exc.detail}")
         manifest = await self._manifests.get(remote, Digest.parse(fresh.digest))
         return manifest if fresh.digest == entry.digest else replace(manifest, cache="miss")
 
@@ -190,6 +210,11 @@ class Tags:
         config = self._upstreams.get(key[0])
         return config is not None and config.immutable(key[1], key[2])
 
+    def _kept(self, key: TagKey, exc: ManifestUnknown) -> bool:
+        """Whether the upstream said the tag is gone or refused it (404, 401, 403; an offline mirror asked nobody)
+        and the tag is immutable: then its row stays, and its digest is served stale."""
+        return not isinstance(exc, Offline) and self._immutable(key)
+
     async def _fetch(self, remote: Remote, tag: str) -> Manifest:
         """GET the tag with the full Accept, keep the manifest and point the tag at it."""
         descriptor, body = await remote.get_manifest(tag, FULL_ACCEPT)
@@ -211,13 +236,15 @@ class Tags:
         return await self._fetch(remote, tag)
 
     async def _ask(self, remote: Remote, tag: str) -> Descriptor | None:
-        """HEAD the tag with the full Accept; a tag upstream no longer has is dropped from the index."""
+        """HEAD the tag with the full Accept; a tag upstream no longer has (or refuses) is dropped from the index,
+        unless it is immutable (`_kept`: its digest is served stale)."""
+        key = (remote.upstream, remote.repository, tag)
         try:
             return await remote.head_manifest(tag, FULL_ACCEPT)
         except ManifestUnknown as exc:
-            if not isinstance(exc, Offline):  # an offline mirror asked nobody
-                await self._index.drop_tag(remote.upstream, remote.repository, tag)
-                self._forget((remote.upstream, remote.repository, tag))
+            if not isinstance(exc, Offline) and not self._immutable(key):  # an offline mirror asked nobody
+                await self._index.drop_tag(*key)
+                self._forget(key)
             raise
 
     async def _revalidate(self, remote: Remote, tag: str, entry: TagEntry) -> TagEntry:
@@ -260,9 +287,19 @@ class Tags:
         self, remote: Remote, tag: str, accept: frozenset[str], entry: TagEntry | None
     ) -> Head | None:
         """Within `tag_ttl` the last upstream HEAD's answer (remembered for the full Accept), after it one
-        shared upstream HEAD, stale if that fails; None when upstream says too little to answer with."""
-        if not takes_everything(accept):
+        shared upstream HEAD, stale if that fails; None when upstream says too little to answer with. Another
+        Accept gets upstream's answer for it, except for an immutable tag (`_not_taken`)."""
+        if takes_everything(accept):
+            return await self._head_full(remote, tag, entry)
+        if not self._immutable((remote.upstream, remote.repository, tag)):
             return await self._other_accepts.head(remote, tag, accept)
+        found = await self._head_full(remote, tag, entry)
+        if found is not None and not accepts(accept, found.descriptor.media_type):
+            raise _not_taken(tag, found.descriptor.media_type)
+        return found
+
+    async def _head_full(self, remote: Remote, tag: str, entry: TagEntry | None) -> Head | None:
+        """The answer for the full Accept (see `_head_uncached`)."""
         key = (remote.upstream, remote.repository, tag)
         known = self._heads.get(key)
         if entry is None or known is None or str(known.digest) != entry.digest:
@@ -280,11 +317,17 @@ class Tags:
 
     async def _head_tag(self, remote: Remote, tag: str, entry: TagEntry | None) -> Descriptor | None:
         """Upstream's answer to a HEAD of the tag, remembered in the index and here when it can be answered with;
-        None for an immutable tag that moved (the GET path serves the digest it keeps)."""
-        found = await self._ask(remote, tag)
+        None for a kept immutable tag that moved, is gone or refused (the GET path serves the digest it keeps,
+        asking upstream again: a rare path, the manifest was evicted)."""
+        key = (remote.upstream, remote.repository, tag)
+        try:
+            found = await self._ask(remote, tag)
+        except ManifestUnknown as exc:
+            if entry is None or not self._kept(key, exc):
+                raise
+            return None
         if found is None or not answerable(found):
             return None
-        key = (remote.upstream, remote.repository, tag)
         if entry is not None and str(found.digest) != entry.digest:
             await self._moved(key, entry.digest, str(found.digest))
             if self._immutable(key):
@@ -294,3 +337,13 @@ class Tags:
         await self._put_tag(key, str(found.digest), found.media_type)
         self._heads.put(key, found)
         return found
+
+
+def _not_taken(tag: str, media_type: str) -> ManifestUnknown:
+    """An immutable tag is never asked upstream by tag with a client's other Accept (the tag may have moved there),
+    and an index it keeps is not resolved to a platform's manifest here: a client that does not take the kept
+    manifest's type gets this 404."""
+    return ManifestUnknown(
+        f"the immutable tag {tag} is kept at a manifest of type {media_type}, which the request's Accept does not take",
+        {"tag": tag, "mediaType": media_type},
+    )
