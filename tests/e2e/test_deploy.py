@@ -151,7 +151,7 @@ class Container:
         self.workdir = workdir
         self.data = workdir / "data"
         self.data.mkdir(exist_ok=True)
-        service = compose_config(compose_file)["services"]["cargohold"]
+        service = compose_config(compose_file, _filled_env(workdir))["services"]["cargohold"]
         self.env = {
             "PATH": "/usr/bin:/bin",
             "PYTHONPATH": str(REPO_ROOT / "src"),
