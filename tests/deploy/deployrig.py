@@ -156,8 +156,12 @@ class Container:
         self.dockerd.docker("rm", "-f", self.name, check=False)
 
 
+# What the compose files ask for the cargohold service (cap_drop, security_opt): the image is run under it here.
+HARDENING = ["--cap-drop", "ALL", "--security-opt", "no-new-privileges:true"]
+
+
 def docker_run_args(env: Mapping[str, str], volumes: Mapping[str, str]) -> list[str]:
-    args = ["--network", "host"]
+    args = ["--network", "host", *HARDENING]
     for k, v in env.items():
         args += ["-e", f"{k}={v}"]
     for source, target in volumes.items():

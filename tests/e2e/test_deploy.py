@@ -118,6 +118,13 @@ def test_scaleout_compose_shares_bucket_and_redis(tmp_path: Path) -> None:
     assert {"redis", "minio", "minio-bucket"} <= set(resolved["services"])
 
 
+def test_every_compose_file_runs_cargohold_without_capabilities(tmp_path: Path) -> None:
+    """As the image tests run it (tests/deploy, deployrig.HARDENING): no capability, none to gain."""
+    for compose in ("docker-compose.yml", "docker-compose.traefik.yml", "docker-compose.scaleout.yml"):
+        service = compose_config(compose, _filled_env(tmp_path))["services"]["cargohold"]
+        assert service["cap_drop"] == ["ALL"] and service["security_opt"] == ["no-new-privileges:true"], compose
+
+
 def test_compose_names_the_missing_setting(tmp_path: Path) -> None:
     empty = tmp_path / ".env"
     empty.write_text("ACME_EMAIL=ops@example.com\n")
