@@ -45,6 +45,7 @@ from cargohold.oci.mediatypes import FULL_ACCEPT, OCI_INDEX, media_type_of
 from cargohold.oci.names import check_name, check_tag
 from cargohold.oci.refs import Child, references
 from cargohold.pull.referrers import referrers_index, tag_schema_tag
+from cargohold.pull.tags import record_move
 
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
@@ -526,13 +527,11 @@ class Seeder:
         key, name = (image.upstream, image.repository, tag), f"{image.upstream}/{image.repository}:{tag}"
         old = await self._index.get_tag(*key)
         if old is not None and old.digest != digest:
-            if self._upstreams[image.upstream].immutable(image.repository, tag):
-                last = await self._index.tag_moves(*key, limit=1)
-                if not last or (last[0].old_digest, last[0].new_digest) != (old.digest, digest):
-                    await self._index.record_tag_move(*key, old.digest, digest)
+            immutable = self._upstreams[image.upstream].immutable(image.repository, tag)
+            await record_move(self._index, key, old.digest, digest, once=immutable)
+            if immutable:
                 self.refused.append(name)
                 return f"refused {name}: an immutable tag, it stays at {old.digest} (the bundle has {digest})"
-            await self._index.record_tag_move(*key, old.digest, digest)
             self.moved.append(name)
         stored = await self._index.get_manifest(digest)
         assert stored is not None  # just put

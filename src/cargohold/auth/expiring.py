@@ -39,8 +39,5 @@ class Expiring(Generic[K, V]):
     def discard(self, key: K) -> None:
         self._entries.pop(key, None)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def clear(self) -> None:
         self._entries.clear()

@@ -19,9 +19,14 @@ def check_name(name: str) -> str:
     return name
 
 
+def valid_tag(tag: str) -> bool:
+    """Whether `tag` is one by the distribution spec's grammar (up to 128 characters)."""
+    return _TAG.fullmatch(tag) is not None
+
+
 def check_tag(tag: str) -> str:
     """A reference that is no tag (nor a digest, checked before) cannot name a manifest: 404 like the
     registry behind us and as the OCI conformance suite expects, decided here without asking upstream."""
-    if not _TAG.fullmatch(tag):
+    if not valid_tag(tag):
         raise ManifestUnknown("manifest unknown: not a valid tag or digest", {"tag": tag[:128]})
     return tag

@@ -38,12 +38,11 @@ def _size(descriptor: dict) -> int:  # type: ignore[type-arg]
     return size if isinstance(size, int) and not isinstance(size, bool) and 0 <= size < MAX_SIZE else 0
 
 
-def _descriptors(document: dict, key: str) -> list[dict]:  # type: ignore[type-arg]
-    """The descriptors under `key` that name a digest; none when it is not a list."""
-    found = document.get(key)
+def _descriptors(found: object, digest: str = "digest") -> list[dict]:  # type: ignore[type-arg]
+    """The descriptors in `found` that name a digest (under `digest`); none when it is not a list."""
     if not isinstance(found, list):
         return []
-    return [d for d in found if isinstance(d, dict) and isinstance(d.get("digest"), str)]
+    return [d for d in found if isinstance(d, dict) and isinstance(d.get(digest), str)]
 
 
 def references(body: bytes) -> Refs:
@@ -55,14 +54,8 @@ def references(body: bytes) -> Refs:
         return Refs()
     if not isinstance(document, dict):
         return Refs()
-    children = [Child(d["digest"], _size(d), _platform(d)) for d in _descriptors(document, "manifests")]
-    config = document.get("config")
-    configs = [config] if isinstance(config, dict) and isinstance(config.get("digest"), str) else []
-    blobs = [Child(d["digest"], _size(d)) for d in configs + _descriptors(document, "layers")]
-    layers = document.get("fsLayers")
-    blobs += [
-        Child(d["blobSum"], 0)
-        for d in (layers if isinstance(layers, list) else [])
-        if isinstance(d, dict) and isinstance(d.get("blobSum"), str)
-    ]
+    children = [Child(d["digest"], _size(d), _platform(d)) for d in _descriptors(document.get("manifests"))]
+    descriptors = _descriptors([document.get("config")]) + _descriptors(document.get("layers"))
+    blobs = [Child(d["digest"], _size(d)) for d in descriptors]
+    blobs += [Child(d["blobSum"], 0) for d in _descriptors(document.get("fsLayers"), "blobSum")]
     return Refs(children, blobs)

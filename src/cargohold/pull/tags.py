@@ -42,6 +42,20 @@ from cargohold.upstream.repository import Descriptor, Remote
 log = logging.getLogger("cargohold.proxy")
 
 TagKey = tuple[str, str, str]
+
+
+async def record_move(index: Index, key: TagKey, old: str, new: str, *, once: bool) -> bool:
+    """Record in the tag-move history that the tag was found at `new` instead of `old`; with `once` (an immutable
+    tag, which stays on `old` and is found moved again and again) not when that is already the last move
+    recorded. Whether it was recorded."""
+    if once:
+        last = await index.tag_moves(*key, limit=1)
+        if last and (last[0].old_digest, last[0].new_digest) == (old, new):
+            return False
+    await index.record_tag_move(*key, old, new)
+    return True
+
+
 # Accept headers whose hits are remembered per tag (a client chooses its Accept).
 HIT_ACCEPTS = 8
 
@@ -196,15 +210,14 @@ class Tags:
     async def _moved(self, key: TagKey, old: str, new: str) -> None:
         """Record a tag found pointing at `new` instead of `old` (once per move for an immutable tag, which
         stays on `old` and is found moved at every revalidation)."""
-        if self._immutable(key):
-            last = await self._index.tag_moves(*key, limit=1)
-            if last and (last[0].old_digest, last[0].new_digest) == (old, new):
-                return
+        immutable = self._immutable(key)
+        if not await record_move(self._index, key, old, new, once=immutable):
+            return
+        if immutable:
             log.warning("immutable tag %s/%s:%s moved upstream to %s: still serving %s", *key, new, old)
         else:
             log.info("tag %s/%s:%s moved from %s to %s", *key, old, new)
         self.moves += 1
-        await self._index.record_tag_move(*key, old, new)
 
     def _immutable(self, key: TagKey) -> bool:
         config = self._upstreams.get(key[0])

@@ -16,6 +16,7 @@ from fnmatch import fnmatchcase
 from cargohold.config import Settings, SyncEntry
 from cargohold.errors import RegistryError, UpstreamError
 from cargohold.oci.digests import Digest
+from cargohold.oci.names import valid_tag
 from cargohold.oci.refs import Child, references
 from cargohold.proxy import PullThrough, remote_of
 from cargohold.sync.entries import Wanted, wanted_images
@@ -30,7 +31,6 @@ PAGE = 1000  # tags asked per page of the upstream's tag list
 MAX_PAGES = 100
 MAX_TAGS = 100_000  # tags kept of one repository's list: an upstream ignoring `n` sends 1.3M in one 16 MiB page
 _GLOB = re.compile(r"[*?\[]")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # the distribution spec's tag grammar
 _DIGITS = re.compile(r"([0-9]+)")
 _VERSION = re.compile(r"v?[0-9]")
 
@@ -97,7 +97,7 @@ def _new_names(body: bytes, seen: dict[str, None]) -> list[str]:
     listed = json.loads(body).get("tags")  # a JSON object (the remote checks): its tags are the upstream's
     found: dict[str, None] = {}
     for name in listed if isinstance(listed, list) else ():
-        if isinstance(name, str) and name not in seen and _TAG.fullmatch(name):
+        if isinstance(name, str) and name not in seen and valid_tag(name):
             found[name] = None
             if len(found) >= MAX_TAGS:
                 break
